@@ -1,0 +1,102 @@
+"""The adapter interface: the small seam between the serving machinery and a model.
+
+An adapter declares its tensors and hyperparameters, loads an artifact directory, and turns a
+*list* of requests into a list of responses, so that one forward pass can serve a whole dynamic
+batch. Everything else (HTTP, validation against the declared tensors, batching, health checks,
+hot patching, fault injection) is done for it.
+
+To plug in another model, subclass `ModelAdapter` and name it in a model config as
+`adapter: my_package.my_module:MyAdapter`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Datatype", "ModelAdapter", "Tensors", "TensorSpec", "NUMPY_DTYPES"]
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+# V2 datatype -> numpy dtype (little-endian, as the binary extension requires).
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+Tensors = dict[str, np.ndarray]
+
+
+class TensorSpec(BaseModel):
+    """One input or output tensor. `-1` in `shape` means any length, up to `max_dim`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    datatype: Datatype
+    shape: tuple[int, ...]
+    max_dim: int = Field(default=4096, ge=1, description="Longest length a -1 dimension takes.")
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class ModelAdapter(ABC):
+    """Loads one artifact and serves batches of requests.
+
+    Subclasses set `task`, `inputs`, `outputs` and `Hyperparameters` (a pydantic model with
+    `extra="forbid"`, so config typos fail validation), and implement `predict`.
+    """
+
+    task: ClassVar[str]
+    inputs: ClassVar[tuple[TensorSpec, ...]]
+    outputs: ClassVar[tuple[TensorSpec, ...]]
+    Hyperparameters: ClassVar[type[BaseModel]]
+
+    def __init__(self, artifact_dir: Path, hyperparameters: BaseModel, *, threads: int = 1) -> None:
+        self.artifact_dir = artifact_dir
+        self.hyperparameters = hyperparameters
+        self.threads = threads
+
+    @classmethod
+    def parse_hyperparameters(cls, values: dict[str, Any]) -> BaseModel:
+        """Validate raw hyperparameters; raises pydantic.ValidationError naming the field."""
+        return cls.Hyperparameters.model_validate(values)
+
+    @classmethod
+    def check_parameters(cls, inputs: Tensors, parameters: dict[str, Any]) -> None:
+        """Reject request parameters this model cannot take by raising `InvalidInput`.
+
+        Runs in the router, before the request reaches a replica."""
+
+    def configure(self, hyperparameters: BaseModel) -> None:
+        """Apply new hyperparameters in place (a hot patch). Override if work is needed."""
+        self.hyperparameters = hyperparameters
+
+    @abstractmethod
+    def predict(self, batch: list[Tensors], parameters: list[dict[str, Any]]) -> list[Tensors]:
+        """Serve a batch: one dict of input arrays (and of parameters) per request, one dict of
+        output arrays per request, in the same order. Raise `InvalidInput` for a request the
+        model cannot take."""
+
+    @abstractmethod
+    def example(self) -> Tensors:
+        """A small valid request, used for health checks and `rollout validate`'s smoke test."""

@@ -1,0 +1,87 @@
+"""The demo recommender: scores candidate items for user profiles with a text encoder.
+
+Inputs: `user` (BYTES [U]: user-profile texts) and `items` (BYTES [M]: candidate item texts).
+Outputs: `scores` (FP32 [U, M]: similarity / temperature) and `ranking` (INT64 [U, K]: item
+indices, best first; K = M, or the request parameter `top_k`).
+
+A dynamic batch is encoded in one forward pass over the distinct texts of all its requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.adapters.base import ModelAdapter, Tensors, TensorSpec
+from app.adapters.encoder import TextEncoder
+from app.errors import InvalidInput
+
+__all__ = ["RecommenderAdapter"]
+
+
+class RecommenderHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pooling: Literal["mean", "cls"] = Field(default="mean", description="Token pooling.")
+    normalize: bool = Field(default=True, description="L2-normalize embeddings (cosine scores).")
+    query_prefix: str = Field(default="", max_length=200, description="Prepended to user texts.")
+    item_prefix: str = Field(default="", max_length=200, description="Prepended to item texts.")
+    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per text.")
+    temperature: float = Field(default=1.0, gt=0, le=100, description="Scores are sim / temperature.")
+
+
+def _top_k(parameters: dict[str, Any], items: int) -> int:
+    value = parameters.get("top_k")
+    if value is None:
+        return items
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"parameter 'top_k' must be a positive integer, got {value!r}")
+    return min(value, items)
+
+
+class RecommenderAdapter(ModelAdapter):
+    task = "recommender"
+    inputs = (
+        TensorSpec(name="user", datatype="BYTES", shape=(-1,), max_dim=64),
+        TensorSpec(name="items", datatype="BYTES", shape=(-1,), max_dim=1024),
+    )
+    outputs = (
+        TensorSpec(name="scores", datatype="FP32", shape=(-1, -1)),
+        TensorSpec(name="ranking", datatype="INT64", shape=(-1, -1)),
+    )
+    Hyperparameters = RecommenderHyperparameters
+
+    def __init__(self, artifact_dir, hyperparameters, *, threads: int = 1) -> None:
+        super().__init__(artifact_dir, hyperparameters, threads=threads)
+        self.encoder = TextEncoder(artifact_dir, threads=threads)
+
+    @classmethod
+    def check_parameters(cls, inputs: Tensors, parameters: dict[str, Any]) -> None:
+        _top_k(parameters, len(inputs["items"]))
+
+    def predict(self, batch: list[Tensors], parameters: list[dict[str, Any]]) -> list[Tensors]:
+        hp: RecommenderHyperparameters = self.hyperparameters  # type: ignore[assignment]
+        users = [[hp.query_prefix + str(t) for t in request["user"]] for request in batch]
+        items = [[hp.item_prefix + str(t) for t in request["items"]] for request in batch]
+        distinct = list(dict.fromkeys(t for group in users + items for t in group))
+        vectors = self.encoder.encode(
+            distinct, pooling=hp.pooling, normalize=hp.normalize, max_length=hp.max_length
+        )
+        row = {text: i for i, text in enumerate(distinct)}
+        results = []
+        for user_texts, item_texts, params in zip(users, items, parameters):
+            u = vectors[[row[t] for t in user_texts]]
+            m = vectors[[row[t] for t in item_texts]]
+            scores = (u @ m.T / hp.temperature).astype(np.float32)
+            k = _top_k(params, len(item_texts))
+            ranking = np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+            results.append({"scores": scores, "ranking": ranking})
+        return results
+
+    def example(self) -> Tensors:
+        return {
+            "user": np.array(["likes science fiction films"], dtype=object),
+            "items": np.array(["a space opera", "a cooking show"], dtype=object),
+        }

@@ -1,0 +1,72 @@
+"""`build_app`: the Serve application builder named in serve_config.yaml.
+
+    import_path: app.builder:build_app
+    args: {model: recommender, versions: [configs/models/recommender/v1.yaml, ...]}
+
+One `ModelServer` deployment per version (`<model>-<version>`) and one `Router` ingress. Only
+the deployments' `user_config` is meant to change between `serve deploy`s: Serve applies it in
+place. Changing `args` changes the app's code version, which restarts every replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.adapters import adapter_class
+from app.config import ROUTER_DEPLOYMENT, AppArgs, ModelConfig, format_validation_error
+from app.errors import ConfigError
+
+__all__ = ["build_app", "load_app_args"]
+
+
+def load_app_args(args: dict[str, Any] | AppArgs) -> tuple[AppArgs, list[ModelConfig]]:
+    """Validate builder args and every model config they name (hyperparameters included)."""
+    if not isinstance(args, AppArgs):
+        try:
+            args = AppArgs.model_validate(args)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "args")) from None
+    configs = args.load_models()
+    for config in configs:
+        try:
+            adapter = adapter_class(config.adapter)
+        except ValueError as exc:
+            raise ConfigError(f"{config.source}: adapter: {exc}") from None
+        try:
+            adapter.parse_hyperparameters(config.hyperparameters)
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, f"{config.source}: hyperparameters")
+            ) from None
+    return args, configs
+
+
+def build_app(args: dict[str, Any]):
+    from deployments.model_server import ModelServer
+    from deployments.router import Router
+
+    app_args, configs = load_app_args(args)
+    handles = {
+        config.version: ModelServer.options(
+            name=config.deployment_name,
+            ray_actor_options=config.resources.ray_actor_options(),
+            autoscaling_config=config.autoscaling.serve_config(),
+            max_ongoing_requests=config.max_ongoing_requests,
+            max_queued_requests=config.max_queued_requests,
+            user_config=config.user_config().model_dump(mode="json"),
+            health_check_period_s=config.health_check_period_s,
+            health_check_timeout_s=config.health_check_timeout_s,
+            graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        ).bind(config)
+        for config in configs
+    }
+    # Until serve_config.yaml gives the Router a user_config, all traffic goes to the first version.
+    first = configs[0].version
+    return Router.options(
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=app_args.router_replicas,
+        ray_actor_options={"num_cpus": app_args.router_num_cpus},
+        user_config={"stable": first, "weights": {first: 100}},
+    ).bind(app_args.model, handles, configs, app_args.router)

@@ -1,0 +1,350 @@
+"""Config schemas: a model version's config file, the app's builder args, and the traffic split.
+
+Three layers, each with its own update speed:
+
+* `ModelConfig` (`configs/models/<model>/<version>.yaml`): what a version *is*: artifact,
+  checksum, adapter, resources, autoscaling. Read once when Serve builds the application.
+* `ModelUserConfig`: the hot-patchable part of a version (hyperparameters, batching, faults).
+  Serve applies it in place through `reconfigure` when a `serve deploy` changes it.
+* `TrafficConfig`: the Router's `user_config` (weights per version, the stable version), also
+  applied in place.
+
+Every model is `extra="forbid"`, so a typo in a field name is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.errors import ConfigError
+
+__all__ = [
+    "AppArgs",
+    "Autoscaling",
+    "Batching",
+    "FaultInjection",
+    "ModelConfig",
+    "ModelUserConfig",
+    "Resources",
+    "RouterSettings",
+    "TrafficConfig",
+    "format_validation_error",
+    "load_model_config",
+    "load_yaml",
+    "project_root",
+]
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ROUTER_DEPLOYMENT = "Router"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """Ray resources for each replica of a version."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (fractions allowed).")
+    memory_mb: int | None = Field(
+        default=None, ge=1, description="Memory reserved per replica, in MiB (Ray's `memory`)."
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="torch intra-op threads per replica; default: ceil(num_cpus), at least 1.",
+    )
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_mb is not None:
+            options["memory"] = self.memory_mb * 1024 * 1024
+        return options
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, math.ceil(self.num_cpus))
+
+
+class Autoscaling(_Strict):
+    """Serve autoscaling bounds for a version's replicas."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Replicas kept even when idle.")
+    max_replicas: int = Field(default=1, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _max_at_least_min(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be greater than or equal to "
+                f"min_replicas ({self.min_replicas})"
+            )
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+
+
+class Batching(_Strict):
+    """Dynamic batching inside each replica (`@serve.batch`); hot-patchable."""
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="Requests per batch.")
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, le=10, description="Longest wait for a batch to fill, in seconds."
+    )
+
+
+class FaultInjection(_Strict):
+    """Faults injected on purpose, like a service mesh's, to rehearse rollbacks; hot-patchable."""
+
+    error_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Fraction of requests that fail with a 500."
+    )
+    added_latency_ms: float = Field(
+        default=0.0, ge=0, le=600_000, description="Latency added to delayed requests, in ms."
+    )
+    latency_rate: float = Field(
+        default=1.0, ge=0, le=1, description="Fraction of requests that get added_latency_ms."
+    )
+
+
+class ModelUserConfig(_Strict):
+    """The part of a version that Serve changes in place (`user_config` -> `reconfigure`)."""
+
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="Adapter hyperparameters; checked by the adapter."
+    )
+    batching: Batching = Field(default_factory=Batching)
+    faults: FaultInjection = Field(default_factory=FaultInjection)
+
+
+class ModelConfig(_Strict):
+    """One model version: `configs/models/<name>/<version>.yaml`."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Model name, as in /v2/models/<name>.")
+    version: str = Field(pattern=NAME_PATTERN, description="Version label, e.g. v1.")
+    artifact: str = Field(
+        min_length=1,
+        description=(
+            "Model directory (save_pretrained or sentence-transformers layout). Relative paths are "
+            "resolved from the config file's folder; `package:<module>` uses a Python package "
+            "that ships its model (its get_model_path())."
+        ),
+    )
+    sha256: str | dict[str, str] = Field(
+        description=(
+            "sha256 of the weights file, or a mapping from each weights file (relative path) to its "
+            "sha256. Checked when a replica loads. `rollout checksum <dir>` prints it."
+        )
+    )
+    adapter: str = Field(
+        min_length=1,
+        description="Adapter (task): a registered name such as `recommender`, or `module:Class`.",
+    )
+    description: str = Field(default="", description="Free text shown in model metadata.")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    max_ongoing_requests: int = Field(
+        default=32, ge=1, le=10_000, description="Requests a replica works on at once."
+    )
+    max_queued_requests: int = Field(
+        default=-1,
+        ge=-1,
+        description="Requests each caller may queue for this version (-1: unbounded).",
+    )
+    batching: Batching = Field(default_factory=Batching)
+    faults: FaultInjection = Field(default_factory=FaultInjection)
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+
+    # Where the file was read from; used to resolve a relative artifact path. Not a YAML field.
+    source: str | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        import re
+
+        digests = value.values() if isinstance(value, dict) else [value]
+        if isinstance(value, dict) and not value:
+            raise ValueError("sha256 mapping must name at least one weights file")
+        for digest in digests:
+            if not re.fullmatch(SHA256_PATTERN, digest):
+                raise ValueError(f"{digest!r} is not a lowercase hex sha256 (64 characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_fits_in_flight(self) -> ModelConfig:
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be greater than or equal "
+                f"to batching.max_batch_size ({self.batching.max_batch_size}), or batches never fill"
+            )
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def user_config(self) -> ModelUserConfig:
+        return ModelUserConfig(
+            hyperparameters=self.hyperparameters, batching=self.batching, faults=self.faults
+        )
+
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+
+class RouterSettings(_Strict):
+    """Router knobs fixed at build time (builder args)."""
+
+    routing_key_header: str = Field(
+        default="x-user-id", min_length=1, description="Header that carries the routing key."
+    )
+    pin_header: str = Field(
+        default="x-model-version", min_length=1, description="Header that pins a version."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Deadline for one inference, in seconds (504)."
+    )
+    health_poll_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often the router refreshes version health."
+    )
+
+
+class TrafficConfig(_Strict):
+    """The traffic split: the Router's `user_config`, changed in place by `serve deploy`."""
+
+    stable: str = Field(pattern=NAME_PATTERN, description="The version that serves by default.")
+    weights: dict[str, float] = Field(
+        description="Percent of unpinned traffic per version; must sum to 100."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights:
+            raise ValueError("weights must name at least one version")
+        for version, weight in weights.items():
+            if not (0 <= weight <= 100) or math.isnan(weight):
+                raise ValueError(f"weight of {version!r} ({weight}) must be between 0 and 100")
+        total = sum(weights.values())
+        if abs(total - 100.0) > 1e-6:
+            raise ValueError(f"weights must sum to 100, got {total:g}")
+        return weights
+
+    @model_validator(mode="after")
+    def _stable_is_weighted(self) -> TrafficConfig:
+        if self.stable not in self.weights:
+            raise ValueError(
+                f"stable version {self.stable!r} must appear in weights ({sorted(self.weights)})"
+            )
+        return self
+
+    def check_versions(self, known: set[str] | list[str]) -> None:
+        """Raise ValueError naming any version in the split that the app does not serve."""
+        unknown = sorted(set(self.weights) - set(known))
+        if unknown:
+            raise ValueError(
+                f"weights name versions that are not deployed: {unknown}; deployed: {sorted(known)}"
+            )
+
+
+class AppArgs(_Strict):
+    """`args` of `import_path: app.builder:build_app` in serve_config.yaml."""
+
+    model: str = Field(pattern=NAME_PATTERN, description="The model this application serves.")
+    versions: list[str] = Field(
+        min_length=1,
+        description="Model config files, one per version; relative paths from config_root.",
+    )
+    config_root: str | None = Field(
+        default=None,
+        description="Folder that relative paths start from; default: the project checkout.",
+    )
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    router_replicas: int = Field(default=1, ge=1, le=64, description="Router replicas.")
+    router_num_cpus: float = Field(
+        default=0.25, ge=0, description="Logical CPUs reserved per router replica."
+    )
+
+    def root(self) -> Path:
+        return Path(self.config_root).resolve() if self.config_root else project_root()
+
+    def config_paths(self) -> list[Path]:
+        root = self.root()
+        return [p if p.is_absolute() else root / p for p in map(Path, self.versions)]
+
+    def load_models(self) -> list[ModelConfig]:
+        """Load every version's config and check they agree with each other and with `model`."""
+        configs = [load_model_config(path) for path in self.config_paths()]
+        seen: dict[str, str] = {}
+        for config in configs:
+            if config.name != self.model:
+                raise ConfigError(
+                    f"{config.source}: name: {config.name!r} does not match the app's model "
+                    f"{self.model!r}"
+                )
+            if config.version in seen:
+                raise ConfigError(
+                    f"{config.source}: version: {config.version!r} is also declared in "
+                    f"{seen[config.version]}"
+                )
+            seen[config.version] = str(config.source)
+        return configs
+
+
+def project_root() -> Path:
+    """The checkout that holds `configs/` (the folder above this package)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def format_validation_error(error: ValidationError, where: str) -> str:
+    """One line per problem: `<where>: <dotted.field>: <message>`."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(root)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {loc}: {message}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load_model_config(path: Path | str) -> ModelConfig:
+    path = Path(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return ModelConfig.model_validate({**data, "source": str(path)})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None

@@ -1,0 +1,115 @@
+"""Domain errors and the one table that maps them to HTTP statuses.
+
+    ServingError
+    ├── InvalidInput          400  malformed JSON, wrong datatype/shape, missing/extra input
+    ├── ModelNotFound         404  unknown model or version
+    ├── PayloadTooLarge       413  body over the router's max_body_bytes
+    ├── Overloaded            429  too many requests queued (carries Retry-After)
+    ├── ModelFailure          500  the model raised while serving a valid request
+    │   └── InjectedFault     500  a fault injected on purpose (rollback rehearsals)
+    ├── Unavailable           503  no replica of the chosen version can serve (Retry-After)
+    └── DeadlineExceeded      504  the request's deadline passed
+
+    ConfigError                    a config file or field is wrong (CLI / builder, never HTTP)
+    ArtifactError                  a model artifact is missing or fails its checksum
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "ConfigError",
+    "DeadlineExceeded",
+    "InjectedFault",
+    "InvalidInput",
+    "ModelFailure",
+    "ModelNotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ServingError",
+    "Unavailable",
+    "http_status",
+]
+
+
+class ServingError(Exception):
+    """Base of the errors a client can see. `retry_after_s` becomes a Retry-After header."""
+
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # keep the message and retry hint across Ray's pickling
+        return (_rebuild, (type(self), self.message, self.retry_after_s))
+
+
+def _rebuild(cls: type[ServingError], message: str, retry_after_s: float | None) -> ServingError:
+    return cls(message, retry_after_s=retry_after_s)
+
+
+class InvalidInput(ServingError):
+    """400: the request does not match the protocol or the model's declared inputs."""
+
+
+class ModelNotFound(ServingError):
+    """404: no such model, or no such version of it."""
+
+
+class PayloadTooLarge(ServingError):
+    """413: the request body is larger than the router accepts."""
+
+
+class Overloaded(ServingError):
+    """429: too many requests are waiting; retry after the given delay."""
+
+    retry_after_s = 1.0
+
+
+class ModelFailure(ServingError):
+    """500: the model failed on a valid request."""
+
+
+class InjectedFault(ModelFailure):
+    """500: a fault injected by the version's `faults` config."""
+
+
+class Unavailable(ServingError):
+    """503: no healthy replica of the chosen version; retry after the given delay."""
+
+    retry_after_s = 1.0
+
+
+class DeadlineExceeded(ServingError):
+    """504: the request ran past its deadline."""
+
+
+class ConfigError(ValueError):
+    """A config is invalid. The message names the file and the field."""
+
+
+class ArtifactError(RuntimeError):
+    """A model artifact is missing, unreadable, or does not match its declared sha256."""
+
+
+# The one table from error type to HTTP status. Subclasses inherit their parent's row.
+_STATUS: dict[type[ServingError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    Overloaded: 429,
+    ModelFailure: 500,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+}
+
+
+def http_status(error: ServingError) -> int:
+    """The HTTP status for `error`, found through its class hierarchy."""
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 500

@@ -1,0 +1,155 @@
+"""`rollout validate`: check serve_config.yaml and every model config before they touch traffic.
+
+Checks, in order, collecting every problem rather than stopping at the first:
+1. serve_config.yaml against Ray Serve's own schema (`ServeDeploySchema`);
+2. each `app.builder:build_app` application's args and the model configs they name;
+3. `user_config` overrides in `deployments:` (the Router's traffic split, each version's
+   hyperparameters/batching/faults) and that every override names a real deployment;
+4. unless told not to, each version's artifact: checksum, load, and one smoke inference whose
+   outputs must match what the adapter declares.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.adapters import adapter_class
+from app.artifacts import resolve_artifact, verify_artifact
+from app.builder import load_app_args
+from app.config import (
+    ROUTER_DEPLOYMENT,
+    ModelConfig,
+    ModelUserConfig,
+    TrafficConfig,
+    format_validation_error,
+    load_yaml,
+)
+from app.errors import ArtifactError, ConfigError
+
+__all__ = ["Report", "smoke_test", "validate_serve_config"]
+
+BUILDER = "app.builder:build_app"
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def smoke_test(config: ModelConfig, hyperparameters: dict[str, Any] | None = None) -> str:
+    """Verify, load and run one example through a version; return a one-line summary."""
+    started = time.perf_counter()
+    directory = resolve_artifact(config.artifact, config.base_dir())
+    verify_artifact(directory, config.sha256)
+    cls = adapter_class(config.adapter)
+    params = cls.parse_hyperparameters(
+        config.hyperparameters if hyperparameters is None else hyperparameters
+    )
+    adapter = cls(directory, params, threads=config.resources.threads())
+    loaded = time.perf_counter()
+    (result,) = adapter.predict([adapter.example()], [{}])
+    for spec in cls.outputs:
+        if spec.name not in result:
+            raise ArtifactError(f"smoke inference returned no output {spec.name!r}")
+        if result[spec.name].ndim != len(spec.shape):
+            raise ArtifactError(
+                f"smoke inference output {spec.name!r} has shape {list(result[spec.name].shape)}, "
+                f"declared {list(spec.shape)}"
+            )
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in result.items())
+    return (
+        f"loaded in {loaded - started:.2f}s, smoke inference ok in "
+        f"{time.perf_counter() - loaded:.2f}s ({shapes})"
+    )
+
+
+def validate_serve_config(
+    path: Path, *, load_models: bool = True, progress: Callable[[str], None] = lambda _: None
+) -> Report:
+    report = Report()
+    try:
+        document = load_yaml(path)
+    except ConfigError as exc:
+        report.errors.append(str(exc))
+        return report
+    from ray.serve.schema import ServeDeploySchema  # Ray's own schema; importing starts nothing
+
+    try:
+        ServeDeploySchema.model_validate(document)
+    except ValidationError as exc:
+        report.errors.append(format_validation_error(exc, str(path)))
+        return report
+    for index, application in enumerate(document["applications"]):
+        where = f"{path}: applications[{index}]"
+        if application.get("import_path") != BUILDER:
+            report.notes.append(f"{where}: import_path is not {BUILDER}; only Serve's schema checked")
+            continue
+        _validate_application(application, where, report, load_models, progress)
+    return report
+
+
+def _validate_application(
+    application: dict[str, Any],
+    where: str,
+    report: Report,
+    load_models: bool,
+    progress: Callable[[str], None],
+) -> None:
+    try:
+        args, configs = load_app_args(application.get("args") or {})
+    except ConfigError as exc:
+        report.errors.append(f"{where}.args: {exc}" if str(exc).startswith("args") else str(exc))
+        return
+    by_name = {c.deployment_name: c for c in configs}
+    versions = [c.version for c in configs]
+    overrides: dict[str, dict[str, Any]] = {}
+    for i, deployment in enumerate(application.get("deployments") or []):
+        name = deployment.get("name")
+        field_path = f"{where}.deployments[{i}]"
+        if name != ROUTER_DEPLOYMENT and name not in by_name:
+            report.errors.append(
+                f"{field_path}.name: {name!r} is not a deployment of this app; "
+                f"deployments: {[ROUTER_DEPLOYMENT, *by_name]}"
+            )
+            continue
+        if "user_config" not in deployment:
+            continue
+        user_config = deployment["user_config"]
+        if name == ROUTER_DEPLOYMENT:
+            try:
+                TrafficConfig.model_validate(user_config).check_versions(versions)
+            except ValidationError as exc:
+                report.errors.append(format_validation_error(exc, f"{field_path}.user_config"))
+            except ValueError as exc:
+                report.errors.append(f"{field_path}.user_config.weights: {exc}")
+        else:
+            try:
+                update = ModelUserConfig.model_validate(user_config)
+                adapter_class(by_name[name].adapter).parse_hyperparameters(update.hyperparameters)
+                overrides[name] = update.hyperparameters
+            except ValidationError as exc:
+                report.errors.append(format_validation_error(exc, f"{field_path}.user_config"))
+    if not load_models:
+        return
+    for config in configs:
+        progress(f"loading {config.deployment_name} from {config.artifact} ...")
+        try:
+            summary = smoke_test(config, overrides.get(config.deployment_name))
+        except (ArtifactError, ValueError, OSError) as exc:
+            report.errors.append(f"{config.source}: artifact: {exc}")
+            continue
+        except Exception as exc:  # a model that cannot load or run is a config error here
+            report.errors.append(f"{config.source}: smoke inference failed: {type(exc).__name__}: {exc}")
+            continue
+        report.notes.append(f"{config.deployment_name}: {summary}")

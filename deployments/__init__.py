@@ -1,0 +1,1 @@
+"""Thin Ray Serve adapters over the Ray-free core in `app/`."""

@@ -1,0 +1,177 @@
+"""One real Ray cluster (with its dashboard, so `serve deploy` works) for the whole session.
+
+Apps are deployed the way users deploy them: a serve config YAML handed to `serve deploy`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+import yaml
+
+from app.artifacts import artifact_digests
+from tests.integration.tiny_models import build_tiny_bert
+
+# A throwaway cluster of the test's own: token auth off (real clusters keep it on).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+APP = "recommender"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_condition(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2,
+                       message: str = "condition") -> Any:  # fmt: skip
+    """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last error if we time out
+            last_error = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {message}; last error: {last_error!r}")
+
+
+class Cluster:
+    def __init__(self, http_port: int, dashboard_port: int) -> None:
+        self.http_port = http_port
+        self.dashboard_port = dashboard_port
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess:
+        """Run the real `serve deploy` CLI on `config` (written as YAML)."""
+        config = {**config, "http_options": {"host": "127.0.0.1", "port": self.http_port}}
+        path = tmp_path / f"serve_config_{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        result = subprocess.run(
+            [str(BIN / "serve"), "deploy", "-a", f"http://127.0.0.1:{self.dashboard_port}", str(path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, f"serve deploy failed:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def app_status(self, name: str = APP):
+        from ray import serve
+
+        return serve.status().applications.get(name)
+
+    def wait_running(self, name: str = APP, timeout_s: float = 120) -> None:
+        def running():
+            status = self.app_status(name)
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise AssertionError(f"{name} failed to deploy: {status.message}")
+            return status is not None and status.status == "RUNNING"
+
+        wait_for_condition(running, timeout_s, message=f"app {name} RUNNING")
+
+    def router_status(self) -> dict[str, Any]:
+        return self.client.get("/status").json()
+
+    def replica_info(self, deployment: str) -> dict[str, Any]:
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, app_name=APP).info.remote().result()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Cluster:
+    import ray
+    from ray import serve
+
+    dashboard_port = free_port()
+    http_port = free_port()
+    ray.init(
+        num_cpus=8,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    cluster = Cluster(http_port, dashboard_port)
+    # The dashboard's REST API (used by `serve deploy`) comes up a little after ray.init.
+    wait_for_condition(
+        lambda: httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code == 200,
+        timeout_s=60, message="Ray dashboard",
+    )  # fmt: skip
+    yield cluster
+    cluster.client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny BERTs with different random weights, and model configs that point at them."""
+    root = tmp_path_factory.mktemp("models")
+    artifacts = {name: build_tiny_bert(root / name, seed) for name, seed in (("a", 0), ("b", 1))}
+    return artifacts
+
+
+def model_config(
+    directory: Path, tmp: Path, version: str, artifact: Path, **overrides: Any
+) -> Path:
+    """Write `configs/models/recommender/<version>.yaml` for a tiny artifact; return its path."""
+    config: dict[str, Any] = {
+        "name": APP,
+        "version": version,
+        "artifact": str(artifact),
+        "sha256": next(iter(artifact_digests(artifact).values())),
+        "adapter": "recommender",
+        "resources": {"num_cpus": 0.5},
+        "max_ongoing_requests": 32,
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
+    }
+    config.update(overrides)
+    path = directory / f"{version}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def serve_config(versions: list[Path], weights: dict[str, float], stable: str = "v1",
+                 deployments: list[dict[str, Any]] | None = None, **router: Any) -> dict[str, Any]:  # fmt: skip
+    """A serve config like the repo's serve_config.yaml, for the given model config files."""
+    return {
+        "applications": [
+            {
+                "name": APP,
+                "route_prefix": "/",
+                "import_path": "app.builder:build_app",
+                "args": {"model": APP, "versions": [str(p) for p in versions], "router": router},
+                "deployments": [
+                    {"name": "Router", "user_config": {"stable": stable, "weights": weights}},
+                    *(deployments or []),
+                ],
+            }
+        ]
+    }
+
+
+def infer_body(users: list[str], items: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {"name": "user", "datatype": "BYTES", "shape": [len(users)], "data": users},
+            {"name": "items", "datatype": "BYTES", "shape": [len(items)], "data": items},
+        ],
+        **extra,
+    }

@@ -1,0 +1,161 @@
+"""`serve deploy` end to end: the repo's serve_config.yaml with the real MiniLM model, in-place
+traffic and hyperparameter updates, a version whose checksum fails, and fault injection."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import yaml
+
+from app.config import project_root
+from tests.integration.conftest import APP, infer_body, model_config, serve_config, wait_for_condition
+
+pytestmark = pytest.mark.integration
+
+USER = ["likes science fiction films about space travel"]
+ITEMS = ["an epic space opera among the stars", "a cooking show about italian pasta"]
+
+
+def _repo_config() -> dict:
+    config = yaml.safe_load((project_root() / "serve_config.yaml").read_text())
+    # Relative paths in the repo's config start from the checkout, wherever the test runs.
+    config["applications"][0]["args"]["config_root"] = str(project_root())
+    return config
+
+
+def _router_user_config(config: dict) -> dict:
+    deployments = config["applications"][0]["deployments"]
+    return next(d for d in deployments if d["name"] == "Router")["user_config"]
+
+
+def _scores(client, version: str, users=USER, items=ITEMS) -> list[float]:
+    r = client.post(f"/v2/models/{APP}/versions/{version}/infer", json=infer_body(users, items))
+    assert r.status_code == 200, r.text
+    return next(o for o in r.json()["outputs"] if o["name"] == "scores")["data"]
+
+
+@pytest.fixture(scope="module")
+def repo_app(cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deploy")
+    config = _repo_config()
+    cluster.serve_deploy(config, tmp)
+    cluster.wait_running()
+    return cluster, config, tmp
+
+
+def test_repo_serve_config_serves_minilm_at_declared_weights(repo_app):
+    cluster, config, _ = repo_app
+    status = cluster.router_status()
+    assert status["weights"] == {"v1": 90, "v2": 10} and status["stable"] == "v1"
+    counts = Counter()
+    for _ in range(300):
+        r = cluster.client.post(f"/v2/models/{APP}/infer", json=infer_body(USER, ITEMS))
+        assert r.status_code == 200, r.text
+        counts[r.headers["x-model-version"]] += 1
+    # Binomial(300, 0.1): 30 expected; 10..55 holds with probability > 1 - 1e-4.
+    assert 10 <= counts["v2"] <= 55, counts
+    # The real encoder ranks the space opera first for a science-fiction fan, in both versions.
+    for version in ("v1", "v2"):
+        scores = _scores(cluster.client, version)
+        assert scores[0] > scores[1], (version, scores)
+    # v2 reads the profile with an intent prefix and a sharper temperature: different outputs.
+    assert _scores(cluster.client, "v1") != _scores(cluster.client, "v2")
+
+
+def test_traffic_and_hyperparameters_change_in_place(repo_app):
+    cluster, config, tmp = repo_app
+    before = cluster.router_status()
+    replicas = {v: cluster.replica_info(f"{APP}-{v}")["replica"] for v in ("v1", "v2")}
+    v2_scores = _scores(cluster.client, "v2")
+
+    updated = copy.deepcopy(config)
+    _router_user_config(updated)["weights"] = {"v1": 0, "v2": 100}
+    hot = {"hyperparameters": {"query_prefix": "a user who enjoys ", "temperature": 0.25}}
+    updated["applications"][0]["deployments"].append({"name": f"{APP}-v2", "user_config": hot})
+    cluster.serve_deploy(updated, tmp)
+
+    status = wait_for_condition(
+        lambda: (s := cluster.router_status())["generation"] > before["generation"] and s,
+        timeout_s=60, message="router to apply the new traffic table",
+    )  # fmt: skip
+    assert status["weights"] == {"v1": 0, "v2": 100}
+    wait_for_condition(
+        lambda: cluster.replica_info(f"{APP}-v2")["hyperparameters"]["temperature"] == 0.25,
+        timeout_s=60, message="v2 hot patch",
+    )  # fmt: skip
+    cluster.wait_running()
+    for _ in range(20):
+        r = cluster.client.post(f"/v2/models/{APP}/infer", json=infer_body(USER, ITEMS))
+        assert r.headers["x-model-version"] == "v2"
+    # Temperature halved: every score doubles.
+    patched = _scores(cluster.client, "v2")
+    assert patched == pytest.approx([2 * s for s in v2_scores], rel=1e-4)
+    # Nothing restarted: same router replica, same model replicas.
+    assert cluster.router_status()["router_replica"] == before["router_replica"]
+    assert {v: cluster.replica_info(f"{APP}-{v}")["replica"] for v in ("v1", "v2")} == replicas
+
+
+def test_bad_traffic_update_is_refused_and_old_table_kept(repo_app):
+    cluster, config, tmp = repo_app
+    before = cluster.router_status()
+    bad = copy.deepcopy(config)
+    _router_user_config(bad)["weights"] = {"v1": 50, "v3": 50}
+    cluster.serve_deploy(bad, tmp)
+    status = wait_for_condition(
+        lambda: (s := cluster.router_status())["rejected_update"] and s,
+        timeout_s=60, message="router to refuse the update",
+    )  # fmt: skip
+    assert "v3" in status["rejected_update"]["error"]
+    assert status["weights"] == before["weights"]
+    assert status["generation"] == before["generation"]
+    r = cluster.client.post(f"/v2/models/{APP}/infer", json=infer_body(USER, ITEMS))
+    assert r.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def broken_app(cluster, tiny_models, tmp_path_factory, repo_app):  # after the repo-config tests
+    tmp = tmp_path_factory.mktemp("broken")
+    v1 = model_config(tmp, tmp, "v1", tiny_models["a"])
+    v2 = model_config(tmp, tmp, "v2", tiny_models["b"], faults={"error_rate": 1.0})
+    v3 = model_config(tmp, tmp, "v3", tiny_models["b"], sha256="0" * 64)
+    cluster.serve_deploy(serve_config([v1, v2, v3], {"v1": 50, "v3": 50}), tmp)
+
+    def settled():
+        status = cluster.app_status()
+        deployments = status.deployments if status else {}
+        ok = deployments.get(f"{APP}-v1") and deployments[f"{APP}-v1"].status == "HEALTHY"
+        failed = deployments.get(f"{APP}-v3") and deployments[f"{APP}-v3"].status == "DEPLOY_FAILED"
+        return ok and failed and status
+
+    status = wait_for_condition(settled, timeout_s=120, message="v1 healthy and v3 failed")
+    return cluster, status
+
+
+def test_checksum_mismatch_fails_only_that_version(broken_app):
+    cluster, status = broken_app
+    message = status.deployments[f"{APP}-v3"].message
+    assert "sha256 mismatch" in message and "0" * 64 in message
+    wait_for_condition(
+        lambda: not cluster.router_status()["versions"]["v3"]["available"],
+        timeout_s=30, message="router to drop v3",
+    )  # fmt: skip
+    # v3 holds half the weight but has no replica: its share is served by v1.
+    for _ in range(40):
+        r = cluster.client.post(f"/v2/models/{APP}/infer", json=infer_body(USER, ITEMS))
+        assert r.status_code == 200 and r.headers["x-model-version"] == "v1"
+    r = cluster.client.post(f"/v2/models/{APP}/versions/v3/infer", json=infer_body(USER, ITEMS))
+    assert r.status_code == 503 and "v3" in r.json()["error"] and r.headers["retry-after"]
+    assert cluster.client.get(f"/v2/models/{APP}/versions/v3/ready").status_code == 503
+    assert cluster.client.get("/v2/health/ready").status_code == 200
+
+
+def test_fault_injection_fails_requests_with_500(broken_app):
+    cluster, _ = broken_app
+    r = cluster.client.post(f"/v2/models/{APP}/versions/v2/infer", json=infer_body(USER, ITEMS))
+    assert r.status_code == 500
+    assert "injected fault" in r.json()["error"] and r.headers["x-model-version"] == "v2"
+    # The replica survives its injected faults.
+    info = cluster.replica_info(f"{APP}-v2")
+    assert info["faults"]["error_rate"] == 1.0

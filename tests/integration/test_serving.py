@@ -1,0 +1,168 @@
+"""The request path on a real Ray cluster: V2 endpoints, weighted split, pinning, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from tests.integration.conftest import APP, infer_body, model_config, serve_config
+
+pytestmark = pytest.mark.integration
+
+USERS = ["user loves science fiction films"]
+ITEMS = ["space opera", "cooking show", "jazz music"]
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    v1 = model_config(tmp, tmp, "v1", tiny_models["a"])
+    v2 = model_config(tmp, tmp, "v2", tiny_models["b"], hyperparameters={"temperature": 0.5})
+    cluster.serve_deploy(serve_config([v1, v2], {"v1": 50, "v2": 50}), tmp)
+    cluster.wait_running()
+    return cluster
+
+
+def test_server_and_health_endpoints(deployed):
+    c = deployed.client
+    assert c.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert c.get("/v2/health/live").json() == {"live": True}
+    assert c.get("/v2/health/ready").status_code == 200
+    assert c.get(f"/v2/models/{APP}/ready").status_code == 200
+    assert c.get(f"/v2/models/{APP}/versions/v2/ready").status_code == 200
+
+
+def test_model_metadata(deployed):
+    meta = deployed.client.get(f"/v2/models/{APP}").json()
+    assert meta["name"] == APP
+    assert meta["versions"] == ["v1", "v2"]
+    assert meta["platform"] == "ray-rollout/recommender"
+    assert [i["name"] for i in meta["inputs"]] == ["user", "items"]
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"scores": "FP32", "ranking": "INT64"}
+    version = deployed.client.get(f"/v2/models/{APP}/versions/v2").json()
+    assert version["parameters"] == {"version": "v2"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/v2/models/nope", f"/v2/models/{APP}/versions/v9", f"/v2/models/{APP}/versions/v9/ready"],
+)
+def test_unknown_model_or_version_is_404(deployed, path):
+    response = deployed.client.get(path)
+    assert response.status_code == 404
+    assert "not found" in response.json()["error"]
+
+
+def test_unknown_model_or_version_infer_is_404(deployed):
+    body = infer_body(USERS, ITEMS)
+    r = deployed.client.post("/v2/models/nope/infer", json=body)
+    assert r.status_code == 404 and "'nope'" in r.json()["error"]
+    r = deployed.client.post(f"/v2/models/{APP}/versions/v9/infer", json=body)
+    assert r.status_code == 404 and "'v9'" in r.json()["error"]
+    r = deployed.client.post(f"/v2/models/{APP}/infer", json=body, headers={"x-model-version": "v9"})
+    assert r.status_code == 404 and "'v9'" in r.json()["error"]
+
+
+def test_infer_response_shape_and_version_header(deployed):
+    r = deployed.client.post(f"/v2/models/{APP}/infer", json=infer_body(USERS, ITEMS, id="req-1"))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["id"] == "req-1"
+    assert doc["model_name"] == APP
+    assert doc["model_version"] == r.headers["x-model-version"]
+    outputs = {o["name"]: o for o in doc["outputs"]}
+    assert outputs["scores"]["shape"] == [1, 3] and outputs["scores"]["datatype"] == "FP32"
+    ranking = outputs["ranking"]["data"]
+    scores = outputs["scores"]["data"]
+    assert sorted(ranking) == [0, 1, 2]
+    assert [scores[i] for i in ranking] == sorted(scores, reverse=True)
+
+
+def test_weighted_split_serves_both_versions(deployed):
+    counts = Counter()
+    body = infer_body(USERS, ITEMS)
+    for _ in range(200):
+        r = deployed.client.post(f"/v2/models/{APP}/infer", json=body)
+        assert r.status_code == 200, r.text
+        counts[r.headers["x-model-version"]] += 1
+        assert r.headers["x-routing-decision"] == "weighted"
+    # 50/50 over 200 draws: P(outside 60..140) < 1e-8 for a fair split.
+    assert 60 <= counts["v1"] <= 140, counts
+    assert counts["v1"] + counts["v2"] == 200
+
+
+def test_pinning_by_path_and_header(deployed):
+    body = infer_body(USERS, ITEMS)
+    by_path = {}
+    for version in ("v1", "v2"):
+        for _ in range(10):
+            r = deployed.client.post(f"/v2/models/{APP}/versions/{version}/infer", json=body)
+            assert r.status_code == 200 and r.headers["x-model-version"] == version
+            assert r.headers["x-routing-decision"] == "pinned"
+        by_path[version] = r.json()["outputs"][0]["data"]
+        r = deployed.client.post(f"/v2/models/{APP}/infer", json=body, headers={"x-model-version": version})
+        assert r.headers["x-model-version"] == version
+        assert r.json()["outputs"][0]["data"] == by_path[version]
+    # Different weights and temperature: the two versions really are different models.
+    assert by_path["v1"] != by_path["v2"]
+
+
+def test_request_id_passed_through_or_created(deployed):
+    body = infer_body(USERS, ITEMS)
+    r = deployed.client.post(f"/v2/models/{APP}/infer", json=body, headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = deployed.client.post(f"/v2/models/{APP}/infer", json=body)
+    assert len(r.headers["x-request-id"]) >= 16
+
+
+def test_top_k_parameter(deployed):
+    body = infer_body(USERS, ITEMS, parameters={"top_k": 2})
+    r = deployed.client.post(f"/v2/models/{APP}/versions/v1/infer", json=body)
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["ranking"]["shape"] == [1, 2]
+    bad = deployed.client.post(
+        f"/v2/models/{APP}/versions/v1/infer", json=infer_body(USERS, ITEMS, parameters={"top_k": 0})
+    )
+    assert bad.status_code == 400 and "top_k" in bad.json()["error"]
+
+
+def _bad(body):
+    return json.dumps(body).encode()
+
+
+GOOD = infer_body(USERS, ITEMS)
+BAD_INPUTS = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (_bad({"inputs": []}), 400, "inputs"),
+    (_bad({"inputs": GOOD["inputs"][:1]}), 400, "missing input(s) ['items']"),
+    (_bad({"inputs": GOOD["inputs"] + [{"name": "extra", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}), 400, "unexpected input 'extra'"),
+    (_bad({"inputs": [{**GOOD["inputs"][0], "datatype": "FP32"}, GOOD["inputs"][1]]}), 400, "input 'user' has datatype 'FP32', expected 'BYTES'"),
+    (_bad({"inputs": [{**GOOD["inputs"][0], "shape": [2]}, GOOD["inputs"][1]]}), 400, "input 'user' has 1 elements but shape [2] needs 2"),
+    (_bad({"inputs": [{**GOOD["inputs"][0], "shape": [1, 1]}, GOOD["inputs"][1]]}), 400, "2 dimensions"),
+    (_bad({"inputs": [{**GOOD["inputs"][0], "data": [7]}, GOOD["inputs"][1]]}), 400, "expected a string"),
+    (_bad({"inputs": GOOD["inputs"], "outputs": [{"name": "nope"}]}), 400, "unknown output 'nope'"),
+    (_bad({"inputs": [{**GOOD["inputs"][1], "shape": [1025], "data": ["x"] * 1025}, GOOD["inputs"][0]]}), 400, "between 1 and 1024"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body,status,needle", BAD_INPUTS)
+def test_bad_input_is_a_clear_4xx(deployed, body, status, needle):
+    r = deployed.client.post(f"/v2/models/{APP}/infer", content=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_body_over_limit_is_413_and_nothing_crashes(deployed):
+    before = {d: deployed.replica_info(f"{APP}-{d}")["replica"] for d in ("v1", "v2")}
+    big = b'{"inputs": [' + b" " * (8 * 1024 * 1024) + b"]}"
+    r = deployed.client.post(f"/v2/models/{APP}/infer", content=big)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    for body, _, _ in BAD_INPUTS:
+        deployed.client.post(f"/v2/models/{APP}/infer", content=body)
+    r = deployed.client.post(f"/v2/models/{APP}/infer", json=GOOD)
+    assert r.status_code == 200
+    after = {d: deployed.replica_info(f"{APP}-{d}")["replica"] for d in ("v1", "v2")}
+    assert before == after  # same replicas: bad input crashed nothing

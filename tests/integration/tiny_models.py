@@ -1,0 +1,37 @@
+"""Tiny random BERT models in a temp dir: real transformers artifacts that load in milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "user likes loves enjoys science fiction films movies space opera cooking show news sports "
+    "music jazz rock history documentary comedy drama a the and of for who with about"
+).split()
+
+
+def build_tiny_bert(directory: Path, seed: int) -> Path:
+    """Save a 2-layer, 32-wide BERT and its tokenizer (save_pretrained layout) to `directory`."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789" if c not in vocab]
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(str(directory))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(str(directory))
+    return directory
