@@ -29,17 +29,19 @@ def load_app_args(args: dict[str, Any] | AppArgs) -> tuple[AppArgs, list[ModelCo
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "args")) from None
     configs = args.load_models()
+    errors = []
     for config in configs:
         try:
             adapter = adapter_class(config.adapter)
         except ValueError as exc:
-            raise ConfigError(f"{config.source}: adapter: {exc}") from None
+            errors.append(f"{config.source}: adapter: {exc}")
+            continue
         try:
             adapter.parse_hyperparameters(config.hyperparameters)
         except ValidationError as exc:
-            raise ConfigError(
-                format_validation_error(exc, f"{config.source}: hyperparameters")
-            ) from None
+            errors.append(format_validation_error(exc, f"{config.source}: hyperparameters"))
+    if errors:
+        raise ConfigError("\n".join(errors))
     return args, configs
 
 

@@ -295,21 +295,30 @@ class AppArgs(_Strict):
         return [p if p.is_absolute() else root / p for p in map(Path, self.versions)]
 
     def load_models(self) -> list[ModelConfig]:
-        """Load every version's config and check they agree with each other and with `model`."""
-        configs = [load_model_config(path) for path in self.config_paths()]
+        """Load every version's config and check they agree with each other and with `model`.
+
+        Raises one ConfigError listing every problem found, one per line."""
+        configs, errors = [], []
+        for path in self.config_paths():
+            try:
+                configs.append(load_model_config(path))
+            except ConfigError as exc:
+                errors.append(str(exc))
         seen: dict[str, str] = {}
         for config in configs:
             if config.name != self.model:
-                raise ConfigError(
+                errors.append(
                     f"{config.source}: name: {config.name!r} does not match the app's model "
                     f"{self.model!r}"
                 )
             if config.version in seen:
-                raise ConfigError(
+                errors.append(
                     f"{config.source}: version: {config.version!r} is also declared in "
                     f"{seen[config.version]}"
                 )
             seen[config.version] = str(config.source)
+        if errors:
+            raise ConfigError("\n".join(errors))
         return configs
 
 

@@ -109,7 +109,8 @@ def _validate_application(
     try:
         args, configs = load_app_args(application.get("args") or {})
     except ConfigError as exc:
-        report.errors.append(f"{where}.args: {exc}" if str(exc).startswith("args") else str(exc))
+        for line in str(exc).splitlines():
+            report.errors.append(f"{where}.{line}" if line.startswith("args") else line)
         return
     by_name = {c.deployment_name: c for c in configs}
     versions = [c.version for c in configs]
