@@ -28,8 +28,7 @@ def load_app_args(args: dict[str, Any] | AppArgs) -> tuple[AppArgs, list[ModelCo
             args = AppArgs.model_validate(args)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "args")) from None
-    configs = args.load_models()
-    errors = []
+    configs, errors = args.load_models_collecting()
     for config in configs:
         try:
             adapter = adapter_class(config.adapter)

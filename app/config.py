@@ -295,10 +295,17 @@ class AppArgs(_Strict):
         return [p if p.is_absolute() else root / p for p in map(Path, self.versions)]
 
     def load_models(self) -> list[ModelConfig]:
-        """Load every version's config and check they agree with each other and with `model`.
+        """Load every version's config; one ConfigError lists every problem, one per line."""
+        configs, errors = self.load_models_collecting()
+        if errors:
+            raise ConfigError("\n".join(errors))
+        return configs
 
-        Raises one ConfigError listing every problem found, one per line."""
-        configs, errors = [], []
+    def load_models_collecting(self) -> tuple[list[ModelConfig], list[str]]:
+        """The configs that load, and the problems found (also whether they agree with
+        each other and with `model`)."""
+        configs: list[ModelConfig] = []
+        errors: list[str] = []
         for path in self.config_paths():
             try:
                 configs.append(load_model_config(path))
@@ -317,9 +324,7 @@ class AppArgs(_Strict):
                     f"{seen[config.version]}"
                 )
             seen[config.version] = str(config.source)
-        if errors:
-            raise ConfigError("\n".join(errors))
-        return configs
+        return configs, errors
 
 
 def project_root() -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ from app.errors import InvalidInput
 __all__ = [
     "INFERENCE_HEADER",
     "InferRequest",
+    "RawRequest",
+    "check_request",
+    "decode_body",
     "encode_infer_response",
     "model_metadata",
     "parse_infer_request",
@@ -185,14 +188,18 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     return raw
 
 
-def parse_infer_request(
-    body: bytes,
-    *,
-    header_length: str | None,
-    inputs: Sequence[TensorSpec],
-    outputs: Sequence[TensorSpec],
-) -> InferRequest:
-    """Parse a V2 infer body against the model's declared tensors."""
+@dataclass(frozen=True)
+class RawRequest:
+    """A decoded body whose envelope is checked; its tensors are checked by `check_request`
+    once the version (and so the declared tensors) is known."""
+
+    document: dict[str, Any]
+    binary: bytes
+    parameters: dict[str, Any]
+
+
+def decode_body(body: bytes, *, header_length: str | None) -> RawRequest:
+    """Split off binary data, parse the JSON envelope, and check its top-level fields."""
     head, binary = _split_body(body, header_length)
     try:
         document = json.loads(head)
@@ -206,6 +213,33 @@ def parse_infer_request(
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _fail("id must be a string")
+    parameters = _parameters(document.get("parameters"), "request")
+    return RawRequest(document=document, binary=binary, parameters=parameters)
+
+
+def parse_infer_request(
+    body: bytes,
+    *,
+    header_length: str | None,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+) -> InferRequest:
+    """Parse a V2 infer body against the model's declared tensors."""
+    return check_request(decode_body(body, header_length=header_length), inputs, outputs)
+
+
+def check_request(
+    raw_request: RawRequest,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    *,
+    drop_parameters: Collection[str] = (),
+) -> InferRequest:
+    """Check a decoded request's tensors against a version's declared inputs and outputs.
+
+    `drop_parameters` are consumed by the router (e.g. a routing key) and not passed on."""
+    document, binary = raw_request.document, raw_request.binary
+    request_id = document.get("id")
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _fail("inputs must be a non-empty list of tensors")
@@ -261,7 +295,7 @@ def parse_infer_request(
         raise _fail(f"missing input(s) {missing}; the model takes: {', '.join(specs)}")
     tensors = {name: tensors[name] for name in specs}  # the model's declared order
 
-    parameters = _parameters(document.get("parameters"), "request")
+    parameters = raw_request.parameters
     all_binary = parameters.get("binary_data_output") is True
     output_names = [spec.name for spec in outputs]
     requested: list[str] = []
@@ -281,7 +315,9 @@ def parse_infer_request(
                 binary_outputs.add(raw["name"])
             elif out_params.get("binary_data") is False:
                 binary_outputs.discard(raw["name"])
-    model_parameters = {k: v for k, v in parameters.items() if k not in _PROTOCOL_PARAMETERS}
+    model_parameters = {
+        k: v for k, v in parameters.items() if k not in _PROTOCOL_PARAMETERS and k not in drop_parameters
+    }
     return InferRequest(
         id=request_id,
         inputs=tensors,

@@ -90,6 +90,17 @@ def validate_serve_config(
     except ValidationError as exc:
         report.errors.append(format_validation_error(exc, str(path)))
         return report
+    # Serve ignores unknown top-level keys and checks route prefixes only at deploy time.
+    for key in sorted(set(document) - set(ServeDeploySchema.model_fields)):
+        report.errors.append(
+            f"{path}: {key}: not a serve config field ({', '.join(sorted(ServeDeploySchema.model_fields))})"
+        )
+    for index, application in enumerate(document["applications"]):
+        prefix = application.get("route_prefix")
+        if prefix is not None and not str(prefix).startswith("/"):
+            report.errors.append(
+                f"{path}: applications[{index}].route_prefix: {prefix!r} must start with '/'"
+            )
     for index, application in enumerate(document["applications"]):
         where = f"{path}: applications[{index}]"
         if application.get("import_path") != BUILDER:
@@ -137,10 +148,16 @@ def _validate_application(
         else:
             try:
                 update = ModelUserConfig.model_validate(user_config)
+            except ValidationError as exc:
+                report.errors.append(format_validation_error(exc, f"{field_path}.user_config"))
+                continue
+            try:
                 adapter_class(by_name[name].adapter).parse_hyperparameters(update.hyperparameters)
                 overrides[name] = update.hyperparameters
             except ValidationError as exc:
-                report.errors.append(format_validation_error(exc, f"{field_path}.user_config"))
+                report.errors.append(
+                    format_validation_error(exc, f"{field_path}.user_config.hyperparameters")
+                )
     if not load_models:
         return
     for config in configs:

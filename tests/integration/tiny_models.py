@@ -22,8 +22,10 @@ def build_tiny_bert(directory: Path, seed: int) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     vocab += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789" if c not in vocab]
     vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(str(directory))
+    # transformers 5 ignores vocab_file= here (every word would be [UNK]); pass the mapping.
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    assert tokenizer.unk_token_id not in tokenizer("space opera")["input_ids"]
+    tokenizer.save_pretrained(str(directory))
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab),
