@@ -14,6 +14,8 @@ Every model is `extra="forbid"`, so a typo in a field name is an error that name
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.breaker import BreakerSettings
+from app.cache import CacheSettings
 from app.errors import ConfigError
 
 __all__ = [
@@ -32,7 +36,9 @@ __all__ = [
     "ModelUserConfig",
     "Resources",
     "RouterSettings",
+    "ShadowRule",
     "TrafficConfig",
+    "config_hash",
     "format_validation_error",
     "load_model_config",
     "load_yaml",
@@ -169,6 +175,10 @@ class ModelConfig(_Strict):
     )
     batching: Batching = Field(default_factory=Batching)
     faults: FaultInjection = Field(default_factory=FaultInjection)
+    cacheable: bool = Field(
+        default=True,
+        description="Whether the router may cache this version's responses (when its cache is on).",
+    )
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
@@ -223,21 +233,58 @@ class RouterSettings(_Strict):
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
-    request_timeout_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Deadline for one inference, in seconds (504)."
-    )
+    routing_key_parameter: str = Field(
+        default="user_id", min_length=1,
+        description="Request parameter that carries the routing key when the header is absent.",
+    )  # fmt: skip
+    fallback_header: str = Field(
+        default="x-allow-fallback", min_length=1,
+        description="Header (value 'true') that lets a pinned request fall back.",
+    )  # fmt: skip
+    timeout_header: str = Field(
+        default="x-request-timeout-s", min_length=1,
+        description="Header with the client's deadline in seconds (capped by request_timeout_s).",
+    )  # fmt: skip
     health_poll_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="How often the router refreshes version health."
     )
 
 
+class ShadowRule(_Strict):
+    """Mirror a sample of requests to a version, fire-and-forget, to compare it with primary."""
+
+    version: str = Field(pattern=NAME_PATTERN, description="The version that gets the copies.")
+    percent: float = Field(ge=0, le=100, description="Percent of requests mirrored.")
+    max_in_flight: int = Field(
+        default=4, ge=1, le=1024, description="Mirrored requests at once per router; more are dropped."
+    )
+
+
 class TrafficConfig(_Strict):
-    """The traffic split: the Router's `user_config`, changed in place by `serve deploy`."""
+    """The Router's `user_config`: traffic split and per-request protection, changed in place.
+
+    Everything here is hot-patchable: a `serve deploy` that changes it reaches every router
+    replica through `reconfigure`, without a restart."""
 
     stable: str = Field(pattern=NAME_PATTERN, description="The version that serves by default.")
     weights: dict[str, float] = Field(
         description="Percent of unpinned traffic per version; must sum to 100."
     )
+    fallbacks: dict[str, str | None] = Field(
+        default_factory=dict,
+        description=(
+            "Version -> the version that retries its failed requests; default: the stable "
+            "version. null: no fallback for that version."
+        ),
+    )
+    shadow: ShadowRule | None = Field(default=None, description="Shadow traffic, if any.")
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="Default end-to-end deadline per request (504); a client may ask for less "
+        "with the x-request-timeout-s header.",
+    )  # fmt: skip
 
     @field_validator("weights")
     @classmethod
@@ -260,12 +307,29 @@ class TrafficConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _no_self_fallback(self) -> TrafficConfig:
+        for version, fallback in self.fallbacks.items():
+            if fallback == version:
+                raise ValueError(f"fallbacks: {version!r} cannot fall back to itself")
+        return self
+
+    def fallback_for(self, version: str) -> str | None:
+        """Where `version`'s failed requests retry; None if nowhere."""
+        if version in self.fallbacks:
+            return self.fallbacks[version]
+        return None if version == self.stable else self.stable
+
     def check_versions(self, known: set[str] | list[str]) -> None:
-        """Raise ValueError naming any version in the split that the app does not serve."""
-        unknown = sorted(set(self.weights) - set(known))
+        """Raise ValueError naming any version this config uses that the app does not serve."""
+        used = set(self.weights) | set(self.fallbacks)
+        used |= {v for v in self.fallbacks.values() if v is not None}
+        if self.shadow is not None:
+            used.add(self.shadow.version)
+        unknown = sorted(used - set(known))
         if unknown:
             raise ValueError(
-                f"weights name versions that are not deployed: {unknown}; deployed: {sorted(known)}"
+                f"names versions that are not deployed: {unknown}; deployed: {sorted(known)}"
             )
 
 
@@ -325,6 +389,16 @@ class AppArgs(_Strict):
                 )
             seen[config.version] = str(config.source)
         return configs, errors
+
+
+def config_hash(user_config: Any) -> str:
+    """A short digest of a deployment's raw `user_config`, as Serve stores and delivers it.
+
+    A replica stamps its answers with the digest of the user_config it runs; the router reads
+    the digest of the target user_config from Serve. The cache serves an answer only while the
+    two agree, so no answer from before a hot patch outlives it."""
+    text = json.dumps(user_config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def project_root() -> Path:

@@ -1,8 +1,9 @@
 """The traffic table and the choice of a version for one request.
 
-Order of precedence (DESIGN.md): an explicit pin, then (issue 3) a sticky bucket, then the
-weighted split. Versions that have no running replica are left out of the split, so a version
-that failed to load costs its share of users nothing but a re-draw among the healthy ones.
+Order of precedence (DESIGN.md): an explicit pin, then the routing key's sticky bucket, then
+the weighted split for requests without a key. Versions that have no running replica are left
+out: a sticky user whose version is down is served by the stable version (without moving
+their bucket), and the weighted split re-draws among the healthy versions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from app.config import TrafficConfig
+from app.buckets import BucketMap, bucket_of
+from app.config import ShadowRule, TrafficConfig
 from app.errors import ModelNotFound, Unavailable
 
 __all__ = ["Decision", "Route", "TrafficTable"]
@@ -22,8 +24,10 @@ class Decision(str, Enum):
     """Why a request went where it went (a bounded metric tag and log field)."""
 
     PINNED = "pinned"
+    STICKY = "sticky"
     WEIGHTED = "weighted"
-    STABLE = "stable"  # no weighted version was available; the stable one took it
+    STABLE = "stable"  # the chosen version had no running replica; the stable one took it
+    FALLBACK = "fallback"  # the chosen version failed or its breaker was open; retried
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,34 @@ class TrafficTable:
     """An immutable split. A router swaps whole tables, so no request sees half an update."""
 
     generation: int
-    stable: str
-    weights: Mapping[str, float]
+    config: TrafficConfig
+    buckets: BucketMap
 
     @classmethod
     def from_config(
         cls, config: TrafficConfig, versions: Collection[str], generation: int
     ) -> TrafficTable:
         config.check_versions(versions)
-        return cls(generation=generation, stable=config.stable, weights=dict(config.weights))
+        return cls(
+            generation=generation,
+            config=config,
+            buckets=BucketMap.build(config.weights, config.stable),
+        )
+
+    @property
+    def stable(self) -> str:
+        return self.config.stable
+
+    @property
+    def weights(self) -> Mapping[str, float]:
+        return self.config.weights
+
+    @property
+    def shadow(self) -> ShadowRule | None:
+        return self.config.shadow
+
+    def fallback_for(self, version: str) -> str | None:
+        return self.config.fallback_for(version)
 
     def choose(
         self,
@@ -54,10 +77,12 @@ class TrafficTable:
         versions: Collection[str],
         available: Collection[str],
         pin: str | None = None,
+        key: str | None = None,
     ) -> Route:
         """Pick the version for one request.
 
-        `versions`: every version the app serves; `available`: those with a running replica.
+        `versions`: every version the app serves; `available`: those with a running replica;
+        `key`: the routing key (user id), if the request has one.
         """
         if pin is not None:
             if pin not in versions:
@@ -65,11 +90,17 @@ class TrafficTable:
             if pin not in available:
                 raise Unavailable(f"version {pin!r} has no running replica")
             return Route(pin, Decision.PINNED)
+        if key is not None:
+            version = self.buckets.version_for(bucket_of(key))
+            if version in available:
+                return Route(version, Decision.STICKY)
+            return self._stable_or_weighted(rng, available)
+        return self._weighted(rng, available)
+
+    def _weighted(self, rng: random.Random, available: Collection[str]) -> Route:
         candidates = [(v, w) for v, w in self.weights.items() if w > 0 and v in available]
         if not candidates:
-            if self.stable in available:
-                return Route(self.stable, Decision.STABLE)
-            raise Unavailable("no version of this model has a running replica")
+            return self._stable_or_weighted(rng, available)
         total = sum(w for _, w in candidates)
         point = rng.random() * total
         for version, weight in candidates:
@@ -77,3 +108,11 @@ class TrafficTable:
             if point < 0:
                 return Route(version, Decision.WEIGHTED)
         return Route(candidates[-1][0], Decision.WEIGHTED)
+
+    def _stable_or_weighted(self, rng: random.Random, available: Collection[str]) -> Route:
+        if self.stable in available:
+            return Route(self.stable, Decision.STABLE)
+        candidates = [v for v, w in self.weights.items() if w > 0 and v in available]
+        if candidates:
+            return self._weighted(rng, available)
+        raise Unavailable("no version of this model has a running replica")

@@ -18,7 +18,7 @@ from ray import serve
 
 from app.adapters import Tensors, adapter_class
 from app.artifacts import resolve_artifact, verify_artifact
-from app.config import Batching, FaultInjection, ModelConfig, ModelUserConfig
+from app.config import Batching, FaultInjection, ModelConfig, ModelUserConfig, config_hash
 from app.errors import ArtifactError, InjectedFault, ModelFailure, ServingError
 from app.faults import plan_fault
 
@@ -46,23 +46,33 @@ class ModelServer:
         self.faults: FaultInjection = config.faults
         self.rng = random.Random()
         self.patches = 0
+        self.config_hash = config_hash(config.user_config().model_dump(mode="json"))
         self.load_s = time.perf_counter() - started
         logger.info("%s loaded %s in %.2fs", self.name, self.artifact_dir, self.load_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Hot patch: hyperparameters, batching and faults change in place, between batches."""
         update = ModelUserConfig.model_validate(user_config)
+        digest = config_hash(user_config)
         hyperparameters = self.adapter_cls.parse_hyperparameters(update.hyperparameters)
         self.adapter.configure(hyperparameters)
         self._apply_batching(update.batching)
         self.faults = update.faults
+        self.config_hash = digest
         self.patches += 1
 
     def _apply_batching(self, batching: Batching) -> None:
         self._predict_batch.set_max_batch_size(batching.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
-    async def infer(self, inputs: Tensors, parameters: dict[str, Any]) -> Tensors:
+    async def infer(self, inputs: Tensors, parameters: dict[str, Any]) -> dict[str, Any]:
+        """Serve one request: `{"outputs": Tensors, "config": <config_hash of the user_config
+        that produced them>}`; the router's cache keys on the latter."""
+        config = self.config_hash  # read before the await: the answer is this config's
+        outputs = await self._infer(inputs, parameters)
+        return {"outputs": outputs, "config": config}
+
+    async def _infer(self, inputs: Tensors, parameters: dict[str, Any]) -> Tensors:
         plan = plan_fault(self.faults, self.rng)
         if plan.delay_s:
             await asyncio.sleep(plan.delay_s)
@@ -92,6 +102,7 @@ class ModelServer:
         return {
             "deployment": self.name,
             "replica": context.replica_id.unique_id,
+            "actor_name": context.replica_id.to_full_id_str(),
             "pid": os.getpid(),
             "artifact": str(self.artifact_dir),
             "sha256": self.digests,
@@ -100,4 +111,5 @@ class ModelServer:
             "faults": self.faults.model_dump(mode="json"),
             "load_s": round(self.load_s, 3),
             "patches": self.patches,
+            "config": self.config_hash,
         }

@@ -7,7 +7,9 @@ surface, the deployment handles and the loop that refreshes which versions are s
 # No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 import asyncio
 import logging
+import pickle
 import random
+import time
 import uuid
 from typing import Any
 
@@ -20,7 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
 from app.adapters import ModelAdapter, adapter_class
-from app.config import ModelConfig, RouterSettings, TrafficConfig
+from app.cache import CacheSettings, ResponseCache, cache_key
+from app.config import ModelConfig, RouterSettings, TrafficConfig, config_hash
+from app.dispatch import Dispatcher
 from app.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -31,7 +35,13 @@ from app.errors import (
     Unavailable,
     http_status,
 )
-from app.protocol import INFERENCE_HEADER, encode_infer_response, model_metadata, parse_infer_request
+from app.protocol import (
+    INFERENCE_HEADER,
+    check_request,
+    decode_body,
+    encode_infer_response,
+    model_metadata,
+)
 from app.traffic import TrafficTable
 
 logger = logging.getLogger("ray.serve")
@@ -82,16 +92,32 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _routable(deployment: Any) -> bool:
-    if deployment.replica_states.get("RUNNING", 0) > 0:
+def _serve_details() -> dict[str, Any]:
+    """Serve's view of every app (what `serve.status()` and the dashboard read), including each
+    deployment's replica states and target user_config."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()
+
+
+def _routable(deployment: dict[str, Any]) -> bool:
+    if any(r.get("state") == "RUNNING" for r in deployment.get("replicas", [])):
         return True
-    return deployment.status not in ("DEPLOY_FAILED", "UNHEALTHY")
+    return deployment.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY")
 
 
 def _original(exc: BaseException) -> BaseException:
     """The exception a replica raised, unwrapped from Ray's RayTaskError if need be."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
+
+
+def _key_parameter(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidInput(f"parameter {name!r} (the routing key) must be a string or an integer")
+    return str(value)
 
 
 @serve.deployment
@@ -114,7 +140,12 @@ class Router:
         self.table: TrafficTable | None = None
         self.rejected: dict[str, Any] | None = None
         self.available: frozenset[str] = frozenset(handles)
+        # Digest of each version's target user_config, from Serve: cache answers stamped with
+        # another digest (computed before a hot patch) are never served.
+        self.target_config: dict[str, str] = {}
         self.rng = random.Random()
+        self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng)
+        self.cache = ResponseCache(CacheSettings(), time.monotonic)
         self._poller: asyncio.Task | None = None
 
     # -- traffic ---------------------------------------------------------------------------
@@ -133,6 +164,8 @@ class Router:
                          self.table.generation, exc)  # fmt: skip
             return
         self.table, self.rejected = table, None
+        self.dispatcher.reconfigure(table.config.breaker)
+        self.cache.reconfigure(table.config.cache)
         logger.info("Router: traffic generation %d: %s (stable %s)",
                     table.generation, dict(table.weights), table.stable)  # fmt: skip
 
@@ -151,13 +184,18 @@ class Router:
         names = {c.deployment_name: v for v, c in self.configs.items()}
         while True:
             try:
-                status = await asyncio.to_thread(serve.status)
-                deployments = status.applications[app_name].deployments
+                details = await asyncio.to_thread(_serve_details)
+                deployments = details.get("applications", {}).get(app_name, {}).get("deployments", {})
                 self.available = frozenset(
                     version
                     for name, version in names.items()
                     if name in deployments and _routable(deployments[name])
                 )
+                self.target_config = {
+                    version: config_hash(deployments[name]["deployment_config"].get("user_config"))
+                    for name, version in names.items()
+                    if name in deployments
+                }
             except RuntimeError as exc:
                 if "shutdown" in str(exc):  # the replica is exiting
                     return
@@ -250,10 +288,19 @@ class Router:
             "generation": table.generation if table else 0,
             "stable": table.stable if table else None,
             "weights": dict(table.weights) if table else {},
+            "shadow": table.shadow.model_dump() if table and table.shadow else None,
             "versions": {
-                v: {"deployment": c.deployment_name, "available": v in self.available}
+                v: {
+                    "deployment": c.deployment_name,
+                    "available": v in self.available,
+                    "fallback": table.fallback_for(v) if table else None,
+                    "breaker": self.dispatcher.breakers[v].snapshot(),
+                }
                 for v, c in self.configs.items()
             },
+            "fallbacks": self.dispatcher.fallbacks,
+            "shadow_stats": {v: st.snapshot() for v, st in self.dispatcher.shadow_stats.items()},
+            "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
             "rejected_update": self.rejected,
         }
 
@@ -270,37 +317,95 @@ class Router:
         self._check_model(model)
         if path_version is not None:
             self._check_version(path_version)
-        body = await _read_body(request, self.settings.max_body_bytes)
-        pin = path_version or request.headers.get(self.settings.pin_header) or None
         table = self.table
         if table is None:
             raise Unavailable("the router has no traffic table yet")
-        route = table.choose(self.rng, versions=self.handles.keys(), available=self.available, pin=pin)
-        version = route.version
-        request.state.version = version
-        adapter = self.adapters[version]
-        parsed = parse_infer_request(
-            body,
-            header_length=request.headers.get(INFERENCE_HEADER),
-            inputs=adapter.inputs,
-            outputs=adapter.outputs,
+        deadline = time.monotonic() + self._timeout_s(request, table)
+        settings = self.settings
+        body = await _read_body(request, settings.max_body_bytes)
+        raw = decode_body(body, header_length=request.headers.get(INFERENCE_HEADER))
+        pin = path_version or request.headers.get(settings.pin_header) or None
+        key = request.headers.get(settings.routing_key_header) or _key_parameter(
+            raw.parameters.get(settings.routing_key_parameter), settings.routing_key_parameter
         )
+        route = table.choose(self.rng, versions=self.handles.keys(), available=self.available,
+                             pin=pin, key=key)  # fmt: skip
+        request.state.version = route.version
+        adapter = self.adapters[route.version]
+        parsed = check_request(raw, adapter.inputs, adapter.outputs,
+                               drop_parameters={settings.routing_key_parameter})  # fmt: skip
         adapter.check_parameters(parsed.inputs, parsed.parameters)
-        result = await self._call(version, parsed.inputs, parsed.parameters)
+
+        key_for_cache = self._cache_key(route.version, parsed, request)
+        if key_for_cache is not None:
+            hit = self.cache.get(key_for_cache)
+            if hit is not None:  # outputs are cached, so each hit answers in its own encoding
+                return self._respond(model, route.version, route.decision.value, parsed,
+                                     pickle.loads(hit.body), {"x-cache": "hit"})  # fmt: skip
+
+        allow_fallback = pin is None or request.headers.get(settings.fallback_header, "").lower() == "true"
+        served = await self.dispatcher.serve(
+            table, route, parsed.inputs, parsed.parameters,
+            deadline=deadline, available=self.available, allow_fallback=allow_fallback,
+        )  # fmt: skip
+        request.state.version = served.version
+        self.dispatcher.maybe_shadow(
+            table, served, parsed.inputs, parsed.parameters,
+            available=self.available, timeout_s=table.config.request_timeout_s,
+        )  # fmt: skip
+        extra: dict[str, str] = {}
+        if served.fell_back_from is not None:
+            extra["x-fallback-from"] = served.fell_back_from
+            extra["x-fallback-reason"] = served.fallback_reason or "error"
+        elif key_for_cache is not None and served.config == self.target_config.get(served.version):
+            # Store only answers computed under the version's current config.
+            self.cache.put(key_for_cache, pickle.dumps(served.outputs, protocol=5), {})
+        if key_for_cache is not None:
+            extra["x-cache"] = "miss"
+        return self._respond(model, served.version, served.decision.value, parsed, served.outputs, extra)
+
+    def _respond(self, model: str, version: str, decision: str, parsed, outputs, extra) -> Response:
         content, headers = encode_infer_response(
-            model=model, version=version, request=parsed, result=result, outputs=adapter.outputs
-        )
-        headers.update({"x-model-version": version, "x-routing-decision": route.decision.value})
+            model=model, version=version, request=parsed, result=outputs,
+            outputs=self.adapters[version].outputs,
+        )  # fmt: skip
+        headers.update({"x-model-version": version, "x-routing-decision": decision, **extra})
         return Response(content=content, headers=headers)
 
-    async def _call(self, version: str, inputs: dict, parameters: dict) -> dict:
+    def _timeout_s(self, request: Request, table: TrafficTable) -> float:
+        limit = table.config.request_timeout_s
+        raw = request.headers.get(self.settings.timeout_header)
+        if raw is None:
+            return limit
+        try:
+            asked = float(raw)
+        except ValueError:
+            raise InvalidInput(f"{self.settings.timeout_header} must be a number of seconds, got {raw!r}")
+        if not asked > 0:
+            raise InvalidInput(f"{self.settings.timeout_header} must be positive, got {raw!r}")
+        return min(asked, limit)
+
+    def _cache_key(self, version: str, parsed, request: Request) -> str | None:
+        """The cache key for this request on `version`, or None when it must not be cached."""
+        if not self.cache.settings.enabled or not self.configs[version].cacheable:
+            return None
+        if "no-cache" in request.headers.get("cache-control", "").lower():
+            return None
+        generation = self.target_config.get(version)
+        if generation is None:
+            return None
+        # Every output is cached and each hit is encoded afresh, so the requested outputs,
+        # their encoding and the request id are not part of the key.
+        outputs = [o.name for o in self.adapters[version].outputs]
+        return cache_key(self.model, version, generation, parsed.inputs, parsed.parameters, outputs)
+
+    async def _call(self, version: str, inputs: dict, parameters: dict, timeout: float) -> dict:
         response = self.handles[version].infer.remote(inputs, parameters)
-        timeout = self.settings.request_timeout_s
         try:
             return await asyncio.wait_for(response, timeout=timeout)
         except asyncio.TimeoutError:
             response.cancel()
-            raise DeadlineExceeded(f"version {version!r} did not answer within {timeout:g}s") from None
+            raise DeadlineExceeded(f"version {version!r} did not answer within {timeout:.3g}s") from None
         except ServingError as exc:
             raise _original(exc) from None
         except Exception as exc:
@@ -312,3 +417,4 @@ class Router:
                 raise Unavailable(f"version {version!r} is unavailable: {name}") from None
             logger.exception("Router: call to %s failed", version)
             raise ModelFailure(f"version {version!r} failed: {name}: {cause}") from None
+

@@ -87,6 +87,20 @@ class ModelAdapter(ABC):
 
         Runs in the router, before the request reaches a replica."""
 
+    @classmethod
+    def agreement(cls, primary: Tensors, shadow: Tensors) -> dict[str, float]:
+        """How closely a shadow version's answer matches the primary's (for shadow traffic).
+
+        Default: the mean absolute difference of each floating-point output of equal shape.
+        Keys become metric and status names, so keep them few and fixed."""
+        result: dict[str, float] = {}
+        for spec in cls.outputs:
+            a, b = primary.get(spec.name), shadow.get(spec.name)
+            if a is None or b is None or a.dtype.kind != "f" or a.shape != b.shape:
+                continue
+            result[f"{spec.name}_mean_abs_diff"] = float(np.mean(np.abs(a - b))) if a.size else 0.0
+        return result
+
     def configure(self, hyperparameters: BaseModel) -> None:
         """Apply new hyperparameters in place (a hot patch). Override if work is needed."""
         self.hyperparameters = hyperparameters

@@ -61,6 +61,17 @@ class RecommenderAdapter(ModelAdapter):
     def check_parameters(cls, inputs: Tensors, parameters: dict[str, Any]) -> None:
         _top_k(parameters, len(inputs["items"]))
 
+    @classmethod
+    def agreement(cls, primary: Tensors, shadow: Tensors) -> dict[str, float]:
+        """Top-k overlap of the two rankings (k = min(5, items)) and mean |score difference|."""
+        result = super().agreement(primary, shadow)
+        a, b = primary["ranking"], shadow["ranking"]
+        k = min(5, a.shape[1], b.shape[1])
+        if k:
+            overlaps = [len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a.tolist(), b.tolist())]
+            result["top_k_overlap"] = float(np.mean(overlaps))
+        return result
+
     def predict(self, batch: list[Tensors], parameters: list[dict[str, Any]]) -> list[Tensors]:
         hp: RecommenderHyperparameters = self.hyperparameters  # type: ignore[assignment]
         users = [[hp.query_prefix + str(t) for t in request["user"]] for request in batch]

@@ -138,7 +138,7 @@ def test_traffic_check_versions_names_unknown():
     config = TrafficConfig(stable="v1", weights={"v1": 80, "v9": 20})
     with pytest.raises(
         ValueError,
-        match=re.escape("weights name versions that are not deployed: ['v9']; deployed: ['v1', 'v2']"),
+        match=re.escape("names versions that are not deployed: ['v9']; deployed: ['v1', 'v2']"),
     ):
         config.check_versions(["v2", "v1"])
 

@@ -17,7 +17,8 @@ TOLERANCE = 1.5  # percentage points
 
 
 def table(weights: dict[str, float], stable: str | None = None) -> TrafficTable:
-    return TrafficTable(generation=1, stable=stable or next(iter(weights)), weights=weights)
+    config = TrafficConfig(stable=stable or next(iter(weights)), weights=weights)
+    return TrafficTable.from_config(config, weights, generation=1)
 
 
 def shares(tab: TrafficTable, *, versions, available, seed: int = 1234) -> tuple[dict[str, float], Counter]:
@@ -192,7 +193,7 @@ def test_from_config():
 
 def test_from_config_rejects_unknown_versions():
     config = TrafficConfig(stable="v1", weights={"v1": 80, "v3": 20})
-    with pytest.raises(ValueError, match=re.escape("weights name versions that are not deployed: ['v3']")):
+    with pytest.raises(ValueError, match=re.escape("names versions that are not deployed: ['v3']")):
         TrafficTable.from_config(config, {"v1", "v2"}, generation=1)
 
 

@@ -1,0 +1,225 @@
+"""Serving one routed request: breaker, deadline, fallback, and shadow copies.
+
+A router replica owns one `Dispatcher`. It calls a version through an injected `call`
+coroutine (a Serve handle in production, a fake in unit tests) and decides, per request:
+
+1. whether the chosen version may be tried at all (its circuit breaker);
+2. how much of the request's deadline the first try may spend: half of what is left when a
+   fallback could still run, all of it otherwise, so that a slow version leaves its fallback
+   time to answer within the same deadline;
+3. whether to retry once on the version's fallback (after an error, a timeout or an open
+   breaker; not after bad input, which would fail there too; not for a pinned request unless
+   the client allows it);
+4. whether to send a shadow copy (sampled, bounded in flight, dropped when full), never
+   awaited on the request path; its agreement with the primary answer is accumulated per
+   shadow version.
+
+Response caching is separate (`app/cache.py`): the router consults it before dispatching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.adapters import ModelAdapter, Tensors
+from app.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from app.errors import DeadlineExceeded, InvalidInput, ServingError, Unavailable
+from app.traffic import Decision, Route, TrafficTable
+
+__all__ = ["Call", "Dispatcher", "Served", "ShadowStats"]
+
+logger = logging.getLogger("ray.serve")
+
+# call(version, inputs, parameters, timeout_s) -> {"outputs": Tensors, "config": str}
+Call = Callable[[str, Tensors, dict[str, Any], float], Awaitable[dict[str, Any]]]
+
+
+class BreakerOpen(Unavailable):
+    """503: the version's circuit breaker is open and nothing could take the request."""
+
+
+@dataclass(frozen=True)
+class Served:
+    version: str
+    decision: Decision
+    outputs: Tensors
+    config: str
+    fell_back_from: str | None = None
+    fallback_reason: str | None = None
+
+
+@dataclass
+class ShadowStats:
+    """Per shadow version: how many copies went, failed, were dropped, and how they agreed."""
+
+    sent: int = 0
+    completed: int = 0
+    failed: int = 0
+    dropped: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, agreement: Mapping[str, float]) -> None:
+        self.completed += 1
+        for name, value in agreement.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def snapshot(self) -> dict[str, Any]:
+        means = {name: total / self.completed for name, total in self.sums.items()} if self.completed else {}
+        return {"sent": self.sent, "completed": self.completed, "failed": self.failed,
+                "dropped": self.dropped, "agreement": means}  # fmt: skip
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        call: Call,
+        versions: Mapping[str, type[ModelAdapter]],
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+        breaker: BreakerSettings | None = None,
+    ) -> None:
+        self._call = call
+        self._adapters = dict(versions)
+        self._clock = clock
+        self._rng = rng
+        settings = breaker or BreakerSettings()
+        self.breakers = {v: CircuitBreaker(settings, clock) for v in self._adapters}
+        self.shadow_stats: dict[str, ShadowStats] = {}
+        self.fallbacks = 0
+        self._shadow_in_flight = 0
+        self._shadow_tasks: set[asyncio.Task] = set()
+
+    def reconfigure(self, breaker: BreakerSettings) -> None:
+        for b in self.breakers.values():
+            b.reconfigure(breaker)
+
+    def breaker_states(self) -> dict[str, BreakerState]:
+        return {v: b.state for v, b in self.breakers.items()}
+
+    # -- the primary path ----------------------------------------------------------------------
+
+    async def serve(
+        self,
+        table: TrafficTable,
+        route: Route,
+        inputs: Tensors,
+        parameters: dict[str, Any],
+        *,
+        deadline: float,
+        available: frozenset[str] | set[str],
+        allow_fallback: bool,
+    ) -> Served:
+        """Serve on `route.version`, falling back once if allowed; raise the final error."""
+        version = route.version
+        fallback = table.fallback_for(version) if allow_fallback else None
+        if fallback is not None and (
+            fallback not in available or self._adapters[fallback] is not self._adapters[version]
+        ):
+            fallback = None  # nowhere to go, or a model with other tensors
+        try:
+            outputs, config = await self._attempt(version, inputs, parameters, deadline,
+                                                  share=0.5 if fallback else 1.0)  # fmt: skip
+            return Served(version, route.decision, outputs, config)
+        except InvalidInput:
+            raise
+        except ServingError as error:
+            if fallback is None or self._clock() >= deadline:
+                raise
+            reason = _reason(error)
+            logger.warning("falling back from %s to %s: %s", version, fallback, error.message)
+        self.fallbacks += 1
+        outputs, config = await self._attempt(fallback, inputs, parameters, deadline, share=1.0)
+        return Served(fallback, Decision.FALLBACK, outputs, config, version, reason)
+
+    async def _attempt(
+        self, version: str, inputs: Tensors, parameters: dict[str, Any], deadline: float, share: float
+    ) -> tuple[Tensors, str]:
+        breaker = self.breakers[version]
+        if not breaker.allow():
+            raise BreakerOpen(f"version {version!r} is failing (circuit breaker open)")
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            breaker.release()
+            raise DeadlineExceeded("the request's deadline passed before it could be served")
+        timeout = remaining * share
+        try:
+            result = await self._call(version, inputs, parameters, timeout)
+        except InvalidInput:
+            breaker.release()  # the request's fault, not the version's
+            raise
+        except ServingError:
+            breaker.record(False)
+            raise
+        except BaseException:  # cancelled (client went away) or a bug: no verdict
+            breaker.release()
+            raise
+        breaker.record(True)
+        return result["outputs"], result["config"]
+
+    # -- shadow copies ---------------------------------------------------------------------------
+
+    def maybe_shadow(
+        self,
+        table: TrafficTable,
+        served: Served,
+        inputs: Tensors,
+        parameters: dict[str, Any],
+        *,
+        available: frozenset[str] | set[str],
+        timeout_s: float,
+    ) -> bool:
+        """Start a shadow copy of a served request if the table says so; True if one started."""
+        rule = table.shadow
+        if rule is None or rule.version == served.version or rule.percent <= 0:
+            return False
+        if self._rng.random() * 100 >= rule.percent:
+            return False
+        stats = self.shadow_stats.setdefault(rule.version, ShadowStats())
+        if (
+            self._shadow_in_flight >= rule.max_in_flight
+            or rule.version not in available
+            or self._adapters[rule.version] is not self._adapters[served.version]
+        ):
+            stats.dropped += 1
+            return False
+        stats.sent += 1
+        self._shadow_in_flight += 1
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(rule.version, served, inputs, parameters, timeout_s, stats)
+        )
+        self._shadow_tasks.add(task)  # keep a reference until it finishes
+        task.add_done_callback(self._shadow_tasks.discard)
+        return True
+
+    async def _shadow(
+        self, version: str, served: Served, inputs: Tensors, parameters: dict[str, Any],
+        timeout_s: float, stats: ShadowStats,
+    ) -> None:  # fmt: skip
+        try:
+            result = await self._call(version, inputs, parameters, timeout_s)
+            stats.add(self._adapters[version].agreement(served.outputs, result["outputs"]))
+        except Exception:  # a shadow's failure is counted, never seen by the client
+            stats.failed += 1
+        finally:
+            self._shadow_in_flight -= 1
+
+    async def drain_shadows(self) -> None:
+        """Wait for shadow copies in flight (tests and shutdown)."""
+        if self._shadow_tasks:
+            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+
+
+def _reason(error: ServingError) -> str:
+    if isinstance(error, BreakerOpen):
+        return "breaker_open"
+    if isinstance(error, DeadlineExceeded):
+        return "timeout"
+    if isinstance(error, Unavailable):
+        return "unavailable"
+    return "error"
