@@ -68,6 +68,7 @@ def build_app(args: dict[str, Any]):
     return Router.options(
         name=ROUTER_DEPLOYMENT,
         num_replicas=app_args.router_replicas,
+        max_ongoing_requests=app_args.router_max_ongoing_requests,
         ray_actor_options={"num_cpus": app_args.router_num_cpus},
         user_config={"stable": first, "weights": {first: 100}},
     ).bind(app_args.model, handles, configs, app_args.router)

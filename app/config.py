@@ -350,6 +350,13 @@ class AppArgs(_Strict):
     router_num_cpus: float = Field(
         default=0.25, ge=0, description="Logical CPUs reserved per router replica."
     )
+    router_max_ongoing_requests: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Requests one router replica works on at once (Serve's default, 5, starves "
+        "the model replicas behind it: the router mostly waits on them).",
+    )
 
     def root(self) -> Path:
         return Path(self.config_root).resolve() if self.config_root else project_root()

@@ -27,8 +27,10 @@ def router_app(cluster, tiny_models, tmp_path_factory):
         model_config(tmp, tmp, "v1", tiny_models["a"]),
         model_config(tmp, tmp, "v2", tiny_models["b"], faults={"error_rate": 1.0}),
         model_config(tmp, tmp, "v3", tiny_models["b"], hyperparameters={"temperature": 0.5}),
-        model_config(tmp, tmp, "v4", tiny_models["a"], faults={"added_latency_ms": 3000},
-                     max_ongoing_requests=8),  # fmt: skip
+        # Slow and narrow: one request at a time, two queued per caller, 2 s each.
+        model_config(tmp, tmp, "v4", tiny_models["a"], faults={"added_latency_ms": 2000},
+                     max_ongoing_requests=1, max_queued_requests=2,
+                     batching={"max_batch_size": 1, "batch_wait_timeout_s": 0}),  # fmt: skip
     ]
     config = serve_config(versions, {"v1": 100})
     cluster.serve_deploy(config, tmp)
@@ -218,6 +220,34 @@ def test_deadline_from_header_gives_504(router_app):
                             headers={"x-request-timeout-s": "0.5"})  # fmt: skip
     elapsed = time.monotonic() - started
     assert r.status_code == 504 and "did not answer" in r.json()["error"], r.text
-    assert elapsed < 2.5  # v4 sleeps 3 s; the router gave up at the client's deadline
+    assert elapsed < 1.8  # v4 sleeps 2 s; the router gave up at the client's deadline
     bad = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-timeout-s": "soon"})
     assert bad.status_code == 400 and "x-request-timeout-s" in bad.json()["error"]
+
+
+def test_overload_is_shed_with_503_and_retry_after(router_app):
+    """v4 takes one request at a time and queues two: a burst of 8 pinned requests is shed."""
+    cluster = router_app[0]
+    set_traffic(router_app, weights={"v1": 100}, request_timeout_s=30)
+    time.sleep(2.5)  # let the deadline test's abandoned request on v4 finish
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        with httpx.Client(base_url=cluster.url, timeout=60) as c:
+            r = c.post(f"/v2/models/{APP}/versions/v4/infer", json=BODY)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = Counter(r.status_code for r in results)
+    shed = [r for r in results if r.status_code == 503]
+    assert codes[200] >= 1 and shed, codes
+    assert set(codes) <= {200, 503}, codes
+    for r in shed:
+        assert int(r.headers["retry-after"]) >= 1
+        assert "v4" in r.json()["error"] and "BackPressure" in r.json()["error"]
