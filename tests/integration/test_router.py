@@ -228,7 +228,7 @@ def test_deadline_from_header_gives_504(router_app):
 def test_overload_is_shed_with_503_and_retry_after(router_app):
     """v4 takes one request at a time and queues two: a burst of 8 pinned requests is shed."""
     cluster = router_app[0]
-    set_traffic(router_app, weights={"v1": 100}, request_timeout_s=30)
+    set_traffic(router_app, weights={"v1": 100}, request_timeout_s=31)  # differs: a real update
     time.sleep(2.5)  # let the deadline test's abandoned request on v4 finish
     results: list[httpx.Response] = []
     lock = threading.Lock()
