@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.adapters import adapter_class
-from app.config import ROUTER_DEPLOYMENT, AppArgs, ModelConfig, format_validation_error
+from app.config import CONTROLLER_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, ModelConfig, format_validation_error
 from app.errors import ConfigError
 
 __all__ = ["build_app", "load_app_args"]
@@ -45,6 +45,7 @@ def load_app_args(args: dict[str, Any] | AppArgs) -> tuple[AppArgs, list[ModelCo
 
 
 def build_app(args: dict[str, Any]):
+    from deployments.controller import RolloutController
     from deployments.model_server import ModelServer
     from deployments.router import Router
 
@@ -63,6 +64,10 @@ def build_app(args: dict[str, Any]):
         ).bind(config)
         for config in configs
     }
+    # No plan until serve_config.yaml declares one in the controller's user_config.
+    controller = RolloutController.options(
+        name=CONTROLLER_DEPLOYMENT, user_config={"plan": None}
+    ).bind(app_args.model, [c.version for c in configs])
     # Until serve_config.yaml gives the Router a user_config, all traffic goes to the first version.
     first = configs[0].version
     return Router.options(
@@ -71,4 +76,4 @@ def build_app(args: dict[str, Any]):
         max_ongoing_requests=app_args.router_max_ongoing_requests,
         ray_actor_options={"num_cpus": app_args.router_num_cpus},
         user_config={"stable": first, "weights": {first: 100}},
-    ).bind(app_args.model, handles, configs, app_args.router)
+    ).bind(app_args.model, handles, configs, app_args.router, controller)

@@ -3,22 +3,66 @@
     rollout validate [serve_config.yaml] [--no-load]   check configs, load models, smoke-test
     rollout checksum DIR                               print the sha256 block for a model config
 
-Rollout control (status, start, promote, pause, resume, abort, history) arrives with the
-rollout controller; load tests and benchmarks with their own issues.
+Rollout control talks to the router's admin API over HTTP (`--url`, default $ROLLOUT_URL or
+http://127.0.0.1:8000) with a bearer token (`--token`, default $ROLLOUT_ADMIN_TOKEN or the
+file named by $ROLLOUT_ADMIN_TOKEN_FILE; see app/admin.py):
+
+    rollout status [--watch] [--json] [--interval S]   GET  /admin/rollout
+    rollout start | pause | resume | abort             POST /admin/rollout/<command>
+    rollout promote [--full]                           POST /admin/rollout/promote[-full]
+    rollout history [--json]                           GET  /admin/rollout/history
+
+Exit status: 0 done; 1 the rollout refused the command in its current phase (HTTP 409), or a
+watched rollout ended rolled back or aborted; 2 the admin API could not be used (unauthorized,
+admin API off, router unreachable, timeout, unexpected answer, bad token config).
+
+Load tests and benchmarks arrive with their own issues.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from app.admin import TOKEN_ENV, TOKEN_FILE_ENV, load_admin_token
 from app.artifacts import artifact_digests, resolve_artifact
-from app.errors import ArtifactError
+from app.errors import ArtifactError, ConfigError
 
-__all__ = ["main"]
+__all__ = ["main", "render_history", "render_status"]
+
+URL_ENV = "ROLLOUT_URL"
+DEFAULT_URL = "http://127.0.0.1:8000"
+ADMIN_PATH = "/admin/rollout"
+TERMINAL_PHASES = frozenset({"succeeded", "rolled_back", "aborted"})
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+# Command name on the command line -> the last path segment of its POST.
+COMMAND_PATHS = {
+    "start": "start",
+    "promote": "promote",
+    "promote_full": "promote-full",
+    "pause": "pause",
+    "resume": "resume",
+    "abort": "abort",
+}
+UNAUTHORIZED = (
+    f"unauthorized: set {TOKEN_ENV} (or {TOKEN_FILE_ENV}) to the router's admin token"
+)
+ADMIN_OFF = "the admin API is off: the router has no admin token configured"
+GATE_SYMBOLS = {"passed": "✔", "failed": "✖", "pending": "…", "skipped": "-"}
+BAR_WIDTH = 40
+
+
+# ----------------------------------------------------------------------------- validate, checksum
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -54,6 +98,455 @@ def _checksum(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- admin API client
+
+
+class AdminError(Exception):
+    """The admin API could not do what was asked; `exit_code` is the CLI's exit status."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class AdminClient:
+    """A thin client for the router's admin API; one connection, reused across a --watch."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float) -> None:
+        try:
+            import httpx
+        except ImportError as exc:  # httpx is only pulled in by the test extra today
+            raise AdminError(
+                "the rollout control commands need httpx: pip install httpx", 2
+            ) from exc
+        self._httpx = httpx
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        headers = {"accept": "application/json"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._client.close()
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", ADMIN_PATH)
+
+    def history(self) -> dict[str, Any]:
+        return self._call("GET", f"{ADMIN_PATH}/history")
+
+    def command(self, name: str) -> dict[str, Any]:
+        return self._call("POST", f"{ADMIN_PATH}/{COMMAND_PATHS[name]}")
+
+    def _call(self, method: str, path: str) -> dict[str, Any]:
+        httpx = self._httpx
+        where = f"{method} {self.url}{path}"
+        try:
+            response = self._client.request(method, path)
+        except httpx.ConnectError as exc:
+            raise AdminError(
+                f"cannot reach the router's admin API at {self.url}: {exc} "
+                f"(is the app running? set --url or {URL_ENV})",
+                2,
+            ) from exc
+        except httpx.TimeoutException as exc:
+            message = f"{where}: no answer within {self.timeout_s:g}s (--timeout)"
+            raise AdminError(message, 2) from exc
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise AdminError(f"{where}: {exc}", 2) from exc
+        code = response.status_code
+        if code in (401, 403):
+            raise AdminError(UNAUTHORIZED, 2)
+        if code == 404:
+            raise AdminError(ADMIN_OFF, 2)
+        if code == 409:
+            raise AdminError(_error_detail(response) or f"{where}: refused (HTTP 409)", 1)
+        if code != 200:
+            detail = _error_detail(response)
+            raise AdminError(f"{where}: HTTP {code}" + (f": {detail}" if detail else ""), 2)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            message = f"{where}: the answer is not JSON: {response.text[:200]!r}"
+            raise AdminError(message, 2) from exc
+        if not isinstance(data, dict):
+            raise AdminError(f"{where}: expected a JSON object, got {type(data).__name__}", 2)
+        return data
+
+
+def _error_detail(response: Any) -> str:
+    """The server's `{"error": ...}`, else the start of its body."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text.strip()[:200]
+    if isinstance(data, dict) and "error" in data:
+        return str(data["error"])
+    return json.dumps(data)[:200]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a finite float, or None (missing, null, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _duration(seconds: Any) -> str:
+    s = _number(seconds)
+    if s is None:
+        return "-"
+    s = max(0.0, s)
+    if s < 10:
+        return f"{s:.1f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    whole = int(s)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _ms(value: Any) -> str:
+    v = _number(value)
+    return "-" if v is None else f"{v:.1f}ms"
+
+
+def _short(value: Any) -> str:
+    v = _number(value)
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _percent(value: Any) -> str:
+    v = _number(value)
+    return "-" if v is None else f"{v:g}%"
+
+
+def _bar(percent: float | None) -> str:
+    share = min(100.0, max(0.0, percent or 0.0))
+    filled = round(share / 100 * BAR_WIDTH)
+    return "█" * filled + "░" * (BAR_WIDTH - filled)
+
+
+def _table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Rows padded into columns; columns in `right` are right-aligned (numbers)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _ordered_versions(status: Mapping[str, Any], *groups: Iterable[str]) -> list[str]:
+    """Stable first, then the candidate, then the rest by name."""
+    seen: list[str] = []
+    for group in groups:
+        for version in group:
+            if version not in seen:
+                seen.append(str(version))
+    first = [v for v in (status.get("stable"), status.get("candidate")) if v in seen]
+    return first + sorted(v for v in seen if v not in first)
+
+
+def _role(status: Mapping[str, Any], version: str) -> str:
+    if version == status.get("stable"):
+        return "stable"
+    if version == status.get("candidate"):
+        return "candidate"
+    return ""
+
+
+def _step_line(status: Mapping[str, Any]) -> str:
+    index = status.get("step_index")
+    total = status.get("steps_total")
+    description = status.get("step") or ""
+    if isinstance(total, int) and total > 0 and isinstance(index, int):
+        if index >= total:
+            where = f"{total}/{total} (all steps done)"
+        else:
+            where = f"{index + 1}/{total}" + (f": {description}" if description else "")
+    else:
+        where = description or "-"
+    in_step = _number(status.get("time_in_step_s"))
+    return where + (f"  ({_duration(in_step)} in step)" if in_step is not None else "")
+
+
+def _gate_reading(gate: str, value: Any, threshold: Any) -> str:
+    """`0.012 (max 0.05)`: the reading and the bound it is held to (the gate's name says which
+    way: max_*, fail_fast_* and *_max are ceilings, min_* are floors)."""
+    if _number(threshold) is None:
+        return _short(value)
+    if gate.startswith(("max_", "fail_fast")) or gate.endswith("_max"):
+        bound = "max"
+    elif gate.startswith("min_"):
+        bound = "min"
+    else:
+        bound = "threshold"
+    return f"{_short(value)} ({bound} {_short(threshold)})"
+
+
+def render_status(status: Mapping[str, Any], now: float | None = None) -> str:
+    """A rollout status (the admin API's JSON) as a compact text block.
+
+    Like `kubectl argo rollouts get rollout`: identity and phase, the current step, a bar per
+    version's share of traffic, a table of each version's live stats, then each gate's verdict
+    with its reading. Pure: give `now` (epoch seconds) to show how old the status is. Missing or
+    null fields print as `-`, so a partial status (no rollout yet) still renders."""
+    lines: list[str] = []
+
+    def field(name: str, value: Any) -> None:
+        lines.append(f"{name + ':':<13}{'-' if value is None or value == '' else value}")
+
+    field("Name", status.get("model"))
+    field("Phase", status.get("phase"))
+    field("Strategy", status.get("strategy"))
+    field("Stable", status.get("stable"))
+    field("Candidate", status.get("candidate"))
+    field("Step", _step_line(status))
+    field("Generation", status.get("generation"))
+    if status.get("plan_digest"):
+        field("Plan", status.get("plan_digest"))
+    if status.get("message"):
+        field("Message", status.get("message"))
+    updated = _number(status.get("updated_at"))
+    if now is not None and updated is not None:
+        field("Updated", f"{_duration(now - updated)} ago")
+
+    weights = status.get("weights") if isinstance(status.get("weights"), Mapping) else {}
+    versions = status.get("versions") if isinstance(status.get("versions"), Mapping) else {}
+    order = _ordered_versions(status, weights, versions)
+
+    if weights:
+        lines += ["", "Traffic"]
+        labels = {v: v + (f" ({_role(status, v)})" if _role(status, v) else "") for v in order}
+        width = max(len(labels[v]) for v in order if v in weights)
+        for version in (v for v in order if v in weights):
+            share = _number(weights[version])
+            lines.append(f"  {labels[version]:<{width}}  {_bar(share)}  {_percent(share):>5}")
+
+    if versions:
+        rows = [["VERSION", "ROLE", "REQUESTS", "ERRORS", "ERR RATE", "RPS", "P50", "P99"]]
+        for version in (v for v in order if v in versions):
+            stats = versions[version] if isinstance(versions[version], Mapping) else {}
+            rate = _number(stats.get("error_rate"))
+            rps = _number(stats.get("rps"))
+            rows.append([
+                version,
+                _role(status, version) or "-",
+                str(stats.get("requests", "-")),
+                str(stats.get("errors", "-")),
+                "-" if rate is None else f"{rate * 100:.2f}%",
+                "-" if rps is None else f"{rps:.1f}",
+                _ms(stats.get("p50_ms")),
+                _ms(stats.get("p99_ms")),
+            ])  # fmt: skip
+        lines += ["", *_table(rows, right=frozenset(range(2, 8)))]
+
+    verdicts = [v for v in status.get("verdicts") or () if isinstance(v, Mapping)]
+    lines += ["", "Gates"]
+    if not verdicts:
+        lines.append("  (no verdicts yet)")
+    else:
+        rows = []
+        for verdict in verdicts:
+            gate = str(verdict.get("gate", "?"))
+            state = str(verdict.get("status", "?"))
+            rows.append([
+                GATE_SYMBOLS.get(state, "?"),
+                gate,
+                state,
+                _gate_reading(gate, verdict.get("value"), verdict.get("threshold")),
+                str(verdict.get("reason") or ""),
+            ])  # fmt: skip
+        lines += ["  " + line for line in _table(rows)]
+    return "\n".join(lines)
+
+
+def _clock(seconds: Any) -> str:
+    s = _number(seconds)
+    if s is None:
+        return "-"
+    return datetime.fromtimestamp(s, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def render_history(events: Sequence[Mapping[str, Any]]) -> str:
+    """A rollout's history (oldest first) as one line per event; under an event whose gate
+    readings hold a failure, one indented line per failed gate (the reason for a rollback).
+    Times are UTC; steps count from 1, as in the status and the event reasons."""
+    if not events:
+        return "no events"
+    rows = [["TIME", "FROM", "TO", "STEP", "WEIGHT", "REASON"]]
+    failures: list[list[str]] = [[]]
+    for event in events:
+        index = event.get("step_index")
+        rows.append([
+            _clock(event.get("time_s")),
+            str(event.get("from_phase", "-")),
+            str(event.get("to_phase", "-")),
+            str(index + 1) if isinstance(index, int) else "-",
+            _percent(event.get("weight")),
+            str(event.get("reason", "")),
+        ])  # fmt: skip
+        gates = event.get("gates") if isinstance(event.get("gates"), Mapping) else {}
+        failures.append([
+            f"    {GATE_SYMBOLS['failed']} {gate}: "
+            f"{_gate_reading(gate, reading.get('value'), reading.get('threshold'))}"
+            + (f": {reading['reason']}" if reading.get("reason") else "")
+            for gate, reading in gates.items()
+            if isinstance(reading, Mapping) and reading.get("status") == "failed"
+        ])  # fmt: skip
+    lines: list[str] = []
+    for line, extra in zip(_table(rows, right=frozenset({3, 4})), failures, strict=True):
+        lines += [line, *extra]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- control commands
+
+
+def _emit(text: str) -> None:
+    """Print to stdout; a terminal that cannot show ✔ or █ gets `?` instead of a traceback."""
+    try:
+        sys.stdout.write(text + "\n")
+    except UnicodeEncodeError:
+        encoding = sys.stdout.encoding or "ascii"
+        sys.stdout.write(text.encode(encoding, "replace").decode(encoding) + "\n")
+    sys.stdout.flush()
+
+
+def _stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    url = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+    token = args.token
+    if token is None:
+        try:
+            token = load_admin_token()
+        except ConfigError as exc:
+            raise AdminError(str(exc), 2) from exc
+    return AdminClient(url, token, args.timeout)
+
+
+def _run_admin(action: Any) -> Any:
+    """Wrap a control command: AdminError -> `error: ...` on stderr and its exit status."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except AdminError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return exc.exit_code
+
+    return run
+
+
+def _print_status(status: Mapping[str, Any], as_json: bool) -> None:
+    if as_json:
+        _emit(json.dumps(status, indent=2, ensure_ascii=False))
+    else:
+        _emit(render_status(status, now=time.time()))
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if not args.watch:
+            _print_status(client.status(), args.json)
+            return 0
+        tty = _stdout_is_tty()
+        frames = 0
+        try:
+            while True:
+                status = client.status()
+                if args.json:  # one object per line, for jq and logs
+                    _emit(json.dumps(status, ensure_ascii=False))
+                elif tty:
+                    _emit(CLEAR_SCREEN + render_status(status, now=time.time()))
+                else:
+                    if frames:
+                        _emit("-" * 72)
+                    _emit(render_status(status, now=time.time()))
+                frames += 1
+                phase = status.get("phase")
+                if phase in TERMINAL_PHASES:
+                    return 0 if phase == "succeeded" else 1
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _command(args: argparse.Namespace) -> int:
+    name = args.action
+    if name == "promote" and args.full:
+        name = "promote_full"
+    with _client(args) as client:
+        status = client.command(name)
+    if not args.json:
+        _emit(f"{COMMAND_PATHS[name]}: accepted; the rollout is {status.get('phase', '-')}")
+    _print_status(status, args.json)
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        data = client.history()
+    events = data.get("events")
+    if not isinstance(events, list):
+        raise AdminError(f"GET {client.url}{ADMIN_PATH}/history: no `events` list in the answer", 2)
+    if args.json:
+        _emit(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        _emit(render_history([e for e in events if isinstance(e, Mapping)]))
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _admin_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=None,
+        help=f"the router's base URL (default: ${URL_ENV} or {DEFAULT_URL})",
+    )
+    common.add_argument(
+        "--token",
+        default=None,
+        help=(
+            f"admin bearer token (default: ${TOKEN_ENV}, or the file named by ${TOKEN_FILE_ENV}; "
+            "prefer those: a command-line token shows in the process list)"
+        ),
+    )
+    common.add_argument(
+        "--timeout", type=_positive_float, default=5.0, help="seconds per HTTP request (default 5)"
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollout", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +559,44 @@ def build_parser() -> argparse.ArgumentParser:
     checksum = commands.add_parser("checksum", help="print the sha256 block for an artifact")
     checksum.add_argument("artifact", help="model directory, or package:<module>")
     checksum.set_defaults(func=_checksum)
+
+    common = _admin_options()
+    status = commands.add_parser(
+        "status", parents=[common], help="show the live rollout: phase, step, traffic, gates"
+    )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help=(
+            "redraw every --interval seconds until Ctrl-C, or until the rollout ends "
+            "(exit 0 succeeded, 1 rolled back or aborted)"
+        ),
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON status")
+    status.add_argument(
+        "--interval", type=_positive_float, default=2.0, help="seconds between redraws (default 2)"
+    )
+    status.set_defaults(func=_run_admin(_status))
+    helps = {
+        "start": "start the declared rollout now",
+        "promote": "end the current wait (pause, analysis, wait for promote) and move on",
+        "pause": "freeze the step timer (gates keep judging)",
+        "resume": "unfreeze the step timer; re-run an inconclusive analysis",
+        "abort": "send all traffic back to the stable version",
+    }
+    for name, text in helps.items():
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        if name == "promote":
+            sub.add_argument(
+                "--full", action="store_true", help="skip the remaining steps: switch to 100%% now"
+            )
+        sub.add_argument("--json", action="store_true", help="print the resulting status as JSON")
+        sub.set_defaults(func=_run_admin(_command), action=name)
+    history = commands.add_parser(
+        "history", parents=[common], help="list the rollout's events, oldest first"
+    )
+    history.add_argument("--json", action="store_true", help="print the raw JSON events")
+    history.set_defaults(func=_run_admin(_history))
     return parser
 
 

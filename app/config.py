@@ -48,6 +48,7 @@ __all__ = [
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ROUTER_DEPLOYMENT = "Router"
+CONTROLLER_DEPLOYMENT = "RolloutController"
 
 
 class _Strict(BaseModel):

@@ -3,6 +3,8 @@
     ServingError
     ├── InvalidInput          400  malformed JSON, wrong datatype/shape, missing/extra input
     ├── ModelNotFound         404  unknown model or version
+    ├── Unauthorized          401  admin API without the right bearer token
+    ├── Conflict              409  a rollout command that is not valid in the current phase
     ├── PayloadTooLarge       413  body over the router's max_body_bytes
     ├── Overloaded            429  too many requests queued (carries Retry-After)
     ├── ModelFailure          500  the model raised while serving a valid request
@@ -19,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "ArtifactError",
     "ConfigError",
+    "Conflict",
     "DeadlineExceeded",
     "InjectedFault",
     "InvalidInput",
@@ -27,6 +30,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "ServingError",
+    "Unauthorized",
     "Unavailable",
     "http_status",
 ]
@@ -57,6 +61,14 @@ class InvalidInput(ServingError):
 
 class ModelNotFound(ServingError):
     """404: no such model, or no such version of it."""
+
+
+class Unauthorized(ServingError):
+    """401: the admin API needs `Authorization: Bearer <token>`."""
+
+
+class Conflict(ServingError):
+    """409: the request is valid but not in the current state (e.g. resume when not paused)."""
 
 
 class PayloadTooLarge(ServingError):
@@ -98,7 +110,9 @@ class ArtifactError(RuntimeError):
 # The one table from error type to HTTP status. Subclasses inherit their parent's row.
 _STATUS: dict[type[ServingError], int] = {
     InvalidInput: 400,
+    Unauthorized: 401,
     ModelNotFound: 404,
+    Conflict: 409,
     PayloadTooLarge: 413,
     Overloaded: 429,
     ModelFailure: 500,

@@ -23,6 +23,7 @@ from app.adapters import adapter_class
 from app.artifacts import resolve_artifact, verify_artifact
 from app.builder import load_app_args
 from app.config import (
+    CONTROLLER_DEPLOYMENT,
     ROUTER_DEPLOYMENT,
     ModelConfig,
     ModelUserConfig,
@@ -129,16 +130,18 @@ def _validate_application(
     for i, deployment in enumerate(application.get("deployments") or []):
         name = deployment.get("name")
         field_path = f"{where}.deployments[{i}]"
-        if name != ROUTER_DEPLOYMENT and name not in by_name:
+        if name not in (ROUTER_DEPLOYMENT, CONTROLLER_DEPLOYMENT) and name not in by_name:
             report.errors.append(
                 f"{field_path}.name: {name!r} is not a deployment of this app; "
-                f"deployments: {[ROUTER_DEPLOYMENT, *by_name]}"
+                f"deployments: {[ROUTER_DEPLOYMENT, CONTROLLER_DEPLOYMENT, *by_name]}"
             )
             continue
         if "user_config" not in deployment:
             continue
         user_config = deployment["user_config"]
-        if name == ROUTER_DEPLOYMENT:
+        if name == CONTROLLER_DEPLOYMENT:
+            _validate_plan(user_config, versions, f"{field_path}.user_config", report)
+        elif name == ROUTER_DEPLOYMENT:
             try:
                 TrafficConfig.model_validate(user_config).check_versions(versions)
             except ValidationError as exc:
@@ -171,3 +174,31 @@ def _validate_application(
             report.errors.append(f"{config.source}: smoke inference failed: {type(exc).__name__}: {exc}")
             continue
         report.notes.append(f"{config.deployment_name}: {summary}")
+
+
+def _validate_plan(user_config: Any, versions: list[str], where: str, report: Report) -> None:
+    """The RolloutController's user_config: `{plan: <RolloutPlan> | null, tick_interval_s}`."""
+    from app.rollout import RolloutPlan
+
+    if not isinstance(user_config, dict):
+        report.errors.append(f"{where}: must be a mapping with a 'plan' key")
+        return
+    unknown = sorted(set(user_config) - {"plan", "tick_interval_s"})
+    if unknown:
+        report.errors.append(f"{where}: unknown field(s) {unknown}; expected plan, tick_interval_s")
+    tick = user_config.get("tick_interval_s", 0.25)
+    if isinstance(tick, bool) or not isinstance(tick, (int, float)) or not 0.05 <= tick <= 10:
+        report.errors.append(f"{where}.tick_interval_s: {tick!r} must be between 0.05 and 10 seconds")
+    if user_config.get("plan") is None:
+        return
+    try:
+        plan = RolloutPlan.model_validate(user_config["plan"])
+    except ValidationError as exc:
+        report.errors.append(format_validation_error(exc, f"{where}.plan"))
+        return
+    for field_name in ("candidate", "stable"):
+        version = getattr(plan, field_name)
+        if version not in versions:
+            report.errors.append(
+                f"{where}.plan.{field_name}: {version!r} is not deployed; versions: {versions}"
+            )

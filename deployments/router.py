@@ -22,16 +22,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
 from app.adapters import ModelAdapter, adapter_class
+from app.admin import check_bearer, load_admin_token
 from app.cache import CacheSettings, ResponseCache, cache_key
 from app.config import ModelConfig, RouterSettings, TrafficConfig, config_hash
 from app.dispatch import Dispatcher
 from app.errors import (
+    Conflict,
     DeadlineExceeded,
     InvalidInput,
     ModelFailure,
     ModelNotFound,
     PayloadTooLarge,
     ServingError,
+    Unauthorized,
     Unavailable,
     http_status,
 )
@@ -42,7 +45,8 @@ from app.protocol import (
     encode_infer_response,
     model_metadata,
 )
-from app.traffic import TrafficTable
+from app.stats import RouterStats
+from app.traffic import TrafficTable, apply_override
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,6 +60,8 @@ def _error_response(request: Request, error: ServingError) -> JSONResponse:
         headers["x-model-version"] = version
     if error.retry_after_s is not None:
         headers["retry-after"] = str(max(1, round(error.retry_after_s)))
+    if isinstance(error, Unauthorized):
+        headers["www-authenticate"] = "Bearer"
     return JSONResponse({"error": error.message}, status_code=http_status(error), headers=headers)
 
 
@@ -129,6 +135,7 @@ class Router:
         handles: dict[str, DeploymentHandle],
         configs: list[ModelConfig],
         settings: RouterSettings,
+        controller: DeploymentHandle | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -137,6 +144,11 @@ class Router:
         self.adapters: dict[str, type[ModelAdapter]] = {
             c.version: adapter_class(c.adapter) for c in configs
         }
+        self.controller = controller
+        self.admin_token = load_admin_token()  # None: the admin API is off
+        self.declared: TrafficConfig | None = None  # this router's user_config
+        self.override: dict[str, Any] | None = None  # the rollout controller's traffic
+        self.stats = RouterStats()
         self.table: TrafficTable | None = None
         self.rejected: dict[str, Any] | None = None
         self.available: frozenset[str] = frozenset(handles)
@@ -147,6 +159,7 @@ class Router:
         self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng)
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         self._poller: asyncio.Task | None = None
+        self._controller_tasks: list[asyncio.Task] = []
 
     # -- traffic ---------------------------------------------------------------------------
 
@@ -155,7 +168,9 @@ class Router:
         generation = self.table.generation + 1 if self.table else 1
         try:
             config = TrafficConfig.model_validate(user_config)
-            table = TrafficTable.from_config(config, self.handles.keys(), generation)
+            table = TrafficTable.from_config(
+                apply_override(config, self.override), self.handles.keys(), generation
+            )
         except ValueError as exc:
             if self.table is None:
                 raise  # nothing to keep serving: fail the replica with the reason
@@ -163,7 +178,7 @@ class Router:
             logger.error("Router: refused traffic update, keeping generation %d: %s",
                          self.table.generation, exc)  # fmt: skip
             return
-        self.table, self.rejected = table, None
+        self.declared, self.table, self.rejected = config, table, None
         self.dispatcher.reconfigure(table.config.breaker)
         self.cache.reconfigure(table.config.cache)
         logger.info("Router: traffic generation %d: %s (stable %s)",
@@ -171,7 +186,50 @@ class Router:
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll_health())
+            loop = asyncio.get_running_loop()
+            self._poller = loop.create_task(self._poll_health())
+            if self.controller is not None:
+                self._controller_tasks = [loop.create_task(self._follow_controller()),
+                                          loop.create_task(self._push_stats())]  # fmt: skip
+
+    async def _follow_controller(self) -> None:
+        """Long-poll the rollout controller for traffic; keep the last table when it is gone."""
+        while True:
+            known = self.override["generation"] if self.override else 0
+            try:
+                override = await self.controller.wait_for_traffic.remote(known, 10.0)
+            except Exception as exc:  # controller restarting or gone: serve on, retry soon
+                logger.warning("Router: rollout controller unreachable (%s); keeping traffic", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if override != self.override:
+                self._apply_override(override)
+
+    def _apply_override(self, override: dict[str, Any] | None) -> None:
+        if self.declared is None:
+            self.override = override
+            return
+        try:
+            table = TrafficTable.from_config(apply_override(self.declared, override),
+                                             self.handles.keys(), self.table.generation + 1)  # fmt: skip
+        except ValueError as exc:
+            logger.error("Router: refused the controller's traffic %s: %s", override, exc)
+            return
+        self.override, self.table = override, table
+        logger.info("Router: rollout traffic generation %s: %s", (override or {}).get("generation"),
+                    dict(table.weights))  # fmt: skip
+
+    async def _push_stats(self) -> None:
+        """Every ~250 ms, send the per-version counts since the last push to the controller."""
+        while True:
+            await asyncio.sleep(0.25)
+            report = self.stats.drain()
+            if not report:
+                continue
+            try:
+                await asyncio.wait_for(self.controller.report.remote(report), timeout=2.0)
+            except Exception as exc:  # lost reports only delay a verdict; never block serving
+                logger.warning("Router: stats report to the controller failed: %s", exc)
 
     async def _poll_health(self) -> None:
         """Keep `available` current from Serve's status, every `health_poll_interval_s`.
@@ -304,6 +362,35 @@ class Router:
             "rejected_update": self.rejected,
         }
 
+    # -- admin API (rollout control; bearer token) ------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.admin_token is None or self.controller is None:
+            raise ModelNotFound("the admin API is off: the router has no admin token configured")
+        if not check_bearer(request.headers.get("authorization"), self.admin_token):
+            raise Unauthorized("missing or wrong bearer token")
+
+    @api.get("/admin/rollout")
+    async def rollout_status(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return await self.controller.status.remote()
+
+    @api.get("/admin/rollout/history")
+    async def rollout_history(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return await self.controller.history.remote()
+
+    @api.post("/admin/rollout/{command}")
+    async def rollout_command(self, command: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        try:
+            return await self.controller.command.remote(command)
+        except Exception as exc:
+            cause = _original(exc)
+            if isinstance(cause, ValueError):
+                raise Conflict(str(cause)) from None
+            raise
+
     @api.post("/v2/models/{model}/infer")
     async def infer(self, model: str, request: Request) -> Response:
         return await self._infer(model, None, request)
@@ -344,10 +431,21 @@ class Router:
                                      pickle.loads(hit.body), {"x-cache": "hit"})  # fmt: skip
 
         allow_fallback = pin is None or request.headers.get(settings.fallback_header, "").lower() == "true"
-        served = await self.dispatcher.serve(
-            table, route, parsed.inputs, parsed.parameters,
-            deadline=deadline, available=self.available, allow_fallback=allow_fallback,
-        )  # fmt: skip
+        started = time.monotonic()
+        try:
+            served = await self.dispatcher.serve(
+                table, route, parsed.inputs, parsed.parameters,
+                deadline=deadline, available=self.available, allow_fallback=allow_fallback,
+            )  # fmt: skip
+        except InvalidInput:
+            raise
+        except ServingError:
+            self.stats.record(route.version, False, (time.monotonic() - started) * 1000)
+            raise
+        elapsed_ms = (time.monotonic() - started) * 1000
+        if served.fell_back_from is not None:  # the client saw no error; the rollout must
+            self.stats.record(served.fell_back_from, False, elapsed_ms)
+        self.stats.record(served.version, True, elapsed_ms)
         request.state.version = served.version
         self.dispatcher.maybe_shadow(
             table, served, parsed.inputs, parsed.parameters,

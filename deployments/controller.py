@@ -1,0 +1,257 @@
+"""`RolloutController`: one replica per app that runs the declared rollout plan.
+
+Every `tick_interval_s` it merges the per-version stats that router replicas push, ticks the
+pure state machine (`app.rollout.step`), persists the state in Ray's GCS key-value store when
+it changes, and publishes the traffic it asks for to routers waiting on `wait_for_traffic`
+(long-poll: a router learns of a change as soon as it is published). Routers never wait for
+the controller on the request path, and keep their last traffic when it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from app.rollout import (
+    Command,
+    Observation,
+    Phase,
+    RolloutPlan,
+    RolloutState,
+    apply_command,
+    step,
+)
+from app.stats import StatsWindow
+
+logger = logging.getLogger("ray.serve")
+
+KV_NAMESPACE = "ray-rollout"
+
+
+def _kv_get(key: str) -> bytes | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key, namespace=KV_NAMESPACE)
+
+
+def _kv_put(key: str, value: bytes) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+
+def _traffic(state: RolloutState) -> tuple:
+    return (tuple(sorted(state.weights.items())), state.stable_version, state.shadow_percent)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+class RolloutController:
+    def __init__(self, model: str, versions: list[str]) -> None:
+        self.model = model
+        self.versions = list(versions)
+        app_name = serve.get_replica_context().app_name
+        self.kv_key = f"{app_name}/{model}/rollout-state"
+        self.window = StatsWindow()
+        self.tick_interval_s = 0.25
+        self.state: RolloutState | None = None
+        self.override: dict[str, Any] | None = None
+        self.generation = 0
+        self.verdicts: tuple = ()
+        self.message: str | None = None
+        self._published = asyncio.Event()
+        self._ticker: asyncio.Task | None = None
+        saved = _kv_get(self.kv_key)
+        if saved is not None:
+            try:
+                self.state = RolloutState.from_dict(json.loads(saved))
+                self.generation = self.state.generation
+                self._publish(self.state)
+                logger.info("RolloutController: resumed %s at step %d (%s, candidate %.1f%%)",
+                            self.state.plan.candidate, self.state.step_index,
+                            self.state.phase.value, self.state.candidate_weight)  # fmt: skip
+            except (ValueError, KeyError) as exc:
+                logger.error("RolloutController: ignoring unreadable saved state: %s", exc)
+
+    # -- declared state --------------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new declaration. A changed plan starts a new rollout generation; the same plan
+        (a restart, or an unrelated change) keeps the live one. A bad declaration is refused
+        (and shown in status) and the live rollout goes on: it never touches traffic."""
+        try:
+            tick, plan = self._parse(user_config)
+        except ValueError as exc:
+            self.message = f"refused the declared plan: {exc}"
+            logger.error("RolloutController: %s", self.message)
+            return
+        self.tick_interval_s = tick
+        if plan is None:
+            if self.state is not None and not self.state.phase.terminal:
+                self._set(apply_command(self.state, Command.ABORT, time.time(),
+                                        reason="plan removed from the config"))  # fmt: skip
+            return
+        if self.state is not None and self.state.plan.digest() == plan.digest():
+            return
+        self._set(RolloutState.start(plan, time.time(), generation=self.generation + 1))
+        self.message = f"started plan {plan.digest()}"
+
+    def _parse(self, user_config: dict[str, Any]) -> tuple[float, RolloutPlan | None]:
+        tick = float(user_config.get("tick_interval_s", 0.25))
+        if not 0.05 <= tick <= 10:
+            raise ValueError(f"tick_interval_s ({tick}) must be between 0.05 and 10 seconds")
+        raw = user_config.get("plan")
+        if raw is None:
+            return tick, None
+        plan = RolloutPlan.model_validate(raw)  # pydantic's ValidationError is a ValueError
+        unknown = sorted({plan.candidate, plan.stable} - set(self.versions))
+        if unknown:
+            raise ValueError(f"plan names versions that are not deployed: {unknown}")
+        return tick, plan
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def check_health(self) -> None:
+        self._ensure_ticker()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            try:
+                self.tick(time.time())
+            except Exception:
+                logger.exception("RolloutController: tick failed")
+            await asyncio.sleep(self.tick_interval_s)
+
+    def tick(self, now: float) -> None:
+        if self.state is None or self.state.phase.terminal:
+            return
+        stats = self.window.observe(self.state.window_started_at, now)
+        decision = step(self.state, Observation(stats=stats), now)
+        self.verdicts = decision.verdicts
+        if decision.state != self.state:
+            self._set(decision.state)
+        for event in decision.events:
+            logger.info("RolloutController: %s -> %s at step %d, weight %.1f: %s",
+                        event.from_phase.value, event.to_phase.value, event.step_index,
+                        event.weight, event.reason)  # fmt: skip
+
+    def _set(self, state: RolloutState) -> None:
+        before = self.state
+        self.state = state
+        self.generation = max(self.generation, state.generation)
+        _kv_put(self.kv_key, json.dumps(state.to_dict()).encode())
+        if before is None or _traffic(before) != _traffic(state):
+            self._publish(state)
+
+    def _publish(self, state: RolloutState) -> None:
+        shadow: Any = "declared"
+        if state.plan.strategy == "blue_green":
+            percent = state.shadow_percent
+            shadow = {"version": state.plan.candidate, "percent": percent} if percent > 0 else None
+        self.generation += 1
+        self.override = {
+            "generation": self.generation,
+            "weights": state.weights,
+            "stable": state.stable_version,
+            "shadow": shadow,
+        }
+        event, self._published = self._published, asyncio.Event()
+        event.set()  # wake every router waiting in wait_for_traffic
+
+    # -- what routers call -----------------------------------------------------------------------
+
+    async def report(self, stats: dict[str, dict[str, Any]]) -> None:
+        """Per-version counts since the router's last report."""
+        self._ensure_ticker()
+        try:
+            self.window.add(stats, time.time())
+        except ValueError as exc:
+            logger.warning("RolloutController: dropped a malformed stats report: %s", exc)
+
+    async def wait_for_traffic(self, known_generation: int, timeout_s: float = 10.0) -> dict | None:
+        """Long-poll: return the traffic override once its generation passes `known_generation`
+        (or the current one after `timeout_s`). None: no rollout steers traffic."""
+        self._ensure_ticker()
+        if self.override is None or self.override["generation"] <= known_generation:
+            try:
+                await asyncio.wait_for(self._published.wait(), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.override
+
+    # -- operators ---------------------------------------------------------------------------------
+
+    async def command(self, name: str) -> dict[str, Any]:
+        """start | promote | promote-full | pause | resume | abort. ValueError: not now."""
+        now = time.time()
+        if name == "start":
+            if self.state is None:
+                raise ValueError("no plan is declared: add one to the RolloutController's user_config")
+            if not self.state.phase.terminal:
+                raise ValueError(f"a rollout is already {self.state.phase.value}")
+            self._set(RolloutState.start(self.state.plan, now, generation=self.generation + 1))
+        else:
+            if self.state is None:
+                raise ValueError("no rollout: no plan is declared")
+            command = {"promote": Command.PROMOTE, "promote-full": Command.PROMOTE_FULL,
+                       "pause": Command.PAUSE, "resume": Command.RESUME, "abort": Command.ABORT}.get(name)  # fmt: skip
+            if command is None:
+                raise ValueError(f"unknown command {name!r}")
+            self._set(apply_command(self.state, command, now, reason=f"rollout {name}"))
+        self.tick(now)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        state = self.state
+        versions = {}
+        if state is not None:
+            stats = self.window.observe(state.window_started_at, now)
+            rates = self.window.rates(10.0, now)
+            for v in self.versions:
+                s = stats.get(v)
+                requests = s.requests if s else 0
+                errors = s.errors if s else 0
+                versions[v] = {
+                    "requests": requests, "errors": errors,
+                    "error_rate": errors / requests if requests else 0.0,
+                    "rps": round(rates.get(v, 0.0), 2),
+                    "p50_ms": s.p50_ms if s else None, "p99_ms": s.p99_ms if s else None,
+                }  # fmt: skip
+        steps = state.steps if state else []
+        current = state.current_step if state else None
+        return {
+            "model": self.model,
+            "phase": state.phase.value if state else Phase.IDLE.value,
+            "strategy": state.plan.strategy if state else None,
+            "candidate": state.plan.candidate if state else None,
+            "stable": state.stable_version if state else None,
+            "step_index": state.step_index if state else 0,
+            "steps_total": len(steps),
+            "step": current.describe() if current is not None else "done",
+            "weights": state.weights if state else {},
+            "time_in_step_s": round(state.elapsed_s(now), 2) if state else 0.0,
+            "generation": self.override["generation"] if self.override else 0,
+            "verdicts": [
+                {"gate": v.gate, "status": v.status.value, "value": v.value,
+                 "threshold": v.threshold, "reason": v.reason}
+                for v in self.verdicts
+            ],  # fmt: skip
+            "versions": versions,
+            "plan_digest": state.plan.digest() if state else None,
+            "updated_at": now,
+            "message": self.message,
+        }
+
+    def history(self) -> dict[str, Any]:
+        events = self.state.history if self.state else ()
+        return {"events": [e.to_dict() for e in events]}
+
