@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The CPU build of torch, installed before the project so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-unit test-integration validate stop clean
+.PHONY: install demo demo-rollback test test-unit test-integration validate bench stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ install: $(STAMP)
 
 demo: install
 	bash scripts/demo.sh
+
+# Needs the app from `make demo` running: v2 fails half its requests, the canary rolls back.
+demo-rollback: install
+	bash scripts/demo.sh --rollback
+
+bench: install
+	$(BIN)/python -m bench.router_overhead
+	$(BIN)/python -m bench.rollback
 
 test: install
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider

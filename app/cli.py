@@ -2,6 +2,7 @@
 
     rollout validate [serve_config.yaml] [--no-load]   check configs, load models, smoke-test
     rollout checksum DIR                               print the sha256 block for a model config
+    rollout declare PLAN.yaml [-o FILE]                put a plan into serve_config.yaml
 
 Rollout control talks to the router's admin API over HTTP (`--url`, default $ROLLOUT_URL or
 http://127.0.0.1:8000) with a bearer token (`--token`, default $ROLLOUT_ADMIN_TOKEN or the
@@ -547,6 +548,30 @@ def _admin_options() -> argparse.ArgumentParser:
     return common
 
 
+def _declare(args: argparse.Namespace) -> int:
+    import yaml
+
+    from app.config import load_yaml
+    from app.declare import declare_plan, load_plan
+    from app.errors import ConfigError
+
+    try:
+        plan = None if args.plan == "none" else load_plan(Path(args.plan))
+        config = declare_plan(load_yaml(Path(args.config)), plan, app=args.app)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.output is None:  # stdout: writing in place would drop the file's comments
+        print(text, end="")
+        return 0
+    Path(args.output).write_text(text)
+    what = f"plan {args.plan}" if plan is not None else "no rollout"
+    print(f"{args.output}: declares {what}; check with `rollout validate {args.output}`, "
+          f"apply with `serve deploy {args.output}`", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollout", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -560,6 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
     checksum.add_argument("artifact", help="model directory, or package:<module>")
     checksum.set_defaults(func=_checksum)
 
+    declare = commands.add_parser(
+        "declare", help="put a rollout plan (configs/rollouts/*.yaml) into a serve config"
+    )
+    declare.add_argument("plan", help="plan file, or 'none' to declare no rollout")
+    declare.add_argument("--config", default="serve_config.yaml", help="serve config to start from")
+    declare.add_argument("--app", default=None, help="application name, if the config has several")
+    declare.add_argument("-o", "--output", default=None, help="write here (default: stdout)")
+    declare.set_defaults(func=_declare)
+
     common = _admin_options()
     status = commands.add_parser(
         "status", parents=[common], help="show the live rollout: phase, step, traffic, gates"
@@ -572,7 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
             "(exit 0 succeeded, 1 rolled back or aborted)"
         ),
     )
-    status.add_argument("--json", action="store_true", help="print the raw JSON status")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the raw JSON status (with --watch: one JSON object per line)",
+    )
     status.add_argument(
         "--interval", type=_positive_float, default=2.0, help="seconds between redraws (default 2)"
     )

@@ -56,8 +56,9 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = (
 N_BUCKETS = len(LATENCY_BOUNDS_MS) + 1
 
 # StatsWindow's hard cap on stored reports, whatever the horizon says. At the designed rate
-# (one push a second from each of 10 routers, 900 s horizon) the window holds 9,000 reports;
-# the cap only matters if routers push far faster than designed, and then the oldest go first.
+# (a push every 250 ms from each of 10 routers, 900 s horizon) the window holds 36,000
+# reports; the cap only matters past that (more routers, faster pushes), and then the oldest
+# go first, so a long step is judged on less than the horizon.
 MAX_REPORTS = 100_000
 
 
@@ -174,8 +175,8 @@ class StatsWindow:
     versions.
 
     Memory is bounded by time: about `horizon_s / push interval * routers` reports (900 s,
-    1 s, 10 routers: 9,000 reports of a few hundred bytes each), and by `max_reports` whatever
-    the push rate. The horizon must cover the longest step window that needs evidence; a step
+    0.25 s, 10 routers: 36,000 reports of about 1 KB each), and by `max_reports` whatever the
+    push rate. The horizon must cover the longest step window that needs evidence; a step
     longer than the horizon is judged on its last `horizon_s` seconds.
 
     Times are the controller's (epoch seconds, like `rollout.step`'s `now`). Reports are kept

@@ -59,6 +59,9 @@ class RolloutController:
         self.window = StatsWindow()
         self.tick_interval_s = 0.25
         self.state: RolloutState | None = None
+        # Digest of the plan in the current declaration: a rollout starts when it changes (a
+        # replica restart re-applies the same declaration and must not restart the rollout).
+        self.declared: str | None = None
         self.override: dict[str, Any] | None = None
         self.generation = 0
         self.verdicts: tuple = ()
@@ -70,7 +73,7 @@ class RolloutController:
             try:
                 self.state = RolloutState.from_dict(json.loads(saved))
                 self.generation = self.state.generation
-                self._publish(self.state)
+                self.declared = self.state.plan.digest()
                 logger.info("RolloutController: resumed %s at step %d (%s, candidate %.1f%%)",
                             self.state.plan.candidate, self.state.step_index,
                             self.state.phase.value, self.state.candidate_weight)  # fmt: skip
@@ -91,14 +94,21 @@ class RolloutController:
             return
         self.tick_interval_s = tick
         if plan is None:
+            # No plan declared: routers follow their own declared traffic again.
+            self.declared = None
             if self.state is not None and not self.state.phase.terminal:
                 self._set(apply_command(self.state, Command.ABORT, time.time(),
                                         reason="plan removed from the config"))  # fmt: skip
+            if self.override is not None:
+                self.override = None
+                self._wake_routers()
             return
-        if self.state is not None and self.state.plan.digest() == plan.digest():
-            return
-        self._set(RolloutState.start(plan, time.time(), generation=self.generation + 1))
-        self.message = f"started plan {plan.digest()}"
+        if self.declared != plan.digest():
+            self.declared = plan.digest()
+            self._set(RolloutState.start(plan, time.time(), generation=self.generation + 1))
+            self.message = f"started plan {plan.digest()}"
+        elif self.override is None and self.state is not None:
+            self._publish(self.state)  # a restarted replica resumes steering the same rollout
 
     def _parse(self, user_config: dict[str, Any]) -> tuple[float, RolloutPlan | None]:
         tick = float(user_config.get("tick_interval_s", 0.25))
@@ -163,6 +173,9 @@ class RolloutController:
             "stable": state.stable_version,
             "shadow": shadow,
         }
+        self._wake_routers()
+
+    def _wake_routers(self) -> None:
         event, self._published = self._published, asyncio.Event()
         event.set()  # wake every router waiting in wait_for_traffic
 
@@ -177,10 +190,12 @@ class RolloutController:
             logger.warning("RolloutController: dropped a malformed stats report: %s", exc)
 
     async def wait_for_traffic(self, known_generation: int, timeout_s: float = 10.0) -> dict | None:
-        """Long-poll: return the traffic override once its generation passes `known_generation`
-        (or the current one after `timeout_s`). None: no rollout steers traffic."""
+        """Long-poll: return the traffic override as soon as its generation differs from
+        `known_generation` (the router's; 0 for none), else after `timeout_s`. None: no
+        rollout steers traffic, routers follow their declared user_config."""
         self._ensure_ticker()
-        if self.override is None or self.override["generation"] <= known_generation:
+        current = self.override["generation"] if self.override else 0
+        if current == known_generation:  # nothing new for this router: wait for a publish
             try:
                 await asyncio.wait_for(self._published.wait(), timeout=timeout_s)
             except asyncio.TimeoutError:

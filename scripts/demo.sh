@@ -11,8 +11,15 @@ URL=${ROLLOUT_URL:-http://127.0.0.1:8000}
 DASHBOARD=${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}
 TIMEOUT_S=${DEMO_TIMEOUT_S:-300}
 export HF_HUB_OFFLINE=1
+# The router's admin API (rollout commands) needs a bearer token; Ray workers inherit this
+# variable from `ray start`, so it is set before the head starts.
+mkdir -p "$STATE"
+if [[ ! -s "$STATE/admin_token" ]]; then
+  (umask 077; "$BIN/python" -c 'import secrets; print(secrets.token_hex(16))' >"$STATE/admin_token")
+fi
+export ROLLOUT_ADMIN_TOKEN_FILE="$PWD/$STATE/admin_token"
 
-step() { printf '\n==> [%s/5] %s\n' "$1" "$2"; }
+step() { printf '\n==> [%s/6] %s\n' "$1" "$2"; }
 
 if [[ "${1:-}" == "--stop" ]]; then
   "$BIN/serve" shutdown -y -a "$DASHBOARD" 2>/dev/null && echo "Serve app removed." || echo "Serve was not running."
@@ -24,11 +31,18 @@ if [[ "${1:-}" == "--stop" ]]; then
   exit 0
 fi
 
+if [[ "${1:-}" == "--rollback" ]]; then
+  echo "==> rollback rehearsal: v2 fails 50% of its requests; the same canary plan is declared"
+  "$BIN/python" scripts/demo_rollout.py --plan configs/rollouts/demo-canary.yaml --faulty \
+    --url "$URL" --dashboard "$DASHBOARD"
+  exit $?
+fi
+
 step 1 "Ray head"
 if "$BIN/ray" status >/dev/null 2>&1; then
-  echo "Reusing the Ray cluster that is already running."
+  echo "Reusing the Ray cluster that is already running (the rollout admin API works only if"
+  echo "it was started with ROLLOUT_ADMIN_TOKEN_FILE=$ROLLOUT_ADMIN_TOKEN_FILE in its environment)."
 else
-  mkdir -p "$STATE"
   "$BIN/ray" start --head --dashboard-host=127.0.0.1 --disable-usage-stats >"$STATE/ray-start.log" 2>&1 \
     || { cat "$STATE/ray-start.log"; exit 1; }
   touch "$STATE/started-ray"
@@ -47,16 +61,22 @@ step 4 "waiting for the app to be RUNNING (up to ${TIMEOUT_S}s)"
 step 5 "a few requests"
 "$BIN/python" scripts/demo_requests.py --url "$URL"
 
+step 6 "the rollout: v2 canary 5% -> 10% -> 25% -> 50% -> 100%, gated on live stats"
+"$BIN/python" scripts/demo_rollout.py --plan configs/rollouts/demo-canary.yaml \
+  --url "$URL" --dashboard "$DASHBOARD"
+
 cat <<MSG
 
-The recommender is serving at $URL (v1 90% / v2 10%, see serve_config.yaml).
+The recommender is serving at $URL; the rollout moved all traffic to v2 (v1 is at 0%).
 
   curl -s $URL/v2/models/recommender/infer -d '{"inputs":[
     {"name":"user","datatype":"BYTES","shape":[1],"data":["loves science fiction"]},
     {"name":"items","datatype":"BYTES","shape":[2],"data":["a space opera","a cooking show"]}]}'
   # pin a version:  .../v2/models/recommender/versions/v2/infer  or  -H 'x-model-version: v2'
   # live split:     curl -s $URL/status
+  # rollout:        ROLLOUT_ADMIN_TOKEN_FILE=$ROLLOUT_ADMIN_TOKEN_FILE .venv/bin/rollout status
 
 Change weights or hyperparameters in serve_config.yaml, then: .venv/bin/rollout validate && .venv/bin/serve deploy serve_config.yaml
+Rehearse a rollback:  make demo-rollback   (v2 fails 50%; the canary is rolled back by itself)
 Stop:  make stop     (serve shutdown; ray stop only if 'make demo' started Ray)
 MSG

@@ -83,7 +83,10 @@ EVENTS = [
 
 class FakeRouter:
     """Scripted admin API. `on(method, path, (status, body), ...)`: answers in order, the last
-    one repeating. `requests` holds (method, path, authorization header) per request."""
+    one repeating. `requests` holds (method, path, authorization header) per request. Past
+    MAX_REQUESTS it answers 500, so a --watch that never stops fails instead of hanging."""
+
+    MAX_REQUESTS = 20
 
     def __init__(self, token: str | None = TOKEN) -> None:
         self.token = token
@@ -108,7 +111,7 @@ class FakeRouter:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.005}, daemon=True
         )
         self.thread.start()
 
@@ -123,7 +126,9 @@ class FakeRouter:
     def _answer(self, handler: BaseHTTPRequestHandler) -> None:
         auth = handler.headers.get("authorization")
         self.requests.append((handler.command, handler.path, auth))
-        if self.token is None and handler.path.startswith("/admin"):
+        if len(self.requests) > self.MAX_REQUESTS:
+            status, body = 500, {"error": "too many requests: the client should have stopped"}
+        elif self.token is None and handler.path.startswith("/admin"):
             status, body = 404, {"error": "the admin API is off"}
         elif auth != f"Bearer {self.token}":
             status, body = 401, {"error": "unauthorized"}
@@ -373,14 +378,18 @@ def test_watch_exits_1_when_the_rollout_ends_without_success(router, capsys, pha
 
 def test_watch_clears_the_screen_on_a_tty(router, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_stdout_is_tty", lambda: True)
-    router.on("GET", "/admin/rollout", (200, make_status("progressing")), (200, make_status("succeeded")))
+    router.on(
+        "GET", "/admin/rollout", (200, make_status("progressing")), (200, make_status("succeeded"))
+    )
     assert main(["status", "--watch", "--interval", "0.01"]) == 0
     out = capsys.readouterr().out
     assert out.count("\x1b[H\x1b[2J") == 2
 
 
 def test_watch_json_prints_one_object_per_line(router, capsys):
-    router.on("GET", "/admin/rollout", (200, make_status("paused")), (200, make_status("succeeded")))
+    router.on(
+        "GET", "/admin/rollout", (200, make_status("paused")), (200, make_status("succeeded"))
+    )
     assert main(["status", "--watch", "--json", "--interval", "0.01"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["phase"] for line in lines] == ["paused", "succeeded"]
