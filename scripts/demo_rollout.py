@@ -109,7 +109,7 @@ def main() -> int:
           + (" with v2 failing 50% of requests" if args.faulty else ""), flush=True)
     serve_deploy(declare_plan(declared, plan), args.dashboard, state / "serve_config.rollout.yaml")
     started = time.monotonic()
-    onset = rolled_back = None
+    onset = rolled_back = paused_since = None
     last = None
     with httpx.Client(base_url=args.url, timeout=10) as client:
         while time.monotonic() - started < args.timeout:
@@ -127,6 +127,11 @@ def main() -> int:
                 print(line, flush=True)
                 last = line.split("] ", 1)[1]
             if phase in TERMINAL:
+                break
+            paused_since = (paused_since or time.monotonic()) if phase == "paused" else None
+            if paused_since is not None and time.monotonic() - paused_since > 5:
+                print("  the rollout paused (analysis inconclusive or waiting for promote): "
+                      "`rollout promote` accepts the step, `rollout resume` re-runs it", flush=True)
                 break
             time.sleep(0.1)
     time.sleep(1)
