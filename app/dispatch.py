@@ -83,8 +83,12 @@ class Dispatcher:
         clock: Callable[[], float],
         rng: random.Random,
         breaker: BreakerSettings | None = None,
+        on_shadow: Callable[[str, bool, float], None] | None = None,
     ) -> None:
         self._call = call
+        # Told of every shadow copy's outcome (version, ok, latency_ms): a blue-green preview
+        # is judged on them, since the candidate serves no client yet.
+        self._on_shadow = on_shadow
         self._adapters = dict(versions)
         self._clock = clock
         self._rng = rng
@@ -201,13 +205,18 @@ class Dispatcher:
         self, version: str, served: Served, inputs: Tensors, parameters: dict[str, Any],
         timeout_s: float, stats: ShadowStats,
     ) -> None:  # fmt: skip
+        started = self._clock()
+        ok = False
         try:
             result = await self._call(version, inputs, parameters, timeout_s)
             stats.add(self._adapters[version].agreement(served.outputs, result["outputs"]))
+            ok = True
         except Exception:  # a shadow's failure is counted, never seen by the client
             stats.failed += 1
         finally:
             self._shadow_in_flight -= 1
+            if self._on_shadow is not None:
+                self._on_shadow(version, ok, (self._clock() - started) * 1000)
 
     async def drain_shadows(self) -> None:
         """Wait for shadow copies in flight (tests and shutdown)."""

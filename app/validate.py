@@ -177,15 +177,21 @@ def _validate_application(
 
 
 def _validate_plan(user_config: Any, versions: list[str], where: str, report: Report) -> None:
-    """The RolloutController's user_config: `{plan: <RolloutPlan> | null, tick_interval_s}`."""
+    """The RolloutController's user_config: `{plan: <RolloutPlan> | null, tick_interval_s,
+    prometheus_url}`."""
     from app.rollout import RolloutPlan
 
     if not isinstance(user_config, dict):
         report.errors.append(f"{where}: must be a mapping with a 'plan' key")
         return
-    unknown = sorted(set(user_config) - {"plan", "tick_interval_s"})
+    unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url"})
     if unknown:
-        report.errors.append(f"{where}: unknown field(s) {unknown}; expected plan, tick_interval_s")
+        report.errors.append(
+            f"{where}: unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url"
+        )
+    url = user_config.get("prometheus_url")
+    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        report.errors.append(f"{where}.prometheus_url: {url!r} must be an http(s) URL")
     tick = user_config.get("tick_interval_s", 0.25)
     if isinstance(tick, bool) or not isinstance(tick, (int, float)) or not 0.05 <= tick <= 10:
         report.errors.append(f"{where}.tick_interval_s: {tick!r} must be between 0.05 and 10 seconds")

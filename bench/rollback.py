@@ -50,7 +50,6 @@ import platform
 import random
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -69,6 +68,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from app.artifacts import artifact_digests  # noqa: E402
+from bench.common import cpu_count, free_port, log  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,23 +84,6 @@ BODY = {
         {"name": "items", "datatype": "BYTES", "shape": [2], "data": ["space opera", "cooking show"]},
     ]
 }
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float, what: str) -> Any:

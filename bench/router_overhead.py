@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ import yaml  # noqa: E402
 from ray import serve  # noqa: E402
 
 from app.artifacts import artifact_digests  # noqa: E402
+from bench.common import cpu_count, free_port, log  # noqa: E402
 from bench.noop import NoopAdapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: `bench` and `app` import from here
@@ -68,23 +68,6 @@ TRAFFIC: dict[str, Any] = {
     "breaker": {"enabled": True},
     "cache": {"enabled": False},
 }
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # -- the two apps ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from ray import serve
@@ -26,6 +27,7 @@ from app.rollout import (
     apply_command,
     step,
 )
+from app.prometheus import PrometheusUnavailable, query_scalar
 from app.stats import StatsWindow
 
 logger = logging.getLogger("ray.serve")
@@ -57,6 +59,10 @@ class RolloutController:
         app_name = serve.get_replica_context().app_name
         self.kv_key = f"{app_name}/{model}/rollout-state"
         self.window = StatsWindow()
+        # (arrival time, shadow version, answers compared, sum of their top-k overlap)
+        self.shadow_reports: deque[tuple[float, str, int, float]] = deque(maxlen=100_000)
+        self.prometheus_url: str | None = None
+        self.prometheus: tuple[float | None, bool, str] = (None, False, "no Prometheus configured")
         self.tick_interval_s = 0.25
         self.state: RolloutState | None = None
         # Digest of the plan in the current declaration: a rollout starts when it changes (a
@@ -93,6 +99,7 @@ class RolloutController:
             logger.error("RolloutController: %s", self.message)
             return
         self.tick_interval_s = tick
+        self.prometheus_url = user_config.get("prometheus_url") or None
         if plan is None:
             # No plan declared: routers follow their own declared traffic again.
             self.declared = None
@@ -111,6 +118,9 @@ class RolloutController:
             self._publish(self.state)  # a restarted replica resumes steering the same rollout
 
     def _parse(self, user_config: dict[str, Any]) -> tuple[float, RolloutPlan | None]:
+        unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url"})
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url")
         tick = float(user_config.get("tick_interval_s", 0.25))
         if not 0.05 <= tick <= 10:
             raise ValueError(f"tick_interval_s ({tick}) must be between 0.05 and 10 seconds")
@@ -135,16 +145,51 @@ class RolloutController:
     async def _tick_loop(self) -> None:
         while True:
             try:
+                await self._query_prometheus()
                 self.tick(time.time())
             except Exception:
                 logger.exception("RolloutController: tick failed")
             await asyncio.sleep(self.tick_interval_s)
 
+    async def _query_prometheus(self) -> None:
+        """Refresh the Prometheus gate's reading (off the event loop; at most once a second)."""
+        state = self.state
+        query = state.plan.gates.prometheus_query if state is not None else None
+        if query is None or state.phase.terminal:
+            return
+        if self.prometheus_url is None:
+            self.prometheus = (None, False, "no prometheus_url configured")
+            return
+        last = getattr(self, "_prometheus_at", 0.0)
+        if time.monotonic() - last < 1.0:
+            return
+        self._prometheus_at = time.monotonic()
+        try:
+            value = await asyncio.to_thread(query_scalar, self.prometheus_url, query)
+            self.prometheus = (value, True, "")
+        except PrometheusUnavailable as exc:
+            self.prometheus = (None, False, str(exc))
+
+    def observation(self, now: float) -> Observation:
+        """What the gates judge: everything since the current step's window started."""
+        since = self.state.window_started_at
+        candidate = self.state.plan.candidate
+        compared = overlap = 0.0
+        for at, version, n, total in self.shadow_reports:
+            if version == candidate and since <= at <= now:
+                compared, overlap = compared + n, overlap + total
+        value, available, _ = self.prometheus
+        return Observation(
+            stats=self.window.observe(since, now),
+            shadow_agreement=overlap / compared if compared else None,
+            prometheus_value=value,
+            prometheus_available=available,
+        )
+
     def tick(self, now: float) -> None:
         if self.state is None or self.state.phase.terminal:
             return
-        stats = self.window.observe(self.state.window_started_at, now)
-        decision = step(self.state, Observation(stats=stats), now)
+        decision = step(self.state, self.observation(now), now)
         self.verdicts = decision.verdicts
         if decision.state != self.state:
             self._set(decision.state)
@@ -181,12 +226,21 @@ class RolloutController:
 
     # -- what routers call -----------------------------------------------------------------------
 
-    async def report(self, stats: dict[str, dict[str, Any]]) -> None:
-        """Per-version counts since the router's last report."""
+    async def report(
+        self, stats: dict[str, dict[str, Any]], shadow: dict[str, dict[str, float]] | None = None
+    ) -> None:
+        """Per-version counts since the router's last report, and shadow comparisons:
+        `{version: {"compared": n, "top_k_overlap_sum": x}}`."""
         self._ensure_ticker()
+        now = time.time()
         try:
-            self.window.add(stats, time.time())
-        except ValueError as exc:
+            if stats:
+                self.window.add(stats, now)
+            for version, delta in (shadow or {}).items():
+                n, total = int(delta["compared"]), float(delta["top_k_overlap_sum"])
+                if n > 0:
+                    self.shadow_reports.append((now, str(version), n, total))
+        except (ValueError, KeyError, TypeError) as exc:
             logger.warning("RolloutController: dropped a malformed stats report: %s", exc)
 
     async def wait_for_traffic(self, known_generation: int, timeout_s: float = 10.0) -> dict | None:
@@ -264,6 +318,10 @@ class RolloutController:
             "plan_digest": state.plan.digest() if state else None,
             "updated_at": now,
             "message": self.message,
+            "prometheus": None if self.prometheus_url is None else {
+                "url": self.prometheus_url, "value": self.prometheus[0],
+                "available": self.prometheus[1], "reason": self.prometheus[2] or None,
+            },
         }
 
     def history(self) -> dict[str, Any]:

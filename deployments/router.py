@@ -148,7 +148,6 @@ class Router:
         self.admin_token = load_admin_token()  # None: the admin API is off
         self.declared: TrafficConfig | None = None  # this router's user_config
         self.override: dict[str, Any] | None = None  # the rollout controller's traffic
-        self.stats = RouterStats()
         self.table: TrafficTable | None = None
         self.rejected: dict[str, Any] | None = None
         self.available: frozenset[str] = frozenset(handles)
@@ -156,7 +155,9 @@ class Router:
         # another digest (computed before a hot patch) are never served.
         self.target_config: dict[str, str] = {}
         self.rng = random.Random()
-        self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng)
+        self.stats = RouterStats()
+        self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng,
+                                     on_shadow=self.stats.record)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         self._poller: asyncio.Task | None = None
         self._controller_tasks: list[asyncio.Task] = []
@@ -221,13 +222,22 @@ class Router:
 
     async def _push_stats(self) -> None:
         """Every ~250 ms, send the per-version counts since the last push to the controller."""
+        sent: dict[str, tuple[int, float]] = {}  # shadow totals already reported
         while True:
             await asyncio.sleep(0.25)
             report = self.stats.drain()
-            if not report:
+            shadow = {}
+            for version, st in self.dispatcher.shadow_stats.items():
+                total = (st.completed, st.sums.get("top_k_overlap", 0.0))
+                before = sent.get(version, (0, 0.0))
+                if total[0] > before[0] and "top_k_overlap" in st.sums:
+                    shadow[version] = {"compared": total[0] - before[0],
+                                       "top_k_overlap_sum": total[1] - before[1]}  # fmt: skip
+                    sent[version] = total
+            if not report and not shadow:
                 continue
             try:
-                await asyncio.wait_for(self.controller.report.remote(report), timeout=2.0)
+                await asyncio.wait_for(self.controller.report.remote(report, shadow), timeout=2.0)
             except Exception as exc:  # lost reports only delay a verdict; never block serving
                 logger.warning("Router: stats report to the controller failed: %s", exc)
 

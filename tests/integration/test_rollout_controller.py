@@ -43,12 +43,13 @@ def rollout_app(cluster, tiny_models, tmp_path_factory):
     return cluster, config, tmp
 
 
-def declare(rollout_app, plan: dict | None) -> None:
+def declare(rollout_app, plan: dict | None, **controller) -> None:
     cluster, config, tmp = rollout_app
     updated = copy.deepcopy(config)
     updated["applications"][0]["deployments"].append(
-        {"name": "RolloutController", "user_config": {"plan": plan, "tick_interval_s": 0.25}}
-    )
+        {"name": "RolloutController",
+         "user_config": {"plan": plan, "tick_interval_s": 0.25, **controller}}
+    )  # fmt: skip
     cluster.serve_deploy(updated, tmp)
 
 
@@ -190,4 +191,87 @@ def test_manual_commands_and_controller_restart_resume_the_same_step(rollout_app
                        message="router back on v1")  # fmt: skip
     assert admin(cluster, "POST", "/start").status_code == 200  # the declared plan, again
     assert admin(cluster, "GET", "").json()["weights"]["v2"] == 25
+    assert admin(cluster, "POST", "/abort").status_code == 200
+
+
+def test_blue_green_previews_on_shadow_traffic_then_switches(rollout_app):
+    cluster = rollout_app[0]
+    plan = {"strategy": "blue_green", "candidate": "v2", "stable": "v1",
+            "blue_green": {"preview_s": 2, "shadow_percent": 100, "analysis_s": 2, "scale_down_delay_s": 1},
+            "gates": {**FAST_GATES, "min_shadow_agreement": 0.0}}  # fmt: skip
+    declare(rollout_app, None)  # clear the last rollout first
+    saw_shadow_preview = False
+    with Load(cluster.url) as load:
+        declare(rollout_app, plan)
+
+        def done():
+            nonlocal saw_shadow_preview
+            router = cluster.router_status()
+            if router["weights"].get("v2") == 0 and (router["shadow"] or {}).get("version") == "v2":
+                saw_shadow_preview = True  # clients on v1, copies to v2
+            status = admin(cluster, "GET", "").json()
+            return status["phase"] in ("succeeded", "rolled_back", "paused") and status
+
+        status = wait_for_condition(done, timeout_s=90, interval_s=0.2, message="blue-green to end")
+    assert status["phase"] == "succeeded", status
+    assert saw_shadow_preview
+    assert load.errors == []
+    history = admin(cluster, "GET", "/history").json()["events"]
+    agreement = [e["gates"].get("min_shadow_agreement") for e in history if e["gates"]]
+    assert any(g and g["status"] == "passed" for g in agreement), history
+    router = cluster.router_status()
+    assert router["weights"]["v2"] == 100 and router["shadow"] is None
+
+
+def test_prometheus_gate_rolls_back_on_a_bad_reading_and_is_skipped_when_unreachable(rollout_app):
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    cluster = rollout_app[0]
+    reading = {"value": "0"}
+
+    class FakePrometheus(BaseHTTPRequestHandler):  # speaks /api/v1/query like Prometheus
+        def do_GET(self):  # noqa: N802
+            body = {"status": "success", "data": {"resultType": "vector",
+                    "result": [{"metric": {}, "value": [time.time(), reading["value"]]}]}}  # fmt: skip
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakePrometheus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    gates = {**FAST_GATES, "prometheus_query": "sum(gpu_oom_total)", "prometheus_max": 0}
+    try:
+        declare(rollout_app, None)
+        with Load(cluster.url):
+            declare(rollout_app, _plan("v2", [{"set_weight": 20}, {"analysis_s": 60}], gates=gates),
+                    prometheus_url=url)  # fmt: skip
+            wait_for_condition(lambda: admin(cluster, "GET", "").json()["phase"] == "progressing",
+                               timeout_s=60, message="rollout under way")  # fmt: skip
+            time.sleep(2)
+            status = admin(cluster, "GET", "").json()
+            assert status["phase"] == "progressing" and status["prometheus"]["value"] == 0.0
+            reading["value"] = "3"  # an OOM shows up in the monitoring system
+            status = wait_for_condition(
+                lambda: (s := admin(cluster, "GET", "").json())["phase"] == "rolled_back" and s,
+                timeout_s=30, message="rollback on the Prometheus gate",
+            )  # fmt: skip
+        assert "prometheus_max" in admin(cluster, "GET", "/history").json()["events"][-1]["reason"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    declare(rollout_app, None)
+    unreachable = {**gates, "fail_fast_error_rate": None}
+    declare(rollout_app, _plan("v2", [{"set_weight": 20}, {"analysis_s": 60}], gates=unreachable),
+            prometheus_url=url)  # fmt: skip
+    status = wait_for_condition(
+        lambda: (s := admin(cluster, "GET", "").json())["prometheus"]["reason"] and s,
+        timeout_s=30, message="Prometheus unreachable",
+    )  # fmt: skip
+    assert status["phase"] == "progressing" and status["prometheus"]["available"] is False
     assert admin(cluster, "POST", "/abort").status_code == 200

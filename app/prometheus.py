@@ -1,0 +1,59 @@
+"""The Prometheus query gate's client: one instant query, one number, or a clear reason why not.
+
+A rollout gate must not fail because the monitoring system is down: any problem here makes
+the gate *skipped* (with the reason in status and history), never failed. A query must come
+back as one number: a scalar, or a vector with exactly one series (wrap it in `sum(...)`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["PrometheusUnavailable", "parse_query_response", "query_scalar"]
+
+
+class PrometheusUnavailable(Exception):
+    """The query could not give one number (unreachable, an error, no or many series)."""
+
+
+def parse_query_response(document: Any) -> float:
+    """The one number in a `/api/v1/query` response body (already JSON-decoded)."""
+    if not isinstance(document, dict) or document.get("status") != "success":
+        error = document.get("error") if isinstance(document, dict) else None
+        raise PrometheusUnavailable(f"query failed: {error or 'not a success response'}")
+    data = document.get("data") or {}
+    kind, result = data.get("resultType"), data.get("result")
+    if kind == "scalar":
+        sample = result
+    elif kind == "vector":
+        if not result:
+            raise PrometheusUnavailable("query returned no series")
+        if len(result) > 1:
+            raise PrometheusUnavailable(
+                f"query returned {len(result)} series; wrap it in sum(...) or max(...)"
+            )
+        sample = result[0].get("value")
+    else:
+        raise PrometheusUnavailable(f"query returned a {kind}, not a scalar or a vector")
+    try:
+        value = float(sample[1])
+    except (TypeError, ValueError, IndexError):
+        raise PrometheusUnavailable(f"unreadable sample {sample!r}") from None
+    if math.isnan(value):
+        raise PrometheusUnavailable("query returned NaN")
+    return value
+
+
+def query_scalar(base_url: str, query: str, *, timeout_s: float = 1.0) -> float:
+    """Run an instant query against Prometheus at `base_url`; PrometheusUnavailable if it can't."""
+    import httpx
+
+    try:
+        response = httpx.get(
+            f"{base_url.rstrip('/')}/api/v1/query", params={"query": query}, timeout=timeout_s
+        )
+        document = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise PrometheusUnavailable(f"{base_url} unreachable or not Prometheus: {exc}") from None
+    return parse_query_response(document)

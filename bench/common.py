@@ -1,0 +1,27 @@
+"""Helpers the benchmarks share: progress lines on stderr, a free loopback port, the CPU count."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+__all__ = ["cpu_count", "free_port", "log"]
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

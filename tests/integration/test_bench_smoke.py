@@ -1,0 +1,35 @@
+"""The benchmarks still run end to end (smoke size). No timing is asserted: figures are for the
+README, measured by the full runs; here only their shape and their error counts are checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from app.config import project_root
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize(
+    "module,keys",
+    [
+        ("bench.router_overhead", {"router_added_p50_ms", "routed_over_direct", "routed_rps", "direct_rps"}),
+        ("bench.rollback", {"trials", "median_s", "max_s", "client_errors"}),
+    ],
+)
+def test_bench_smoke(module, keys):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", "--json"],
+        cwd=project_root(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert keys <= set(report), report
+    if module == "bench.rollback":
+        assert report["trials"] == 3 and report["client_errors"] == 0, report
+    else:
+        assert report["errors"] == {"routed": 0, "direct": 0}, report
