@@ -28,7 +28,7 @@ from typing import Any
 
 from app.adapters import ModelAdapter, Tensors
 from app.breaker import BreakerSettings, BreakerState, CircuitBreaker
-from app.errors import DeadlineExceeded, InvalidInput, ServingError, Unavailable
+from app.errors import DeadlineExceeded, InvalidInput, LoadShed, ServingError, Unavailable
 from app.traffic import Decision, Route, TrafficTable
 
 __all__ = ["Call", "Dispatcher", "Served", "ShadowStats"]
@@ -118,8 +118,13 @@ class Dispatcher:
         deadline: float,
         available: frozenset[str] | set[str],
         allow_fallback: bool,
+        client_deadline: bool = False,
     ) -> Served:
-        """Serve on `route.version`, falling back once if allowed; raise the final error."""
+        """Serve on `route.version`, falling back once if allowed; raise the final error.
+
+        `client_deadline`: the client asked for a shorter deadline than the table's; running
+        out of it is then the client's choice and is not held against the version (otherwise
+        one impatient client could open a breaker that every other client then hits)."""
         version = route.version
         fallback = table.fallback_for(version) if allow_fallback else None
         if fallback is not None and (
@@ -128,7 +133,8 @@ class Dispatcher:
             fallback = None  # nowhere to go, or a model with other tensors
         try:
             outputs, config = await self._attempt(version, inputs, parameters, deadline,
-                                                  share=0.5 if fallback else 1.0)  # fmt: skip
+                                                  share=0.5 if fallback else 1.0,
+                                                  client_deadline=client_deadline)  # fmt: skip
             return Served(version, route.decision, outputs, config)
         except InvalidInput:
             raise
@@ -138,12 +144,14 @@ class Dispatcher:
             reason = _reason(error)
             logger.warning("falling back from %s to %s: %s", version, fallback, error.message)
         self.fallbacks += 1
-        outputs, config = await self._attempt(fallback, inputs, parameters, deadline, share=1.0)
+        outputs, config = await self._attempt(fallback, inputs, parameters, deadline, share=1.0,
+                                              client_deadline=client_deadline)  # fmt: skip
         return Served(fallback, Decision.FALLBACK, outputs, config, version, reason)
 
     async def _attempt(
-        self, version: str, inputs: Tensors, parameters: dict[str, Any], deadline: float, share: float
-    ) -> tuple[Tensors, str]:
+        self, version: str, inputs: Tensors, parameters: dict[str, Any], deadline: float,
+        share: float, client_deadline: bool = False,
+    ) -> tuple[Tensors, str]:  # fmt: skip
         breaker = self.breakers[version]
         if not breaker.allow():
             raise BreakerOpen(f"version {version!r} is failing (circuit breaker open)")
@@ -154,8 +162,14 @@ class Dispatcher:
         timeout = remaining * share
         try:
             result = await self._call(version, inputs, parameters, timeout)
-        except InvalidInput:
-            breaker.release()  # the request's fault, not the version's
+        except (InvalidInput, LoadShed):
+            breaker.release()  # the request's fault, or load shedding: not the version's
+            raise
+        except DeadlineExceeded:
+            if client_deadline:
+                breaker.release()
+            else:
+                breaker.record(False)
             raise
         except ServingError:
             breaker.record(False)
@@ -227,6 +241,8 @@ class Dispatcher:
 def _reason(error: ServingError) -> str:
     if isinstance(error, BreakerOpen):
         return "breaker_open"
+    if isinstance(error, LoadShed):
+        return "shed"
     if isinstance(error, DeadlineExceeded):
         return "timeout"
     if isinstance(error, Unavailable):

@@ -10,6 +10,7 @@
     ├── ModelFailure          500  the model raised while serving a valid request
     │   └── InjectedFault     500  a fault injected on purpose (rollback rehearsals)
     ├── Unavailable           503  no replica of the chosen version can serve (Retry-After)
+    │   └── LoadShed          503  the version's queue is full (Serve's max_queued_requests)
     └── DeadlineExceeded      504  the request's deadline passed
 
     ConfigError                    a config file or field is wrong (CLI / builder, never HTTP)
@@ -25,6 +26,7 @@ __all__ = [
     "DeadlineExceeded",
     "InjectedFault",
     "InvalidInput",
+    "LoadShed",
     "ModelFailure",
     "ModelNotFound",
     "Overloaded",
@@ -93,6 +95,11 @@ class Unavailable(ServingError):
     """503: no healthy replica of the chosen version; retry after the given delay."""
 
     retry_after_s = 1.0
+
+
+class LoadShed(Unavailable):
+    """503: the version shed the request because its queue is full; not a fault of the model,
+    so it neither opens breakers nor counts against a rollout."""
 
 
 class DeadlineExceeded(ServingError):

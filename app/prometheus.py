@@ -22,7 +22,9 @@ def parse_query_response(document: Any) -> float:
     if not isinstance(document, dict) or document.get("status") != "success":
         error = document.get("error") if isinstance(document, dict) else None
         raise PrometheusUnavailable(f"query failed: {error or 'not a success response'}")
-    data = document.get("data") or {}
+    data = document.get("data")
+    if not isinstance(data, dict):
+        raise PrometheusUnavailable("response has no data object")
     kind, result = data.get("resultType"), data.get("result")
     if kind == "scalar":
         sample = result
@@ -33,6 +35,8 @@ def parse_query_response(document: Any) -> float:
             raise PrometheusUnavailable(
                 f"query returned {len(result)} series; wrap it in sum(...) or max(...)"
             )
+        if not isinstance(result[0], dict):
+            raise PrometheusUnavailable(f"unreadable series {result[0]!r}")
         sample = result[0].get("value")
     else:
         raise PrometheusUnavailable(f"query returned a {kind}, not a scalar or a vector")
@@ -56,4 +60,9 @@ def query_scalar(base_url: str, query: str, *, timeout_s: float = 1.0) -> float:
         document = response.json()
     except (httpx.HTTPError, ValueError) as exc:
         raise PrometheusUnavailable(f"{base_url} unreachable or not Prometheus: {exc}") from None
-    return parse_query_response(document)
+    try:
+        return parse_query_response(document)
+    except PrometheusUnavailable:
+        raise
+    except Exception as exc:  # any other shape: skip the gate, never break the controller's tick
+        raise PrometheusUnavailable(f"unexpected response shape: {type(exc).__name__}: {exc}") from None

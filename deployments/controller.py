@@ -10,6 +10,7 @@ the controller on the request path, and keep their last traffic when it is gone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -74,10 +75,19 @@ class RolloutController:
         self.message: str | None = None
         self._published = asyncio.Event()
         self._ticker: asyncio.Task | None = None
+        self._dirty = False  # the state in memory is newer than the stored one
+        now = time.time()
         saved = _kv_get(self.kv_key)
         if saved is not None:
             try:
-                self.state = RolloutState.from_dict(json.loads(saved))
+                state = RolloutState.from_dict(json.loads(saved))
+                if not state.phase.terminal:
+                    # The stats window lived in the old replica's memory: re-run the current
+                    # step's hold from now, on fresh evidence, rather than judge a sliver.
+                    paused_at = now if state.paused_at is not None else None
+                    state = dataclasses.replace(state, step_started_at=now, hold_excluded_s=0.0,
+                                                paused_at=paused_at)  # fmt: skip
+                self.state = state
                 self.generation = self.state.generation
                 self.declared = self.state.plan.digest()
                 logger.info("RolloutController: resumed %s at step %d (%s, candidate %.1f%%)",
@@ -88,10 +98,13 @@ class RolloutController:
 
     # -- declared state --------------------------------------------------------------------------
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A new declaration. A changed plan starts a new rollout generation; the same plan
         (a restart, or an unrelated change) keeps the live one. A bad declaration is refused
-        (and shown in status) and the live rollout goes on: it never touches traffic."""
+        (and shown in status) and the live rollout goes on: it never touches traffic.
+
+        Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
+        would race the tick; on the event loop (no await inside) it runs between ticks."""
         try:
             tick, plan = self._parse(user_config)
         except ValueError as exc:
@@ -187,6 +200,7 @@ class RolloutController:
         )
 
     def tick(self, now: float) -> None:
+        self._persist()
         if self.state is None or self.state.phase.terminal:
             return
         decision = step(self.state, self.observation(now), now)
@@ -202,9 +216,20 @@ class RolloutController:
         before = self.state
         self.state = state
         self.generation = max(self.generation, state.generation)
-        _kv_put(self.kv_key, json.dumps(state.to_dict()).encode())
         if before is None or _traffic(before) != _traffic(state):
-            self._publish(state)
+            self._publish(state)  # first: traffic must not wait on storage
+        self._dirty = True
+        self._persist()
+
+    def _persist(self) -> None:
+        """Store the state; on failure keep it dirty and let the next tick try again."""
+        if not self._dirty or self.state is None:
+            return
+        try:
+            _kv_put(self.kv_key, json.dumps(self.state.to_dict()).encode())
+            self._dirty = False
+        except Exception:
+            logger.exception("RolloutController: could not persist the rollout state; will retry")
 
     def _publish(self, state: RolloutState) -> None:
         shadow: Any = "declared"
@@ -276,9 +301,13 @@ class RolloutController:
                 raise ValueError(f"unknown command {name!r}")
             self._set(apply_command(self.state, command, now, reason=f"rollout {name}"))
         self.tick(now)
-        return self.status()
+        return self._status()
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        # Async so it runs on the event loop: the stats window is not thread-safe.
+        return self._status()
+
+    def _status(self) -> dict[str, Any]:
         now = time.time()
         state = self.state
         versions = {}
@@ -324,7 +353,7 @@ class RolloutController:
             },
         }
 
-    def history(self) -> dict[str, Any]:
+    async def history(self) -> dict[str, Any]:
         events = self.state.history if self.state else ()
         return {"events": [e.to_dict() for e in events]}
 

@@ -46,19 +46,25 @@ class ModelServer:
         self.faults: FaultInjection = config.faults
         self.rng = random.Random()
         self.patches = 0
+        self._model_lock = asyncio.Lock()
         self.config_hash = config_hash(config.user_config().model_dump(mode="json"))
         self.load_s = time.perf_counter() - started
         logger.info("%s loaded %s in %.2fs", self.name, self.artifact_dir, self.load_s)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Hot patch: hyperparameters, batching and faults change in place, between batches."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot patch: hyperparameters, batching and faults change in place, between batches.
+
+        Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
+        would race the batches. Here it takes the model lock, so a batch runs wholly under one
+        config and is stamped with that config's digest."""
         update = ModelUserConfig.model_validate(user_config)
         digest = config_hash(user_config)
         hyperparameters = self.adapter_cls.parse_hyperparameters(update.hyperparameters)
-        self.adapter.configure(hyperparameters)
+        async with self._model_lock:
+            self.adapter.configure(hyperparameters)
+            self.config_hash = digest
         self._apply_batching(update.batching)
         self.faults = update.faults
-        self.config_hash = digest
         self.patches += 1
 
     def _apply_batching(self, batching: Batching) -> None:
@@ -68,11 +74,10 @@ class ModelServer:
     async def infer(self, inputs: Tensors, parameters: dict[str, Any]) -> dict[str, Any]:
         """Serve one request: `{"outputs": Tensors, "config": <config_hash of the user_config
         that produced them>}`; the router's cache keys on the latter."""
-        config = self.config_hash  # read before the await: the answer is this config's
-        outputs = await self._infer(inputs, parameters)
+        outputs, config = await self._infer(inputs, parameters)
         return {"outputs": outputs, "config": config}
 
-    async def _infer(self, inputs: Tensors, parameters: dict[str, Any]) -> Tensors:
+    async def _infer(self, inputs: Tensors, parameters: dict[str, Any]) -> tuple[Tensors, str]:
         plan = plan_fault(self.faults, self.rng)
         if plan.delay_s:
             await asyncio.sleep(plan.delay_s)
@@ -87,14 +92,22 @@ class ModelServer:
             raise ModelFailure(f"{self.name}: inference failed: {type(exc).__name__}: {exc}") from None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, requests: list[tuple[Tensors, dict[str, Any]]]) -> list[Tensors]:
-        # Run the forward pass off the event loop so new requests keep queueing for the next batch.
-        return await asyncio.to_thread(
-            self.adapter.predict, [r[0] for r in requests], [r[1] for r in requests]
-        )
+    async def _predict_batch(
+        self, requests: list[tuple[Tensors, dict[str, Any]]]
+    ) -> list[tuple[Tensors, str]]:
+        # The forward pass runs off the event loop so new requests keep queueing for the next
+        # batch; the lock keeps a hot patch (and the health check, which shares the tokenizer)
+        # out of it.
+        async with self._model_lock:
+            config = self.config_hash
+            outputs = await asyncio.to_thread(
+                self.adapter.predict, [r[0] for r in requests], [r[1] for r in requests]
+            )
+        return [(out, config) for out in outputs]
 
     async def check_health(self) -> None:
-        await asyncio.to_thread(self.adapter.predict, [self.adapter.example()], [{}])
+        async with self._model_lock:
+            await asyncio.to_thread(self.adapter.predict, [self.adapter.example()], [{}])
 
     def info(self) -> dict[str, Any]:
         """What this replica serves: artifact, digests, load time, applied hot patches."""

@@ -30,6 +30,7 @@ from app.errors import (
     Conflict,
     DeadlineExceeded,
     InvalidInput,
+    LoadShed,
     ModelFailure,
     ModelNotFound,
     PayloadTooLarge,
@@ -98,6 +99,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+ADMIN_COMMANDS = ("start", "promote", "promote-full", "pause", "resume", "abort")
+
+
 def _serve_details() -> dict[str, Any]:
     """Serve's view of every app (what `serve.status()` and the dashboard read), including each
     deployment's replica states and target user_config."""
@@ -148,6 +152,7 @@ class Router:
         self.admin_token = load_admin_token()  # None: the admin API is off
         self.declared: TrafficConfig | None = None  # this router's user_config
         self.override: dict[str, Any] | None = None  # the rollout controller's traffic
+        self.seen_generation = 0  # the controller's last generation, applied or refused
         self.table: TrafficTable | None = None
         self.rejected: dict[str, Any] | None = None
         self.available: frozenset[str] = frozenset(handles)
@@ -160,12 +165,16 @@ class Router:
                                      on_shadow=self.stats.record)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         self._poller: asyncio.Task | None = None
-        self._controller_tasks: list[asyncio.Task] = []
+        self._controller_tasks: list[asyncio.Task | None] = []
 
     # -- traffic ---------------------------------------------------------------------------
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Swap in a new traffic table atomically. A bad table is refused and the old one kept."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Swap in a new traffic table atomically. A bad table is refused and the old one kept.
+
+        Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
+        would race the controller follower and the cache on the event loop; here it runs on the
+        loop, between requests, with no await inside."""
         generation = self.table.generation + 1 if self.table else 1
         try:
             config = TrafficConfig.model_validate(user_config)
@@ -186,25 +195,36 @@ class Router:
                     table.generation, dict(table.weights), table.stable)  # fmt: skip
 
     def _ensure_poller(self) -> None:
+        """Start (or restart, if one died) the background tasks: health poll, controller
+        follower, stats pusher. Called on every request and health check; cheap when running."""
+        loop = asyncio.get_running_loop()
         if self._poller is None or self._poller.done():
-            loop = asyncio.get_running_loop()
             self._poller = loop.create_task(self._poll_health())
-            if self.controller is not None:
-                self._controller_tasks = [loop.create_task(self._follow_controller()),
-                                          loop.create_task(self._push_stats())]  # fmt: skip
+        if self.controller is None:
+            return
+        if not self._controller_tasks:
+            self._controller_tasks = [None, None]
+        for i, factory in enumerate((self._follow_controller, self._push_stats)):
+            task = self._controller_tasks[i]
+            if task is None or task.done():
+                self._controller_tasks[i] = loop.create_task(factory())
 
     async def _follow_controller(self) -> None:
         """Long-poll the rollout controller for traffic; keep the last table when it is gone."""
         while True:
-            known = self.override["generation"] if self.override else 0
+            known = self.seen_generation
             try:
                 override = await self.controller.wait_for_traffic.remote(known, 10.0)
             except Exception as exc:  # controller restarting or gone: serve on, retry soon
                 logger.warning("Router: rollout controller unreachable (%s); keeping traffic", exc)
                 await asyncio.sleep(1.0)
                 continue
+            self.seen_generation = override["generation"] if override else 0
             if override != self.override:
-                self._apply_override(override)
+                try:
+                    self._apply_override(override)
+                except Exception:  # a malformed override must not kill the follower
+                    logger.exception("Router: could not apply the controller's traffic")
 
     def _apply_override(self, override: dict[str, Any] | None) -> None:
         if self.declared is None:
@@ -380,26 +400,31 @@ class Router:
         if not check_bearer(request.headers.get("authorization"), self.admin_token):
             raise Unauthorized("missing or wrong bearer token")
 
-    @api.get("/admin/rollout")
-    async def rollout_status(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        return await self.controller.status.remote()
-
-    @api.get("/admin/rollout/history")
-    async def rollout_history(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        return await self.controller.history.remote()
-
-    @api.post("/admin/rollout/{command}")
-    async def rollout_command(self, command: str, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    async def _ask_controller(self, method: str, *args: Any) -> dict[str, Any]:
         try:
-            return await self.controller.command.remote(command)
+            return await asyncio.wait_for(getattr(self.controller, method).remote(*args), timeout=10)
         except Exception as exc:
             cause = _original(exc)
             if isinstance(cause, ValueError):
                 raise Conflict(str(cause)) from None
-            raise
+            raise Unavailable(f"the rollout controller is unavailable: {type(cause).__name__}") from None
+
+    @api.get("/admin/rollout")
+    async def rollout_status(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return await self._ask_controller("status")
+
+    @api.get("/admin/rollout/history")
+    async def rollout_history(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return await self._ask_controller("history")
+
+    @api.post("/admin/rollout/{command}")
+    async def rollout_command(self, command: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        if command not in ADMIN_COMMANDS:
+            raise InvalidInput(f"unknown command {command!r}; commands: {', '.join(ADMIN_COMMANDS)}")
+        return await self._ask_controller("command", command)
 
     @api.post("/v2/models/{model}/infer")
     async def infer(self, model: str, request: Request) -> Response:
@@ -417,7 +442,9 @@ class Router:
         table = self.table
         if table is None:
             raise Unavailable("the router has no traffic table yet")
-        deadline = time.monotonic() + self._timeout_s(request, table)
+        timeout_s = self._timeout_s(request, table)
+        client_deadline = timeout_s < table.config.request_timeout_s
+        deadline = time.monotonic() + timeout_s
         settings = self.settings
         body = await _read_body(request, settings.max_body_bytes)
         raw = decode_body(body, header_length=request.headers.get(INFERENCE_HEADER))
@@ -433,7 +460,7 @@ class Router:
                                drop_parameters={settings.routing_key_parameter})  # fmt: skip
         adapter.check_parameters(parsed.inputs, parsed.parameters)
 
-        key_for_cache = self._cache_key(route.version, parsed, request)
+        key_for_cache, key_config = self._cache_key(route.version, parsed, request)
         if key_for_cache is not None:
             hit = self.cache.get(key_for_cache)
             if hit is not None:  # outputs are cached, so each hit answers in its own encoding
@@ -444,16 +471,23 @@ class Router:
         started = time.monotonic()
         try:
             served = await self.dispatcher.serve(
-                table, route, parsed.inputs, parsed.parameters,
-                deadline=deadline, available=self.available, allow_fallback=allow_fallback,
+                table, route, parsed.inputs, parsed.parameters, deadline=deadline,
+                available=self.available, allow_fallback=allow_fallback,
+                client_deadline=client_deadline,
             )  # fmt: skip
-        except InvalidInput:
+        except (InvalidInput, LoadShed):
+            raise
+        except DeadlineExceeded:
+            if not client_deadline:  # a client's own short deadline is not the version's fault
+                self.stats.record(route.version, False, (time.monotonic() - started) * 1000)
             raise
         except ServingError:
             self.stats.record(route.version, False, (time.monotonic() - started) * 1000)
             raise
         elapsed_ms = (time.monotonic() - started) * 1000
-        if served.fell_back_from is not None:  # the client saw no error; the rollout must
+        if served.fell_back_from is not None and not (
+            served.fallback_reason == "shed" or (client_deadline and served.fallback_reason == "timeout")
+        ):  # the client saw no error; the rollout must
             self.stats.record(served.fell_back_from, False, elapsed_ms)
         self.stats.record(served.version, True, elapsed_ms)
         request.state.version = served.version
@@ -465,8 +499,10 @@ class Router:
         if served.fell_back_from is not None:
             extra["x-fallback-from"] = served.fell_back_from
             extra["x-fallback-reason"] = served.fallback_reason or "error"
-        elif key_for_cache is not None and served.config == self.target_config.get(served.version):
-            # Store only answers computed under the version's current config.
+        elif key_for_cache is not None and served.config == key_config == self.target_config.get(
+            served.version
+        ):
+            # Store only answers computed under the config the key names, still the current one.
             self.cache.put(key_for_cache, pickle.dumps(served.outputs, protocol=5), {})
         if key_for_cache is not None:
             extra["x-cache"] = "miss"
@@ -493,19 +529,21 @@ class Router:
             raise InvalidInput(f"{self.settings.timeout_header} must be positive, got {raw!r}")
         return min(asked, limit)
 
-    def _cache_key(self, version: str, parsed, request: Request) -> str | None:
-        """The cache key for this request on `version`, or None when it must not be cached."""
+    def _cache_key(self, version: str, parsed, request: Request) -> tuple[str | None, str | None]:
+        """(cache key, the config digest it names) for this request on `version`, or
+        (None, None) when it must not be cached."""
         if not self.cache.settings.enabled or not self.configs[version].cacheable:
-            return None
+            return None, None
         if "no-cache" in request.headers.get("cache-control", "").lower():
-            return None
+            return None, None
         generation = self.target_config.get(version)
         if generation is None:
-            return None
+            return None, None
         # Every output is cached and each hit is encoded afresh, so the requested outputs,
         # their encoding and the request id are not part of the key.
         outputs = [o.name for o in self.adapters[version].outputs]
-        return cache_key(self.model, version, generation, parsed.inputs, parsed.parameters, outputs)
+        key = cache_key(self.model, version, generation, parsed.inputs, parsed.parameters, outputs)
+        return key, generation
 
     async def _call(self, version: str, inputs: dict, parameters: dict, timeout: float) -> dict:
         response = self.handles[version].infer.remote(inputs, parameters)
@@ -521,7 +559,9 @@ class Router:
             if isinstance(cause, ServingError):
                 raise cause from None
             name = type(cause).__name__
-            if name in ("BackPressureError", "ActorDiedError", "RayActorError", "ActorUnavailableError"):
+            if name == "BackPressureError":
+                raise LoadShed(f"version {version!r} is overloaded: {name}", retry_after_s=1.0) from None
+            if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
                 raise Unavailable(f"version {version!r} is unavailable: {name}") from None
             logger.exception("Router: call to %s failed", version)
             raise ModelFailure(f"version {version!r} failed: {name}: {cause}") from None
