@@ -99,14 +99,15 @@ def test_admin_api_needs_the_bearer_token(rollout_app):
 
 def test_canary_steps_to_full_and_succeeds(rollout_app):
     cluster = rollout_app[0]
-    steps = [{"set_weight": 20}, {"analysis_s": 1.5}, {"set_weight": 50}, {"analysis_s": 1.5}]
+    steps = [{"set_weight": 20}, {"analysis_s": 3}, {"set_weight": 50}, {"analysis_s": 3}]
     with Load(cluster.url) as load:
-        declare(rollout_app, _plan("v2", steps))
+        declare(rollout_app, _plan("v2", steps, gates={**FAST_GATES, "min_requests": 5}))
         seen_weights = set()
 
         def done():
             status = admin(cluster, "GET", "").json()
             seen_weights.add(status["weights"].get("v2"))
+            assert status["phase"] not in ("paused", "rolled_back"), status  # fail with the reason
             return status["phase"] == "succeeded" and status
 
         status = wait_for_condition(done, timeout_s=90, interval_s=0.25, message="canary to succeed")

@@ -1,0 +1,178 @@
+"""How the always-valid sequential test behaves when a rollout controller peeks at it.
+
+    cd /work/main && .venv/bin/python -m bench.abtest [--json] [--experiments N] [--smoke]
+
+Simulates A/B experiments on a 10% baseline conversion rate, with no Ray: per-look binomial
+counts from a seeded numpy Generator, run through `app.abtest.SequentialTest.evaluate_paths`
+(the kernel `evaluate` uses) with a look every 500 samples per arm. Three scenarios, each
+`--experiments` experiments (default 200; --smoke 30):
+
+* A/A: both arms at 10%. Every 'better' is a false promotion.
+* lift: the candidate at 10.3% (+3% relative). 'better' is a detection.
+* drop: the candidate at 9.7% (-3% relative). 'worse' stops the rollout.
+
+Test: alpha 0.05 (two-sided), relative lift, mde = tau = 3%, min_samples_per_arm 1000; the
+decision is the always-valid interval against 0 (`Verdict.decision`, i.e.
+`improvement(0)` and `non_inferiority(0)`), taken at the first look that decides.
+
+The cap, max_samples per arm: twice the fixed-horizon sample size for +3% at alpha 0.05 and
+80% power (`required_sample_size(0.10, 0.03)` = 159,066), rounded up to a whole look: 318,500.
+A sequential test never ends on its own when there is no effect, so some cap is needed. The
+mSPRT pays for peeking with a higher boundary (about z = 3.0 at best, against 1.96 for one
+look), so it needs about twice the fixed sample to reach the planned 80% power; a cap of 2x
+lets the lift and drop scenarios show that power, and gives the A/A scenario the same number
+of looks (637) a real rollout would take.
+
+For contrast, the A/A data are also judged by a fixed-horizon 95% Wald interval checked at
+every look (`naive_peeking_false_promotion_rate`): the mistake the sequential test prevents.
+
+Prints one JSON object (stdout): aa_false_promotion_rate, lift_detection_rate,
+drop_stop_rate, median_samples_to_decision, and the details and parameters listed in
+bench/README.md; without --json, one JSON line per scenario comes first. Exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+from app.abtest import OutcomeKind, SequentialTest, required_sample_size
+from bench.common import cpu_count, log
+
+BASELINE = 0.10
+MDE = 0.03  # relative
+ALPHA = 0.05
+PEEK_EVERY = 500
+MIN_SAMPLES = 1000
+SCENARIOS = {"aa": BASELINE, "lift": BASELINE * (1 + MDE), "drop": BASELINE * (1 - MDE)}
+Z95 = 1.959963984540054
+
+
+def max_samples_per_arm() -> int:
+    """Twice the fixed-horizon sample size, rounded up to a whole look."""
+    planned = 2 * required_sample_size(BASELINE, MDE, alpha=ALPHA, power=0.8)
+    return math.ceil(planned / PEEK_EVERY) * PEEK_EVERY
+
+
+def simulate(rng: np.random.Generator, p_candidate: float, experiments: int, looks: int):
+    """Cumulative (n, sum, sum_sq) per arm at every look, shape (experiments, looks)."""
+    n = np.broadcast_to(np.arange(1, looks + 1) * float(PEEK_EVERY), (experiments, looks))
+    arms = []
+    for p in (p_candidate, BASELINE):
+        s = np.cumsum(rng.binomial(PEEK_EVERY, p, (experiments, looks)), axis=1).astype(float)
+        arms.append((n, s, s))
+    return arms[0], arms[1]
+
+
+def naive_peeking_promotions(candidate, control) -> float:
+    """Share of experiments a fixed-horizon 95% Wald interval, checked at every look, would
+    have promoted (its lower bound above 0 at some look)."""
+    n, sc, ss = candidate[0], candidate[1], control[1]
+    pc, ps = sc / n, ss / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (pc - ps) / np.sqrt(pc * (1 - pc) / n + ps * (1 - ps) / n)
+    return float(np.mean((z > Z95).any(axis=1)))
+
+
+def run_scenario(
+    name: str, test: SequentialTest, rng: np.random.Generator, experiments: int, looks: int
+) -> dict[str, Any]:
+    candidate, control = simulate(rng, SCENARIOS[name], experiments, looks)
+    started = time.perf_counter()
+    code, index = test.evaluate_paths(OutcomeKind.BINARY, candidate, control).first_decision()
+    seconds = time.perf_counter() - started
+    samples = (index + 1) * PEEK_EVERY
+    decided = code != 0
+    fixed_n = required_sample_size(BASELINE, MDE, alpha=ALPHA, power=0.8)
+    expected = {"aa": 0, "lift": 1, "drop": -1}[name]
+    result: dict[str, Any] = {
+        "scenario": name,
+        "p_candidate": round(SCENARIOS[name], 6),
+        "experiments": experiments,
+        "better": int(np.sum(code == 1)),
+        "worse": int(np.sum(code == -1)),
+        "undecided": int(np.sum(~decided)),
+        "median_samples_to_decision": int(np.median(samples[decided])) if decided.any() else None,
+        "p90_samples_to_decision": int(np.percentile(samples[decided], 90))
+        if decided.any()
+        else None,
+        "evaluate_paths_s": round(seconds, 3),
+    }
+    if expected:
+        right = code == expected
+        result["called_by_fixed_horizon_n"] = round(float(np.mean(right & (samples <= fixed_n))), 4)
+    else:
+        result["naive_peeking_false_promotions"] = naive_peeking_promotions(candidate, control)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.abtest", description=__doc__.split("\n")[0])
+    parser.add_argument("--experiments", type=int, default=None,
+                        help="experiments per scenario (default 200; --smoke 30)")  # fmt: skip
+    parser.add_argument("--json", action="store_true",
+                        help="only the JSON object on stdout (without it, one line per scenario first)")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="30 experiments per scenario")
+    parser.add_argument("--seed", type=int, default=0, help="numpy Generator seed (default 0)")
+    args = parser.parse_args(argv)
+    experiments = args.experiments or (30 if args.smoke else 200)
+    if experiments < 1:
+        parser.error("--experiments must be at least 1")
+
+    started = time.perf_counter()
+    test = SequentialTest(alpha=ALPHA, scale="relative", mde=MDE, min_samples_per_arm=MIN_SAMPLES)
+    max_samples = max_samples_per_arm()
+    looks = max_samples // PEEK_EVERY
+    streams = np.random.default_rng(args.seed).spawn(len(SCENARIOS))
+    scenarios = {}
+    for (name, _), rng in zip(SCENARIOS.items(), streams):
+        log(f"{name}: {experiments} experiments x {looks} looks")
+        scenarios[name] = run_scenario(name, test, rng, experiments, looks)
+    aa, lift, drop = scenarios["aa"], scenarios["lift"], scenarios["drop"]
+    result: dict[str, Any] = {
+        "aa_false_promotion_rate": aa["better"] / experiments,
+        "lift_detection_rate": lift["better"] / experiments,
+        "drop_stop_rate": drop["worse"] / experiments,
+        "median_samples_to_decision": {
+            "lift": lift["median_samples_to_decision"],
+            "drop": drop["median_samples_to_decision"],
+        },
+        "aa_false_stop_rate": aa["worse"] / experiments,
+        "naive_peeking_false_promotion_rate": aa["naive_peeking_false_promotions"],
+        "called_by_fixed_horizon_n": {
+            "lift": lift["called_by_fixed_horizon_n"],
+            "drop": drop["called_by_fixed_horizon_n"],
+        },
+        "wrong_direction": {"lift": lift["worse"], "drop": drop["better"]},
+        "fixed_horizon_samples": required_sample_size(BASELINE, MDE, alpha=ALPHA, power=0.8),
+        "alpha": ALPHA,
+        "tau": test.effective_tau,
+        "mde": MDE,
+        "scale": test.scale,
+        "baseline": BASELINE,
+        "max_samples": max_samples,
+        "peek_every": PEEK_EVERY,
+        "looks": looks,
+        "min_samples_per_arm": MIN_SAMPLES,
+        "experiments": experiments,
+        "seed": args.seed,
+        "smoke": args.smoke,
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
+                   f"python {platform.python_version()}",  # fmt: skip
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    if not args.json:  # per-scenario details first; the JSON object is the last line
+        for scenario in scenarios.values():
+            print(json.dumps(scenario))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
