@@ -398,10 +398,11 @@ class Verdict:
 
     `p_value` and the intervals are always valid: the running minimum of the p-values, and the
     running intersection of the confidence sequence for the difference (`difference_low`,
-    `difference_high`), since the first look with min_samples_per_arm in both arms. `low` and
-    `high` are that interval on `scale` (divided by the control mean if relative). `lift` and
-    `difference` are this look's point estimates from the raw means. `decision` judges the lift
-    against 0; `improvement` and `non_inferiority` judge other bars."""
+    `difference_high`; restarted from the current look if it would be empty), since the first
+    look with min_samples_per_arm in both arms. `low` and `high` are that interval on `scale`
+    (divided by the control mean if relative). `lift` and `difference` are this look's point
+    estimates from the raw means. `decision` judges the lift against 0; `improvement` and
+    `non_inferiority` judge other bars."""
 
     decision: Conclusion
     scale: Scale

@@ -277,12 +277,14 @@ def test_evaluate_and_evaluate_paths_agree():
         test = SequentialTest(scale=scale, mde=0.05 if scale == "relative" else 0.005,
                               min_samples_per_arm=1000)  # fmt: skip
         paths = test.evaluate_paths(kind, candidate, control)
+        def arm(columns, e, t):
+            n, total, squares = (a[e, t] for a in columns)
+            return ArmStats(kind, int(n), float(total), float(squares))
+
         for e in range(4):
             verdict = None
             for t in range(candidate[0].shape[1]):
-                arm_c = ArmStats(kind, int(candidate[0][e, t]), *(float(a[e, t]) for a in candidate[1:]))
-                arm_s = ArmStats(kind, int(control[0][e, t]), *(float(a[e, t]) for a in control[1:]))
-                verdict = test.evaluate(arm_c, arm_s, verdict)
+                verdict = test.evaluate(arm(candidate, e, t), arm(control, e, t), verdict)
                 assert verdict.p_value == pytest.approx(paths.p_value[e, t], rel=1e-9)
                 assert verdict.low == pytest.approx(paths.low[e, t], rel=1e-9)
                 assert verdict.high == pytest.approx(paths.high[e, t], rel=1e-9)
@@ -524,3 +526,23 @@ def test_gate_configs_are_strict():
         NonInferiorityGate(margin=0.01, thresold=1)
     with pytest.raises(ValidationError):
         NonInferiorityGate()  # margin has no default
+
+
+# -- the benchmark still runs ----------------------------------------------------------------
+
+
+def test_bench_smoke(capsys):
+    """`python -m bench.abtest --smoke --json` (30 experiments per scenario, no Ray, < 1 s):
+    only the report's shape is checked here; the figures come from the full run."""
+    from bench.abtest import main
+
+    assert main(["--smoke", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = {
+        "aa_false_promotion_rate", "lift_detection_rate", "drop_stop_rate",
+        "median_samples_to_decision", "alpha", "tau", "baseline", "max_samples", "peek_every",
+        "wall_s",
+    }  # fmt: skip
+    assert expected <= set(report)
+    assert report["experiments"] == 30 and report["max_samples"] == 318_500
+    assert 0 <= report["aa_false_promotion_rate"] <= 1
