@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
 
-__all__ = ["cpu_count", "free_port", "log"]
+__all__ = ["cpu_count", "free_port", "log", "shutdown"]
 
 
 def log(message: str) -> None:
@@ -25,3 +26,20 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def shutdown(*, serve_started: bool, ray_started: bool, tmp) -> None:
+    """Stop only what a benchmark started: its Serve, its Ray, its temp dir."""
+    log("shutting down Serve and Ray (only what this run started)")
+    if serve_started:
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        except Exception as exc:  # still stop Ray
+            log(f"serve.shutdown failed: {exc!r}")
+    if ray_started:
+        import ray
+
+        ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)

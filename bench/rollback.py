@@ -49,7 +49,6 @@ import os
 import platform
 import random
 import secrets
-import shutil
 import sys
 import tempfile
 import threading
@@ -68,7 +67,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from app.artifacts import artifact_digests  # noqa: E402
-from bench.common import cpu_count, free_port, log  # noqa: E402
+from bench.common import cpu_count, free_port, log, shutdown  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,15 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if load is not None:
             load.stop.set()
-        log("shutting down Serve and Ray (only what this run started)")
-        if serve_started:
-            try:
-                serve.shutdown()
-            except Exception as exc:  # still stop Ray
-                log(f"serve.shutdown failed: {exc!r}")
-        if ray_started:
-            ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutdown(serve_started=serve_started, ray_started=ray_started, tmp=tmp)
         sys.stdout = stdout
 
     times = [r["seconds"] for r in results]

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ import yaml  # noqa: E402
 from ray import serve  # noqa: E402
 
 from app.artifacts import artifact_digests  # noqa: E402
-from bench.common import cpu_count, free_port, log  # noqa: E402
+from bench.common import cpu_count, free_port, log, shutdown  # noqa: E402
 from bench.noop import NoopAdapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: `bench` and `app` import from here
@@ -400,15 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
         measured = asyncio.run(measure(base_url, n_latency, n_throughput, warmup))
     finally:
-        log("shutting down Serve and Ray (only what this run started)")
-        if serve_started:
-            try:
-                serve.shutdown()
-            except Exception as exc:  # still stop Ray
-                log(f"serve.shutdown failed: {exc!r}")
-        if ray_started:
-            ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutdown(serve_started=serve_started, ray_started=ray_started, tmp=tmp)
         sys.stdout = stdout
 
     lat = measured["latency_s"]

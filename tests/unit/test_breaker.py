@@ -12,19 +12,9 @@ from app.breaker import (
     BreakerState,
     CircuitBreaker,
 )
+from tests.unit.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(clock: FakeClock | None = None, **overrides) -> tuple[CircuitBreaker, FakeClock]:

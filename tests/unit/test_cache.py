@@ -9,17 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.cache import CachedResponse, CacheSettings, ResponseCache, cache_key
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fakes import FakeClock
 
 
 def make(**overrides) -> tuple[ResponseCache, FakeClock]:

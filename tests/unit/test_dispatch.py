@@ -23,6 +23,7 @@ from app.errors import (
     http_status,
 )
 from app.traffic import Decision, Route, TrafficTable
+from tests.unit.fakes import FakeClock
 
 VERSIONS = ("v1", "v2", "v3")
 ALL = frozenset(VERSIONS)
@@ -31,17 +32,6 @@ INPUTS = {
     "user": np.array(["likes science fiction"], dtype=object),
     "items": np.array(["a", "b", "c", "d", "e", "f"], dtype=object),
 }
-
-
-class FakeClock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FixedRng:
