@@ -21,6 +21,7 @@ import httpx
 import yaml
 
 from app.admin import load_admin_token
+from app.config import FaultInjection, load_model_config
 from app.declare import declare_plan, load_plan
 
 TERMINAL = {"succeeded", "rolled_back", "aborted"}
@@ -92,15 +93,14 @@ def main() -> int:
     plan = load_plan(Path(args.plan))
     declared = declare_plan(config, None)
     app = declared["applications"][0]
-    if args.faulty:
-        app["deployments"].append({"name": "recommender-v2", "user_config": {
-            "hyperparameters": {"pooling": "mean", "normalize": True,
-                                "query_prefix": "a user who enjoys ", "temperature": 0.5},
-            "faults": {"error_rate": 0.5}}})  # fmt: skip
+    if args.faulty:  # v2 as its model config declares it, but failing half its requests
+        v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
+        faulty = v2.model_copy(update={"faults": FaultInjection(error_rate=0.5)})
+        app["deployments"].append({"name": "recommender-v2", "user_config": faulty.model_dump(mode="json")})
     state = Path(".ray-demo")
     state.mkdir(exist_ok=True)
-    # Reset first (no plan; v2's faults as asked), so the plan below starts a new rollout
-    # from v1 at 100%.
+    # Reset first (no plan: routers follow serve_config.yaml's own split; v2's faults as
+    # asked), so declaring the plan below always starts a new rollout generation.
     serve_deploy(declared, args.dashboard, state / "serve_config.reset.yaml")
     time.sleep(2)
     traffic = Traffic(args.url, args.clients).start()
