@@ -60,14 +60,21 @@ def max_samples_per_arm() -> int:
     return math.ceil(planned / PEEK_EVERY) * PEEK_EVERY
 
 
-def simulate(rng: np.random.Generator, p_candidate: float, experiments: int, looks: int):
-    """Cumulative (n, sum, sum_sq) per arm at every look, shape (experiments, looks)."""
-    n = np.broadcast_to(np.arange(1, looks + 1) * float(PEEK_EVERY), (experiments, looks))
+def binary_paths(rng, p_candidate, p_control, experiments, peek_every, max_samples):
+    """Cumulative (n, sum, sum_sq) per arm at every look, shape (experiments, looks), for
+    binary outcomes with true rates p_candidate and p_control."""
+    looks = max_samples // peek_every
+    n = np.broadcast_to(np.arange(1, looks + 1) * float(peek_every), (experiments, looks))
     arms = []
-    for p in (p_candidate, BASELINE):
-        s = np.cumsum(rng.binomial(PEEK_EVERY, p, (experiments, looks)), axis=1).astype(float)
+    for p in (p_candidate, p_control):
+        s = np.cumsum(rng.binomial(peek_every, p, (experiments, looks)), axis=1).astype(float)
         arms.append((n, s, s))
     return arms[0], arms[1]
+
+
+def simulate(rng: np.random.Generator, p_candidate: float, experiments: int, looks: int):
+    """The bench's experiments: candidate at p_candidate against the BASELINE control."""
+    return binary_paths(rng, p_candidate, BASELINE, experiments, PEEK_EVERY, looks * PEEK_EVERY)
 
 
 def naive_peeking_promotions(candidate, control) -> float:

@@ -66,7 +66,6 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from app.artifacts import artifact_digests  # noqa: E402
 from bench.common import cpu_count, free_port, log, shutdown  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
 
@@ -100,25 +99,6 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float, 
 
 
 # -- the app -----------------------------------------------------------------------------------
-
-
-def model_config(root: Path, version: str, artifact: Path, **overrides: Any) -> Path:
-    import yaml
-
-    config: dict[str, Any] = {
-        "name": APP,
-        "version": version,
-        "artifact": str(artifact),
-        "sha256": next(iter(artifact_digests(artifact).values())),
-        "adapter": "recommender",
-        "resources": {"num_cpus": 0.5},
-        "max_ongoing_requests": 32,
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
-        **overrides,
-    }
-    path = root / f"{version}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def serve_config(versions: list[Path], http_port: int, env_vars: dict[str, str]) -> dict[str, Any]:
@@ -322,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     load: Load | None = None
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
-        from tests.integration.tiny_models import build_tiny_bert
+        from tests.integration.tiny_models import build_tiny_bert, write_model_config as model_config
 
         log("building two tiny BERT artifacts")
         healthy = build_tiny_bert(tmp / "tiny-a", seed=0)

@@ -17,8 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from app.artifacts import artifact_digests
-from tests.integration.tiny_models import build_tiny_bert
+from tests.integration.tiny_models import build_tiny_bert, write_model_config
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -131,21 +130,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def model_config(
     directory: Path, tmp: Path, version: str, artifact: Path, **overrides: Any
 ) -> Path:
-    """Write `configs/models/recommender/<version>.yaml` for a tiny artifact; return its path."""
-    config: dict[str, Any] = {
-        "name": APP,
-        "version": version,
-        "artifact": str(artifact),
-        "sha256": next(iter(artifact_digests(artifact).values())),
-        "adapter": "recommender",
-        "resources": {"num_cpus": 0.5},
-        "max_ongoing_requests": 32,
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
-    }
-    config.update(overrides)
-    path = directory / f"{version}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    """Write `<directory>/<version>.yaml` for a tiny artifact; return its path."""
+    return write_model_config(directory, version, artifact, **overrides)
 
 
 def serve_config(versions: list[Path], weights: dict[str, float], stable: str = "v1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 WORDS = (
     "user likes loves enjoys science fiction films movies space opera cooking show news sports "
@@ -37,3 +38,25 @@ def build_tiny_bert(directory: Path, seed: int) -> Path:
     )
     BertModel(config).save_pretrained(str(directory))
     return directory
+
+
+def write_model_config(directory: Path, version: str, artifact: Path, **overrides: Any) -> Path:
+    """Write `<directory>/<version>.yaml`, a recommender model config for a tiny artifact."""
+    import yaml
+
+    from app.artifacts import artifact_digests
+
+    config: dict[str, Any] = {
+        "name": "recommender",
+        "version": version,
+        "artifact": str(artifact),
+        "sha256": next(iter(artifact_digests(artifact).values())),
+        "adapter": "recommender",
+        "resources": {"num_cpus": 0.5},
+        "max_ongoing_requests": 32,
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
+        **overrides,
+    }
+    path = directory / f"{version}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -28,21 +28,11 @@ from app.abtest import (
     difference_interval,
     required_sample_size,
 )
+from bench.abtest import binary_paths
 
 BINARY, CONTINUOUS = OutcomeKind.BINARY, OutcomeKind.CONTINUOUS
 B = ArmStats.binary
 Z95 = 1.959963984540054
-
-
-def binary_paths(rng, p_candidate, p_control, experiments, peek_every, max_samples):
-    """Cumulative (n, sum, sum_sq) per arm at every look, shape (experiments, looks)."""
-    looks = max_samples // peek_every
-    n = np.broadcast_to(np.arange(1, looks + 1) * float(peek_every), (experiments, looks))
-    arms = []
-    for p in (p_candidate, p_control):
-        s = np.cumsum(rng.binomial(peek_every, p, (experiments, looks)), axis=1).astype(float)
-        arms.append((n, s, s))
-    return arms[0], arms[1]
 
 
 def continuous_paths(draw, experiments, peek_every, max_samples):
