@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The CPU build of torch, installed before the project so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo demo-rollback test test-unit test-integration validate bench stop clean
+.PHONY: install demo demo-worse demo-rollback test test-unit test-integration test-multinode validate kuberay bench stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,22 @@ demo: install
 demo-rollback: install
 	bash scripts/demo.sh --rollback
 
+# Needs the app from `make demo` running: v2 is hot-patched to a worse ranking; the A/B test on
+# the users' clicks says so and the canary is rolled back by itself.
+demo-worse: install
+	bash scripts/demo.sh --worse
+
 bench: install
 	$(BIN)/python -m bench.router_overhead
 	$(BIN)/python -m bench.rollback
 
+# tests/multinode starts its own multi-node cluster, so it runs in a pytest process of its own.
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --ignore=tests/multinode
+	$(BIN)/python -m pytest tests/multinode -q -p no:cacheprovider
+
+test-multinode: install
+	$(BIN)/python -m pytest tests/multinode -q
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -q
@@ -38,7 +48,11 @@ test-integration: install
 	$(BIN)/python -m pytest tests/integration -q
 
 validate: install
-	$(BIN)/rollout validate serve_config.yaml
+	$(BIN)/rollout validate serve_config.yaml --all-regions
+
+# Regenerate the KubeRay manifest from serve_config.yaml + configs/regions/us-east-1.yaml.
+kuberay: install
+	$(BIN)/rollout kuberay serve_config.yaml --region us-east-1 -o cluster/kuberay/rayservice.yaml
 
 # Removes the demo app; stops the Ray head only if `make demo` started it.
 stop:

@@ -457,6 +457,38 @@ class Verdict:
             "reason": self.reason,
         }
 
+    @classmethod
+    def from_reading(cls, data: dict[str, Any]) -> Verdict:
+        """The inverse of `reading` (a persisted verdict, passed back as `previous`)."""
+
+        def bound(key: str, missing: float) -> float:
+            value = data.get(key)
+            return missing if value is None else float(value)
+
+        def maybe(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        return cls(
+            decision=Conclusion(data["decision"]),
+            scale=data["scale"],
+            lift=maybe("lift"),
+            low=bound("low", -math.inf),
+            high=bound("high", math.inf),
+            difference=maybe("difference"),
+            difference_low=bound("difference_low", -math.inf),
+            difference_high=bound("difference_high", math.inf),
+            p_value=float(data["p_value"]),
+            alpha=float(data["alpha"]),
+            tau=float(data["tau"]),
+            candidate_samples=int(data["candidate_samples"]),
+            control_samples=int(data["control_samples"]),
+            candidate_mean=maybe("candidate_mean"),
+            control_mean=maybe("control_mean"),
+            looks=int(data["looks"]),
+            reason=str(data.get("reason", "")),
+        )
+
 
 @dataclass(frozen=True)
 class PathResult:
@@ -739,7 +771,22 @@ def _advance(
 
 
 class _LiftGate(_Strict):
-    """What both lift gates share: the sequential test they run."""
+    """What both lift gates share: the outcome they judge and the sequential test they run."""
+
+    outcome: str = Field(
+        pattern=r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$",
+        description="The feedback outcome judged (POST .../feedback with this `outcome`).",
+    )
+    max_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description=(
+            "When an analysis hold's time is up and this gate is still not yet known, keep "
+            "holding up to this many more seconds for the test to decide (0: inconclusive at "
+            "once, which pauses the rollout)."
+        ),
+    )
 
     confidence: float = Field(
         default=0.95,

@@ -29,6 +29,20 @@ def load_app_args(args: dict[str, Any] | AppArgs) -> tuple[AppArgs, list[ModelCo
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "args")) from None
     configs, errors = args.load_models_collecting()
+    unknown = sorted(set(args.version_resources) - {c.version for c in configs})
+    if unknown and not errors:
+        errors.append(
+            f"args.version_resources: {unknown} are not versions of this app; "
+            f"versions: {[c.version for c in configs]}"
+        )
+    # A region's replica resources (e.g. num_gpus: 1) replace the model config's, so everything
+    # downstream (the deployment's ray_actor_options, torch threads, validate) sees the same.
+    configs = [
+        c.model_copy(update={"resources": args.version_resources[c.version]})
+        if c.version in args.version_resources
+        else c
+        for c in configs
+    ]
     for config in configs:
         try:
             adapter = adapter_class(config.adapter)
@@ -50,10 +64,12 @@ def build_app(args: dict[str, Any]):
     from deployments.router import Router
 
     app_args, configs = load_app_args(args)
+    # A region overlay pins every replica to nodes labelled with its region (Ray label_selector).
+    placement = {"label_selector": app_args.label_selector()} if app_args.region else {}
     handles = {
         config.version: ModelServer.options(
             name=config.deployment_name,
-            ray_actor_options=config.resources.ray_actor_options(),
+            ray_actor_options={**config.resources.ray_actor_options(), **placement},
             autoscaling_config=config.autoscaling.serve_config(),
             max_ongoing_requests=config.max_ongoing_requests,
             max_queued_requests=config.max_queued_requests,
@@ -66,7 +82,10 @@ def build_app(args: dict[str, Any]):
     }
     # No plan until serve_config.yaml declares one in the controller's user_config.
     controller = RolloutController.options(
-        name=CONTROLLER_DEPLOYMENT, user_config={"plan": None}
+        name=CONTROLLER_DEPLOYMENT,
+        user_config={"plan": None},
+        **({"ray_actor_options": {**(RolloutController.ray_actor_options or {}), **placement}}
+           if placement else {}),
     ).bind(app_args.model, [c.version for c in configs])
     # Until serve_config.yaml gives the Router a user_config, all traffic goes to the first version.
     first = configs[0].version
@@ -74,6 +93,6 @@ def build_app(args: dict[str, Any]):
         name=ROUTER_DEPLOYMENT,
         num_replicas=app_args.router_replicas,
         max_ongoing_requests=app_args.router_max_ongoing_requests,
-        ray_actor_options={"num_cpus": app_args.router_num_cpus},
+        ray_actor_options={"num_cpus": app_args.router_num_cpus, **placement},
         user_config={"stable": first, "weights": {first: 100}},
     ).bind(app_args.model, handles, configs, app_args.router, controller)

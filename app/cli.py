@@ -3,6 +3,9 @@
     rollout validate [serve_config.yaml] [--no-load]   check configs, load models, smoke-test
     rollout checksum DIR                               print the sha256 block for a model config
     rollout declare PLAN.yaml [-o FILE]                put a plan into serve_config.yaml
+    rollout validate --region R | --all-regions        ... with region overlays, and their fit
+    rollout render [CONFIG] --region R [-o FILE]       the region's serve config (overlay merged)
+    rollout kuberay [CONFIG] --region R [-o F|--check F]  the KubeRay RayService manifest
 
 Rollout control talks to the router's admin API over HTTP (`--url`, default $ROLLOUT_URL or
 http://127.0.0.1:8000) with a bearer token (`--token`, default $ROLLOUT_ADMIN_TOKEN or the
@@ -12,6 +15,7 @@ file named by $ROLLOUT_ADMIN_TOKEN_FILE; see app/admin.py):
     rollout start | pause | resume | abort             POST /admin/rollout/<command>
     rollout promote [--full]                           POST /admin/rollout/promote[-full]
     rollout history [--json]                           GET  /admin/rollout/history
+    rollout report [-o FILE.png] [--from-json FILE]    picture of the last rollout's timeline
 
 Exit status: 0 done; 1 the rollout refused the command in its current phase (HTTP 409), or a
 watched rollout ended rolled back or aborted; 2 the admin API could not be used (unauthorized,
@@ -72,16 +76,23 @@ def _validate(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
 
-    report = validate_serve_config(Path(args.config), load_models=not args.no_load, progress=progress)
-    for note in report.notes:
-        print(f"ok: {note}")
-    for error in report.errors:
-        print(f"error: {error}", file=sys.stderr)
-    if report.ok:
-        print(f"{args.config}: valid")
-        return 0
-    print(f"{args.config}: {len(report.errors)} error(s)", file=sys.stderr)
-    return 1
+    from app.cli_regions import validation_targets
+
+    status = 0
+    for overlay, label in validation_targets(args.config, args.region, args.all_regions):
+        report = validate_serve_config(
+            Path(args.config), load_models=not args.no_load, progress=progress, overlay=overlay
+        )
+        for note in report.notes:
+            print(f"ok: {note}")
+        for error in report.errors:
+            print(f"error: {error}", file=sys.stderr)
+        if report.ok:
+            print(f"{label}: valid")
+        else:
+            print(f"{label}: {len(report.errors)} error(s)", file=sys.stderr)
+            status = 1
+    return status
 
 
 def _checksum(args: argparse.Namespace) -> int:
@@ -372,7 +383,49 @@ def render_status(status: Mapping[str, Any], now: float | None = None) -> str:
                 str(verdict.get("reason") or ""),
             ])  # fmt: skip
         lines += ["  " + line for line in _table(rows)]
+    lines += _render_ab(status, verdicts)
     return "\n".join(lines)
+
+
+def _lift_text(value: Any, scale: Any) -> str:
+    number = _number(value)
+    if number is None:
+        return "-"
+    return f"{number:+.1%}" if scale == "relative" else f"{number:+.4g}"
+
+
+def _render_ab(status: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The feedback outcomes per version and the lift gates' conclusions (better / worse /
+    not yet known) with their always-valid intervals."""
+    lines: list[str] = []
+    outcomes = status.get("outcomes") if isinstance(status.get("outcomes"), Mapping) else {}
+    if outcomes:
+        rows = [["OUTCOME", "VERSION", "N", "MEAN", "95% CI"]]
+        for outcome, by_version in sorted(outcomes.items()):
+            for version, row in sorted((by_version or {}).items()):
+                low, high = _number(row.get("low")), _number(row.get("high"))
+                ci = "-" if low is None or high is None else f"[{low:.4g}, {high:.4g}]"
+                mean = _number(row.get("mean"))
+                rows.append([outcome, version, str(row.get("n", "-")),
+                             "-" if mean is None else f"{mean:.4g}", ci])  # fmt: skip
+        lines += ["", "Feedback", *("  " + line for line in _table(rows, right=frozenset({2, 3})))]
+    lift = [v for v in verdicts if v.get("conclusion") is not None]
+    if lift:
+        rows = []
+        for v in lift:
+            scale = v.get("scale")
+            interval = "-"
+            if v.get("low") is not None or v.get("high") is not None:
+                interval = f"[{_lift_text(v.get('low'), scale)}, {_lift_text(v.get('high'), scale)}]"
+            confidence = _number(v.get("confidence"))
+            rows.append([
+                str(v.get("gate")), str(v.get("outcome", "-")),
+                str(v.get("conclusion")).replace("_", " ").upper(),
+                f"lift {_lift_text(v.get('lift'), scale)}",
+                interval + ("" if confidence is None else f" ({confidence:.0%} always-valid)"),
+            ])  # fmt: skip
+        lines += ["", "A/B verdict", *("  " + line for line in _table(rows))]
+    return lines
 
 
 def _clock(seconds: Any) -> str:
@@ -517,6 +570,30 @@ def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from app.report import ReportError, render_report
+
+    status = None
+    if args.from_json is not None:
+        try:
+            history = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as exc:
+            raise AdminError(f"{args.from_json}: not a readable JSON history: {exc}", 2) from None
+    else:
+        with _client(args) as client:
+            history = client.history()
+            status = client.status()
+    if not isinstance(history, Mapping):
+        raise AdminError("the history is not a JSON object", 2)
+    try:
+        path = render_report(history, Path(args.output), status=status)
+    except ReportError as exc:
+        raise AdminError(str(exc), 1) from None
+    print(f"{path}: {len(history.get('events') or [])} events, "
+          f"{len(history.get('timeline') or [])} timeline samples")  # fmt: skip
+    return 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -580,6 +657,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--no-load", action="store_true", help="check configs only; skip loading the models"
     )
+    validate.add_argument(
+        "--region", action="append", default=[],
+        help="also apply configs/regions/<REGION>.yaml and check the fit on its cluster files "
+        "(repeatable)",
+    )  # fmt: skip
+    validate.add_argument(
+        "--all-regions", action="store_true",
+        help="check the config as is, then with every overlay in configs/regions/",
+    )  # fmt: skip
     validate.set_defaults(func=_validate)
     checksum = commands.add_parser("checksum", help="print the sha256 block for an artifact")
     checksum.add_argument("artifact", help="model directory, or package:<module>")
@@ -593,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     declare.add_argument("--app", default=None, help="application name, if the config has several")
     declare.add_argument("-o", "--output", default=None, help="write here (default: stdout)")
     declare.set_defaults(func=_declare)
+
+    from app.cli_regions import add_region_commands
+
+    add_region_commands(commands)
 
     common = _admin_options()
     status = commands.add_parser(
@@ -635,7 +725,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     history.add_argument("--json", action="store_true", help="print the raw JSON events")
     history.set_defaults(func=_run_admin(_history))
+    report = commands.add_parser(
+        "report", parents=[common],
+        help="draw the last rollout's timeline (weights, error rate, p99, gate verdicts)",
+    )  # fmt: skip
+    report.add_argument("-o", "--output", default="rollout-report.png",
+                        help="image to write: .png, .svg or .pdf (default rollout-report.png)")  # fmt: skip
+    report.add_argument("--from-json", default=None, metavar="FILE",
+                        help="draw a history saved with `rollout history --json` instead of asking the router")  # fmt: skip
+    report.set_defaults(func=_run_admin(_report))
+    bench = commands.add_parser(
+        "bench", help="run a benchmark from bench/ (e.g. `rollout bench abtest --json`)",
+        description="Run `python -m bench.<name>` with the remaining arguments; "
+        f"benchmarks: {', '.join(BENCHMARKS)}.",
+    )  # fmt: skip
+    bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="its own arguments (--json, ...)")
+    bench.set_defaults(func=_bench)
     return parser
+
+
+BENCHMARKS = ("abtest", "hotpatch", "rollback", "router_overhead", "world")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Benchmarks live in the repository's bench/ package (run from the repository root)."""
+    import runpy
+
+    if Path("bench", "__init__.py").is_file() and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        import bench  # noqa: F401
+    except ImportError:
+        print("rollout bench: the bench/ package is not importable; run from the repository root",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    sys.argv = [f"rollout bench {args.name}", *args.rest]
+    try:
+        runpy.run_module(f"bench.{args.name}", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

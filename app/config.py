@@ -23,8 +23,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.access_log import AccessLogSettings
 from app.breaker import BreakerSettings
 from app.cache import CacheSettings
+from app.drift import DriftSettings
 from app.errors import ConfigError
 
 __all__ = [
@@ -49,6 +51,10 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ROUTER_DEPLOYMENT = "Router"
 CONTROLLER_DEPLOYMENT = "RolloutController"
+# The Ray node label a region overlay pins replicas to (cluster/*.yaml label every node type).
+REGION_LABEL = "region"
+# A Kubernetes-style label value, as Ray's label_selector accepts it.
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
 
 
 class _Strict(BaseModel):
@@ -129,6 +135,36 @@ class FaultInjection(_Strict):
     )
 
 
+def _check_digests(value: str | dict[str, str]) -> str | dict[str, str]:
+    import re
+
+    digests = value.values() if isinstance(value, dict) else [value]
+    if isinstance(value, dict) and not value:
+        raise ValueError("sha256 mapping must name at least one weights file")
+    for digest in digests:
+        if not re.fullmatch(SHA256_PATTERN, digest):
+            raise ValueError(f"{digest!r} is not a lowercase hex sha256 (64 characters)")
+    return value
+
+
+class WeightsPatch(_Strict):
+    """New weights for a running version: loaded beside the old ones, checked, smoke-tested,
+    then swapped in at once. Anything wrong and the old weights keep serving."""
+
+    artifact: str = Field(
+        min_length=1,
+        description="Model directory (relative to the model config's folder) or package:<module>.",
+    )
+    sha256: str | dict[str, str] = Field(
+        description="sha256 of the weights file, or a mapping file -> sha256, as in a model config."
+    )
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        return _check_digests(value)
+
+
 class ModelUserConfig(_Strict):
     """The part of a version that Serve changes in place (`user_config` -> `reconfigure`)."""
 
@@ -137,6 +173,10 @@ class ModelUserConfig(_Strict):
     )
     batching: Batching = Field(default_factory=Batching)
     faults: FaultInjection = Field(default_factory=FaultInjection)
+    weights: WeightsPatch | None = Field(
+        default=None,
+        description="Hot-swap the weights (null: the model config's own artifact and sha256).",
+    )
 
 
 class ModelConfig(_Strict):
@@ -190,15 +230,7 @@ class ModelConfig(_Strict):
     @field_validator("sha256")
     @classmethod
     def _hex_digests(cls, value: str | dict[str, str]) -> str | dict[str, str]:
-        import re
-
-        digests = value.values() if isinstance(value, dict) else [value]
-        if isinstance(value, dict) and not value:
-            raise ValueError("sha256 mapping must name at least one weights file")
-        for digest in digests:
-            if not re.fullmatch(SHA256_PATTERN, digest):
-                raise ValueError(f"{digest!r} is not a lowercase hex sha256 (64 characters)")
-        return value
+        return _check_digests(value)
 
     @model_validator(mode="after")
     def _batch_fits_in_flight(self) -> ModelConfig:
@@ -248,6 +280,14 @@ class RouterSettings(_Strict):
     )  # fmt: skip
     health_poll_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="How often the router refreshes version health."
+    )
+    access_log: AccessLogSettings = Field(
+        default_factory=AccessLogSettings,
+        description="One structured log record per inference (app/access_log.py).",
+    )
+    drift: DriftSettings = Field(
+        default_factory=DriftSettings,
+        description="Output score drift per version against the stable version (app/drift.py).",
     )
 
 
@@ -358,6 +398,30 @@ class AppArgs(_Strict):
         description="Requests one router replica works on at once (Serve's default, 5, starves "
         "the model replicas behind it: the router mostly waits on them).",
     )
+    region: str | None = Field(
+        default=None,
+        pattern=LABEL_VALUE_PATTERN,
+        description=(
+            "Region this app serves (set by a region overlay, configs/regions/<region>.yaml). "
+            f"When set, every replica requires a node labelled {REGION_LABEL}=<region> (Ray "
+            "label_selector); the cluster/ launcher files label every node type so."
+        ),
+    )
+    version_resources: dict[str, Resources] = Field(
+        default_factory=dict,
+        description=(
+            "Version -> replica resources that replace that version's model-config `resources` "
+            "in this deployment (e.g. num_gpus: 1 in a region with GPU workers)."
+        ),
+    )
+
+    def resources_for(self, config: ModelConfig) -> Resources:
+        """The replica resources `config`'s version gets in this app."""
+        return self.version_resources.get(config.version, config.resources)
+
+    def label_selector(self) -> dict[str, str] | None:
+        """Ray's label_selector that pins every replica to this app's region (None: anywhere)."""
+        return {REGION_LABEL: self.region} if self.region else None
 
     def root(self) -> Path:
         return Path(self.config_root).resolve() if self.config_root else project_root()

@@ -7,7 +7,9 @@ coroutine (a Serve handle in production, a fake in unit tests) and decides, per 
 2. how much of the request's deadline the first try may spend: half of what is left when a
    fallback could still run, all of it otherwise, so that a slow version leaves its fallback
    time to answer within the same deadline;
-3. whether to retry once on the version's fallback (after an error, a timeout or an open
+3. whether to retry once on the same version, when the replica died under the request
+   (`ReplicaLost`: a lost node, not the version's fault) and the version has no fallback;
+   otherwise whether to retry once on the version's fallback (after an error, a timeout or an open
    breaker; not after bad input, which would fail there too; not for a pinned request unless
    the client allows it);
 4. whether to send a shadow copy (sampled, bounded in flight, dropped when full), never
@@ -28,7 +30,7 @@ from typing import Any
 
 from app.adapters import ModelAdapter, Tensors
 from app.breaker import BreakerSettings, BreakerState, CircuitBreaker
-from app.errors import DeadlineExceeded, InvalidInput, LoadShed, ServingError, Unavailable
+from app.errors import DeadlineExceeded, InvalidInput, LoadShed, ReplicaLost, ServingError, Unavailable
 from app.traffic import Decision, Route, TrafficTable
 
 __all__ = ["Call", "Dispatcher", "Served", "ShadowStats"]
@@ -96,6 +98,7 @@ class Dispatcher:
         self.breakers = {v: CircuitBreaker(settings, clock) for v in self._adapters}
         self.shadow_stats: dict[str, ShadowStats] = {}
         self.fallbacks = 0
+        self.replica_retries = 0  # requests retried on the same version after a replica died
         self._shadow_in_flight = 0
         self._shadow_tasks: set[asyncio.Task] = set()
 
@@ -131,10 +134,22 @@ class Dispatcher:
             fallback not in available or self._adapters[fallback] is not self._adapters[version]
         ):
             fallback = None  # nowhere to go, or a model with other tensors
+        share = 0.5 if fallback else 1.0
         try:
-            outputs, config = await self._attempt(version, inputs, parameters, deadline,
-                                                  share=0.5 if fallback else 1.0,
-                                                  client_deadline=client_deadline)  # fmt: skip
+            try:
+                outputs, config = await self._attempt(version, inputs, parameters, deadline,
+                                                      share=share, client_deadline=client_deadline)  # fmt: skip
+            except ReplicaLost as lost:
+                # The replica died under the request (a lost node) and nothing else could take
+                # it (the stable version, or `fallbacks: null`): Serve has dropped the replica,
+                # so one retry reaches another replica of the same version, or waits within
+                # the deadline for its replacement. With a fallback, falling back is quicker.
+                if fallback is not None or self._clock() >= deadline:
+                    raise
+                self.replica_retries += 1
+                logger.warning("retrying %s on another replica: %s", version, lost.message)
+                outputs, config = await self._attempt(version, inputs, parameters, deadline,
+                                                      share=share, client_deadline=client_deadline)  # fmt: skip
             return Served(version, route.decision, outputs, config)
         except InvalidInput:
             raise
@@ -162,8 +177,8 @@ class Dispatcher:
         timeout = remaining * share
         try:
             result = await self._call(version, inputs, parameters, timeout)
-        except (InvalidInput, LoadShed):
-            breaker.release()  # the request's fault, or load shedding: not the version's
+        except (InvalidInput, LoadShed, ReplicaLost):
+            breaker.release()  # the request's fault, load shedding or a lost node: not the version's
             raise
         except DeadlineExceeded:
             if client_deadline:

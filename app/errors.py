@@ -5,11 +5,13 @@
     ├── ModelNotFound         404  unknown model or version
     ├── Unauthorized          401  admin API without the right bearer token
     ├── Conflict              409  a rollout command that is not valid in the current phase
+    ├── Gone                  410  feedback for a request id whose record has expired
     ├── PayloadTooLarge       413  body over the router's max_body_bytes
     ├── Overloaded            429  too many requests queued (carries Retry-After)
     ├── ModelFailure          500  the model raised while serving a valid request
     │   └── InjectedFault     500  a fault injected on purpose (rollback rehearsals)
     ├── Unavailable           503  no replica of the chosen version can serve (Retry-After)
+    │   ├── ReplicaLost       503  the replica died mid-request (lost node); retried once
     │   └── LoadShed          503  the version's queue is full (Serve's max_queued_requests)
     └── DeadlineExceeded      504  the request's deadline passed
 
@@ -24,6 +26,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "DeadlineExceeded",
+    "Gone",
     "InjectedFault",
     "InvalidInput",
     "LoadShed",
@@ -31,6 +34,7 @@ __all__ = [
     "ModelNotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "ReplicaLost",
     "ServingError",
     "Unauthorized",
     "Unavailable",
@@ -73,6 +77,10 @@ class Conflict(ServingError):
     """409: the request is valid but not in the current state (e.g. resume when not paused)."""
 
 
+class Gone(ServingError):
+    """410: the thing named existed but is no longer kept (an expired request id)."""
+
+
 class PayloadTooLarge(ServingError):
     """413: the request body is larger than the router accepts."""
 
@@ -95,6 +103,12 @@ class Unavailable(ServingError):
     """503: no healthy replica of the chosen version; retry after the given delay."""
 
     retry_after_s = 1.0
+
+
+class ReplicaLost(Unavailable):
+    """503: the replica working on the request died (its process or its node was lost). Not the
+    version's fault: breakers ignore it; a version with a fallback falls back, one without (the
+    stable version) is retried once on another replica of the same version."""
 
 
 class LoadShed(Unavailable):
@@ -120,6 +134,7 @@ _STATUS: dict[type[ServingError], int] = {
     Unauthorized: 401,
     ModelNotFound: 404,
     Conflict: 409,
+    Gone: 410,
     PayloadTooLarge: 413,
     Overloaded: 429,
     ModelFailure: 500,

@@ -68,6 +68,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from app.abtest import (
+    ArmStats,
+    Conclusion,
+    ImprovementGate,
+    NonInferiorityGate,
+    Verdict,
+)
 from app.config import NAME_PATTERN, ShadowRule, TrafficConfig, config_hash
 
 __all__ = [
@@ -98,6 +105,7 @@ __all__ = [
     "WaitForPromote",
     "apply_command",
     "evaluate_gates",
+    "evaluate_lift_gates",
     "step",
 ]
 
@@ -170,6 +178,20 @@ class Gates(_Strict):
     )
     fail_fast_min_requests: int = Field(
         default=10, ge=1, description="Candidate requests the fail-fast check needs."
+    )
+    improvement: ImprovementGate | None = Field(
+        default=None,
+        description=(
+            "Judge a feedback outcome with the sequential test: passes once the candidate is "
+            "surely better by min_lift, fails (rolls back) once it surely cannot be."
+        ),
+    )
+    non_inferiority: NonInferiorityGate | None = Field(
+        default=None,
+        description=(
+            "Judge a feedback outcome: passes once the candidate is surely not worse by more "
+            "than margin, fails (rolls back) once it surely is."
+        ),
     )
 
     @model_validator(mode="after")
@@ -522,9 +544,21 @@ class Observation:
     shadow_agreement: float | None = None  # mean top-k overlap of shadow vs primary answers
     prometheus_value: float | None = None  # the value of gates.prometheus_query
     prometheus_available: bool = False  # False: not queried or unreachable -> gate skipped
+    # Feedback outcomes since the rollout started (not per step: the sequential test runs over
+    # the whole experiment): outcome name -> version -> ArmStats.
+    outcomes: Mapping[str, Mapping[str, ArmStats]] = field(default_factory=dict)
 
     def for_version(self, version: str) -> VersionStats:
         return self.stats.get(version) or VersionStats()
+
+    def outcome_arm(self, outcome: str, version: str) -> ArmStats | None:
+        """`version`'s arm of `outcome`: empty if only other versions have one, None if no
+        version has any feedback of that outcome yet."""
+        by_version = self.outcomes.get(outcome)
+        if not by_version:
+            return None
+        arm = by_version.get(version)
+        return arm if arm is not None else ArmStats(next(iter(by_version.values())).kind)
 
 
 class GateStatus(str, Enum):
@@ -545,6 +579,7 @@ class GateVerdict:
     value: float | None
     threshold: float | None
     reason: str
+    detail: Mapping[str, Any] = field(default_factory=dict)  # lift gates: conclusion, interval
 
     def reading(self) -> dict[str, Any]:
         """JSON-safe form, as stored in Event.gates."""
@@ -553,6 +588,7 @@ class GateVerdict:
             "value": self.value,
             "threshold": self.threshold,
             "reason": self.reason,
+            **self.detail,
         }
 
 
@@ -704,6 +740,97 @@ def evaluate_gates(
     return tuple(verdicts)
 
 
+LIFT_GATES = ("improvement", "non_inferiority")
+_LIFT_STATUS = {
+    Conclusion.BETTER: GateStatus.PASSED,
+    Conclusion.WORSE: GateStatus.FAILED,
+    Conclusion.NOT_YET_KNOWN: GateStatus.PENDING,
+}
+
+
+def _on_scale(value: float | None, scale: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "?" if value is None else ("+inf" if value > 0 else "-inf")
+    return f"{value:+.1%}" if scale == "relative" else f"{value:+.4g}"
+
+
+def _lift_reason(outcome: str, verdict: Verdict, conclusion: Conclusion, bar: str, level: float) -> str:
+    said = {
+        Conclusion.BETTER: f"better than {bar}",
+        Conclusion.WORSE: f"worse than {bar}",
+        Conclusion.NOT_YET_KNOWN: f"not yet known against {bar}",
+    }[conclusion]
+    if verdict.looks == 0:
+        return f"{outcome}: {said}; {verdict.reason}"
+    mc, ms = verdict.candidate_mean, verdict.control_mean
+    return (
+        f"{outcome}: lift {_on_scale(verdict.lift, verdict.scale)}, "
+        f"{level:.0%} always-valid interval [{_on_scale(verdict.low, verdict.scale)}, "
+        f"{_on_scale(verdict.high, verdict.scale)}]; candidate {mc:.4g} (n={verdict.candidate_samples}), "
+        f"stable {ms:.4g} (n={verdict.control_samples}): {said}"
+    )
+
+
+def evaluate_lift_gates(
+    gates: Gates,
+    observation: Observation,
+    previous: Mapping[str, Mapping[str, Any]],
+    *,
+    candidate: str,
+    stable: str,
+) -> tuple[tuple[GateVerdict, ...], dict[str, dict[str, Any]]]:
+    """The improvement and non-inferiority gates' verdicts on this tick's feedback, and the
+    sequential tests' state to pass as `previous` next tick (gate -> Verdict.reading()).
+
+    Not held back by min_requests: each test has its own min_samples_per_arm. Pure."""
+    verdicts: list[GateVerdict] = []
+    state: dict[str, dict[str, Any]] = {}
+    for name in LIFT_GATES:
+        gate = getattr(gates, name)
+        if gate is None:
+            continue
+        bar_value = gate.min_lift if name == "improvement" else -gate.margin
+        bar = _on_scale(bar_value, gate.scale)
+        cand = observation.outcome_arm(gate.outcome, candidate)
+        base = observation.outcome_arm(gate.outcome, stable)
+        if cand is None or base is None:
+            verdicts.append(GateVerdict(
+                name, GateStatus.PENDING, None, bar_value,
+                f"{gate.outcome}: no feedback yet (POST /v2/models/<model>/feedback)",
+                {"conclusion": Conclusion.NOT_YET_KNOWN.value, "outcome": gate.outcome},
+            ))  # fmt: skip
+            if name in previous:
+                state[name] = dict(previous[name])
+            continue
+        test = gate.sequential_test()
+        before = Verdict.from_reading(dict(previous[name])) if name in previous else None
+        try:
+            verdict = test.evaluate(cand, base, before)
+        except ValueError:  # a previous look that no longer fits (fewer samples): start over
+            verdict = test.evaluate(cand, base, None)
+        conclusion = gate.judge(verdict)
+        state[name] = verdict.reading()
+        detail = {
+            "conclusion": conclusion.value,
+            "outcome": gate.outcome,
+            "scale": verdict.scale,
+            "lift": state[name]["lift"],
+            "low": state[name]["low"],
+            "high": state[name]["high"],
+            "confidence": gate.confidence,
+            "mde": gate.mde,
+            "min_samples_per_arm": gate.min_samples_per_arm,
+            "p_value": verdict.p_value,
+            "candidate": {"n": cand.n, "mean": cand.mean},
+            "stable": {"n": base.n, "mean": base.mean},
+        }
+        verdicts.append(GateVerdict(
+            name, _LIFT_STATUS[conclusion], verdict.lift, bar_value,
+            _lift_reason(gate.outcome, verdict, conclusion, bar, gate.confidence), detail,
+        ))  # fmt: skip
+    return tuple(verdicts), state
+
+
 # -- the state -------------------------------------------------------------------------------
 
 
@@ -789,6 +916,8 @@ class RolloutState:
     hold_excluded_s: float = 0.0  # seconds since step_started_at that do not count toward it
     history: tuple[Event, ...] = ()
     generation: int = 0
+    # The lift gates' sequential tests, carried from tick to tick: gate -> Verdict.reading().
+    lift: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, plan: RolloutPlan, now: float, *, generation: int = 0) -> RolloutState:
@@ -863,6 +992,7 @@ class RolloutState:
             "hold_excluded_s": self.hold_excluded_s,
             "history": [event.to_dict() for event in self.history],
             "generation": self.generation,
+            "lift": {name: dict(reading) for name, reading in self.lift.items()},
         }
 
     @classmethod
@@ -882,6 +1012,7 @@ class RolloutState:
             hold_excluded_s=float(data["hold_excluded_s"]),
             history=tuple(Event.from_dict(event) for event in data["history"]),
             generation=int(data["generation"]),
+            lift={name: dict(reading) for name, reading in data.get("lift", {}).items()},
         )
 
 
@@ -1042,6 +1173,8 @@ def _run_steps(
             undecided = [
                 v for v in verdicts if v.status is GateStatus.PENDING and v.gate != FAIL_FAST
             ]
+            if undecided and s.elapsed_s(now) < duration_s + _lift_wait_s(s.plan.gates, undecided):
+                return s  # only lift gates are undecided and they may still take their time
             if undecided:
                 after = replace(s, phase=Phase.PAUSED, paused_by_user=False)
                 detail = "; ".join(f"{v.gate}: {v.reason}" for v in undecided)
@@ -1053,6 +1186,16 @@ def _run_steps(
         after = _next_step(s, now)
         events.append(_event(s, after, now, reason, verdicts))
         s = after
+
+
+def _lift_wait_s(gates: Gates, undecided: list[GateVerdict]) -> float:
+    """How much longer than its duration an analysis may hold for `undecided` gates: the
+    smallest max_wait_s among them, 0 if any is not a lift gate."""
+    waits = []
+    for verdict in undecided:
+        gate = getattr(gates, verdict.gate, None) if verdict.gate in LIFT_GATES else None
+        waits.append(gate.max_wait_s if gate is not None else 0.0)
+    return min(waits, default=0.0)
 
 
 def _decide(
@@ -1100,6 +1243,12 @@ def step(state: RolloutState, observation: Observation, now: float) -> Decision:
     verdicts = evaluate_gates(
         plan.gates, observation, candidate=plan.candidate, stable=plan.stable
     )
+    lift_verdicts, lift = evaluate_lift_gates(
+        plan.gates, observation, s.lift, candidate=plan.candidate, stable=plan.stable
+    )
+    if lift_verdicts:
+        verdicts += lift_verdicts
+        s = replace(s, lift=lift)
     failed = [v for v in verdicts if v.status is GateStatus.FAILED]
     if failed:
         detail = "; ".join(f"gate {v.gate} failed: {v.reason}" for v in failed)

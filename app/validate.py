@@ -48,11 +48,15 @@ class Report:
         return not self.errors
 
 
-def smoke_test(config: ModelConfig, hyperparameters: dict[str, Any] | None = None) -> str:
-    """Verify, load and run one example through a version; return a one-line summary."""
+def smoke_test(
+    config: ModelConfig, hyperparameters: dict[str, Any] | None = None, weights: Any = None
+) -> str:
+    """Verify, load and run one example through a version (with the weights a user_config
+    patch names, if any); return a one-line summary."""
     started = time.perf_counter()
-    directory = resolve_artifact(config.artifact, config.base_dir())
-    verify_artifact(directory, config.sha256)
+    artifact, sha256 = (weights.artifact, weights.sha256) if weights else (config.artifact, config.sha256)
+    directory = resolve_artifact(artifact, config.base_dir())
+    verify_artifact(directory, sha256)
     cls = adapter_class(config.adapter)
     params = cls.parse_hyperparameters(
         config.hyperparameters if hyperparameters is None else hyperparameters
@@ -76,14 +80,29 @@ def smoke_test(config: ModelConfig, hyperparameters: dict[str, Any] | None = Non
 
 
 def validate_serve_config(
-    path: Path, *, load_models: bool = True, progress: Callable[[str], None] = lambda _: None
+    path: Path,
+    *,
+    load_models: bool = True,
+    progress: Callable[[str], None] = lambda _: None,
+    overlay: Path | None = None,
 ) -> Report:
+    """Check `path`, or with `overlay` (configs/regions/<region>.yaml) the region's config:
+    the overlay merged onto `path`, checked like any serve config, then every replica against
+    the node types of the overlay's cluster launcher files (app/placement.py)."""
     report = Report()
+    region = None
     try:
         document = load_yaml(path)
+        if overlay is not None:
+            from app.overlay import load_overlay, render
+
+            region = load_overlay(overlay)
+            document = render(document, region)
     except ConfigError as exc:
         report.errors.append(str(exc))
         return report
+    if region is not None:
+        path = f"{path} + {overlay}"  # errors name both files; fields are of the merged config
     from ray.serve.schema import ServeDeploySchema  # Ray's own schema; importing starts nothing
 
     try:
@@ -108,7 +127,31 @@ def validate_serve_config(
             report.notes.append(f"{where}: import_path is not {BUILDER}; only Serve's schema checked")
             continue
         _validate_application(application, where, report, load_models, progress)
+    if region is not None and report.ok:
+        _validate_region_clusters(document, region, report)
     return report
+
+
+def _validate_region_clusters(document: dict[str, Any], region: Any, report: Report) -> None:
+    """Each launcher file the region names: Ray's schema, then whether every replica fits."""
+    from app.config import project_root
+    from app.placement import check_fit, launcher_errors, load_launcher, replica_demands
+
+    demands = replica_demands(document)
+    for name in region.clusters:
+        cluster_path = project_root() / name
+        try:
+            launcher = load_launcher(cluster_path)
+        except ConfigError as exc:
+            report.errors.append(f"{region.source}: clusters: {exc}")
+            continue
+        errors = launcher_errors(launcher, name)
+        report.errors += errors
+        if errors:
+            continue
+        fit = check_fit(demands, launcher, name)
+        report.errors += fit.errors
+        report.notes += fit.notes
 
 
 def _validate_application(
@@ -126,7 +169,7 @@ def _validate_application(
         return
     by_name = {c.deployment_name: c for c in configs}
     versions = [c.version for c in configs]
-    overrides: dict[str, dict[str, Any]] = {}
+    overrides: dict[str, ModelUserConfig] = {}
     for i, deployment in enumerate(application.get("deployments") or []):
         name = deployment.get("name")
         field_path = f"{where}.deployments[{i}]"
@@ -156,7 +199,7 @@ def _validate_application(
                 continue
             try:
                 adapter_class(by_name[name].adapter).parse_hyperparameters(update.hyperparameters)
-                overrides[name] = update.hyperparameters
+                overrides[name] = update
             except ValidationError as exc:
                 report.errors.append(
                     format_validation_error(exc, f"{field_path}.user_config.hyperparameters")
@@ -164,11 +207,15 @@ def _validate_application(
     if not load_models:
         return
     for config in configs:
-        progress(f"loading {config.deployment_name} from {config.artifact} ...")
+        update = overrides.get(config.deployment_name)
+        weights = update.weights if update is not None else None
+        label = f"{where}: {config.deployment_name}.user_config.weights" if weights else f"{config.source}: artifact"
+        progress(f"loading {config.deployment_name} from {weights.artifact if weights else config.artifact} ...")
         try:
-            summary = smoke_test(config, overrides.get(config.deployment_name))
+            hyperparameters = update.hyperparameters if update is not None else None
+            summary = smoke_test(config, hyperparameters, weights)
         except (ArtifactError, ValueError, OSError) as exc:
-            report.errors.append(f"{config.source}: artifact: {exc}")
+            report.errors.append(f"{label}: {exc}")
             continue
         except Exception as exc:  # a model that cannot load or run is a config error here
             report.errors.append(f"{config.source}: smoke inference failed: {type(exc).__name__}: {exc}")
@@ -178,17 +225,23 @@ def _validate_application(
 
 def _validate_plan(user_config: Any, versions: list[str], where: str, report: Report) -> None:
     """The RolloutController's user_config: `{plan: <RolloutPlan> | null, tick_interval_s,
-    prometheus_url}`."""
+    prometheus_url, feedback}`."""
+    from app.feedback import FeedbackSettings
     from app.rollout import RolloutPlan
 
     if not isinstance(user_config, dict):
         report.errors.append(f"{where}: must be a mapping with a 'plan' key")
         return
-    unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url"})
+    unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url", "feedback"})
     if unknown:
         report.errors.append(
-            f"{where}: unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url"
+            f"{where}: unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url, "
+            "feedback"
         )
+    try:
+        FeedbackSettings.model_validate(user_config.get("feedback") or {})
+    except ValidationError as exc:
+        report.errors.append(format_validation_error(exc, f"{where}.feedback"))
     url = user_config.get("prometheus_url")
     if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
         report.errors.append(f"{where}.prometheus_url: {url!r} must be an http(s) URL")

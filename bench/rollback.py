@@ -43,12 +43,9 @@ per trial comes before it. Progress on stderr. Exit status
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import platform
 import random
-import secrets
 import sys
 import tempfile
 import threading
@@ -57,24 +54,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-# A throwaway cluster of our own: token auth off (real clusters keep it on). Before `import ray`.
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench.localapp import APP, TICK_S, LocalApp, wait_for, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
-from ray import serve  # noqa: E402
 
-from bench.common import cpu_count, free_port, log, shutdown  # noqa: E402
+from bench.common import cpu_count, log  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = "recommender"
 CANDIDATE, STABLE = "v2", "v1"
 CLIENTS = 6
 POLL_S = 0.02
-TICK_S = 0.25
 GATES = {"min_requests": 10, "fail_fast_min_requests": 5, "max_p99_latency_ratio": None}
 BODY = {
     "inputs": [
@@ -84,49 +75,8 @@ BODY = {
 }
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # keep polling; report the last error on timeout
-            last_error = exc
-        time.sleep(interval_s)
-    raise RuntimeError(f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}")
-
-
-# -- the app -----------------------------------------------------------------------------------
-
-
-def serve_config(versions: list[Path], http_port: int, env_vars: dict[str, str]) -> dict[str, Any]:
-    """Like the repo's serve_config.yaml (and tests/integration/conftest.py's serve_config)."""
-    return {
-        "http_options": {"host": "127.0.0.1", "port": http_port},
-        "applications": [
-            {
-                "name": APP,
-                "route_prefix": "/",
-                "import_path": "app.builder:build_app",
-                "args": {"model": APP, "versions": [str(p) for p in versions], "router": {}},
-                "runtime_env": {"env_vars": env_vars},
-                "deployments": [
-                    {"name": "Router", "user_config": {"stable": STABLE, "weights": {STABLE: 100}}},
-                    {"name": "RolloutController", "user_config": {"plan": None, "tick_interval_s": TICK_S}},
-                ],
-            }
-        ],
-    }
-
-
 def with_plan(config: dict[str, Any], plan: dict[str, Any] | None) -> dict[str, Any]:
-    updated = copy.deepcopy(config)
-    for deployment in updated["applications"][0]["deployments"]:
-        if deployment["name"] == "RolloutController":
-            deployment["user_config"] = {"plan": plan, "tick_interval_s": TICK_S}
-    return updated
+    return with_user_configs(config, RolloutController={"plan": plan, "tick_interval_s": TICK_S})
 
 
 def trial_plan(index: int) -> dict[str, Any]:
@@ -138,11 +88,6 @@ def trial_plan(index: int) -> dict[str, Any]:
         "canary": {"steps": [{"set_weight": weight}, {"analysis_s": 60}]},
         "gates": GATES,
     }
-
-
-def replica_ids(details: dict[str, Any]) -> dict[str, list[str]]:
-    deployments = details.get("applications", {}).get(APP, {}).get("deployments", {})
-    return {name: sorted(r["replica_id"] for r in d.get("replicas", [])) for name, d in deployments.items()}
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -296,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-rollback-"))
-    ray_started = serve_started = False
+    app = LocalApp()
     results: list[dict[str, Any]] = []
     failure: str | None = None
     load: Load | None = None
@@ -311,61 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             model_config(tmp, "v1", healthy),
             model_config(tmp, "v2", faulty, faults={"error_rate": 1.0}),
         ]
-        token = secrets.token_hex(16)  # 32 characters
-        token_file = tmp / "admin_token"
-        token_file.write_text(token + "\n")
-        token_file.chmod(0o600)
-
-        http_port, dashboard_port = free_port(), free_port()
-        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        base_env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-        log(f"starting a throwaway Ray (address=local, num_cpus=4, dashboard on 127.0.0.1:{dashboard_port})")
-        ray.init(
-            address="local",  # always a new cluster of our own, never one that is already running
-            num_cpus=4,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            log_to_driver=False,
-            runtime_env={"env_vars": base_env},
-        )
-        ray_started = True
-        log(f"starting Serve on http://127.0.0.1:{http_port}")
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve_started = True
-
-        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-        wait_for(lambda: httpx.get(f"{dashboard_url}/api/version", timeout=5).status_code == 200,
-                 timeout_s=60, interval_s=0.5, what="the Ray dashboard")  # fmt: skip
-        submission = ServeSubmissionClient(dashboard_url)
-        config = serve_config(versions, http_port, {**base_env, "ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)})
+        app.start(tmp, versions, router={"stable": STABLE, "weights": {STABLE: 100}})
+        config, client, admin = app.config, app.client, app.admin
 
         def deploy(plan: dict[str, Any] | None) -> None:
-            submission.deploy_applications(with_plan(config, plan))
+            app.deploy(with_plan(config, plan))
 
-        log("deploying the recommender app (v1 healthy, v2 error_rate 1.0) through the REST API")
-        deploy(None)
-
-        def app_running() -> bool:
-            app = submission.get_serve_details().get("applications", {}).get(APP)
-            if app and app.get("status") == "DEPLOY_FAILED":
-                raise SystemExit(f"the app failed to deploy: {app.get('message')}")
-            return bool(app) and app.get("status") == "RUNNING"
-
-        wait_for(app_running, timeout_s=180, interval_s=0.5, what="the app to be RUNNING")
-        replicas_before = replica_ids(submission.get_serve_details())
-        base_url = f"http://127.0.0.1:{http_port}"
-        client = httpx.Client(base_url=base_url, timeout=30)
-        headers = {"authorization": f"Bearer {token}"}
-
-        def admin() -> dict[str, Any]:
-            r = client.get("/admin/rollout", headers=headers)
-            r.raise_for_status()
-            return r.json()
-
-        wait_for(lambda: client.get("/v2/health/ready").status_code == 200, 60, 0.2, "the router to be ready")
+        replicas_before = app.replica_ids()
+        base_url = app.url
         probe = client.post(f"/v2/models/{APP}/infer", json=BODY)
         if probe.status_code != 200 or probe.headers.get("x-model-version") != STABLE:
             raise RuntimeError(f"the first request failed: {probe.status_code} {probe.text[:300]}")
@@ -391,12 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                 if index + 1 < trials:
                     settle(client, admin)
             time.sleep(0.5)
-        replicas_after = replica_ids(submission.get_serve_details())
-        client.close()
+        replicas_after = app.replica_ids()
     finally:
         if load is not None:
             load.stop.set()
-        shutdown(serve_started=serve_started, ray_started=ray_started, tmp=tmp)
+        app.close()
         sys.stdout = stdout
 
     times = [r["seconds"] for r in results]

@@ -28,8 +28,13 @@ from app.rollout import (
     apply_command,
     step,
 )
+from app.abtest import OutcomeKind
+from app.errors import ServingError, http_status
+from app.feedback import FeedbackItem, FeedbackSettings, OutcomeBook, RequestLedger
 from app.prometheus import PrometheusUnavailable, query_scalar
+from app.metrics import ControllerMetrics, Metrics
 from app.stats import StatsWindow
+from app.timeline import Timeline
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,6 +65,8 @@ class RolloutController:
         app_name = serve.get_replica_context().app_name
         self.kv_key = f"{app_name}/{model}/rollout-state"
         self.window = StatsWindow()
+        self.metrics = ControllerMetrics(Metrics(model))
+        self.timeline = Timeline()  # per-second curves for `rollout report`
         # (arrival time, shadow version, answers compared, sum of their top-k overlap)
         self.shadow_reports: deque[tuple[float, str, int, float]] = deque(maxlen=100_000)
         self.prometheus_url: str | None = None
@@ -76,7 +83,20 @@ class RolloutController:
         self._published = asyncio.Event()
         self._ticker: asyncio.Task | None = None
         self._dirty = False  # the state in memory is newer than the stored one
+        # Feedback: who answered each request id (pushed by routers), and the outcomes per
+        # version since the current rollout started (persisted beside the state).
+        self.feedback_settings = FeedbackSettings()
+        self.ledger = RequestLedger(self.feedback_settings.max_request_ids, self.feedback_settings.ttl_s)
+        self.book = OutcomeBook()
+        self.feedback_counts = {"counted": 0, "duplicate": 0, "unknown": 0, "expired": 0, "invalid": 0}
+        self._book_dirty = False
         now = time.time()
+        saved_book = _kv_get(self.kv_key + "/outcomes")
+        if saved_book is not None:
+            try:
+                self.book = OutcomeBook.from_dict(json.loads(saved_book))
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.error("RolloutController: ignoring unreadable saved outcomes: %s", exc)
         saved = _kv_get(self.kv_key)
         if saved is not None:
             try:
@@ -113,6 +133,9 @@ class RolloutController:
             return
         self.tick_interval_s = tick
         self.prometheus_url = user_config.get("prometheus_url") or None
+        self.feedback_settings = FeedbackSettings.model_validate(user_config.get("feedback") or {})
+        self.ledger.reconfigure(self.feedback_settings.max_request_ids, self.feedback_settings.ttl_s,
+                                time.time())  # fmt: skip
         if plan is None:
             # No plan declared: routers follow their own declared traffic again.
             self.declared = None
@@ -125,15 +148,19 @@ class RolloutController:
             return
         if self.declared != plan.digest():
             self.declared = plan.digest()
+            self._reset_outcomes()
             self._set(RolloutState.start(plan, time.time(), generation=self.generation + 1))
             self.message = f"started plan {plan.digest()}"
         elif self.override is None and self.state is not None:
             self._publish(self.state)  # a restarted replica resumes steering the same rollout
 
     def _parse(self, user_config: dict[str, Any]) -> tuple[float, RolloutPlan | None]:
-        unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url"})
+        unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url", "feedback"})
         if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url")
+            raise ValueError(
+                f"unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url, feedback"
+            )
+        FeedbackSettings.model_validate(user_config.get("feedback") or {})
         tick = float(user_config.get("tick_interval_s", 0.25))
         if not 0.05 <= tick <= 10:
             raise ValueError(f"tick_interval_s ({tick}) must be between 0.05 and 10 seconds")
@@ -192,25 +219,40 @@ class RolloutController:
             if version == candidate and since <= at <= now:
                 compared, overlap = compared + n, overlap + total
         value, available, _ = self.prometheus
+        versions = (candidate, self.state.plan.stable)
+        outcomes = {
+            outcome: {v: self.book.arm(outcome, v) for v in versions} for outcome in self.book.kinds
+        }
         return Observation(
             stats=self.window.observe(since, now),
             shadow_agreement=overlap / compared if compared else None,
             prometheus_value=value,
             prometheus_available=available,
+            outcomes=outcomes,
         )
 
     def tick(self, now: float) -> None:
         self._persist()
+        self._refresh_gauges(now)
         if self.state is None or self.state.phase.terminal:
+            self._sample(now, force=False)  # the baseline before, and the aftermath after
             return
         decision = step(self.state, self.observation(now), now)
         self.verdicts = decision.verdicts
         if decision.state != self.state:
-            self._set(decision.state)
-        for event in decision.events:
-            logger.info("RolloutController: %s -> %s at step %d, weight %.1f: %s",
-                        event.from_phase.value, event.to_phase.value, event.step_index,
-                        event.weight, event.reason)  # fmt: skip
+            self._set(decision.state)  # logs the decision's events
+        self._sample(now, force=bool(decision.events))
+
+    def _sample(self, now: float, *, force: bool) -> None:
+        state = self.state
+        if state is None:
+            self.timeline.sample(now, phase=Phase.IDLE.value, step_index=0, weights={}, force=force)
+            return
+        live = not state.phase.terminal
+        self.timeline.sample(now, phase=state.phase.value, step_index=state.step_index,
+                             weights=state.weights, force=force,
+                             verdicts=[{"gate": v.gate, "status": v.status.value}
+                                       for v in self.verdicts] if live else [])  # fmt: skip
 
     def _set(self, state: RolloutState) -> None:
         before = self.state
@@ -220,9 +262,51 @@ class RolloutController:
             self._publish(state)  # first: traffic must not wait on storage
         self._dirty = True
         self._persist()
+        self._observe_change(before, state)
+
+    def _refresh_gauges(self, now: float) -> None:
+        """Re-send the phase, step and weight gauges about once a second, terminal phases too:
+        Ray's metrics agent drops a gauge that is not re-sent within two export intervals."""
+        if now - getattr(self, "_gauges_at", 0.0) < 1.0:
+            return
+        self._gauges_at = now
+        state = self.state
+        try:
+            if state is None:  # no plan yet: idle (so a later phase shows as a change from 0)
+                self.metrics.state(phase=Phase.IDLE.value, step_index=0, candidate=None, weight=0.0)
+                return
+            self.metrics.state(phase=state.phase.value, step_index=state.step_index,
+                               candidate=state.plan.candidate, weight=state.candidate_weight)  # fmt: skip
+        except Exception:
+            logger.exception("RolloutController: recording rollout gauges failed")
+
+    def _observe_change(self, before: RolloutState | None, state: RolloutState) -> None:
+        """Metrics and one structured log record per new history event (ticks and commands)."""
+        try:
+            seen = {id(e) for e in before.history} if before is not None else set()
+            events = [e.to_dict() for e in state.history if id(e) not in seen]
+            candidate = state.plan.candidate
+            self.metrics.state(phase=state.phase.value, step_index=state.step_index,
+                               candidate=candidate, weight=state.candidate_weight)  # fmt: skip
+            started = before.step_started_at if before is not None else state.step_started_at
+            self.metrics.events(events, candidate=candidate, step_started_at=started)
+            for event in events:
+                logger.info("RolloutController: %s -> %s at step %d, weight %.1f: %s",
+                            event["from_phase"], event["to_phase"], event["step_index"],
+                            event["weight"], event["reason"],
+                            extra={"rollout_event": event, "model": self.model,
+                                   "candidate": candidate})  # fmt: skip
+        except Exception:  # observability must never break the controller
+            logger.exception("RolloutController: recording rollout metrics failed")
 
     def _persist(self) -> None:
         """Store the state; on failure keep it dirty and let the next tick try again."""
+        if self._book_dirty:
+            try:
+                _kv_put(self.kv_key + "/outcomes", json.dumps(self.book.to_dict()).encode())
+                self._book_dirty = False
+            except Exception:
+                logger.exception("RolloutController: could not persist the outcomes; will retry")
         if not self._dirty or self.state is None:
             return
         try:
@@ -252,15 +336,22 @@ class RolloutController:
     # -- what routers call -----------------------------------------------------------------------
 
     async def report(
-        self, stats: dict[str, dict[str, Any]], shadow: dict[str, dict[str, float]] | None = None
+        self,
+        stats: dict[str, dict[str, Any]],
+        shadow: dict[str, dict[str, float]] | None = None,
+        served: list[tuple[str, str, float]] | None = None,
     ) -> None:
-        """Per-version counts since the router's last report, and shadow comparisons:
-        `{version: {"compared": n, "top_k_overlap_sum": x}}`."""
+        """Per-version counts since the router's last report, shadow comparisons
+        (`{version: {"compared": n, "top_k_overlap_sum": x}}`) and the request ids answered
+        (`[(request_id, version, answered_at)]`, for feedback)."""
         self._ensure_ticker()
         now = time.time()
+        for request_id, version, answered_at in served or ():
+            self.ledger.record(str(request_id), str(version), float(answered_at), now)
         try:
             if stats:
                 self.window.add(stats, now)
+                self.timeline.add(stats)  # validated by the line above
             for version, delta in (shadow or {}).items():
                 n, total = int(delta["compared"]), float(delta["top_k_overlap_sum"])
                 if n > 0:
@@ -281,6 +372,49 @@ class RolloutController:
                 pass
         return self.override
 
+    async def feedback(
+        self, items: list[dict[str, Any]], hints: dict[str, tuple[str, float]]
+    ) -> list[dict[str, Any]]:
+        """Count outcomes for answered requests. `items` are parsed FeedbackItem dicts;
+        `hints` the version the forwarding router's own ledger knows for an id (feedback
+        that arrives before that router's push). One result per item: counted, duplicate,
+        or an error with its HTTP status (404 unknown, 410 expired, 400 wrong kind)."""
+        now = time.time()
+        results = []
+        for raw in items:
+            item = FeedbackItem(str(raw["request_id"]), str(raw["outcome"]), float(raw["value"]),
+                                OutcomeKind(raw["kind"]))  # fmt: skip
+            result: dict[str, Any] = {"request_id": item.request_id, "outcome": item.outcome}
+            try:
+                hint = hints.get(item.request_id)  # (version, answered at) from the router
+                if hint is not None and hint[0] in self.versions:
+                    self.ledger.record(item.request_id, str(hint[0]), float(hint[1]), now)
+                version = self.ledger.lookup(item.request_id, now)
+                self.book.check_kind(item)
+                result["version"] = version
+                if self.ledger.first_count(item.request_id, item.outcome):
+                    self.book.add(item, version)
+                    self._book_dirty = True
+                    result["counted"] = True
+                    self.feedback_counts["counted"] += 1
+                else:
+                    result.update(counted=False, duplicate=True)
+                    self.feedback_counts["duplicate"] += 1
+            except ServingError as exc:
+                status = http_status(exc)
+                result.update(counted=False, status=status, error=exc.message)
+                key = {404: "unknown", 410: "expired"}.get(status, "invalid")
+                self.feedback_counts[key] += 1
+            results.append(result)
+        return results
+
+    def _reset_outcomes(self) -> None:
+        """A new rollout is a new experiment: outcomes (and verdicts) from before it do not
+        count."""
+        self.book.reset()
+        self._book_dirty = True
+        self.verdicts = ()
+
     # -- operators ---------------------------------------------------------------------------------
 
     async def command(self, name: str) -> dict[str, Any]:
@@ -291,6 +425,7 @@ class RolloutController:
                 raise ValueError("no plan is declared: add one to the RolloutController's user_config")
             if not self.state.phase.terminal:
                 raise ValueError(f"a rollout is already {self.state.phase.value}")
+            self._reset_outcomes()
             self._set(RolloutState.start(self.state.plan, now, generation=self.generation + 1))
         else:
             if self.state is None:
@@ -338,11 +473,10 @@ class RolloutController:
             "weights": state.weights if state else {},
             "time_in_step_s": round(state.elapsed_s(now), 2) if state else 0.0,
             "generation": self.override["generation"] if self.override else 0,
-            "verdicts": [
-                {"gate": v.gate, "status": v.status.value, "value": v.value,
-                 "threshold": v.threshold, "reason": v.reason}
-                for v in self.verdicts
-            ],  # fmt: skip
+            "verdicts": [{"gate": v.gate, **v.reading()} for v in self.verdicts],
+            "outcomes": self.book.summary(),
+            "feedback": {**self.feedback_counts, "request_ids_remembered": len(self.ledger),
+                         "ttl_s": self.feedback_settings.ttl_s},  # fmt: skip
             "versions": versions,
             "plan_digest": state.plan.digest() if state else None,
             "updated_at": now,
@@ -355,5 +489,7 @@ class RolloutController:
 
     async def history(self) -> dict[str, Any]:
         events = self.state.history if self.state else ()
-        return {"events": [e.to_dict() for e in events]}
+        # The curves of this rollout: from 30 s before its first event (the baseline) to now.
+        start = events[0].time_s - 30.0 if events else float("inf")
+        return {"events": [e.to_dict() for e in events], "timeline": self.timeline.since(start)}
 

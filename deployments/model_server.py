@@ -2,7 +2,15 @@
 
 Loads the version's artifact after checking its sha256, serves dynamic batches through the
 version's adapter, answers health checks with a tiny real inference, and applies its
-`user_config` (hyperparameters, batching, fault injection) in place.
+`user_config` (hyperparameters, batching, fault injection, weights) in place.
+
+Weights hot swap: a `user_config.weights` {artifact, sha256} other than the loaded one is
+resolved, checksummed, loaded and smoke-tested in a worker thread while the old weights keep
+serving, then swapped in under the model lock (between two batches). If any of that fails the
+whole patch is refused: the old weights, hyperparameters, batching and faults keep serving, and
+`info()` shows the refusal. The replica's first load happens in the first `reconfigure` (Serve
+calls it before the replica serves), so a replica started after a swap loads only the patched
+weights; a failure there fails the replica, as a bad artifact at deploy time should.
 """
 
 from __future__ import annotations
@@ -19,8 +27,11 @@ from ray import serve
 from app.adapters import Tensors, adapter_class
 from app.artifacts import resolve_artifact, verify_artifact
 from app.config import Batching, FaultInjection, ModelConfig, ModelUserConfig, config_hash
+
+Weights = tuple[str, Any]  # (artifact, sha256) as declared
 from app.errors import ArtifactError, InjectedFault, ModelFailure, ServingError
 from app.faults import plan_fault
+from app.metrics import Metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,31 +39,57 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment
 class ModelServer:
     def __init__(self, config: ModelConfig) -> None:
-        started = time.perf_counter()
         self.config = config
         self.name = config.deployment_name
-        try:
-            self.artifact_dir = resolve_artifact(config.artifact, config.base_dir())
-            self.digests = verify_artifact(self.artifact_dir, config.sha256)
-        except ArtifactError as exc:
-            # Fail this version's replicas loudly; the other versions are other deployments.
-            raise ArtifactError(f"{self.name}: refusing to serve: {exc}") from None
         self.adapter_cls = adapter_class(config.adapter)
-        self.adapter = self.adapter_cls(
-            self.artifact_dir,
-            self.adapter_cls.parse_hyperparameters(config.hyperparameters),
-            threads=config.resources.threads(),
-        )
+        self.adapter = None  # loaded by the first reconfigure (or the first call without one)
+        self.weights: Weights | None = None
+        self.artifact_dir = None
+        self.digests: dict[str, str] = {}
         self.faults: FaultInjection = config.faults
         self.rng = random.Random()
         self.patches = 0
+        self.swaps = 0
+        self.refused: dict[str, Any] | None = None
         self._model_lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()  # one first load, however many callers wait for it
         self.config_hash = config_hash(config.user_config().model_dump(mode="json"))
-        self.load_s = time.perf_counter() - started
+        self.load_s = 0.0
+        self.metrics = Metrics(config.name)
+        self._gauges_at = float("-inf")
+
+    def _load(self, weights: Weights, hyperparameters) -> tuple[Any, Any, dict[str, str], float]:
+        """Resolve, checksum, load and smoke-test `weights` (in a worker thread)."""
+        started = time.perf_counter()
+        directory = resolve_artifact(weights[0], self.config.base_dir())
+        digests = verify_artifact(directory, weights[1])
+        adapter = self.adapter_cls(directory, hyperparameters, threads=self.config.resources.threads())
+        adapter.predict([adapter.example()], [{}])  # smoke inference: a model that cannot answer is refused
+        return adapter, directory, digests, time.perf_counter() - started
+
+    async def _ensure_loaded(self, weights: Weights | None = None, hyperparameters=None) -> None:
+        if self.adapter is not None:
+            return
+        async with self._load_lock:
+            if self.adapter is None:
+                await self._first_load(weights, hyperparameters)
+
+    async def _first_load(self, weights: Weights | None, hyperparameters) -> None:
+        weights = weights or (self.config.artifact, self.config.sha256)
+        if hyperparameters is None:
+            hyperparameters = self.adapter_cls.parse_hyperparameters(self.config.hyperparameters)
+        try:
+            loaded = await asyncio.to_thread(self._load, weights, hyperparameters)
+        except ArtifactError as exc:
+            # Fail this version's replicas loudly; the other versions are other deployments.
+            raise ArtifactError(f"{self.name}: refusing to serve: {exc}") from None
+        self.adapter, self.artifact_dir, self.digests, self.load_s = loaded
+        self.weights = weights
         logger.info("%s loaded %s in %.2fs", self.name, self.artifact_dir, self.load_s)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Hot patch: hyperparameters, batching and faults change in place, between batches.
+        """Hot patch: hyperparameters, batching, faults and weights change in place, between
+        batches; new weights load beside the old ones first (see the module docstring).
 
         Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
         would race the batches. Here it takes the model lock, so a batch runs wholly under one
@@ -60,9 +97,33 @@ class ModelServer:
         update = ModelUserConfig.model_validate(user_config)
         digest = config_hash(user_config)
         hyperparameters = self.adapter_cls.parse_hyperparameters(update.hyperparameters)
+        weights: Weights = (
+            (update.weights.artifact, update.weights.sha256) if update.weights is not None
+            else (self.config.artifact, self.config.sha256)
+        )  # fmt: skip
+        if self.adapter is None:
+            await self._ensure_loaded(weights, hyperparameters)
+        elif weights != self.weights:
+            try:
+                loaded = await asyncio.to_thread(self._load, weights, hyperparameters)
+            except Exception as exc:  # refuse the whole patch; the old config keeps serving
+                self.refused = {"weights": {"artifact": weights[0], "sha256": weights[1]},
+                                "config": digest, "error": f"{type(exc).__name__}: {exc}",
+                                "at": time.time()}  # fmt: skip
+                logger.error("%s: refused weights %s; still serving %s: %s", self.name, weights[0],
+                             self.artifact_dir, exc)  # fmt: skip
+                return
+            async with self._model_lock:  # between two batches: the swap is atomic
+                self.adapter, self.artifact_dir, self.digests, self.load_s = loaded
+                self.weights = weights
+                self.config_hash = digest
+            self.swaps += 1
+            logger.info("%s: swapped in weights %s (loaded in %.2fs)", self.name, self.artifact_dir,
+                        self.load_s)  # fmt: skip
         async with self._model_lock:
             self.adapter.configure(hyperparameters)
             self.config_hash = digest
+        self.refused = None
         self._apply_batching(update.batching)
         self.faults = update.faults
         self.patches += 1
@@ -78,6 +139,7 @@ class ModelServer:
         return {"outputs": outputs, "config": config}
 
     async def _infer(self, inputs: Tensors, parameters: dict[str, Any]) -> tuple[Tensors, str]:
+        await self._ensure_loaded()
         plan = plan_fault(self.faults, self.rng)
         if plan.delay_s:
             await asyncio.sleep(plan.delay_s)
@@ -98,6 +160,8 @@ class ModelServer:
         # The forward pass runs off the event loop so new requests keep queueing for the next
         # batch; the lock keeps a hot patch (and the health check, which shares the tokenizer)
         # out of it.
+        self.metrics.observe("rollout_batch_size", len(requests), version=self.config.version)
+        self._refresh_gauges()
         async with self._model_lock:
             config = self.config_hash
             outputs = await asyncio.to_thread(
@@ -105,7 +169,17 @@ class ModelServer:
             )
         return [(out, config) for out in outputs]
 
+    def _refresh_gauges(self) -> None:
+        # Ray's metrics agent drops a gauge not re-sent within two export intervals, so the
+        # load time is re-sent (at most once a second) from health checks and batches.
+        now = time.monotonic()
+        if self.adapter is not None and now - self._gauges_at >= 1.0:  # loaded: load_s is real
+            self._gauges_at = now
+            self.metrics.set("rollout_model_load_s", self.load_s, version=self.config.version)
+
     async def check_health(self) -> None:
+        await self._ensure_loaded()
+        self._refresh_gauges()
         async with self._model_lock:
             await asyncio.to_thread(self.adapter.predict, [self.adapter.example()], [{}])
 
@@ -118,9 +192,12 @@ class ModelServer:
             "actor_name": context.replica_id.to_full_id_str(),
             "pid": os.getpid(),
             "artifact": str(self.artifact_dir),
+            "weights": None if self.weights is None else self.weights[0],
             "sha256": self.digests,
+            "weights_swaps": self.swaps,
+            "refused_patch": self.refused,
             "adapter": self.config.adapter,
-            "hyperparameters": self.adapter.hyperparameters.model_dump(mode="json"),
+            "hyperparameters": None if self.adapter is None else self.adapter.hyperparameters.model_dump(mode="json"),
             "faults": self.faults.model_dump(mode="json"),
             "load_s": round(self.load_s, 3),
             "patches": self.patches,

@@ -6,11 +6,13 @@ surface, the deployment handles and the loop that refreshes which versions are s
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 import asyncio
+import json
 import logging
 import pickle
 import random
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,14 +28,17 @@ from app.admin import check_bearer, load_admin_token
 from app.cache import CacheSettings, ResponseCache, cache_key
 from app.config import ModelConfig, RouterSettings, TrafficConfig, config_hash
 from app.dispatch import Dispatcher
+from app.feedback import FeedbackSettings, RequestLedger, parse_feedback
 from app.errors import (
     Conflict,
     DeadlineExceeded,
+    Gone,
     InvalidInput,
     LoadShed,
     ModelFailure,
     ModelNotFound,
     PayloadTooLarge,
+    ReplicaLost,
     ServingError,
     Unauthorized,
     Unavailable,
@@ -46,7 +51,9 @@ from app.protocol import (
     encode_infer_response,
     model_metadata,
 )
-from app.stats import RouterStats
+from app.access_log import ACCESS_MESSAGE, access_record, outcome_for_status
+from app.drift import ScoreWindow, score_output
+from app.metrics import UNROUTED, UNROUTED_DECISION, MeteredStats, Metrics, RouterGauges, error_type
 from app.traffic import TrafficTable, apply_override
 
 logger = logging.getLogger("ray.serve")
@@ -160,12 +167,24 @@ class Router:
         # another digest (computed before a hot patch) are never served.
         self.target_config: dict[str, str] = {}
         self.rng = random.Random()
-        self.stats = RouterStats()
+        # Metrics (app/metrics.py): recorded where the gates' stats are, plus a periodic pass.
+        self.metrics = Metrics(model)
+        self.gauges = RouterGauges(self.metrics)
+        self.stats = MeteredStats(self.metrics)
+        self.scores = ScoreWindow(settings.drift)
+        self.score_outputs = {v: score_output(a.outputs) for v, a in self.adapters.items()}
+        self.log_rng = random.Random()
+        self._observer: asyncio.Task | None = None
         self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng,
                                      on_shadow=self.stats.record)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         self._poller: asyncio.Task | None = None
         self._controller_tasks: list[asyncio.Task | None] = []
+        # Feedback: request ids this replica answered. `served` waits for the next push to the
+        # controller (bounded: a controller that is away must not grow it without end);
+        # `recent` answers for ids whose push has not reached the controller yet.
+        self.served: deque[tuple[str, str, float]] = deque(maxlen=200_000)
+        self.recent = RequestLedger(max_entries=50_000, ttl_s=FeedbackSettings().ttl_s)
 
     # -- traffic ---------------------------------------------------------------------------
 
@@ -200,6 +219,8 @@ class Router:
         loop = asyncio.get_running_loop()
         if self._poller is None or self._poller.done():
             self._poller = loop.create_task(self._poll_health())
+        if self._observer is None or self._observer.done():
+            self._observer = loop.create_task(self._observe_loop())
         if self.controller is None:
             return
         if not self._controller_tasks:
@@ -254,10 +275,14 @@ class Router:
                     shadow[version] = {"compared": total[0] - before[0],
                                        "top_k_overlap_sum": total[1] - before[1]}  # fmt: skip
                     sent[version] = total
-            if not report and not shadow:
+            served = list(self.served)
+            self.served.clear()
+            if not report and not shadow and not served:
                 continue
             try:
-                await asyncio.wait_for(self.controller.report.remote(report, shadow), timeout=2.0)
+                await asyncio.wait_for(
+                    self.controller.report.remote(report, shadow, served), timeout=2.0
+                )
             except Exception as exc:  # lost reports only delay a verdict; never block serving
                 logger.warning("Router: stats report to the controller failed: %s", exc)
 
@@ -387,6 +412,7 @@ class Router:
                 for v, c in self.configs.items()
             },
             "fallbacks": self.dispatcher.fallbacks,
+            "replica_retries": self.dispatcher.replica_retries,
             "shadow_stats": {v: st.snapshot() for v, st in self.dispatcher.shadow_stats.items()},
             "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
             "rejected_update": self.rejected,
@@ -426,13 +452,123 @@ class Router:
             raise InvalidInput(f"unknown command {command!r}; commands: {', '.join(ADMIN_COMMANDS)}")
         return await self._ask_controller("command", command)
 
+    @api.post("/v2/models/{model}/feedback")
+    async def feedback(self, model: str, request: Request) -> Response:
+        """Outcomes for earlier answers: `{"request_id", "outcome", "value"}` (value true/false
+        or a number), or a batch `{"feedback": [...]}`. Counted once per (request id, outcome)
+        for the version that answered; 404 unknown id, 410 expired id."""
+        self._ensure_poller()
+        self._check_model(model)
+        if self.controller is None:
+            raise Unavailable("feedback needs the rollout controller, which this app does not run")
+        body = await _read_body(request, self.settings.max_body_bytes)
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise InvalidInput(f"the feedback body is not valid JSON: {exc}") from None
+        items, batch = parse_feedback(document, FeedbackSettings().max_items_per_request)
+        now = time.time()
+        hints: dict[str, tuple[str, float]] = {}
+        for item in items:
+            entry = self.recent.entry(item.request_id, now)
+            if entry is not None:
+                hints[item.request_id] = entry
+        payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
+        results = await self._ask_controller("feedback", payload, hints)
+        if batch:
+            counted = sum(1 for r in results if r.get("counted"))
+            return JSONResponse({"counted": counted, "results": results})
+        result = results[0]
+        status = result.pop("status", None)
+        if status is not None:
+            error = {404: ModelNotFound, 410: Gone}.get(status, InvalidInput)
+            raise error(result["error"])
+        return JSONResponse(result)
+
     @api.post("/v2/models/{model}/infer")
     async def infer(self, model: str, request: Request) -> Response:
-        return await self._infer(model, None, request)
+        return await self._observed(model, None, request)
 
     @api.post("/v2/models/{model}/versions/{version}/infer")
     async def infer_version(self, model: str, version: str, request: Request) -> Response:
-        return await self._infer(model, version, request)
+        return await self._observed(model, version, request)
+
+    async def _observed(self, model: str, path_version: str | None, request: Request) -> Response:
+        """`_infer`, then one metric record and one access log record, whatever the outcome."""
+        started = time.monotonic()
+        error: BaseException | None = None
+        response: Response | None = None
+        try:
+            response = await self._infer(model, path_version, request)
+            return response
+        except ServingError as exc:
+            error = exc
+            raise
+        except Exception as exc:  # a bug: FastAPI answers 500; count it as one
+            error = exc
+            raise
+        finally:
+            try:
+                self._record_request(request, response, error, (time.monotonic() - started) * 1000)
+            except Exception:  # observability must never fail a request
+                logger.exception("Router: recording request metrics failed")
+
+    def _record_request(self, request: Request, response: Response | None,
+                        error: BaseException | None, latency_ms: float) -> None:  # fmt: skip
+        state = request.state
+        version = getattr(state, "version", None)
+        headers = response.headers if response is not None else {}
+        cache = headers.get("x-cache")
+        decision = "cache" if cache == "hit" else headers.get("x-routing-decision") or getattr(
+            state, "decision", None
+        )
+        status = response.status_code if response is not None else (
+            http_status(error) if isinstance(error, ServingError) else 500
+        )  # fmt: skip
+        kind = error_type(error) if error is not None else None
+        if version is None or decision is None:  # refused before a version was chosen
+            version, decision = UNROUTED, UNROUTED_DECISION
+        self.metrics.request(version, decision, outcome_for_status(status), latency_ms)
+        if error is not None:
+            self.metrics.request_error(version, error)
+        if version != UNROUTED:
+            if cache is not None:
+                self.metrics.cache_lookup(version, cache == "hit")
+            fell_back = headers.get("x-fallback-from")
+            if fell_back is not None:
+                self.metrics.fallback(fell_back, headers.get("x-fallback-reason") or "error")
+        if self.settings.access_log.enabled:
+            record = access_record(
+                settings=self.settings.access_log, rng=self.log_rng,
+                request_id=request.headers.get("x-request-id"), model=self.model,
+                version=version, decision=decision, status=status, latency_ms=latency_ms,
+                fallback_from=headers.get("x-fallback-from"),
+                fallback_reason=headers.get("x-fallback-reason"), cache=cache, error_type=kind,
+                body=getattr(state, "body", None),
+            )  # fmt: skip
+            logger.info("%s %s %s %s %d %.1fms", ACCESS_MESSAGE, version, decision, kind or "ok",
+                        status, latency_ms, extra=record)  # fmt: skip
+
+    async def _observe_loop(self) -> None:
+        """About once a second: publish the router's state as gauges (weights, availability,
+        breakers, shadow outcomes, score drift). Off the request path."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                table = self.table
+                psi = {}
+                if table is not None and self.settings.drift.enabled:
+                    psi = self.scores.psi_by_version(table.stable, time.monotonic())
+                self.gauges.update(
+                    versions=self.handles.keys(),
+                    weights=dict(table.weights) if table else {},
+                    stable=table.stable if table else None,
+                    available=self.available,
+                    breakers={v: s.value for v, s in self.dispatcher.breaker_states().items()},
+                    shadow=self.dispatcher.shadow_stats, psi=psi,
+                )  # fmt: skip
+            except Exception:
+                logger.exception("Router: metrics update failed")
 
     async def _infer(self, model: str, path_version: str | None, request: Request) -> Response:
         self._ensure_poller()
@@ -455,6 +591,8 @@ class Router:
         route = table.choose(self.rng, versions=self.handles.keys(), available=self.available,
                              pin=pin, key=key)  # fmt: skip
         request.state.version = route.version
+        request.state.decision = route.decision.value
+        request.state.body = body  # a reference, for the access log's opt-in payload sampling
         adapter = self.adapters[route.version]
         parsed = check_request(raw, adapter.inputs, adapter.outputs,
                                drop_parameters={settings.routing_key_parameter})  # fmt: skip
@@ -464,8 +602,10 @@ class Router:
         if key_for_cache is not None:
             hit = self.cache.get(key_for_cache)
             if hit is not None:  # outputs are cached, so each hit answers in its own encoding
-                return self._respond(model, route.version, route.decision.value, parsed,
-                                     pickle.loads(hit.body), {"x-cache": "hit"})  # fmt: skip
+                return self._answered(request, self._respond(
+                    model, route.version, route.decision.value, parsed, pickle.loads(hit.body),
+                    {"x-cache": "hit"},
+                ))  # fmt: skip
 
         allow_fallback = pin is None or request.headers.get(settings.fallback_header, "").lower() == "true"
         started = time.monotonic()
@@ -491,6 +631,9 @@ class Router:
             self.stats.record(served.fell_back_from, False, elapsed_ms)
         self.stats.record(served.version, True, elapsed_ms)
         request.state.version = served.version
+        output = self.score_outputs.get(served.version)
+        if output is not None and output in served.outputs and self.settings.drift.enabled:
+            self.scores.add(served.version, served.outputs[output], time.monotonic())
         self.dispatcher.maybe_shadow(
             table, served, parsed.inputs, parsed.parameters,
             available=self.available, timeout_s=table.config.request_timeout_s,
@@ -506,7 +649,18 @@ class Router:
             self.cache.put(key_for_cache, pickle.dumps(served.outputs, protocol=5), {})
         if key_for_cache is not None:
             extra["x-cache"] = "miss"
-        return self._respond(model, served.version, served.decision.value, parsed, served.outputs, extra)
+        return self._answered(request, self._respond(
+            model, served.version, served.decision.value, parsed, served.outputs, extra
+        ))  # fmt: skip
+
+    def _answered(self, request: Request, response: Response) -> Response:
+        """Remember who answered this request id, for feedback (pushed to the controller)."""
+        request_id = request.headers.get("x-request-id")
+        if request_id:
+            version, now = response.headers["x-model-version"], time.time()
+            self.recent.record(request_id, version, now, now)
+            self.served.append((request_id, version, now))
+        return response
 
     def _respond(self, model: str, version: str, decision: str, parsed, outputs, extra) -> Response:
         content, headers = encode_infer_response(
@@ -562,7 +716,7 @@ class Router:
             if name == "BackPressureError":
                 raise LoadShed(f"version {version!r} is overloaded: {name}", retry_after_s=1.0) from None
             if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
-                raise Unavailable(f"version {version!r} is unavailable: {name}") from None
+                raise ReplicaLost(f"version {version!r} lost a replica: {name}") from None
             logger.exception("Router: call to %s failed", version)
             raise ModelFailure(f"version {version!r} failed: {name}: {cause}") from None
 

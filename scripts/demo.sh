@@ -31,6 +31,13 @@ if [[ "${1:-}" == "--stop" ]]; then
   exit 0
 fi
 
+if [[ "${1:-}" == "--worse" ]]; then
+  echo "==> A/B rehearsal: v2 is hot-patched to a worse ranking; the same canary plan is declared"
+  "$BIN/python" scripts/demo_rollout.py --plan configs/rollouts/demo-canary.yaml --worse \
+    --url "$URL" --dashboard "$DASHBOARD"
+  exit $?
+fi
+
 if [[ "${1:-}" == "--rollback" ]]; then
   echo "==> rollback rehearsal: v2 fails 50% of its requests; the same canary plan is declared"
   "$BIN/python" scripts/demo_rollout.py --plan configs/rollouts/demo-canary.yaml --faulty \
@@ -61,7 +68,7 @@ step 4 "waiting for the app to be RUNNING (up to ${TIMEOUT_S}s)"
 step 5 "a few requests"
 "$BIN/python" scripts/demo_requests.py --url "$URL"
 
-step 6 "the rollout: v2 canary 5% -> 10% -> 25% -> 50% -> 100%, gated on live stats"
+step 6 "the rollout: v2 at 5% until the A/B test on clicks decides, then 10% -> 25% -> 50% -> 100%"
 "$BIN/python" scripts/demo_rollout.py --plan configs/rollouts/demo-canary.yaml \
   --url "$URL" --dashboard "$DASHBOARD"
 
@@ -78,5 +85,6 @@ The recommender is serving at $URL; the rollout moved all traffic to v2 (v1 is a
 
 Change weights or hyperparameters in serve_config.yaml, then: .venv/bin/rollout validate && .venv/bin/serve deploy serve_config.yaml
 Rehearse a rollback:  make demo-rollback   (v2 fails 50%; the canary is rolled back by itself)
+A worse candidate:    make demo-worse      (v2 ranks worse; the A/B test on clicks rolls it back)
 Stop:  make stop     (serve shutdown; ray stop only if 'make demo' started Ray)
 MSG

@@ -1,8 +1,12 @@
-"""`make demo`'s rollout and `make demo-rollback`: declare a plan with `serve deploy`, drive
-synthetic traffic from many users, and print the rollout as it happens.
+"""`make demo`'s rollout, `make demo-worse` and `make demo-rollback`: declare a plan with
+`serve deploy`, drive traffic from the demo world's simulated users (bench/world.py: each
+request is a user and a slate of items; the user clicks the top item with a probability that
+depends on their hidden taste, and the click or no-click goes back as feedback), and print the
+rollout and the A/B verdict as they happen.
 
-    demo_rollout.py --plan configs/rollouts/demo-canary.yaml
-    demo_rollout.py --plan configs/rollouts/demo-canary.yaml --faulty   # v2 fails 50%: rollback
+    demo_rollout.py --plan configs/rollouts/demo-canary.yaml           # v2 wins: 100%
+    demo_rollout.py --plan configs/rollouts/demo-canary.yaml --worse   # v2 loses: rolled back
+    demo_rollout.py --plan configs/rollouts/demo-canary.yaml --faulty  # v2 fails 50%: rolled back
 """
 
 from __future__ import annotations
@@ -23,40 +27,66 @@ import yaml
 from app.admin import load_admin_token
 from app.config import FaultInjection, load_model_config
 from app.declare import declare_plan, load_plan
+from bench.world import WORSE_V2, World
 
 TERMINAL = {"succeeded", "rolled_back", "aborted"}
-BODY = {
-    "inputs": [
-        {"name": "user", "datatype": "BYTES", "shape": [1], "data": ["loves science fiction films"]},
-        {"name": "items", "datatype": "BYTES", "shape": [3],
-         "data": ["an epic space opera", "a pasta cooking show", "a jazz documentary"]},
-    ]
-}  # fmt: skip
 
 
 class Traffic:
-    """Client threads with random user ids; counts responses by status and serving version."""
+    """Client threads playing the demo world's users: infer, click (or not) on the top item,
+    post the outcome as feedback. Counts responses by status and serving version, and clicks
+    per version (what the clients saw; the controller's own counts come from the feedback)."""
 
     def __init__(self, url: str, clients: int) -> None:
         self.url, self.stop = url, threading.Event()
+        self.world = World()
         self.codes: Counter = Counter()
         self.versions: Counter = Counter()
+        self.clicks: Counter = Counter()
+        self.feedback_errors: Counter = Counter()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
+    def _send_feedback(self, client: httpx.Client, pending: list[dict]) -> None:
+        """One batch POST (what an event pipeline would do); every item must count."""
+        try:
+            f = client.post("/v2/models/recommender/feedback", json={"feedback": pending})
+            results = f.json().get("results", []) if f.status_code == 200 else []
+            lost = len(pending) - sum(1 for r in results if r.get("counted") is True)
+        except (httpx.HTTPError, ValueError):
+            lost = len(pending)
+        if lost:
+            with self.lock:
+                self.feedback_errors["not counted"] += lost
+        pending.clear()
+
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
+        pending: list[dict] = []
+        sent_at = time.monotonic()
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self.stop.is_set():
+                slate = self.world.slate(rng)
+                clicked = None
                 try:
-                    r = client.post("/v2/models/recommender/infer", json=BODY,
-                                    headers={"x-user-id": f"user-{rng.randrange(1_000_000)}"})  # fmt: skip
+                    r = client.post("/v2/models/recommender/infer", json=slate.body(top_k=1),
+                                    headers={"x-user-id": slate.user.user_id})  # fmt: skip
                     code, version = r.status_code, r.headers.get("x-model-version", "-")
+                    if code == 200:
+                        top = r.json()["outputs"][1]["data"][0]  # ranking [1, 1]
+                        clicked = World.click(slate, int(top), rng)
+                        pending.append({"request_id": r.headers["x-request-id"], "outcome": "click",
+                                        "value": clicked})  # fmt: skip
+                    if len(pending) >= 10 or (pending and time.monotonic() - sent_at > 0.5):
+                        self._send_feedback(client, pending)
+                        sent_at = time.monotonic()
                 except httpx.HTTPError as exc:
                     code, version = type(exc).__name__, "-"
                 with self.lock:
                     self.codes[code] += 1
                     self.versions[version] += 1
+                    if clicked:
+                        self.clicks[version] += 1
 
     def start(self) -> Traffic:
         for t in self.threads:
@@ -83,8 +113,10 @@ def main() -> int:
     parser.add_argument("--url", default=os.environ.get("ROLLOUT_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--dashboard", default="http://127.0.0.1:8265")
     parser.add_argument("--faulty", action="store_true", help="inject 50%% errors into v2 first")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument("--worse", action="store_true",
+                        help="hot-patch v2 to a worse scoring (bench.world.WORSE_V2) first")  # fmt: skip
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
 
     token = load_admin_token()
@@ -97,6 +129,10 @@ def main() -> int:
         v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
         faulty = v2.model_copy(update={"faults": FaultInjection(error_rate=0.5)})
         app["deployments"].append({"name": "recommender-v2", "user_config": faulty.model_dump(mode="json")})
+    if args.worse:  # v2 with a "latency fix" that makes its rankings worse (hot patch)
+        v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
+        worse = v2.model_copy(update={"hyperparameters": {**v2.hyperparameters, **WORSE_V2}})
+        app["deployments"].append({"name": "recommender-v2", "user_config": worse.model_dump(mode="json")})
     state = Path(".ray-demo")
     state.mkdir(exist_ok=True)
     # Reset first (no plan: routers follow serve_config.yaml's own split; v2's faults as
@@ -105,12 +141,14 @@ def main() -> int:
     time.sleep(2)
     traffic = Traffic(args.url, args.clients).start()
     time.sleep(2)
-    print(f"  traffic: {args.clients} clients, random user ids; declaring {args.plan}"
-          + (" with v2 failing 50% of requests" if args.faulty else ""), flush=True)
+    print(f"  traffic: {args.clients} clients playing the demo world's users (clicks go back as "
+          f"feedback); declaring {args.plan}"
+          + (" with v2 failing 50% of requests" if args.faulty else "")
+          + (f" with v2 hot-patched to {WORSE_V2}" if args.worse else ""), flush=True)
     serve_deploy(declare_plan(declared, plan), args.dashboard, state / "serve_config.rollout.yaml")
     started = time.monotonic()
     onset = rolled_back = paused_since = None
-    last = None
+    last, lift_printed = None, 0.0
     with httpx.Client(base_url=args.url, timeout=10) as client:
         while time.monotonic() - started < args.timeout:
             weights = client.get("/status").json()["weights"]
@@ -123,9 +161,14 @@ def main() -> int:
             line = (f"  [{time.monotonic() - started:5.1f}s] {phase:<11} step {status.get('step_index', '?')}"
                     f"/{status.get('steps_total', '?')} ({status.get('step', '?')}): "
                     + "  ".join(f"{v} {w:g}%" for v, w in sorted(weights.items())))
+            lift = next((v for v in status.get("verdicts", []) if v.get("gate") == "improvement"), None)
             if line.split("] ", 1)[1] != last:
                 print(line, flush=True)
                 last = line.split("] ", 1)[1]
+                lift_printed = 0.0
+            if lift is not None and time.monotonic() - lift_printed > 10:
+                print(f"           A/B {lift['status']}: {lift['reason']}", flush=True)
+                lift_printed = time.monotonic()
             if phase in TERMINAL:
                 break
             paused_since = (paused_since or time.monotonic()) if phase == "paused" else None
@@ -140,12 +183,21 @@ def main() -> int:
     failed = sum(n for code, n in traffic.codes.items() if code != 200)
     print(f"  clients: {sent} requests, {failed} failed; served by "
           + ", ".join(f"{v}: {n}" for v, n in sorted(traffic.versions.items())))
+    print("  clicks seen by the clients: " + ", ".join(
+        f"{v}: {traffic.clicks[v]}/{n} ({traffic.clicks[v] / n:.1%})"
+        for v, n in sorted(traffic.versions.items()) if v != "-" and n
+    ) + (f"; feedback errors {dict(traffic.feedback_errors)}" if traffic.feedback_errors else ""))
+    if token and status.get("verdicts"):
+        lift = next((v for v in status["verdicts"] if v.get("gate") == "improvement"), None)
+        if lift is not None and lift.get("conclusion") in ("better", "worse"):
+            print(f"  the A/B test says v2 performs {lift['conclusion']}: {lift['reason']}")
     if args.faulty and rolled_back and onset:
         print(f"  rolled back automatically {rolled_back - onset:.2f}s after v2 first got traffic")
     if token:
         for event in client_events(args.url, headers)[-3:]:
             print(f"  event: {event['from_phase']} -> {event['to_phase']}: {event['reason']}")
-    return 0 if (phase == ("rolled_back" if args.faulty else "succeeded")) or not token else 1
+    expected = "rolled_back" if (args.faulty or args.worse) else "succeeded"
+    return 0 if phase == expected or not token else 1
 
 
 def client_events(url: str, headers: dict) -> list[dict]:

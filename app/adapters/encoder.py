@@ -29,7 +29,11 @@ class TextEncoder:
         torch.set_num_threads(threads)
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        # A replica that asked Ray for a GPU sees it in CUDA_VISIBLE_DEVICES; one without (or a
+        # CPU build of torch, or a fake GPU in tests) runs on the CPU rather than failing.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModel.from_pretrained(str(directory), local_files_only=True)
+        self.model.to(self.device)
         self.model.eval()
         self.dimension = int(self.model.config.hidden_size)
 
@@ -41,7 +45,7 @@ class TextEncoder:
         torch = self._torch
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
+        ).to(self.device)
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state
             if pooling == "cls":
@@ -51,4 +55,4 @@ class TextEncoder:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.float().numpy()
+        return pooled.float().cpu().numpy()

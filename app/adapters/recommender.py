@@ -4,12 +4,20 @@ Inputs: `user` (BYTES [U]: user-profile texts) and `items` (BYTES [M]: candidate
 Outputs: `scores` (FP32 [U, M]: similarity / temperature) and `ranking` (INT64 [U, K]: item
 indices, best first; K = M, or the request parameter `top_k`).
 
+Scoring (`profile_scoring`): `whole` embeds each profile as one text; `best_line` splits it
+into its clauses (at `,` `;` `.` and " and "), embeds each, and scores an item by its best
+matching clause, so one line about a taste is not diluted by lines about the rest of a life.
+In the demo world (bench/world.py) that rule puts an item of the user's hidden favourite genre
+first 85% of the time against 52% for `whole` (2,000 slates, `rollout bench world`).
+
 A dynamic batch is encoded in one forward pass over the distinct texts of all its requests.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
+
+import re
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +38,18 @@ class RecommenderHyperparameters(BaseModel):
     item_prefix: str = Field(default="", max_length=200, description="Prepended to item texts.")
     max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per text.")
     temperature: float = Field(default=1.0, gt=0, le=100, description="Scores are sim / temperature.")
+    profile_scoring: Literal["whole", "best_line"] = Field(
+        default="whole",
+        description="whole: one embedding per profile; best_line: best-matching clause per item.",
+    )
+
+
+_CLAUSES = re.compile(r"[,;.]| and ")
+
+
+def _clauses(text: str) -> list[str]:
+    parts = [p.strip() for p in _CLAUSES.split(text)]
+    return [p for p in parts if p] or [text]
 
 
 def _top_k(parameters: dict[str, Any], items: int) -> int:
@@ -74,18 +94,27 @@ class RecommenderAdapter(ModelAdapter):
 
     def predict(self, batch: list[Tensors], parameters: list[dict[str, Any]]) -> list[Tensors]:
         hp: RecommenderHyperparameters = self.hyperparameters  # type: ignore[assignment]
-        users = [[hp.query_prefix + str(t) for t in request["user"]] for request in batch]
+        # Each user is a list of texts: the whole profile, or its clauses (best_line).
+        split = hp.profile_scoring == "best_line"
+        users = [
+            [[hp.query_prefix + c for c in (_clauses(str(t)) if split else [str(t)])]
+             for t in request["user"]]
+            for request in batch
+        ]  # fmt: skip
         items = [[hp.item_prefix + str(t) for t in request["items"]] for request in batch]
-        distinct = list(dict.fromkeys(t for group in users + items for t in group))
+        texts = (t for group in users for user in group for t in user)
+        distinct = list(dict.fromkeys([*texts, *(t for group in items for t in group)]))
         vectors = self.encoder.encode(
             distinct, pooling=hp.pooling, normalize=hp.normalize, max_length=hp.max_length
         )
         row = {text: i for i, text in enumerate(distinct)}
         results = []
         for user_texts, item_texts, params in zip(users, items, parameters):
-            u = vectors[[row[t] for t in user_texts]]
             m = vectors[[row[t] for t in item_texts]]
-            scores = (u @ m.T / hp.temperature).astype(np.float32)
+            similarity = np.stack(
+                [(vectors[[row[t] for t in user]] @ m.T).max(axis=0) for user in user_texts]
+            )
+            scores = (similarity / hp.temperature).astype(np.float32)
             k = _top_k(params, len(item_texts))
             ranking = np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
             results.append({"scores": scores, "ranking": ranking})

@@ -22,6 +22,9 @@ from tests.integration.tiny_models import build_tiny_bert, write_model_config
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray's metrics agents export every second instead of every 10 s, so the observability test's
+# Prometheus sees new series sooner (read by the raylet and workers that ray.init starts).
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 APP = "recommender"
 BIN = Path(sys.executable).parent
@@ -98,16 +101,20 @@ def cluster(tmp_path_factory) -> Cluster:
 
     dashboard_port = free_port()
     http_port = free_port()
+    metrics_port = free_port()
     ray.init(
         num_cpus=8,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
         log_to_driver=False,
+        _metrics_export_port=metrics_port,  # each node's metrics agent; Prometheus scrapes it
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     cluster = Cluster(http_port, dashboard_port)
+    cluster.metrics_port = metrics_port
+    cluster.session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
     # The dashboard's REST API (used by `serve deploy`) comes up a little after ray.init.
     wait_for_condition(
         lambda: httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code == 200,

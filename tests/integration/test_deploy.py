@@ -14,7 +14,7 @@ from tests.integration.conftest import APP, infer_body, model_config, serve_conf
 
 pytestmark = pytest.mark.integration
 
-USER = ["likes science fiction films about space travel"]
+USER = ["works as a nurse, has two cats and likes science fiction films about space travel"]
 ITEMS = ["an epic space opera among the stars", "a cooking show about italian pasta"]
 
 
@@ -60,7 +60,7 @@ def test_repo_serve_config_serves_minilm_at_declared_weights(repo_app):
     for version in ("v1", "v2"):
         scores = _scores(cluster.client, version)
         assert scores[0] > scores[1], (version, scores)
-    # v2 reads the profile with an intent prefix and a sharper temperature: different outputs.
+    # v2 scores each clause of the profile on its own (best_line): different outputs.
     assert _scores(cluster.client, "v1") != _scores(cluster.client, "v2")
 
 
@@ -72,7 +72,7 @@ def test_traffic_and_hyperparameters_change_in_place(repo_app):
 
     updated = copy.deepcopy(config)
     _router_user_config(updated)["weights"] = {"v1": 0, "v2": 100}
-    hot = {"hyperparameters": {"query_prefix": "a user who enjoys ", "temperature": 0.25}}
+    hot = {"hyperparameters": {"profile_scoring": "best_line", "temperature": 0.5}}
     updated["applications"][0]["deployments"].append({"name": f"{APP}-v2", "user_config": hot})
     cluster.serve_deploy(updated, tmp)
 
@@ -82,7 +82,7 @@ def test_traffic_and_hyperparameters_change_in_place(repo_app):
     )  # fmt: skip
     assert status["weights"] == {"v1": 0, "v2": 100}
     wait_for_condition(
-        lambda: cluster.replica_info(f"{APP}-v2")["hyperparameters"]["temperature"] == 0.25,
+        lambda: cluster.replica_info(f"{APP}-v2")["hyperparameters"]["temperature"] == 0.5,
         timeout_s=60, message="v2 hot patch",
     )  # fmt: skip
     cluster.wait_running()

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from tests.integration import loadgen
 from tests.integration.conftest import APP, infer_body, model_config, serve_config, wait_for_condition
 
 pytestmark = pytest.mark.integration
@@ -58,32 +59,15 @@ def admin(cluster, method: str, path: str, token: str | None = TOKEN) -> httpx.R
     return cluster.client.request(method, f"/admin/rollout{path}", headers=headers)
 
 
-class Load:
+def _infer_as_random_user(client: httpx.Client, rng: random.Random, index: int) -> str | None:
+    r = client.post(f"/v2/models/{APP}/infer", json=BODY,
+                    headers={"x-user-id": f"user-{rng.randrange(100_000)}"})  # fmt: skip
+    return None if r.status_code == 200 else f"{r.status_code} {r.text[:200]}"
+
+
+def Load(url: str, clients: int = 4) -> loadgen.Load:  # noqa: N802 - reads like the class
     """Background clients with many user ids; counts every response that is not a 200."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url, self.stop, self.errors, self.sent = url, threading.Event(), [], 0
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            while not self.stop.is_set():
-                r = c.post(f"/v2/models/{APP}/infer", json=BODY,
-                           headers={"x-user-id": f"user-{rng.randrange(100_000)}"})  # fmt: skip
-                self.sent += 1
-                if r.status_code != 200:
-                    self.errors.append(f"{r.status_code} {r.text[:200]}")
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+    return loadgen.Load(url, _infer_as_random_user, clients)
 
 
 def test_admin_api_needs_the_bearer_token(rollout_app):
@@ -275,3 +259,105 @@ def test_prometheus_gate_rolls_back_on_a_bad_reading_and_is_skipped_when_unreach
     )  # fmt: skip
     assert status["phase"] == "progressing" and status["prometheus"]["available"] is False
     assert admin(cluster, "POST", "/abort").status_code == 200
+
+
+def FeedbackLoad(url: str, rates: dict[str, float], clients: int = 4) -> loadgen.Load:  # noqa: N802
+    """Clients that call infer, then post a click for the answer: true with probability
+    `rates[version]` of the version that answered (the x-model-version header)."""
+
+    def call(client: httpx.Client, rng: random.Random, index: int) -> str | None:
+        r = client.post(f"/v2/models/{APP}/infer", json=BODY,
+                        headers={"x-user-id": f"user-{rng.randrange(100_000)}"})  # fmt: skip
+        if r.status_code != 200:
+            return f"infer {r.status_code} {r.text[:200]}"
+        clicked = rng.random() < rates[r.headers["x-model-version"]]
+        f = client.post(f"/v2/models/{APP}/feedback", json={
+            "request_id": r.headers["x-request-id"], "outcome": "click", "value": clicked,
+        })  # fmt: skip
+        if f.status_code != 200 or f.json().get("counted") is not True:
+            return f"feedback {f.status_code} {f.text[:200]}"
+        return None
+
+    return loadgen.Load(url, call, clients, seed=100)
+
+
+def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
+    cluster = rollout_app[0]
+    declare(rollout_app, None)
+    url = f"/v2/models/{APP}/feedback"
+    answer = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-1"})
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == "fb-1"
+    # Right after the answer (before the router's push reaches the controller) it counts.
+    first = cluster.client.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
+    assert first.status_code == 200, first.text
+    assert first.json() == {"request_id": "fb-1", "outcome": "click",
+                            "version": answer.headers["x-model-version"], "counted": True}  # fmt: skip
+    again = cluster.client.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.json()["counted"] is False
+    unknown = cluster.client.post(url, json={"request_id": "never-served", "outcome": "click", "value": True})
+    assert unknown.status_code == 404 and "unknown" in unknown.json()["error"]
+    for body, field in (
+        ({"request_id": "fb-1", "outcome": "click"}, "body.value"),
+        ({"request_id": "fb-1", "outcome": "Bad Name", "value": 1}, "body.outcome"),
+        ({"request_id": "fb-1", "outcome": "click", "value": 4.5}, "is binary"),
+    ):
+        bad = cluster.client.post(url, json=body)
+        assert bad.status_code == 400 and field in bad.json()["error"], bad.text
+    broken = cluster.client.post(url, content=b"{not json")
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
+    batch = cluster.client.post(url, json={"feedback": [
+        {"request_id": "fb-1", "outcome": "revenue", "value": 3.5},
+        {"request_id": "never-served", "outcome": "click", "value": False},
+    ]})  # fmt: skip
+    assert batch.status_code == 200 and batch.json()["counted"] == 1
+    assert [r.get("status") for r in batch.json()["results"]] == [None, 404]
+    status = admin(cluster, "GET", "").json()
+    assert status["feedback"]["counted"] >= 2 and status["feedback"]["duplicate"] >= 1
+    # A short TTL (changed in place): an answer older than the TTL is 410 Gone (and one older
+    # than twice the TTL is forgotten: 404).
+    declare(rollout_app, None, feedback={"ttl_s": 2})
+    wait_for_condition(lambda: admin(cluster, "GET", "").json()["feedback"]["ttl_s"] == 2,
+                       timeout_s=30, message="the feedback TTL applied")  # fmt: skip
+    late = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-2"})
+    assert late.status_code == 200
+    codes = []
+
+    def expired():
+        r = cluster.client.post(url, json={"request_id": "fb-2", "outcome": "rating", "value": 5})
+        codes.append(r.status_code)
+        return r.status_code == 410 and r
+
+    gone = wait_for_condition(expired, timeout_s=30, interval_s=0.1, message="410 for an expired id")
+    assert "feedback is taken for 2s" in gone.json()["error"]
+    assert set(codes) <= {200, 410} and codes[0] == 200  # counted once, then duplicates, then 410
+    declare(rollout_app, None)
+
+
+def test_improvement_gate_promotes_a_candidate_that_wins_on_feedback(rollout_app):
+    """The click rate per version is the client's (v2 0.6, v1 0.3): this tests the plumbing
+    (router ledger -> controller -> sequential test -> gate), not the models."""
+    cluster = rollout_app[0]
+    declare(rollout_app, None)
+    gate = {"outcome": "click", "min_lift": 0.0, "mde": 0.3, "min_samples_per_arm": 50,
+            "max_wait_s": 120}  # fmt: skip
+    plan = _plan("v2", [{"set_weight": 30}, {"analysis_s": 2}, {"set_weight": 60}, {"analysis_s": 1}],
+                 gates={**FAST_GATES, "min_requests": 5, "improvement": gate})  # fmt: skip
+    with FeedbackLoad(cluster.url, {"v1": 0.3, "v2": 0.6, "v3": 0.0}) as load:
+        declare(rollout_app, plan)
+
+        def finished():
+            status = admin(cluster, "GET", "").json()
+            assert status["phase"] not in ("paused", "rolled_back"), status
+            return status["phase"] == "succeeded" and status
+
+        status = wait_for_condition(finished, timeout_s=240, message="lift-gated rollout succeeded")
+    assert load.errors == [] and load.sent > 100
+    lift = next(v for v in status["verdicts"] if v["gate"] == "improvement")
+    assert lift["status"] == "passed" and lift["conclusion"] == "better"
+    assert lift["low"] > 0 and lift["high"] >= lift["lift"] >= lift["low"]
+    assert status["outcomes"]["click"]["v2"]["mean"] > status["outcomes"]["click"]["v1"]["mean"]
+    history = admin(cluster, "GET", "/history").json()["events"]
+    analysis = [e for e in history if "analysis" in e["reason"] and "passed" in e["reason"]]
+    assert analysis and analysis[0]["gates"]["improvement"]["conclusion"] == "better"
+    declare(rollout_app, None)

@@ -490,30 +490,30 @@ def test_non_inferiority_rejects_a_negative_margin():
 
 
 def test_gates_build_their_test_and_judge_its_verdicts():
-    gate = ImprovementGate(min_lift=0.01, confidence=0.95, mde=0.03)
+    gate = ImprovementGate(outcome="conversion", min_lift=0.01, confidence=0.95, mde=0.03)
     test = gate.sequential_test()
     assert (test.alpha, test.effective_tau, test.scale) == (0.05, 0.03, "relative")
     verdict = test.evaluate(B(13_000, 100_000), B(10_000, 100_000))
     assert gate.judge(verdict) is Conclusion.BETTER
-    assert NonInferiorityGate(margin=0.02, mde=0.03).judge(verdict) is Conclusion.BETTER
+    assert NonInferiorityGate(outcome="conversion", margin=0.02, mde=0.03).judge(verdict) is Conclusion.BETTER
     loser = test.evaluate(B(9_000, 100_000), B(10_000, 100_000))
     assert gate.judge(loser) is Conclusion.WORSE
-    assert NonInferiorityGate(margin=0.02, mde=0.03).judge(loser) is Conclusion.WORSE
-    assert NonInferiorityGate(margin=0.15, mde=0.03).judge(loser) is Conclusion.BETTER
+    assert NonInferiorityGate(outcome="conversion", margin=0.02, mde=0.03).judge(loser) is Conclusion.WORSE
+    assert NonInferiorityGate(outcome="conversion", margin=0.15, mde=0.03).judge(loser) is Conclusion.BETTER
     with pytest.raises(ValueError, match="another test"):
-        ImprovementGate(confidence=0.99, mde=0.03).judge(verdict)
+        ImprovementGate(outcome="conversion", confidence=0.99, mde=0.03).judge(verdict)
 
 
 def test_gate_configs_are_strict():
     with pytest.raises(ValidationError, match="margin"):
-        NonInferiorityGate(margin=1.0)  # relative: a lift cannot fall below -100%
-    assert NonInferiorityGate(margin=1.0, scale="absolute", mde=0.5).margin == 1.0
+        NonInferiorityGate(outcome="conversion", margin=1.0)  # relative: a lift cannot fall below -100%
+    assert NonInferiorityGate(outcome="conversion", margin=1.0, scale="absolute", mde=0.5).margin == 1.0
     with pytest.raises(ValidationError):
-        ImprovementGate(min_lift=-0.01)
+        ImprovementGate(outcome="conversion", min_lift=-0.01)
     with pytest.raises(ValidationError):
-        ImprovementGate(confidence=0.4)
+        ImprovementGate(outcome="conversion", confidence=0.4)
     with pytest.raises(ValidationError):
-        NonInferiorityGate(margin=0.01, thresold=1)
+        NonInferiorityGate(outcome="conversion", margin=0.01, thresold=1)
     with pytest.raises(ValidationError):
         NonInferiorityGate()  # margin has no default
 

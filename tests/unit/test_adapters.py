@@ -396,3 +396,19 @@ def test_embedding_empty_request_in_batch(embedder):
 def test_embedding_hyperparameter_typo():
     with pytest.raises(ValidationError, match="normalise"):
         EmbeddingAdapter.parse_hyperparameters({"normalise": True})
+
+
+def test_recommender_best_line_scores_each_item_by_its_best_clause(tiny_bert):
+    adapter = make(RecommenderAdapter, tiny_bert, profile_scoring="best_line")
+    embedder = make(EmbeddingAdapter, tiny_bert, pooling="mean", normalize=True)
+    profile = "likes science fiction films, cooks pasta and plays jazz."
+    request = {"user": texts(profile), "items": texts("a space opera", "a cooking show")}
+    (result,) = adapter.predict([request], [{}])
+    clauses = ["likes science fiction films", "cooks pasta", "plays jazz"]
+    (u,) = embedder.predict([{"text": texts(*clauses)}], [{}])
+    (m,) = embedder.predict([{"text": request["items"]}], [{}])
+    expected = (u["embedding"] @ m["embedding"].T).max(axis=0, keepdims=True)
+    np.testing.assert_allclose(result["scores"], expected, atol=ATOL, rtol=0)
+    # Batched with other requests (and other scorings' texts) it answers the same.
+    together = adapter.predict([request, *BATCH], [{}] * (1 + len(BATCH)))
+    np.testing.assert_allclose(together[0]["scores"], result["scores"], atol=ATOL, rtol=0)

@@ -490,3 +490,39 @@ def test_render_history_counts_steps_from_one_and_shows_utc_times():
     assert lines[1].startswith("2023-11-14 22:13:20Z")
     assert lines[1].split()[4] == "1"  # step_index 0 is step 1
     assert lines[2].split()[4] == "3"
+
+
+def test_status_shows_feedback_and_the_ab_verdict_with_its_interval():
+    status = {
+        "model": "recommender", "phase": "progressing",
+        "verdicts": [{"gate": "improvement", "status": "passed", "value": 0.241, "threshold": 0.0,
+                      "reason": "click: lift +24.1% ...", "conclusion": "better", "outcome": "click",
+                      "scale": "relative", "lift": 0.241, "low": 0.083, "high": 0.41,
+                      "confidence": 0.95},
+                     {"gate": "non_inferiority", "status": "pending", "value": None, "threshold": -0.05,
+                      "reason": "click: no feedback yet", "conclusion": "not_yet_known",
+                      "outcome": "click"}],
+        "outcomes": {"click": {"v1": {"kind": "binary", "n": 5102, "mean": 0.361, "low": 0.348,
+                                      "high": 0.374},
+                               "v2": {"kind": "binary", "n": 1, "mean": 1.0}}},
+    }  # fmt: skip
+    text = render_status(status)
+    assert "A/B verdict" in text and "Feedback" in text
+    line = next(x for x in text.splitlines() if x.strip().startswith("improvement") and "BETTER" in x)
+    assert "lift +24.1%" in line and "[+8.3%, +41.0%] (95% always-valid)" in line
+    assert any("NOT YET KNOWN" in x for x in text.splitlines())
+    v1 = next(x for x in text.splitlines() if x.strip().startswith("click") and " v1 " in x)
+    assert "5102" in v1 and "[0.348, 0.374]" in v1
+
+
+def test_bench_runs_a_benchmark_module_with_its_arguments(capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    assert main(["bench", "abtest", "--smoke", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("aa_false_promotion_rate", "lift_detection_rate", "drop_stop_rate",
+                "median_samples_to_decision"):  # fmt: skip
+        assert key in result
+    with pytest.raises(SystemExit):
+        main(["bench", "no-such-bench"])

@@ -383,8 +383,8 @@ def test_repo_recommender_configs_load():
         assert config.sha256 == DIGEST
         assert config.max_ongoing_requests >= config.batching.max_batch_size
         assert config.base_dir() == REPO / "configs" / "models" / "recommender"
-    assert v2.hyperparameters["temperature"] == 0.5
-    assert v2.hyperparameters["query_prefix"] == "a user who enjoys "
+    assert v2.hyperparameters["profile_scoring"] == "best_line"
+    assert v1.hyperparameters.get("profile_scoring", "whole") == "whole"
 
 
 def test_repo_recommender_hyperparameters_parse():

@@ -707,3 +707,68 @@ def test_shadow_of_a_fallback_answer_compares_with_what_was_served():
     assert agreement["top_k_overlap"] == pytest.approx(0.8)
     expected = float(np.mean(np.abs(OUTPUTS["v1"]["scores"] - OUTPUTS["v3"]["scores"])))
     assert agreement["scores_mean_abs_diff"] == pytest.approx(expected)
+
+
+# -- a replica lost under the request (node failure) ---------------------------------------------
+
+
+def test_replica_lost_on_stable_is_retried_on_the_same_version():
+    from app.errors import ReplicaLost
+
+    d, call, _ = make()
+    call.script["v1"] = [ReplicaLost("node gone"), OUTPUTS["v1"]]
+    served = serve(d, table(), "v1")  # the stable version: no fallback to go to
+    assert served.version == "v1" and served.decision is Decision.WEIGHTED
+    assert served.fell_back_from is None
+    assert call.versions() == ["v1", "v1"]
+    assert d.replica_retries == 1 and d.fallbacks == 0
+
+
+def test_replica_lost_with_a_fallback_falls_back_at_once():
+    from app.errors import ReplicaLost
+
+    d, call, _ = make()
+    call.script["v2"] = ReplicaLost("node gone")
+    served = serve(d, table(), "v2")
+    assert served.version == "v1" and served.fallback_reason == "unavailable"
+    assert call.versions() == ["v2", "v1"] and d.replica_retries == 0
+
+
+def test_replica_lost_twice_without_a_fallback_is_a_503():
+    from app.errors import ReplicaLost
+
+    d, call, _ = make()
+    call.script["v2"] = ReplicaLost("node gone")
+    with pytest.raises(ReplicaLost) as caught:
+        serve(d, table(fallbacks={"v2": None}), "v2")
+    assert http_status(caught.value) == 503
+    assert call.versions() == ["v2", "v2"] and d.replica_retries == 1
+
+
+def test_replica_lost_is_not_retried_past_the_deadline():
+    from app.errors import ReplicaLost
+
+    d, call, clock = make()
+
+    async def lost_slowly(version, inputs, parameters, timeout_s):
+        clock.advance(20.0)
+        raise ReplicaLost("node gone")
+
+    call.script["v1"] = lost_slowly
+    with pytest.raises(ReplicaLost):
+        serve(d, table(), "v1", deadline=NOW + 10.0)
+    assert call.versions() == ["v1"] and d.replica_retries == 0
+
+
+def test_lost_replicas_do_not_open_the_breaker():
+    from app.errors import ReplicaLost
+
+    d, call, _ = make(BreakerSettings(consecutive_failures=2))
+    # A node dies with requests in flight: four calls in a row are lost.
+    call.script["v1"] = [ReplicaLost("node gone")] * 4 + [OUTPUTS["v1"]]
+    for _ in range(2):
+        with pytest.raises(ReplicaLost):
+            serve(d, table(), "v1")  # lost, retried, lost again: the stable version has no fallback
+    assert d.breakers["v1"].state is BreakerState.CLOSED
+    assert serve(d, table(), "v1").version == "v1"  # not refused by an open breaker
+    assert d.replica_retries == 2

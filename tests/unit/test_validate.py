@@ -589,3 +589,25 @@ def test_cli_requires_a_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
+
+
+def test_weights_patch_is_checksummed_and_smoke_tested(tmp_path, tiny_bert):
+    shutil.copytree(tiny_bert, tmp_path / "models" / "tiny")
+    shutil.copytree(tiny_bert, tmp_path / "models" / "tiny2")
+    digest = weights_digest(tmp_path / "models" / "tiny")
+    write_model_config(tmp_path, "v1", sha256=digest)
+    write_model_config(tmp_path, "v2", sha256=digest)
+
+    def patched(weights: dict) -> Path:
+        v2 = {"name": "recommender-v2", "user_config": {"weights": weights}}
+        return write_serve_config(tmp_path, builder_app(tmp_path, deployments=[v2]))
+
+    good = validate_serve_config(patched({"artifact": "../models/tiny2", "sha256": digest}))
+    assert good.errors == [] and len(good.notes) == 2
+    wrong = validate_serve_config(patched({"artifact": "../models/tiny2", "sha256": FAKE_DIGEST}))
+    assert errors_with(wrong, "recommender-v2.user_config.weights", "sha256 mismatch")
+    missing = validate_serve_config(patched({"artifact": "../models/none", "sha256": digest}))
+    assert errors_with(missing, "recommender-v2.user_config.weights", "is not a directory")
+    malformed = validate_serve_config(patched({"artifact": "../models/tiny2", "sha256": "abc"}),
+                                      load_models=False)  # fmt: skip
+    assert errors_with(malformed, "user_config", "weights", "sha256")

@@ -1,0 +1,91 @@
+"""The router's access log record: one structured line per inference request.
+
+Serve writes its own access line per request (method, route, status, latency). The router
+adds what only it knows: which model and version answered, why (the routing decision), and
+where a fallback came from. With Serve's `logging_config: {encoding: JSON}` every field below
+is a top-level JSON key next to Serve's own (`request_id`, `deployment`, `replica`, ...).
+
+Payloads are never logged by default: request bodies can hold personal data. Set
+`payload_sample_rate` above 0 to log a sampled share of request bodies (truncated to
+`max_payload_chars`), e.g. to debug a version's answers on real traffic.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ACCESS_MESSAGE", "AccessLogSettings", "access_record", "outcome_for_status"]
+
+# The log message of every access record: grep for it in text logs, filter on it in JSON.
+ACCESS_MESSAGE = "rollout access"
+
+
+class AccessLogSettings(BaseModel):
+    """Router access log (builder args `router.access_log`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="Log one structured record per inference.")
+    payload_sample_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Share of requests whose body is logged (0: never; bodies may hold personal data).",
+    )  # fmt: skip
+    max_payload_chars: int = Field(
+        default=2000, ge=16, le=1_000_000, description="Longest logged payload, in characters."
+    )
+
+
+def outcome_for_status(status: int) -> str:
+    """The metric/log outcome of an HTTP status: ok, client_error (4xx but 429), or error."""
+    if status < 400:
+        return "ok"
+    if status < 500 and status != 429:
+        return "client_error"
+    return "error"
+
+
+def access_record(
+    *,
+    settings: AccessLogSettings,
+    rng: random.Random,
+    request_id: str | None,
+    model: str,
+    version: str | None,
+    decision: str | None,
+    status: int,
+    latency_ms: float,
+    fallback_from: str | None = None,
+    fallback_reason: str | None = None,
+    cache: str | None = None,
+    error_type: str | None = None,
+    body: bytes | None = None,
+) -> dict[str, Any]:
+    """The `extra` fields of one access log record (JSON-safe, flat, no payload unless sampled).
+
+    Key names avoid the attributes of logging.LogRecord (`message`, `name`, ...), which the
+    logging module refuses as extras."""
+    record: dict[str, Any] = {
+        "request_id": request_id,
+        "model": model,
+        "model_version": version,
+        "routing_decision": decision,
+        "status": status,
+        "outcome": outcome_for_status(status),
+        "latency_ms": round(latency_ms, 3),
+    }
+    if fallback_from is not None:
+        record["fallback_from"] = fallback_from
+        record["fallback_reason"] = fallback_reason
+    if cache is not None:
+        record["cache"] = cache
+    if error_type is not None:
+        record["error_type"] = error_type
+    rate = settings.payload_sample_rate
+    if body is not None and rate > 0 and rng.random() < rate:
+        text = body.decode("utf-8", errors="replace")
+        record["payload"] = text[: settings.max_payload_chars]
+        record["payload_truncated"] = len(text) > settings.max_payload_chars
+    return record

@@ -1,0 +1,264 @@
+"""Feedback on answered requests: which version answered a request id, and outcomes per version.
+
+    parse_feedback(body, max_items)    validate a POST body; InvalidInput names the field
+    RequestLedger(max_entries, ttl_s)  request id -> version that answered it; bounded, with TTL
+    OutcomeBook                        outcome name -> version -> ArmStats, each (id, outcome)
+                                       counted once
+
+Where each piece runs. Router replicas keep a small local ledger of the ids they answered and
+push new records to the rollout controller with their stats (~250 ms). The controller keeps
+the global ledger and the OutcomeBook: feedback may reach another router replica than the one
+that answered, and a duplicate must be counted once whichever replica it reaches. The router
+that takes a feedback forwards it with the version its own ledger knows (a hint), which covers
+feedback sent before the record's push reached the controller.
+
+Unknown or expired. A record answers feedback for `ttl_s` after its request was answered;
+after that, until it is dropped (at 2 x ttl_s, or sooner when `max_entries` pushes the oldest
+out), feedback for it is 410 Gone: the id was real, its window has closed. An id never seen,
+or already dropped, is 404.
+
+Outcome kinds. A JSON boolean is a binary outcome (click, conversion); a number is continuous
+(rating, revenue). The first value of an outcome name fixes its kind for the book: a rating
+sent as `true` later is a 400, not silently mixed into another test.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from app.abtest import ArmStats, OutcomeKind, confidence_interval
+from app.config import NAME_PATTERN, _Strict
+from app.errors import Gone, InvalidInput, ModelNotFound
+
+__all__ = [
+    "FeedbackItem",
+    "FeedbackSettings",
+    "OutcomeBook",
+    "RequestLedger",
+    "parse_feedback",
+]
+
+MAX_REQUEST_ID_CHARS = 256
+_NAME = re.compile(NAME_PATTERN)
+
+
+class FeedbackSettings(_Strict):
+    """How long answered request ids stay open for feedback (RolloutController user_config
+    `feedback`)."""
+
+    ttl_s: float = Field(
+        default=3600.0, gt=0, le=7 * 24 * 3600,
+        description="Seconds after the answer during which feedback for a request id counts.",
+    )  # fmt: skip
+    max_request_ids: int = Field(
+        default=500_000, ge=1000, le=20_000_000,
+        description="Request ids remembered at most (oldest dropped first; ~150 bytes each).",
+    )  # fmt: skip
+    max_items_per_request: int = Field(
+        default=1000, ge=1, le=100_000, description="Feedback items one POST may carry."
+    )
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One outcome for one answered request."""
+
+    request_id: str
+    outcome: str
+    value: float
+    kind: OutcomeKind
+
+    def to_dict(self) -> dict[str, Any]:
+        value: Any = bool(self.value) if self.kind is OutcomeKind.BINARY else self.value
+        return {"request_id": self.request_id, "outcome": self.outcome, "value": value}
+
+
+def _item(data: Any, where: str) -> FeedbackItem:
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{where} must be an object with request_id, outcome and value")
+    unknown = sorted(set(data) - {"request_id", "outcome", "value"})
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {unknown}; expected request_id, outcome, value")
+    request_id = data.get("request_id")
+    if not isinstance(request_id, str) or not request_id.strip():
+        raise InvalidInput(f"{where}.request_id must be a non-empty string (the x-request-id of the answer)")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"{where}.request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    outcome = data.get("outcome")
+    if not isinstance(outcome, str) or not _NAME.fullmatch(outcome):
+        raise InvalidInput(
+            f"{where}.outcome must be a name such as 'click' or 'revenue' "
+            f"(lowercase letters, digits, '_', '.', '-'), got {outcome!r}"
+        )
+    value = data.get("value")
+    if isinstance(value, bool):
+        return FeedbackItem(request_id, outcome, float(value), OutcomeKind.BINARY)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return FeedbackItem(request_id, outcome, float(value), OutcomeKind.CONTINUOUS)
+    raise InvalidInput(
+        f"{where}.value must be true/false (a binary outcome) or a finite number, got {value!r}"
+    )
+
+
+def parse_feedback(body: Any, max_items: int = 1000) -> tuple[list[FeedbackItem], bool]:
+    """(items, batch): one object `{"request_id", "outcome", "value"}`, or a batch
+    `{"feedback": [ ...objects... ]}`. InvalidInput names the offending field."""
+    if isinstance(body, dict) and "feedback" in body:
+        extra = sorted(set(body) - {"feedback"})
+        if extra:
+            raise InvalidInput(f"unknown field(s) {extra} beside 'feedback'")
+        items = body["feedback"]
+        if not isinstance(items, list) or not items:
+            raise InvalidInput("feedback must be a non-empty list of {request_id, outcome, value}")
+        if len(items) > max_items:
+            raise InvalidInput(f"feedback has {len(items)} items; at most {max_items} per request")
+        return [_item(x, f"feedback[{i}]") for i, x in enumerate(items)], True
+    return [_item(body, "body")], False
+
+
+class RequestLedger:
+    """Request id -> (version, answered at): the oldest first, at most `max_entries`.
+
+    Each entry also holds the outcome names already counted for it, so a repeated feedback is
+    recognised. Time comes in as arguments (epoch seconds), never read here."""
+
+    def __init__(self, max_entries: int, ttl_s: float) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, list[Any]] = OrderedDict()  # id -> [version, at, counted]
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def reconfigure(self, max_entries: int, ttl_s: float, now: float) -> None:
+        self.max_entries, self.ttl_s = max_entries, ttl_s
+        self._trim(now)
+
+    def record(self, request_id: str, version: str, answered_at: float, now: float) -> None:
+        """Remember who answered `request_id`. A repeated id keeps its first record (and what
+        was counted for it): an id is one answer."""
+        if request_id not in self._entries:
+            self._entries[request_id] = [version, answered_at, None]
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        entries = self._entries
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+            self.dropped += 1
+        horizon = now - 2 * self.ttl_s
+        while entries:
+            first = next(iter(entries.values()))
+            if first[1] >= horizon:
+                break
+            entries.popitem(last=False)
+            self.dropped += 1
+
+    def lookup(self, request_id: str, now: float) -> str:
+        """The version that answered; ModelNotFound (404) if unknown, Gone (410) if expired."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            raise ModelNotFound(
+                f"request id {request_id!r} is unknown: no answer with that x-request-id is "
+                f"remembered (ids are kept {self.ttl_s:g}s)"
+            )
+        if now - entry[1] > self.ttl_s:
+            raise Gone(
+                f"request id {request_id!r} was answered {now - entry[1]:.0f}s ago; feedback is "
+                f"taken for {self.ttl_s:g}s"
+            )
+        return entry[0]
+
+    def entry(self, request_id: str, now: float) -> tuple[str, float] | None:
+        """(version, answered at) while feedback for `request_id` is open; else None."""
+        entry = self._entries.get(request_id)
+        if entry is None or now - entry[1] > self.ttl_s:
+            return None
+        return entry[0], entry[1]
+
+    def first_count(self, request_id: str, outcome: str) -> bool:
+        """Mark `outcome` counted for `request_id`; False if it already was (a duplicate)."""
+        entry = self._entries[request_id]
+        counted = entry[2]
+        if counted is None:
+            entry[2] = {outcome}
+            return True
+        if outcome in counted:
+            return False
+        counted.add(outcome)
+        return True
+
+
+class OutcomeBook:
+    """Outcome name -> version -> ArmStats, since `reset`."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, OutcomeKind] = {}
+        self.arms: dict[str, dict[str, ArmStats]] = {}
+
+    def reset(self) -> None:
+        self.kinds.clear()
+        self.arms.clear()
+
+    def check_kind(self, item: FeedbackItem) -> None:
+        kind = self.kinds.get(item.outcome)
+        if kind is not None and kind is not item.kind:
+            wanted = "true/false" if kind is OutcomeKind.BINARY else "a number"
+            raise InvalidInput(
+                f"value: outcome {item.outcome!r} is {kind.value} and takes {wanted}; "
+                f"got {item.to_dict()['value']!r}"
+            )
+
+    def add(self, item: FeedbackItem, version: str) -> None:
+        self.check_kind(item)
+        self.kinds[item.outcome] = item.kind
+        by_version = self.arms.setdefault(item.outcome, {})
+        arm = by_version.get(version) or ArmStats(item.kind)
+        by_version[version] = arm.add(item.value)
+
+    def arm(self, outcome: str, version: str) -> ArmStats | None:
+        """That version's outcomes; an empty arm of the outcome's kind if the outcome has been
+        seen but not for this version; None if the outcome has never been seen."""
+        kind = self.kinds.get(outcome)
+        if kind is None:
+            return None
+        return self.arms.get(outcome, {}).get(version) or ArmStats(kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            outcome: {
+                version: {"kind": a.kind.value, "n": a.n, "sum": a.sum, "sum_sq": a.sum_sq}
+                for version, a in by_version.items()
+            }
+            for outcome, by_version in self.arms.items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OutcomeBook:
+        book = cls()
+        for outcome, by_version in data.items():
+            for version, a in by_version.items():
+                arm = ArmStats(OutcomeKind(a["kind"]), int(a["n"]), float(a["sum"]), float(a["sum_sq"]))
+                book.kinds[outcome] = arm.kind
+                book.arms.setdefault(outcome, {})[version] = arm
+        return book
+
+    def summary(self, level: float = 0.95) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per outcome and version: samples, mean and its fixed-horizon interval at `level`
+        (for display; the gates use the sequential test, which is safe to peek at)."""
+        result: dict[str, dict[str, dict[str, Any]]] = {}
+        for outcome, by_version in self.arms.items():
+            for version, arm in by_version.items():
+                row: dict[str, Any] = {"kind": arm.kind.value, "n": arm.n, "mean": arm.mean}
+                if arm.n >= 2:
+                    interval = confidence_interval(arm, level)
+                    row.update(low=interval.low, high=interval.high, level=level)
+                result.setdefault(outcome, {})[version] = row
+        return result

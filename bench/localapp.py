@@ -1,0 +1,157 @@
+"""A throwaway Ray + Serve running the recommender app, for benchmarks that need the real thing.
+
+`LocalApp.start(tmp, versions, router=...)` starts a Ray of its own (`address="local"`, 4
+logical CPUs, the dashboard on a free loopback port because the declarative Serve API lives
+there) and Serve on a free loopback port, then deploys the app the way operators do: a serve
+config PUT to the dashboard's REST API (`ServeSubmissionClient.deploy_applications`, what
+`serve deploy` calls). The app's runtime_env names an admin token file (random 32 characters),
+so the router's admin API is on. `close()` stops only what it started.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# A throwaway cluster of our own: token auth off (real clusters keep it on). Before `import ray`.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+
+from bench.common import free_port, log, shutdown  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "recommender"
+TICK_S = 0.25
+
+__all__ = ["APP", "LocalApp", "wait_for"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last error on timeout
+            last_error = exc
+        time.sleep(interval_s)
+    raise RuntimeError(f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}")
+
+
+def serve_config(versions: list[Path], http_port: int, env_vars: dict[str, str],
+                 router: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Like the repo's serve_config.yaml (and tests/integration/conftest.py's serve_config)."""
+    return {
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [
+            {
+                "name": APP,
+                "route_prefix": "/",
+                "import_path": "app.builder:build_app",
+                "args": {"model": APP, "versions": [str(p) for p in versions], "router": {}},
+                "runtime_env": {"env_vars": env_vars},
+                "deployments": [
+                    {"name": "Router", "user_config": router},
+                    {"name": "RolloutController", "user_config": {"plan": None, "tick_interval_s": TICK_S}},
+                ],
+            }
+        ],
+    }
+
+
+def with_user_configs(config: dict[str, Any], **user_configs: Any) -> dict[str, Any]:
+    """`config` with these deployments' user_configs (keyed by deployment name) replaced."""
+    updated = copy.deepcopy(config)
+    deployments = updated["applications"][0]["deployments"]
+    for name, user_config in user_configs.items():
+        deployments[:] = [d for d in deployments if d["name"] != name]
+        deployments.append({"name": name, "user_config": user_config})
+    return updated
+
+
+def replica_ids(details: dict[str, Any]) -> dict[str, list[str]]:
+    deployments = details.get("applications", {}).get(APP, {}).get("deployments", {})
+    return {name: sorted(r["replica_id"] for r in d.get("replicas", [])) for name, d in deployments.items()}
+
+
+class LocalApp:
+    def __init__(self) -> None:
+        self.ray_started = self.serve_started = False
+        self.tmp: Path | None = None
+        self.client: httpx.Client | None = None
+
+    def start(self, tmp: Path, versions: list[Path], router: dict[str, Any]) -> LocalApp:
+        import ray
+        from ray import serve
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        self.tmp = tmp
+        self.token = secrets.token_hex(16)  # 32 characters
+        token_file = tmp / "admin_token"
+        token_file.write_text(self.token + "\n")
+        token_file.chmod(0o600)
+        http_port, dashboard_port = free_port(), free_port()
+        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        base_env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+        log(f"starting a throwaway Ray (address=local, num_cpus=4, dashboard on 127.0.0.1:{dashboard_port})")
+        ray.init(
+            address="local",  # always a new cluster of our own, never one that is already running
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            log_to_driver=False,
+            runtime_env={"env_vars": base_env},
+        )
+        self.ray_started = True
+        log(f"starting Serve on http://127.0.0.1:{http_port}")
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        self.serve_started = True
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        wait_for(lambda: httpx.get(f"{dashboard_url}/api/version", timeout=5).status_code == 200,
+                 timeout_s=60, interval_s=0.5, what="the Ray dashboard")  # fmt: skip
+        self.submission = ServeSubmissionClient(dashboard_url)
+        env = {**base_env, "ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}
+        self.config = serve_config(versions, http_port, env, router)
+        log("deploying the recommender app through the REST API")
+        self.deploy(self.config)
+        wait_for(self._running, timeout_s=180, interval_s=0.5, what="the app to be RUNNING")
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        wait_for(lambda: self.client.get("/v2/health/ready").status_code == 200, 60, 0.2,
+                 "the router to be ready")  # fmt: skip
+        return self
+
+    def _running(self) -> bool:
+        app = self.details().get("applications", {}).get(APP)
+        if app and app.get("status") == "DEPLOY_FAILED":
+            raise SystemExit(f"the app failed to deploy: {app.get('message')}")
+        return bool(app) and app.get("status") == "RUNNING"
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        """What `serve deploy` does: PUT the whole config; Serve applies the difference."""
+        self.submission.deploy_applications(config)
+
+    def details(self) -> dict[str, Any]:
+        return self.submission.get_serve_details()
+
+    def replica_ids(self) -> dict[str, list[str]]:
+        return replica_ids(self.details())
+
+    def admin(self) -> dict[str, Any]:
+        r = self.client.get("/admin/rollout", headers={"authorization": f"Bearer {self.token}"})
+        r.raise_for_status()
+        return r.json()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        shutdown(serve_started=self.serve_started, ray_started=self.ray_started, tmp=self.tmp)

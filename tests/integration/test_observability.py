@@ -1,0 +1,300 @@
+"""Observability end to end: a real Prometheus scrapes the real Ray cluster running the app.
+
+One module, one story (about 1-2 minutes):
+
+1. Deploy v1 and v2 (v2 injects errors on 60% of its calls) at 50/50, with the cache, a shadow
+   copy to v2 and JSON logs; clients send sticky, weighted, pinned, repeated (cache) and bad
+   requests in the background.
+2. Start Prometheus (the Debian package, on loopback) with the repo's configs/prometheus
+   files, pointed at this cluster's service-discovery file; alert `for:` durations are cut to
+   0s (promtool's unit tests cover the durations), scrape and evaluation every second.
+3. RolloutCanaryErrorRateAboveStable fires for v2.
+4. Declare a canary plan for v2: the controller rolls it back; RolloutAutomaticRollback fires.
+5. Every metric named in the rules and dashboards, and every metric in app/metrics.py, exists
+   in Prometheus, and every dashboard query runs and returns data.
+6. The router's JSON access log has one record per request with version and decision, no
+   payloads; the controller logged the rollback as a structured event.
+7. `rollout report` draws the rollout's timeline from the controller's history.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from app.metrics import METRICS, exported_names, names_in_promql
+from tests.integration.conftest import APP, free_port, infer_body, model_config, serve_config, wait_for_condition
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM = ROOT / "configs" / "prometheus"
+DASHBOARDS = sorted((ROOT / "configs" / "grafana").glob("*.json"))
+TOKEN = "observability-token-0123456789abcdef"
+ITEMS = ["space opera", "cooking show", "jazz music", "history documentary", "rock news"]
+PLAN = {
+    "strategy": "canary", "candidate": "v2", "stable": "v1",
+    "canary": {"steps": [{"set_weight": 50}, {"analysis_s": 120}]},
+    "gates": {"min_requests": 10, "fail_fast_min_requests": 5, "fail_fast_error_rate": 0.3,
+              "max_error_rate": 0.05, "max_p99_latency_ratio": None},
+}  # fmt: skip
+
+
+def _rules() -> list[dict[str, Any]]:
+    return [r for name in ("recording_rules.yml", "alert_rules.yml")
+            for g in yaml.safe_load((PROM / name).read_text())["groups"] for r in g["rules"]]  # fmt: skip
+
+
+def _dashboard_exprs() -> list[str]:
+    from tests.unit.test_observability_configs import dashboard_exprs
+
+    return [e for path in DASHBOARDS for e in dashboard_exprs(json.loads(path.read_text()))]
+
+
+def _grafana_vars(expr: str) -> str:
+    return (expr.replace("$__rate_interval", "1m").replace("$model", APP)
+            .replace("$application", APP))  # fmt: skip
+
+
+class Prometheus:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path) -> None:
+        self.url, self.process, self.log = url, process, log
+        self.client = httpx.Client(base_url=url, timeout=10)
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        body = self.client.get("/api/v1/query", params={"query": expr}).json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
+    def names(self) -> set[str]:
+        return set(self.client.get("/api/v1/label/__name__/values").json()["data"])
+
+    def firing(self, alert: str) -> list[dict[str, Any]]:
+        alerts = self.client.get("/api/v1/alerts").json()["data"]["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == alert and a["state"] == "firing"]
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster, tmp_path_factory):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus not found: install the Debian package `prometheus` (.ci/run does)")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    discovery = cluster.session_dir / "prom_metrics_service_discovery.json"
+    wait_for_condition(discovery.exists, 60, message=f"Ray's service-discovery file {discovery}")
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    for job in config["scrape_configs"]:
+        job["file_sd_configs"] = [{"files": [str(discovery)], "refresh_interval": "2s"}]
+    shutil.copy(PROM / "recording_rules.yml", tmp / "recording_rules.yml")
+    alerts = yaml.safe_load((PROM / "alert_rules.yml").read_text())
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "0s"  # promtool's tests cover the durations; here: fire on the fault
+    (tmp / "alert_rules.yml").write_text(yaml.safe_dump(alerts, sort_keys=False))
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    port = free_port()
+    log = tmp / "prometheus.log"
+    process = subprocess.Popen(
+        [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_for_condition(lambda: server.client.get("/-/ready").status_code == 200, 60,
+                           message="Prometheus ready")  # fmt: skip
+        yield server
+    finally:
+        server.client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+class Traffic:
+    """Background clients: sticky users, keyless (weighted), pinned, repeated bodies for cache
+    hits, and an occasional bad request (a 400 before any model runs)."""
+
+    def __init__(self, url: str, clients: int = 3) -> None:
+        self.url, self.stop, self.statuses = url, threading.Event(), []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        rng = random.Random(i)
+        path = f"/v2/models/{APP}/infer"
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                users = [f"user {rng.choice(ITEMS)} {rng.randrange(1000)}"]
+                body = infer_body(users, rng.sample(ITEMS, 3))
+                headers = {}
+                if n % 4 == 0:
+                    headers["x-user-id"] = f"u{rng.randrange(50)}"
+                if n % 9 == 0:
+                    headers["x-model-version"] = "v1"
+                if n % 5 == 0:  # the same body again: a cache hit once the first answer is stored
+                    body = infer_body(["user likes jazz"], ["jazz music", "rock news"])
+                if n % 23 == 0:  # fails validation against the chosen version's inputs
+                    body = {"inputs": [{"name": "user", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+                if n % 29 == 0:  # not JSON: refused before a version is chosen
+                    r = c.post(path, content=b"not json", headers={"content-type": "application/json"})
+                else:
+                    r = c.post(path, json=body, headers=headers)
+                self.statuses.append(r.status_code)
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def observed_app(cluster, tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("observability")
+    token_file = tmp / "admin_token"
+    token_file.write_text(TOKEN + "\n")
+    versions = [
+        model_config(tmp, tmp, "v1", tiny_models["a"]),
+        model_config(tmp, tmp, "v2", tiny_models["b"], faults={"error_rate": 0.6}),
+    ]
+    config = serve_config(versions, {"v1": 50, "v2": 50},
+                          drift={"min_samples": 20, "slot_s": 5.0})  # fmt: skip
+    app = config["applications"][0]
+    app["runtime_env"] = {"env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}}
+    app["logging_config"] = {"encoding": "JSON"}
+    router = app["deployments"][0]["user_config"]
+    router["cache"] = {"enabled": True}
+    router["shadow"] = {"version": "v2", "percent": 50, "max_in_flight": 4}
+    # Keep v2 failing (not shut out by its breaker) so its error rate stays visible.
+    router["breaker"] = {"enabled": False}
+    cluster.serve_deploy(config, tmp)
+    cluster.wait_running()
+    return cluster, config, tmp
+
+
+def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_path):
+    cluster, config, tmp = observed_app
+    with Traffic(cluster.url) as traffic:
+        # 3. The injected fault (v2 fails 60% of its calls; the fallback hides it from clients).
+        firing = wait_for_condition(lambda: prometheus.firing("RolloutCanaryErrorRateAboveStable"),
+                                    120, interval_s=1.0, message="RolloutCanaryErrorRateAboveStable")  # fmt: skip
+        assert {a["labels"]["version"] for a in firing} == {"v2"}
+        ratio = prometheus.query('rollout:version_error_ratio:rate1m{version="v2"}')
+        assert ratio and float(ratio[0]["value"][1]) > 0.2
+        assert not prometheus.firing("RolloutAutomaticRollback")  # no rollout yet
+        # Quality drift: both versions answer, so the router compares their score distributions.
+        wait_for_condition(lambda: prometheus.query('rollout:score_psi{version="v2"} >= 0'), 60,
+                           interval_s=1.0, message="a PSI reading for v2")  # fmt: skip
+        assert prometheus.query('rollout:score_psi{version="v1"} == 0')  # stable against itself
+
+        # 4. A rollout of the faulty v2: the controller rolls it back by itself.
+        declared = copy.deepcopy(config)
+        declared["applications"][0]["deployments"].append(
+            {"name": "RolloutController", "user_config": {"plan": PLAN, "tick_interval_s": 0.25}}
+        )
+        cluster.serve_deploy(declared, tmp)
+        headers = {"authorization": f"Bearer {TOKEN}"}
+
+        def rolled_back():
+            return cluster.client.get("/admin/rollout", headers=headers).json()["phase"] == "rolled_back"
+
+        wait_for_condition(rolled_back, 90, message="the controller's rollback")
+        wait_for_condition(lambda: prometheus.firing("RolloutAutomaticRollback"), 60, interval_s=1.0,
+                           message="RolloutAutomaticRollback")  # fmt: skip
+
+        # 5. Every metric the rules and dashboards name, and every metric we define, exists.
+        wanted = set().union(*(names_in_promql(r["expr"]) for r in _rules()))
+        wanted |= set().union(*(names_in_promql(e) for e in _dashboard_exprs()))
+        wanted |= exported_names()
+        wanted |= {r["record"] for r in _rules() if "record" in r}
+
+        last: set[str] = set()
+
+        def all_present():
+            nonlocal last
+            last = wanted - prometheus.names()
+            return not last
+
+        try:
+            wait_for_condition(all_present, 90, interval_s=1.0, message="every metric in Prometheus")
+        except AssertionError:
+            raise AssertionError(f"metrics missing from Prometheus: {sorted(last)}") from None
+
+        # Every dashboard query runs and returns data (under traffic: gauges are live).
+        for expr in _dashboard_exprs():
+            if expr.startswith("label_values("):
+                continue  # a Grafana template function, not PromQL; its metric is checked above
+            wait_for_condition(lambda: prometheus.query(_grafana_vars(expr)), 30, interval_s=1.0,
+                               message=f"data for the dashboard query {expr}")  # fmt: skip
+        # Still firing after all that: the controller keeps re-sending its phase gauge.
+        assert prometheus.firing("RolloutAutomaticRollback")
+    assert traffic.statuses.count(200) > 100
+    assert 500 not in traffic.statuses and 503 not in traffic.statuses  # the fallback hid v2's faults
+
+    # Counters carry the fixed tags we defined, and Serve's own tags beside them.
+    series = prometheus.query("ray_rollout_requests_total")
+    decisions = {s["metric"]["decision"] for s in series}
+    assert {"weighted", "sticky", "pinned", "cache", "unrouted"} <= decisions, decisions
+    assert all({"model", "version", "decision", "outcome", "deployment", "application"} <= set(s["metric"])
+               for s in series)  # fmt: skip
+    errors = {s["metric"]["error_type"] for s in prometheus.query("ray_rollout_request_errors_total")}
+    assert "invalid_input" in errors
+    assert prometheus.query('ray_rollout_fallbacks_total{version="v2",reason="error"}')
+    assert prometheus.query('ray_rollout_rollbacks_total{version="v2"} >= 1')
+    assert prometheus.query('ray_rollout_gate_failures_total{gate="fail_fast_error_rate"}')
+    for spec in METRICS.values():  # every series of ours is tagged with exactly its tag keys
+        for s in prometheus.query(spec.series_names()[0])[:3]:
+            assert set(spec.tag_keys) <= set(s["metric"]), (spec.name, s["metric"])
+
+    # 6. Logs: Serve's JSON logs, with the router's access records and the controller's events.
+    logs = cluster.session_dir / "logs" / "serve"
+    records = []
+    for path in logs.glob(f"replica_{APP}_Router_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"rollout access' in line:
+                records.append(json.loads(line))
+    assert len(records) > 100
+    for r in records[-200:]:
+        assert {"request_id", "model", "model_version", "routing_decision", "status", "latency_ms"} <= set(r), r
+        assert "payload" not in r  # payloads are opt-in
+    assert {"weighted", "sticky", "pinned", "cache"} <= {r["routing_decision"] for r in records}
+    assert any(r.get("fallback_from") == "v2" for r in records)
+    events = []
+    for path in logs.glob(f"replica_{APP}_RolloutController_*.log"):
+        events += [json.loads(line) for line in path.read_text(errors="replace").splitlines()
+                   if line.startswith("{") and "rollout_event" in line]  # fmt: skip
+    assert any("rolled_back" in json.dumps(e) for e in events), "no structured rollback event"
+
+    # 7. The report.
+    out = tmp_path / "rollout-report.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "report", "--url", cluster.url, "-o", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "ROLLOUT_ADMIN_TOKEN": TOKEN, "ROLLOUT_ADMIN_TOKEN_FILE": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = cluster.client.get("/admin/rollout/history", headers=headers).json()
+    assert history["timeline"], "the controller kept no timeline"
+    assert any(s["versions"].get("v2", {}).get("errors") for s in history["timeline"])

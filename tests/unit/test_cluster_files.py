@@ -1,0 +1,198 @@
+"""cluster/*.yaml, offline: Ray's own schema and checks, the project's security and pinning
+rules, and that every region's replicas fit its node types (no cloud, no Ray started)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import load_yaml, project_root
+from app.kuberay import project_version
+from app.overlay import load_overlay, region_overlays, render
+from app.placement import check_fit, launcher_errors, load_launcher, node_types, replica_demands
+
+ROOT = project_root()
+LAUNCHERS = sorted((ROOT / "cluster").glob("*.yaml"))
+CLOUD = [p for p in LAUNCHERS if load_launcher(p)["provider"]["type"] in ("aws", "gcp")]
+OVERLAYS = region_overlays()
+
+
+def ids(paths: list[Path]) -> list[str]:
+    return [p.stem for p in paths]
+
+
+def start_commands(config: dict) -> list[str]:
+    return [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+            for c in config.get(key, []) if "ray start" in c]  # fmt: skip
+
+
+def test_the_regions_the_issue_asks_for_exist():
+    providers = [(c["provider"]["type"], c["provider"].get("region")) for c in map(load_launcher, LAUNCHERS)]
+    aws = {region for kind, region in providers if kind == "aws"}
+    assert len(aws) >= 2 and any(kind == "gcp" for kind, _ in providers), providers
+    assert any(kind == "local" for kind, _ in providers), "an on-prem recipe (local provider)"
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_launcher_file_passes_rays_schema_and_checks(path):
+    assert launcher_errors(load_launcher(path), path.name) == []
+
+
+def test_schema_check_names_the_bad_field():
+    config = load_launcher(ROOT / "cluster/aws-us-east-1.yaml")
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu-worker"]["resources"]["GPU"] = 0.5  # must be an integer
+    broken["max_wokers"] = 3  # a typo
+    errors = launcher_errors(broken, "aws-us-east-1.yaml")
+    assert any("available_node_types.gpu-worker.resources.GPU" in e for e in errors), errors
+    assert any("max_wokers" in e for e in errors), errors
+    no_head = copy.deepcopy(config)
+    no_head["head_node_type"] = "ray.missing"
+    assert any("head_node_type" in e for e in launcher_errors(no_head, "x.yaml"))
+    onprem = load_launcher(ROOT / "cluster/onprem.yaml")
+    onprem["available_node_types"] = config["available_node_types"]  # the local provider refuses
+    (error,) = launcher_errors({**onprem, "head_node_type": "ray.head"}, "onprem.yaml")
+    assert "prepare_config" in error and "available_node_types" in error, error
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_token_auth_is_on_everywhere(path):
+    config = load_launcher(path)
+    commands = start_commands(config)
+    assert len(commands) == 2, commands  # head and workers
+    for command in commands:
+        assert "RAY_AUTH_MODE=token" in command, command
+    # Every node gets the token generated on the operator's machine.
+    assert any(remote.endswith("/.ray/auth_token") for remote in config["file_mounts"]), config["file_mounts"]
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_dashboard_is_not_exposed(path):
+    config = load_launcher(path)
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    args = shlex.split(head.split(";")[-1])
+    assert "--dashboard-host=127.0.0.1" in args, head
+    for command in start_commands(config):
+        assert "0.0.0.0" not in command, command
+    rules = config["provider"].get("security_group", {}).get("IpPermissions", [])
+    for rule in rules:
+        open_to_world = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
+        ports = range(rule.get("FromPort", 0), rule.get("ToPort", 65535) + 1)
+        assert not (open_to_world and (8265 in ports or 6379 in ports or 8000 in ports)), rule
+        assert 8265 not in ports, f"a rule opens the dashboard port: {rule}"
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_setup_installs_the_project_at_the_pinned_version(path):
+    config = load_launcher(path)
+    setup = " && ".join(config["setup_commands"])
+    tags = re.findall(r"checkout --quiet --detach (\S+)", setup)
+    assert tags == [f"v{project_version()}"], tags  # the tag of pyproject.toml's version
+    assert "pip install --python ~/venv/bin/python -e ~/ray-rollout" in setup
+    makefile_torch = re.search(r"^TORCH\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert setup.count(makefile_torch) == 2, "the Makefile's torch pin, CUDA and CPU builds"
+    assert "download.pytorch.org/whl/cpu" in setup
+    # Per-node-type setup would replace the common one; none of ours does.
+    for name, spec in (config.get("available_node_types") or {}).items():
+        assert "worker_setup_commands" not in spec, name
+
+
+@pytest.mark.parametrize("path", CLOUD, ids=ids(CLOUD))
+def test_cloud_cluster_shape(path):
+    config = load_launcher(path)
+    types = node_types(config)
+    (head,) = [t for t in types if t.head]
+    assert head.resources.get("GPU", 0) == 0, "the head runs no GPU work"
+    gpu_workers = [t for t in types if not t.head and t.resources.get("GPU", 0) >= 1]
+    assert gpu_workers, "a GPU worker type"
+    for t in types:
+        assert t.labels.get("region") == config["provider"]["region"], (t.name, t.labels)
+        if not t.head:
+            assert 0 <= t.min_workers <= t.max_workers, t
+    assert sum(t.min_workers for t in types) <= config["max_workers"]
+
+
+def test_onprem_recipe_labels_its_nodes_with_its_region():
+    config = load_launcher(ROOT / "cluster/onprem.yaml")
+    region = load_overlay(ROOT / "configs/regions/onprem.yaml").region
+    for command in start_commands(config):
+        assert f"--labels=region={region}" in command, command
+    assert "--num-gpus=0" in config["head_start_ray_commands"][-1]
+
+
+# ----------------------------------------------------------------------------- regions and fit
+
+
+def test_every_cloud_launcher_has_a_region_overlay():
+    overlays = {load_overlay(p).region: load_overlay(p) for p in OVERLAYS}
+    for path in CLOUD:
+        region = load_launcher(path)["provider"]["region"]
+        assert region in overlays, f"{path.name}: no configs/regions/{region}.yaml"
+        assert f"cluster/{path.name}" in overlays[region].clusters
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=ids(OVERLAYS))
+def test_every_version_fits_a_node_type_in_its_region(path):
+    overlay = load_overlay(path)
+    document = render(load_yaml(ROOT / "serve_config.yaml"), overlay)
+    demands = replica_demands(document)
+    versions = [d for d in demands if d.deployment.startswith("recommender-")]
+    assert {d.deployment for d in versions} == {"recommender-v1", "recommender-v2"}
+    for name in overlay.clusters:
+        launcher = load_launcher(ROOT / name)
+        report = check_fit(demands, launcher, name)
+        assert report.errors == [], report.errors
+        types = node_types(launcher)
+        if not any(t.resources for t in types):
+            assert "not checked" in report.notes[0]  # on-prem: resources detected at ray start
+            continue
+        for demand in versions:
+            fits = [t for t in types if t.missing(demand) is None]
+            assert fits and all(not t.head for t in fits), (demand, fits)
+            if demand.resources["GPU"] > 0:  # a GPU version lands only on GPU workers
+                assert all(t.resources.get("GPU", 0) >= demand.resources["GPU"] for t in fits)
+
+
+def us_east() -> tuple[dict, dict]:
+    overlay = load_overlay(ROOT / "configs/regions/us-east-1.yaml")
+    return render(load_yaml(ROOT / "serve_config.yaml"), overlay), load_launcher(ROOT / "cluster/aws-us-east-1.yaml")
+
+
+def test_a_version_wanting_two_gpus_fits_nowhere():
+    document, launcher = us_east()
+    document["applications"][0]["args"]["version_resources"]["v2"]["num_gpus"] = 2
+    errors = check_fit(replica_demands(document), launcher, "aws-us-east-1.yaml").errors
+    assert len(errors) == 1 and "recommender/recommender-v2" in errors[0], errors
+    assert "fits no node type" in errors[0] and "gpu-worker: GPU 1 < 2" in errors[0]
+
+
+def test_a_config_for_another_region_fits_no_node():
+    document, _ = us_east()
+    eu = load_launcher(ROOT / "cluster/aws-eu-west-1.yaml")
+    errors = check_fit(replica_demands(document), eu, "aws-eu-west-1.yaml").errors
+    assert errors and all("label region='eu-west-1', needs 'us-east-1'" in e for e in errors), errors
+
+
+def test_max_replicas_beyond_max_workers_is_an_error():
+    document, launcher = us_east()
+    for deployment in document["applications"][0]["deployments"]:
+        if deployment["name"] == "recommender-v1":
+            deployment["autoscaling_config"]["max_replicas"] = 10  # 10 + 2 GPU replicas > 6 nodes
+    errors = check_fit(replica_demands(document), launcher, "aws-us-east-1.yaml").errors
+    assert len(errors) == 1 and "at max_replicas" in errors[0] and "recommender-v1" in errors[0], errors
+
+
+def test_a_serve_ray_actor_options_override_replaces_the_builders():
+    document, launcher = us_east()
+    document["applications"][0]["deployments"].append(
+        {"name": "Router", "ray_actor_options": {"num_cpus": 8}}  # Serve replaces the whole dict
+    )
+    demands = {d.deployment: d for d in replica_demands(document)}
+    assert demands["Router"].resources["CPU"] == 8 and demands["Router"].selector is None
+    errors = check_fit(list(demands.values()), launcher, "aws-us-east-1.yaml").errors
+    assert any("recommender/Router" in e and "CPU 4 < 8" in e for e in errors), errors

@@ -1,0 +1,109 @@
+"""Feedback parsing, the request ledger (bounds, TTL, duplicates) and the outcome book."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.abtest import OutcomeKind
+from app.errors import Gone, InvalidInput, ModelNotFound, http_status
+from app.feedback import FeedbackSettings, OutcomeBook, RequestLedger, parse_feedback
+
+T0 = 1_700_000_000.0
+
+
+def test_parse_one_item_and_a_batch():
+    items, batch = parse_feedback({"request_id": "r1", "outcome": "click", "value": True})
+    assert not batch
+    assert (items[0].request_id, items[0].outcome, items[0].value, items[0].kind) == (
+        "r1", "click", 1.0, OutcomeKind.BINARY,
+    )  # fmt: skip
+    items, batch = parse_feedback({"feedback": [
+        {"request_id": "r1", "outcome": "revenue", "value": 12.5},
+        {"request_id": "r2", "outcome": "click", "value": False},
+    ]})  # fmt: skip
+    assert batch and [i.kind for i in items] == [OutcomeKind.CONTINUOUS, OutcomeKind.BINARY]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"outcome": "click", "value": True}, "body.request_id"),
+        ({"request_id": "", "outcome": "click", "value": True}, "body.request_id"),
+        ({"request_id": "r", "outcome": "Click!", "value": True}, "body.outcome"),
+        ({"request_id": "r", "outcome": "click", "value": "yes"}, "body.value"),
+        ({"request_id": "r", "outcome": "click", "value": float("nan")}, "body.value"),
+        ({"request_id": "r", "outcome": "click", "value": 1, "extra": 1}, "unknown field"),
+        ({"request_id": "r" * 300, "outcome": "click", "value": 1}, "body.request_id"),
+        ({"feedback": []}, "feedback"),
+        ({"feedback": [{"request_id": "r", "outcome": "click"}]}, "feedback[0].value"),
+        ([1, 2], "body must be an object"),
+    ],
+)
+def test_bad_feedback_names_the_field(body, field):
+    with pytest.raises(InvalidInput, match=field.replace("[", r"\[").replace("]", r"\]")) as info:
+        parse_feedback(body)
+    assert http_status(info.value) == 400
+
+
+def test_batch_size_is_bounded():
+    body = {"feedback": [{"request_id": f"r{i}", "outcome": "c", "value": 1} for i in range(11)]}
+    with pytest.raises(InvalidInput, match="at most 10"):
+        parse_feedback(body, max_items=10)
+
+
+def test_ledger_knows_unknown_expired_and_duplicates():
+    ledger = RequestLedger(max_entries=1000, ttl_s=60)
+    ledger.record("r1", "v2", T0, T0)
+    assert ledger.lookup("r1", T0 + 59) == "v2"
+    with pytest.raises(Gone, match="feedback is taken for 60s") as gone:
+        ledger.lookup("r1", T0 + 61)
+    assert http_status(gone.value) == 410
+    with pytest.raises(ModelNotFound, match="unknown") as unknown:
+        ledger.lookup("nope", T0)
+    assert http_status(unknown.value) == 404
+    assert ledger.first_count("r1", "click") is True
+    assert ledger.first_count("r1", "click") is False  # a duplicate counts once
+    assert ledger.first_count("r1", "revenue") is True  # another outcome of the same answer
+    ledger.record("r1", "v1", T0 + 1, T0 + 1)  # a repeated id keeps its first answer
+    assert ledger.lookup("r1", T0 + 2) == "v2"
+
+
+def test_ledger_is_bounded_and_drops_the_oldest():
+    ledger = RequestLedger(max_entries=1000, ttl_s=60)
+    for i in range(1500):
+        ledger.record(f"r{i}", "v1", T0, T0)
+    assert len(ledger) == 1000 and ledger.dropped == 500
+    with pytest.raises(ModelNotFound):
+        ledger.lookup("r0", T0)
+    assert ledger.lookup("r1499", T0) == "v1"
+    # Past 2 x TTL records are dropped, not kept as 410 forever.
+    ledger.record("late", "v2", T0 + 121, T0 + 121)
+    assert len(ledger) == 1
+    with pytest.raises(ModelNotFound):
+        ledger.lookup("r1499", T0 + 121)
+
+
+def test_outcome_book_counts_per_version_and_keeps_kinds_apart():
+    book = OutcomeBook()
+    click, *_ = parse_feedback({"request_id": "a", "outcome": "click", "value": True})[0]
+    miss = parse_feedback({"request_id": "b", "outcome": "click", "value": False})[0][0]
+    book.add(click, "v1")
+    book.add(miss, "v1")
+    book.add(click, "v2")
+    assert book.arm("click", "v1").n == 2 and book.arm("click", "v1").mean == 0.5
+    assert book.arm("click", "v3").n == 0  # seen outcome, version without feedback: empty arm
+    assert book.arm("revenue", "v1") is None
+    rating = parse_feedback({"request_id": "c", "outcome": "click", "value": 4.5})[0][0]
+    with pytest.raises(InvalidInput, match="value: outcome 'click' is binary"):
+        book.add(rating, "v1")
+    restored = OutcomeBook.from_dict(book.to_dict())
+    assert restored.to_dict() == book.to_dict()
+    summary = book.summary()
+    assert summary["click"]["v1"]["n"] == 2 and summary["click"]["v1"]["low"] < 0.5
+
+
+def test_settings_are_strict():
+    with pytest.raises(ValueError, match="ttl_s"):
+        FeedbackSettings(ttl_s=0)
+    with pytest.raises(ValueError, match="max_request_ids"):
+        FeedbackSettings(max_request_ids=10)
