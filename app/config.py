@@ -361,13 +361,17 @@ class TrafficConfig(_Strict):
             return self.fallbacks[version]
         return None if version == self.stable else self.stable
 
-    def check_versions(self, known: set[str] | list[str]) -> None:
-        """Raise ValueError naming any version this config uses that the app does not serve."""
-        used = set(self.weights) | set(self.fallbacks)
+    def versions_used(self) -> set[str]:
+        """Every version this config sends traffic (or fallbacks, or shadow copies) to."""
+        used = set(self.weights) | set(self.fallbacks) | {self.stable}
         used |= {v for v in self.fallbacks.values() if v is not None}
         if self.shadow is not None:
             used.add(self.shadow.version)
-        unknown = sorted(used - set(known))
+        return used
+
+    def check_versions(self, known: set[str] | list[str]) -> None:
+        """Raise ValueError naming any version this config uses that the app does not serve."""
+        unknown = sorted(self.versions_used() - set(known))
         if unknown:
             raise ValueError(
                 f"names versions that are not deployed: {unknown}; deployed: {sorted(known)}"
@@ -378,9 +382,19 @@ class AppArgs(_Strict):
     """`args` of `import_path: app.builder:build_app` in serve_config.yaml."""
 
     model: str = Field(pattern=NAME_PATTERN, description="The model this application serves.")
+    version_apps: bool = Field(
+        default=False,
+        description=(
+            "Each version runs in a Serve application of its own, `<model>-<version>` "
+            "(import_path app.builder:build_version); this app holds the Router and the "
+            "RolloutController and finds versions by name from the Router's user_config. "
+            "Adding, removing or redeploying a version then restarts nothing else."
+        ),
+    )
     versions: list[str] = Field(
-        min_length=1,
-        description="Model config files, one per version; relative paths from config_root.",
+        default_factory=list,
+        description="Model config files, one per version; relative paths from config_root. "
+        "Empty with version_apps.",
     )
     config_root: str | None = Field(
         default=None,
@@ -414,6 +428,31 @@ class AppArgs(_Strict):
             "in this deployment (e.g. num_gpus: 1 in a region with GPU workers)."
         ),
     )
+
+    @field_validator("versions")
+    @classmethod
+    def _versions_here_or_in_their_apps(cls, value: list[str], info) -> list[str]:
+        version_apps = info.data.get("version_apps", False)
+        if version_apps and value:
+            raise ValueError(
+                f"must be empty with version_apps: true, got {value}; each version is an "
+                "application of its own (import_path app.builder:build_version)"
+            )
+        if not version_apps and not value:
+            raise ValueError(
+                "must name at least one model config file (or set version_apps: true and "
+                "deploy each version as an application of its own)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _no_version_resources_with_version_apps(self) -> AppArgs:
+        if self.version_apps and self.version_resources:
+            raise ValueError(
+                "version_resources must be empty with version_apps: true; give each version "
+                "app its own `resources`"
+            )
+        return self
 
     def resources_for(self, config: ModelConfig) -> Resources:
         """The replica resources `config`'s version gets in this app."""
@@ -461,6 +500,42 @@ class AppArgs(_Strict):
                 )
             seen[config.version] = str(config.source)
         return configs, errors
+
+
+class VersionAppArgs(_Strict):
+    """`args` of `import_path: app.builder:build_version`: one model version, an application of
+    its own named `<model>-<version>` (no HTTP route; the model's router app calls it)."""
+
+    config: str = Field(min_length=1, description="The version's model config file.")
+    config_root: str | None = Field(
+        default=None, description="Folder a relative path starts from; default: the checkout."
+    )
+    region: str | None = Field(
+        default=None, pattern=LABEL_VALUE_PATTERN,
+        description=f"When set, every replica requires a node labelled {REGION_LABEL}=<region>.",
+    )  # fmt: skip
+    resources: Resources | None = Field(
+        default=None, description="Replica resources that replace the model config's."
+    )
+
+    def path(self) -> Path:
+        path = Path(self.config)
+        root = Path(self.config_root).resolve() if self.config_root else project_root()
+        return path if path.is_absolute() else root / path
+
+    def load(self) -> ModelConfig:
+        config = load_model_config(self.path())
+        if self.resources is not None:
+            config = config.model_copy(update={"resources": self.resources})
+        return config
+
+    def label_selector(self) -> dict[str, str] | None:
+        return {REGION_LABEL: self.region} if self.region else None
+
+
+def version_app_name(model: str, version: str) -> str:
+    """The Serve application (and deployment) a version runs as in version_apps mode."""
+    return f"{model}-{version}"
 
 
 def config_hash(user_config: Any) -> str:

@@ -95,6 +95,7 @@ class Dispatcher:
         self._clock = clock
         self._rng = rng
         settings = breaker or BreakerSettings()
+        self._breaker_settings = settings
         self.breakers = {v: CircuitBreaker(settings, clock) for v in self._adapters}
         self.shadow_stats: dict[str, ShadowStats] = {}
         self.fallbacks = 0
@@ -103,8 +104,15 @@ class Dispatcher:
         self._shadow_tasks: set[asyncio.Task] = set()
 
     def reconfigure(self, breaker: BreakerSettings) -> None:
+        self._breaker_settings = breaker
         for b in self.breakers.values():
             b.reconfigure(breaker)
+
+    def add_version(self, version: str, adapter: type[ModelAdapter]) -> None:
+        """A version found after start (a version app): its adapter and a closed breaker."""
+        self._adapters[version] = adapter
+        if version not in self.breakers:
+            self.breakers[version] = CircuitBreaker(self._breaker_settings, self._clock)
 
     def breaker_states(self) -> dict[str, BreakerState]:
         return {v: b.state for v, b in self.breakers.items()}

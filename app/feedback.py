@@ -42,9 +42,17 @@ __all__ = [
     "OutcomeBook",
     "RequestLedger",
     "parse_feedback",
+    "MAX_ITEMS_PER_REQUEST",
+    "MAX_REQUEST_ID_CHARS",
+    "RANDOMISED_DECISIONS",
 ]
 
 MAX_REQUEST_ID_CHARS = 256
+MAX_ITEMS_PER_REQUEST = 1000  # feedback items one POST may carry
+# Decisions whose answers make an A/B arm: the router chose the version by the traffic split.
+# Pinned answers (chosen by the client) and fallbacks (served by another version than the one
+# chosen) are answered and accepted, but not counted in an arm.
+RANDOMISED_DECISIONS = frozenset({"sticky", "weighted"})
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -58,11 +66,12 @@ class FeedbackSettings(_Strict):
     )  # fmt: skip
     max_request_ids: int = Field(
         default=500_000, ge=1000, le=20_000_000,
-        description="Request ids remembered at most (oldest dropped first; ~150 bytes each).",
+        description="Request ids remembered at most (oldest dropped first; ~400 bytes each).",
     )  # fmt: skip
-    max_items_per_request: int = Field(
-        default=1000, ge=1, le=100_000, description="Feedback items one POST may carry."
-    )
+    max_outcomes: int = Field(
+        default=32, ge=1, le=1000,
+        description="Distinct outcome names counted at most (a new name beyond them is a 400).",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,14 +108,19 @@ def _item(data: Any, where: str) -> FeedbackItem:
     value = data.get("value")
     if isinstance(value, bool):
         return FeedbackItem(request_id, outcome, float(value), OutcomeKind.BINARY)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return FeedbackItem(request_id, outcome, float(value), OutcomeKind.CONTINUOUS)
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer with hundreds of digits
+            number = math.inf
+        if math.isfinite(number):
+            return FeedbackItem(request_id, outcome, number, OutcomeKind.CONTINUOUS)
     raise InvalidInput(
         f"{where}.value must be true/false (a binary outcome) or a finite number, got {value!r}"
     )
 
 
-def parse_feedback(body: Any, max_items: int = 1000) -> tuple[list[FeedbackItem], bool]:
+def parse_feedback(body: Any, max_items: int = MAX_ITEMS_PER_REQUEST) -> tuple[list[FeedbackItem], bool]:
     """(items, batch): one object `{"request_id", "outcome", "value"}`, or a batch
     `{"feedback": [ ...objects... ]}`. InvalidInput names the offending field."""
     if isinstance(body, dict) and "feedback" in body:
@@ -131,8 +145,12 @@ class RequestLedger:
     def __init__(self, max_entries: int, ttl_s: float) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
-        self._entries: OrderedDict[str, list[Any]] = OrderedDict()  # id -> [version, at, counted]
+        # id -> [version, answered at, outcomes counted (None: none yet), routing decision]
+        self._entries: OrderedDict[str, list[Any]] = OrderedDict()
         self.dropped = 0
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -141,11 +159,12 @@ class RequestLedger:
         self.max_entries, self.ttl_s = max_entries, ttl_s
         self._trim(now)
 
-    def record(self, request_id: str, version: str, answered_at: float, now: float) -> None:
-        """Remember who answered `request_id`. A repeated id keeps its first record (and what
-        was counted for it): an id is one answer."""
+    def record(self, request_id: str, version: str, answered_at: float, now: float,
+               decision: str | None = None) -> None:  # fmt: skip
+        """Remember who answered `request_id` (and how the router chose it). A repeated id
+        keeps its first record (and what was counted for it): an id is one answer."""
         if request_id not in self._entries:
-            self._entries[request_id] = [version, answered_at, None]
+            self._entries[request_id] = [version, answered_at, None, decision]
         self._trim(now)
 
     def _trim(self, now: float) -> None:
@@ -176,12 +195,32 @@ class RequestLedger:
             )
         return entry[0]
 
-    def entry(self, request_id: str, now: float) -> tuple[str, float] | None:
-        """(version, answered at) while feedback for `request_id` is open; else None."""
+    def entry(self, request_id: str, now: float) -> tuple[str, float, str | None] | None:
+        """(version, answered at, decision) while feedback for `request_id` is open; else None."""
         entry = self._entries.get(request_id)
         if entry is None or now - entry[1] > self.ttl_s:
             return None
-        return entry[0], entry[1]
+        return entry[0], entry[1], entry[3]
+
+    def answered(self, request_id: str) -> tuple[float, str | None]:
+        """(answered at, decision) of a known id (after `lookup`)."""
+        entry = self._entries[request_id]
+        return entry[1], entry[3]
+
+    def counted(self, request_id: str, outcome: str) -> bool:
+        """Whether `outcome` was already counted for `request_id` (False if unknown)."""
+        entry = self._entries.get(request_id)
+        return entry is not None and entry[2] is not None and outcome in entry[2]
+
+    def counted_outcomes(self, request_id: str) -> list[str]:
+        """The outcomes already counted for `request_id` (none if unknown)."""
+        entry = self._entries.get(request_id)
+        return sorted(entry[2]) if entry is not None and entry[2] else []
+
+    def mark_counted(self, request_id: str, outcomes: list[str]) -> None:
+        """Record outcomes counted elsewhere (a router's memory, after this ledger lost it)."""
+        for outcome in outcomes:
+            self.first_count(request_id, outcome)
 
     def first_count(self, request_id: str, outcome: str) -> bool:
         """Mark `outcome` counted for `request_id`; False if it already was (a duplicate)."""
@@ -207,7 +246,12 @@ class OutcomeBook:
         self.kinds.clear()
         self.arms.clear()
 
-    def check_kind(self, item: FeedbackItem) -> None:
+    def check_kind(self, item: FeedbackItem, max_outcomes: int = 32) -> None:
+        if item.outcome not in self.kinds and len(self.kinds) >= max_outcomes:
+            raise InvalidInput(
+                f"outcome: {item.outcome!r} would be outcome name number {len(self.kinds) + 1}; "
+                f"at most {max_outcomes} are counted ({sorted(self.kinds)})"
+            )
         kind = self.kinds.get(item.outcome)
         if kind is not None and kind is not item.kind:
             wanted = "true/false" if kind is OutcomeKind.BINARY else "a number"

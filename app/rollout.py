@@ -804,10 +804,15 @@ def evaluate_lift_gates(
             continue
         test = gate.sequential_test()
         before = Verdict.from_reading(dict(previous[name])) if name in previous else None
-        try:
-            verdict = test.evaluate(cand, base, before)
-        except ValueError:  # a previous look that no longer fits (fewer samples): start over
-            verdict = test.evaluate(cand, base, None)
+        if before is not None and (before.candidate_samples, before.control_samples) == (
+            cand.n, base.n
+        ):
+            verdict = before  # no new outcome: the same look (and the state stays equal)
+        else:
+            try:
+                verdict = test.evaluate(cand, base, before)
+            except ValueError:  # a previous look that no longer fits (fewer samples): restart
+                verdict = test.evaluate(cand, base, None)
         conclusion = gate.judge(verdict)
         state[name] = verdict.reading()
         detail = {

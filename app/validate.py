@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from app.adapters import adapter_class
 from app.artifacts import resolve_artifact, verify_artifact
-from app.builder import load_app_args
+from app.builder import load_app_args, load_version_args
 from app.config import (
     CONTROLLER_DEPLOYMENT,
     ROUTER_DEPLOYMENT,
@@ -30,12 +30,14 @@ from app.config import (
     TrafficConfig,
     format_validation_error,
     load_yaml,
+    version_app_name,
 )
 from app.errors import ArtifactError, ConfigError
 
 __all__ = ["Report", "smoke_test", "validate_serve_config"]
 
 BUILDER = "app.builder:build_app"
+VERSION_BUILDER = "app.builder:build_version"
 
 
 @dataclass
@@ -121,12 +123,22 @@ def validate_serve_config(
             report.errors.append(
                 f"{path}: applications[{index}].route_prefix: {prefix!r} must start with '/'"
             )
+    # Version apps first: a router app in version_apps mode routes to the ones in this file.
+    version_apps: dict[str, list[ModelConfig]] = {}
+    for index, application in enumerate(document["applications"]):
+        if application.get("import_path") == VERSION_BUILDER:
+            where = f"{path}: applications[{index}]"
+            config = _validate_version_app(application, where, report, load_models, progress)
+            if config is not None:
+                version_apps.setdefault(config.name, []).append(config)
     for index, application in enumerate(document["applications"]):
         where = f"{path}: applications[{index}]"
+        if application.get("import_path") == VERSION_BUILDER:
+            continue
         if application.get("import_path") != BUILDER:
             report.notes.append(f"{where}: import_path is not {BUILDER}; only Serve's schema checked")
             continue
-        _validate_application(application, where, report, load_models, progress)
+        _validate_application(application, where, report, load_models, progress, version_apps)
     if region is not None and report.ok:
         _validate_region_clusters(document, region, report)
     return report
@@ -154,12 +166,91 @@ def _validate_region_clusters(document: dict[str, Any], region: Any, report: Rep
         report.notes += fit.notes
 
 
+def _validate_version_app(
+    application: dict[str, Any],
+    where: str,
+    report: Report,
+    load_models: bool,
+    progress: Callable[[str], None],
+) -> ModelConfig | None:
+    """An `app.builder:build_version` application: its args and model config, its name
+    (`<model>-<version>`), no HTTP route, its user_config override, then load + smoke test."""
+    try:
+        _, config = load_version_args(application.get("args") or {})
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            report.errors.append(f"{where}.{line}" if line.startswith("args") else line)
+        return None
+    expected = version_app_name(config.name, config.version)
+    if application.get("name") != expected:
+        report.errors.append(
+            f"{where}.name: {application.get('name')!r} must be {expected!r} (<model>-<version>): "
+            "the router finds a version's application by that name"
+        )
+    if application.get("route_prefix") is not None:
+        report.errors.append(
+            f"{where}.route_prefix: {application.get('route_prefix')!r} must be null: a version "
+            "is reached through its model's router, never directly"
+        )
+    update = None
+    for i, deployment in enumerate(application.get("deployments") or []):
+        field_path = f"{where}.deployments[{i}]"
+        if deployment.get("name") != config.deployment_name:
+            report.errors.append(
+                f"{field_path}.name: {deployment.get('name')!r} is not a deployment of this app; "
+                f"deployments: [{config.deployment_name!r}]"
+            )
+            continue
+        if "user_config" in deployment:
+            update = _check_version_user_config(
+                deployment["user_config"], config, f"{field_path}.user_config", report
+            )
+    if load_models:
+        _smoke(config, update, where, report, progress)
+    return config
+
+
+def _check_version_user_config(
+    user_config: Any, config: ModelConfig, where: str, report: Report
+) -> ModelUserConfig | None:
+    try:
+        update = ModelUserConfig.model_validate(user_config)
+    except ValidationError as exc:
+        report.errors.append(format_validation_error(exc, where))
+        return None
+    try:
+        adapter_class(config.adapter).parse_hyperparameters(update.hyperparameters)
+    except ValidationError as exc:
+        report.errors.append(format_validation_error(exc, f"{where}.hyperparameters"))
+        return None
+    return update
+
+
+def _smoke(config: ModelConfig, update: ModelUserConfig | None, where: str, report: Report,
+           progress: Callable[[str], None]) -> None:  # fmt: skip
+    """Load the version (with the weights its user_config names, if any) and run its example."""
+    weights = update.weights if update is not None else None
+    label = f"{where}: {config.deployment_name}.user_config.weights" if weights else f"{config.source}: artifact"
+    progress(f"loading {config.deployment_name} from {weights.artifact if weights else config.artifact} ...")
+    try:
+        hyperparameters = update.hyperparameters if update is not None else None
+        summary = smoke_test(config, hyperparameters, weights)
+    except (ArtifactError, ValueError, OSError) as exc:
+        report.errors.append(f"{label}: {exc}")
+        return
+    except Exception as exc:  # a model that cannot load or run is a config error here
+        report.errors.append(f"{config.source}: smoke inference failed: {type(exc).__name__}: {exc}")
+        return
+    report.notes.append(f"{config.deployment_name}: {summary}")
+
+
 def _validate_application(
     application: dict[str, Any],
     where: str,
     report: Report,
     load_models: bool,
     progress: Callable[[str], None],
+    version_apps: dict[str, list[ModelConfig]] | None = None,
 ) -> None:
     try:
         args, configs = load_app_args(application.get("args") or {})
@@ -169,6 +260,19 @@ def _validate_application(
         return
     by_name = {c.deployment_name: c for c in configs}
     versions = [c.version for c in configs]
+    if args.version_apps:
+        versions = [c.version for c in (version_apps or {}).get(args.model, [])]
+        if not versions:
+            report.errors.append(
+                f"{where}.args.version_apps: no application in this file runs a version of "
+                f"{args.model!r} (import_path {VERSION_BUILDER}, name {args.model}-<version>)"
+            )
+        declared = {d.get("name") for d in application.get("deployments") or [] if "user_config" in d}
+        if ROUTER_DEPLOYMENT not in declared:
+            report.errors.append(
+                f"{where}.deployments: the Router needs a user_config (stable, weights) with "
+                "version_apps: there is no default version to send traffic to"
+            )
     overrides: dict[str, ModelUserConfig] = {}
     for i, deployment in enumerate(application.get("deployments") or []):
         name = deployment.get("name")
@@ -192,35 +296,15 @@ def _validate_application(
             except ValueError as exc:
                 report.errors.append(f"{field_path}.user_config.weights: {exc}")
         else:
-            try:
-                update = ModelUserConfig.model_validate(user_config)
-            except ValidationError as exc:
-                report.errors.append(format_validation_error(exc, f"{field_path}.user_config"))
-                continue
-            try:
-                adapter_class(by_name[name].adapter).parse_hyperparameters(update.hyperparameters)
+            update = _check_version_user_config(
+                user_config, by_name[name], f"{field_path}.user_config", report
+            )
+            if update is not None:
                 overrides[name] = update
-            except ValidationError as exc:
-                report.errors.append(
-                    format_validation_error(exc, f"{field_path}.user_config.hyperparameters")
-                )
     if not load_models:
         return
     for config in configs:
-        update = overrides.get(config.deployment_name)
-        weights = update.weights if update is not None else None
-        label = f"{where}: {config.deployment_name}.user_config.weights" if weights else f"{config.source}: artifact"
-        progress(f"loading {config.deployment_name} from {weights.artifact if weights else config.artifact} ...")
-        try:
-            hyperparameters = update.hyperparameters if update is not None else None
-            summary = smoke_test(config, hyperparameters, weights)
-        except (ArtifactError, ValueError, OSError) as exc:
-            report.errors.append(f"{label}: {exc}")
-            continue
-        except Exception as exc:  # a model that cannot load or run is a config error here
-            report.errors.append(f"{config.source}: smoke inference failed: {type(exc).__name__}: {exc}")
-            continue
-        report.notes.append(f"{config.deployment_name}: {summary}")
+        _smoke(config, overrides.get(config.deployment_name), where, report, progress)
 
 
 def _validate_plan(user_config: Any, versions: list[str], where: str, report: Report) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
-from bench.common import free_port, log, shutdown  # noqa: E402
+from bench.common import log, shutdown  # noqa: E402
+from tests.waiting import free_port, wait_for_condition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "recommender"
@@ -33,17 +33,7 @@ __all__ = ["APP", "LocalApp", "wait_for"]
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # keep polling; report the last error on timeout
-            last_error = exc
-        time.sleep(interval_s)
-    raise RuntimeError(f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}")
+    return wait_for_condition(predicate, timeout_s, interval_s, what)
 
 
 def serve_config(versions: list[Path], http_port: int, env_vars: dict[str, str],
@@ -78,8 +68,12 @@ def with_user_configs(config: dict[str, Any], **user_configs: Any) -> dict[str, 
 
 
 def replica_ids(details: dict[str, Any]) -> dict[str, list[str]]:
-    deployments = details.get("applications", {}).get(APP, {}).get("deployments", {})
-    return {name: sorted(r["replica_id"] for r in d.get("replicas", [])) for name, d in deployments.items()}
+    """app/deployment -> replica ids (RUNNING or not), for every application."""
+    return {
+        f"{app}/{name}": sorted(r["replica_id"] for r in d.get("replicas", []))
+        for app, app_details in details.get("applications", {}).items()
+        for name, d in (app_details.get("deployments") or {}).items()
+    }
 
 
 class LocalApp:
@@ -88,7 +82,10 @@ class LocalApp:
         self.tmp: Path | None = None
         self.client: httpx.Client | None = None
 
-    def start(self, tmp: Path, versions: list[Path], router: dict[str, Any]) -> LocalApp:
+    def start(self, tmp: Path, versions: list[Path], router: dict[str, Any],
+              build: Callable[[int, dict[str, str]], dict[str, Any]] | None = None) -> LocalApp:  # fmt: skip
+        """Start Ray and Serve and deploy the app: the one-application config for `versions`
+        and `router`, or what `build(http_port, env_vars)` returns."""
         import ray
         from ray import serve
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -120,7 +117,8 @@ class LocalApp:
                  timeout_s=60, interval_s=0.5, what="the Ray dashboard")  # fmt: skip
         self.submission = ServeSubmissionClient(dashboard_url)
         env = {**base_env, "ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}
-        self.config = serve_config(versions, http_port, env, router)
+        self.env = env
+        self.config = build(http_port, env) if build else serve_config(versions, http_port, env, router)
         log("deploying the recommender app through the REST API")
         self.deploy(self.config)
         wait_for(self._running, timeout_s=180, interval_s=0.5, what="the app to be RUNNING")
@@ -131,10 +129,13 @@ class LocalApp:
         return self
 
     def _running(self) -> bool:
-        app = self.details().get("applications", {}).get(APP)
-        if app and app.get("status") == "DEPLOY_FAILED":
-            raise SystemExit(f"the app failed to deploy: {app.get('message')}")
-        return bool(app) and app.get("status") == "RUNNING"
+        apps = self.details().get("applications", {})
+        names = [a["name"] for a in self.config["applications"]]
+        for name in names:
+            app = apps.get(name)
+            if app and app.get("status") == "DEPLOY_FAILED":
+                raise SystemExit(f"the app {name} failed to deploy: {app.get('message')}")
+        return all((apps.get(name) or {}).get("status") == "RUNNING" for name in names)
 
     def deploy(self, config: dict[str, Any]) -> None:
         """What `serve deploy` does: PUT the whole config; Serve applies the difference."""

@@ -30,7 +30,13 @@ from app.rollout import (
 )
 from app.abtest import OutcomeKind
 from app.errors import ServingError, http_status
-from app.feedback import FeedbackItem, FeedbackSettings, OutcomeBook, RequestLedger
+from app.feedback import (
+    RANDOMISED_DECISIONS,
+    FeedbackItem,
+    FeedbackSettings,
+    OutcomeBook,
+    RequestLedger,
+)
 from app.prometheus import PrometheusUnavailable, query_scalar
 from app.metrics import ControllerMetrics, Metrics
 from app.stats import StatsWindow
@@ -59,9 +65,10 @@ def _traffic(state: RolloutState) -> tuple:
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 class RolloutController:
-    def __init__(self, model: str, versions: list[str]) -> None:
+    def __init__(self, model: str, versions: list[str] | None) -> None:
         self.model = model
-        self.versions = list(versions)
+        # None (version_apps): versions are applications of their own, checked by name in Serve.
+        self.versions = None if versions is None else list(versions)
         app_name = serve.get_replica_context().app_name
         self.kv_key = f"{app_name}/{model}/rollout-state"
         self.window = StatsWindow()
@@ -88,13 +95,17 @@ class RolloutController:
         self.feedback_settings = FeedbackSettings()
         self.ledger = RequestLedger(self.feedback_settings.max_request_ids, self.feedback_settings.ttl_s)
         self.book = OutcomeBook()
-        self.feedback_counts = {"counted": 0, "duplicate": 0, "unknown": 0, "expired": 0, "invalid": 0}
+        self.feedback_counts = {"counted": 0, "duplicate": 0, "excluded": 0, "unknown": 0,
+                                "expired": 0, "invalid": 0}  # fmt: skip
+        self.experiment_started_at = 0.0  # answers from before it are not counted
         self._book_dirty = False
         now = time.time()
         saved_book = _kv_get(self.kv_key + "/outcomes")
         if saved_book is not None:
             try:
-                self.book = OutcomeBook.from_dict(json.loads(saved_book))
+                saved_outcomes = json.loads(saved_book)
+                self.book = OutcomeBook.from_dict(saved_outcomes["book"])
+                self.experiment_started_at = float(saved_outcomes["started_at"])
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("RolloutController: ignoring unreadable saved outcomes: %s", exc)
         saved = _kv_get(self.kv_key)
@@ -168,10 +179,19 @@ class RolloutController:
         if raw is None:
             return tick, None
         plan = RolloutPlan.model_validate(raw)  # pydantic's ValidationError is a ValueError
-        unknown = sorted({plan.candidate, plan.stable} - set(self.versions))
+        unknown = sorted({plan.candidate, plan.stable} - set(self._deployed_versions()))
         if unknown:
             raise ValueError(f"plan names versions that are not deployed: {unknown}")
         return tick, plan
+
+    def _deployed_versions(self) -> list[str]:
+        if self.versions is not None:
+            return self.versions
+        from ray.serve.context import _get_global_client
+
+        prefix = f"{self.model}-"
+        apps = _get_global_client().get_serve_details().get("applications", {})
+        return [name[len(prefix):] for name in apps if name.startswith(prefix)]
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -303,7 +323,8 @@ class RolloutController:
         """Store the state; on failure keep it dirty and let the next tick try again."""
         if self._book_dirty:
             try:
-                _kv_put(self.kv_key + "/outcomes", json.dumps(self.book.to_dict()).encode())
+                saved = {"started_at": self.experiment_started_at, "book": self.book.to_dict()}
+                _kv_put(self.kv_key + "/outcomes", json.dumps(saved).encode())
                 self._book_dirty = False
             except Exception:
                 logger.exception("RolloutController: could not persist the outcomes; will retry")
@@ -343,11 +364,12 @@ class RolloutController:
     ) -> None:
         """Per-version counts since the router's last report, shadow comparisons
         (`{version: {"compared": n, "top_k_overlap_sum": x}}`) and the request ids answered
-        (`[(request_id, version, answered_at)]`, for feedback)."""
+        (`[(request_id, version, answered_at, routing decision)]`, for feedback)."""
         self._ensure_ticker()
         now = time.time()
-        for request_id, version, answered_at in served or ():
-            self.ledger.record(str(request_id), str(version), float(answered_at), now)
+        for request_id, version, answered_at, *decision in served or ():
+            self.ledger.record(str(request_id), str(version), float(answered_at), now,
+                               decision[0] if decision else None)  # fmt: skip
         try:
             if stats:
                 self.window.add(stats, now)
@@ -376,9 +398,11 @@ class RolloutController:
         self, items: list[dict[str, Any]], hints: dict[str, tuple[str, float]]
     ) -> list[dict[str, Any]]:
         """Count outcomes for answered requests. `items` are parsed FeedbackItem dicts;
-        `hints` the version the forwarding router's own ledger knows for an id (feedback
-        that arrives before that router's push). One result per item: counted, duplicate,
-        or an error with its HTTP status (404 unknown, 410 expired, 400 wrong kind)."""
+        `hints` what the forwarding router's own ledger knows of an id, (version, answered
+        at, decision), for feedback that arrives before that router's push. One result per
+        item: counted, duplicate, excluded (a pinned or fallback answer, or one from before
+        the current experiment: accepted, not in an A/B arm), or an error with its HTTP
+        status (404 unknown, 410 expired, 400 wrong kind or too many outcome names)."""
         now = time.time()
         results = []
         for raw in items:
@@ -386,13 +410,25 @@ class RolloutController:
                                 OutcomeKind(raw["kind"]))  # fmt: skip
             result: dict[str, Any] = {"request_id": item.request_id, "outcome": item.outcome}
             try:
-                hint = hints.get(item.request_id)  # (version, answered at) from the router
-                if hint is not None and hint[0] in self.versions:
-                    self.ledger.record(item.request_id, str(hint[0]), float(hint[1]), now)
+                hint = hints.get(item.request_id)
+                if hint is not None and (self.versions is None or hint[0] in self.versions):
+                    self.ledger.record(item.request_id, str(hint[0]), float(hint[1]), now,
+                                       hint[2] if len(hint) > 2 else None)  # fmt: skip
+                    if len(hint) > 3 and item.request_id in self.ledger:
+                        self.ledger.mark_counted(item.request_id, [str(o) for o in hint[3]])
                 version = self.ledger.lookup(item.request_id, now)
-                self.book.check_kind(item)
+                self.book.check_kind(item, self.feedback_settings.max_outcomes)
                 result["version"] = version
-                if self.ledger.first_count(item.request_id, item.outcome):
+                answered_at, decision = self.ledger.answered(item.request_id)
+                excluded = None
+                if decision is not None and decision not in RANDOMISED_DECISIONS:
+                    excluded = f"a {decision} answer is not part of the traffic split's A/B arms"
+                elif answered_at < self.experiment_started_at:
+                    excluded = "answered before the current rollout (experiment) started"
+                if excluded is not None:
+                    result.update(counted=False, excluded=excluded)
+                    self.feedback_counts["excluded"] += 1
+                elif self.ledger.first_count(item.request_id, item.outcome):
                     self.book.add(item, version)
                     self._book_dirty = True
                     result["counted"] = True
@@ -414,6 +450,7 @@ class RolloutController:
         self.book.reset()
         self._book_dirty = True
         self.verdicts = ()
+        self.experiment_started_at = time.time()
 
     # -- operators ---------------------------------------------------------------------------------
 
@@ -449,7 +486,10 @@ class RolloutController:
         if state is not None:
             stats = self.window.observe(state.window_started_at, now)
             rates = self.window.rates(10.0, now)
-            for v in self.versions:
+            known = self.versions if self.versions is not None else sorted(
+                {state.plan.stable, state.plan.candidate} | set(stats)
+            )
+            for v in known:
                 s = stats.get(v)
                 requests = s.requests if s else 0
                 errors = s.errors if s else 0

@@ -27,13 +27,13 @@ from ray import serve
 from app.adapters import Tensors, adapter_class
 from app.artifacts import resolve_artifact, verify_artifact
 from app.config import Batching, FaultInjection, ModelConfig, ModelUserConfig, config_hash
-
-Weights = tuple[str, Any]  # (artifact, sha256) as declared
 from app.errors import ArtifactError, InjectedFault, ModelFailure, ServingError
 from app.faults import plan_fault
 from app.metrics import Metrics
 
 logger = logging.getLogger("ray.serve")
+
+Weights = tuple[str, Any]  # (artifact, sha256) as declared
 
 
 @serve.deployment
@@ -101,6 +101,20 @@ class ModelServer:
             (update.weights.artifact, update.weights.sha256) if update.weights is not None
             else (self.config.artifact, self.config.sha256)
         )  # fmt: skip
+        if self.adapter is None and update.weights is not None:
+            # A replica started after a weights patch (autoscaling, a lost node). If the patched
+            # weights fail here, serve the model config's own rather than never starting: the
+            # refusal shows in info() and the log, as on the replicas that refused the patch.
+            try:
+                await self._ensure_loaded(weights, hyperparameters)
+            except Exception as exc:
+                self.refused = {"weights": {"artifact": weights[0], "sha256": weights[1]},
+                                "config": digest, "error": f"{type(exc).__name__}: {exc}",
+                                "at": time.time()}  # fmt: skip
+                logger.error("%s: patched weights %s failed at start (%s); serving the model "
+                             "config's %s", self.name, weights[0], exc, self.config.artifact)  # fmt: skip
+                await self._ensure_loaded(None, None)  # the model config's weights and settings
+                return
         if self.adapter is None:
             await self._ensure_loaded(weights, hyperparameters)
         elif weights != self.weights:
@@ -182,6 +196,11 @@ class ModelServer:
         self._refresh_gauges()
         async with self._model_lock:
             await asyncio.to_thread(self.adapter.predict, [self.adapter.example()], [{}])
+
+    async def describe(self) -> dict[str, Any]:
+        """This version's model config (what a router in version_apps mode needs to route and
+        validate requests for it)."""
+        return self.config.model_dump(mode="json")
 
     def info(self) -> dict[str, Any]:
         """What this replica serves: artifact, digests, load time, applied hot patches."""

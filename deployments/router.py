@@ -10,6 +10,7 @@ import json
 import logging
 import pickle
 import random
+import re
 import time
 import uuid
 from collections import deque
@@ -26,9 +27,16 @@ import app
 from app.adapters import ModelAdapter, adapter_class
 from app.admin import check_bearer, load_admin_token
 from app.cache import CacheSettings, ResponseCache, cache_key
-from app.config import ModelConfig, RouterSettings, TrafficConfig, config_hash
+from app.config import (
+    NAME_PATTERN,
+    ModelConfig,
+    RouterSettings,
+    TrafficConfig,
+    config_hash,
+    version_app_name,
+)
 from app.dispatch import Dispatcher
-from app.feedback import FeedbackSettings, RequestLedger, parse_feedback
+from app.feedback import MAX_REQUEST_ID_CHARS, FeedbackSettings, RequestLedger, parse_feedback
 from app.errors import (
     Conflict,
     DeadlineExceeded,
@@ -57,6 +65,9 @@ from app.metrics import UNROUTED, UNROUTED_DECISION, MeteredStats, Metrics, Rout
 from app.traffic import TrafficTable, apply_override
 
 logger = logging.getLogger("ray.serve")
+
+SERVED_BACKLOG = 200_000  # answered ids waiting for the push to the controller, at most
+_VERSION_NAME = re.compile(NAME_PATTERN)
 
 api = FastAPI(title="ray-rollout router", docs_url=None, redoc_url=None)
 
@@ -147,11 +158,20 @@ class Router:
         configs: list[ModelConfig],
         settings: RouterSettings,
         controller: DeploymentHandle | None = None,
+        version_apps: bool = False,
     ) -> None:
         self.model = model
         self.settings = settings
         self.handles = handles
         self.configs = {c.version: c for c in configs}
+        # version_apps: versions are Serve applications of their own, found by name when the
+        # traffic table first names them (`_resolve_versions`); otherwise this app's deployments.
+        self.version_apps = version_apps
+        own_app = serve.get_replica_context().app_name
+        self.apps = {c.version: own_app for c in configs}  # version -> the app that runs it
+        self._pending: dict[str, Any] | None = None  # an update waiting for its versions
+        self._reconfigures = 0  # version_apps: which update is the newest
+        self._missing: dict[str, float] = {}  # version_apps: pins that found no app, and when
         self.adapters: dict[str, type[ModelAdapter]] = {
             c.version: adapter_class(c.adapter) for c in configs
         }
@@ -183,7 +203,7 @@ class Router:
         # Feedback: request ids this replica answered. `served` waits for the next push to the
         # controller (bounded: a controller that is away must not grow it without end);
         # `recent` answers for ids whose push has not reached the controller yet.
-        self.served: deque[tuple[str, str, float]] = deque(maxlen=200_000)
+        self.served: deque[tuple[str, str, float, str | None]] = deque(maxlen=SERVED_BACKLOG)
         self.recent = RequestLedger(max_entries=50_000, ttl_s=FeedbackSettings().ttl_s)
 
     # -- traffic ---------------------------------------------------------------------------
@@ -193,25 +213,75 @@ class Router:
 
         Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
         would race the controller follower and the cache on the event loop; here it runs on the
-        loop, between requests, with no await inside."""
-        generation = self.table.generation + 1 if self.table else 1
+        loop, between requests. It awaits only in version_apps mode, to find versions it has not
+        seen yet; the newest update wins over one still waiting."""
         try:
             config = TrafficConfig.model_validate(user_config)
+            if self.version_apps:
+                self._reconfigures += 1
+                mine = self._reconfigures
+                try:
+                    await self._resolve_versions(config.versions_used())
+                    if mine != self._reconfigures:
+                        return  # a newer update arrived while this one waited: it wins
+                except ValueError as exc:
+                    if mine != self._reconfigures:
+                        return
+                    # A version's application may still be deploying (one `serve deploy` starts
+                    # them all): keep the current table (none: 503s) and let the health poll
+                    # retry this one until its versions answer or another update replaces it.
+                    self._pending = user_config
+                    self.rejected = {"user_config": user_config, "error": str(exc), "pending": True}
+                    logger.warning("Router: traffic update waits for its versions: %s", exc)
+                    self._ensure_poller()
+                    return
+            generation = self.table.generation + 1 if self.table else 1
             table = TrafficTable.from_config(
                 apply_override(config, self.override), self.handles.keys(), generation
             )
         except ValueError as exc:
+            self._pending = None
             if self.table is None:
                 raise  # nothing to keep serving: fail the replica with the reason
             self.rejected = {"user_config": user_config, "error": str(exc)}
             logger.error("Router: refused traffic update, keeping generation %d: %s",
                          self.table.generation, exc)  # fmt: skip
             return
-        self.declared, self.table, self.rejected = config, table, None
+        self.declared, self.table, self.rejected, self._pending = config, table, None, None
         self.dispatcher.reconfigure(table.config.breaker)
         self.cache.reconfigure(table.config.cache)
         logger.info("Router: traffic generation %d: %s (stable %s)",
                     table.generation, dict(table.weights), table.stable)  # fmt: skip
+
+    async def _resolve_versions(self, versions: set[str]) -> None:
+        """version_apps: find each version not known yet as the application `<model>-<version>`
+        and learn its model config from its replicas. ValueError names what is not deployed."""
+        missing = sorted(v for v in versions if v not in self.handles)
+        for version in missing:
+            name = version_app_name(self.model, version)
+            try:
+                handle = serve.get_deployment_handle(name, app_name=name)
+                described = await asyncio.wait_for(handle.describe.remote(), timeout=5.0)
+                config = ModelConfig.model_validate(described)
+            except Exception as exc:
+                raise ValueError(
+                    f"version {version!r} is not deployed: application {name!r} did not answer "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
+            if (config.name, config.version) != (self.model, version):
+                raise ValueError(
+                    f"application {name!r} serves {config.name}/{config.version}, not "
+                    f"{self.model}/{version}"
+                )
+            adapter = adapter_class(config.adapter)
+            self.handles[version] = handle
+            self.configs[version] = config
+            self.adapters[version] = adapter
+            self.apps[version] = name
+            self.score_outputs[version] = score_output(adapter.outputs)
+            self.dispatcher.add_version(version, adapter)
+            self.available = self.available | {version}
+            logger.info("Router: found version %s (application %s)", version, name)
 
     def _ensure_poller(self) -> None:
         """Start (or restart, if one died) the background tasks: health poll, controller
@@ -242,6 +312,12 @@ class Router:
                 continue
             self.seen_generation = override["generation"] if override else 0
             if override != self.override:
+                if self.version_apps and override:
+                    named = set(override.get("weights") or {}) | {override.get("stable")}
+                    try:
+                        await self._resolve_versions({v for v in named if v})
+                    except ValueError as exc:  # _apply_override refuses it, naming the version
+                        logger.error("Router: the controller's traffic names %s", exc)
                 try:
                     self._apply_override(override)
                 except Exception:  # a malformed override must not kill the follower
@@ -276,7 +352,7 @@ class Router:
                                        "top_k_overlap_sum": total[1] - before[1]}  # fmt: skip
                     sent[version] = total
             served = list(self.served)
-            self.served.clear()
+            self.served = deque(maxlen=SERVED_BACKLOG)
             if not report and not shadow and not served:
                 continue
             try:
@@ -285,6 +361,8 @@ class Router:
                 )
             except Exception as exc:  # lost reports only delay a verdict; never block serving
                 logger.warning("Router: stats report to the controller failed: %s", exc)
+                # Keep the answered ids for the next push (the newest, if there are too many).
+                self.served = deque([*served, *self.served], maxlen=SERVED_BACKLOG)
 
     async def _poll_health(self) -> None:
         """Keep `available` current from Serve's status, every `health_poll_interval_s`.
@@ -293,21 +371,21 @@ class Router:
         it (DEPLOY_FAILED, UNHEALTHY) or it is gone. A version whose replicas are still
         starting stays routable: its handle queues the request until a replica is up.
         """
-        app_name = serve.get_replica_context().app_name
-        names = {c.deployment_name: v for v, c in self.configs.items()}
         while True:
             try:
+                if self._pending is not None:  # version_apps: a first table still waiting
+                    await self.reconfigure(self._pending)
                 details = await asyncio.to_thread(_serve_details)
-                deployments = details.get("applications", {}).get(app_name, {}).get("deployments", {})
-                self.available = frozenset(
-                    version
-                    for name, version in names.items()
-                    if name in deployments and _routable(deployments[name])
-                )
+                applications = details.get("applications", {})
+                found = {}  # version -> its deployment's details, where Serve has it
+                for version, config in list(self.configs.items()):
+                    app_details = applications.get(self.apps[version]) or {}
+                    deployment = (app_details.get("deployments") or {}).get(config.deployment_name)
+                    if deployment is not None:
+                        found[version] = deployment
+                self.available = frozenset(v for v, d in found.items() if _routable(d))
                 self.target_config = {
-                    version: config_hash(deployments[name]["deployment_config"].get("user_config"))
-                    for name, version in names.items()
-                    if name in deployments
+                    v: config_hash(d["deployment_config"].get("user_config")) for v, d in found.items()
                 }
             except RuntimeError as exc:
                 if "shutdown" in str(exc):  # the replica is exiting
@@ -464,17 +542,23 @@ class Router:
         body = await _read_body(request, self.settings.max_body_bytes)
         try:
             document = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidInput(f"the feedback body is not valid JSON: {exc}") from None
-        items, batch = parse_feedback(document, FeedbackSettings().max_items_per_request)
+        items, batch = parse_feedback(document)
         now = time.time()
-        hints: dict[str, tuple[str, float]] = {}
+        # What this replica knows of each id: who answered, when, how it was chosen, and which
+        # outcomes it already saw counted (so a controller that lost its record, after a
+        # restart, still counts a repeat once).
+        hints: dict[str, tuple[str, float, str | None, list[str]]] = {}
         for item in items:
             entry = self.recent.entry(item.request_id, now)
             if entry is not None:
-                hints[item.request_id] = entry
+                hints[item.request_id] = (*entry, self.recent.counted_outcomes(item.request_id))
         payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
         results = await self._ask_controller("feedback", payload, hints)
+        for item, result in zip(items, results):
+            if result.get("counted") and item.request_id in hints:
+                self.recent.first_count(item.request_id, item.outcome)
         if batch:
             counted = sum(1 for r in results if r.get("counted"))
             return JSONResponse({"counted": counted, "results": results})
@@ -573,6 +657,18 @@ class Router:
     async def _infer(self, model: str, path_version: str | None, request: Request) -> Response:
         self._ensure_poller()
         self._check_model(model)
+        pinned = path_version or request.headers.get(self.settings.pin_header) or None
+        if pinned is not None and pinned not in self.handles and self.version_apps:
+            # A version app with no weight yet (a preview): pinning finds it. A name that did
+            # not answer is not looked up again for a while (clients choose the pin).
+            missed = self._missing.get(pinned)
+            if _VERSION_NAME.fullmatch(pinned) and (missed is None or time.monotonic() - missed > 10):
+                try:
+                    await self._resolve_versions({pinned})
+                except ValueError:
+                    self._missing[pinned] = time.monotonic()  # answered 404 below
+                    if len(self._missing) > 1000:
+                        self._missing.clear()
         if path_version is not None:
             self._check_version(path_version)
         table = self.table
@@ -654,12 +750,14 @@ class Router:
         ))  # fmt: skip
 
     def _answered(self, request: Request, response: Response) -> Response:
-        """Remember who answered this request id, for feedback (pushed to the controller)."""
+        """Remember who answered this request id and how it was chosen, for feedback (pushed
+        to the controller). Ids too long to be sent back as feedback are not kept."""
         request_id = request.headers.get("x-request-id")
-        if request_id:
+        if request_id and len(request_id) <= MAX_REQUEST_ID_CHARS:
             version, now = response.headers["x-model-version"], time.time()
-            self.recent.record(request_id, version, now, now)
-            self.served.append((request_id, version, now))
+            decision = response.headers.get("x-routing-decision")
+            self.recent.record(request_id, version, now, now, decision)
+            self.served.append((request_id, version, now, decision))
         return response
 
     def _respond(self, model: str, version: str, decision: str, parsed, outputs, extra) -> Response:

@@ -52,7 +52,8 @@ class Traffic:
         try:
             f = client.post("/v2/models/recommender/feedback", json={"feedback": pending})
             results = f.json().get("results", []) if f.status_code == 200 else []
-            lost = len(pending) - sum(1 for r in results if r.get("counted") is True)
+            # Answers from before the plan was declared are accepted but not in an A/B arm.
+            lost = len(pending) - sum(1 for r in results if r.get("counted") or r.get("excluded"))
         except (httpx.HTTPError, ValueError):
             lost = len(pending)
         if lost:
@@ -73,7 +74,8 @@ class Traffic:
                                     headers={"x-user-id": slate.user.user_id})  # fmt: skip
                     code, version = r.status_code, r.headers.get("x-model-version", "-")
                     if code == 200:
-                        top = r.json()["outputs"][1]["data"][0]  # ranking [1, 1]
+                        outputs = {o["name"]: o for o in r.json()["outputs"]}
+                        top = outputs["ranking"]["data"][0]  # ranking [1, 1]: the top item
                         clicked = World.click(slate, int(top), rng)
                         pending.append({"request_id": r.headers["x-request-id"], "outcome": "click",
                                         "value": clicked})  # fmt: skip

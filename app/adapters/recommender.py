@@ -15,9 +15,8 @@ A dynamic batch is encoded in one forward pass over the distinct texts of all it
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import re
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field

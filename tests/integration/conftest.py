@@ -6,18 +6,18 @@ Apps are deployed the way users deploy them: a serve config YAML handed to `serv
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from tests.integration.tiny_models import build_tiny_bert, write_model_config
+from tests.waiting import free_port, wait_for_condition  # noqa: F401 - re-exported
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -28,28 +28,6 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 APP = "recommender"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_condition(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2,
-                       message: str = "condition") -> Any:  # fmt: skip
-    """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # keep polling; report the last error if we time out
-            last_error = exc
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {message}; last error: {last_error!r}")
 
 
 class Cluster:
@@ -93,6 +71,12 @@ class Cluster:
 
         return serve.get_deployment_handle(deployment, app_name=APP).info.remote().result()
 
+    def replica_info_in(self, app: str) -> dict[str, Any]:
+        """info() of a version that is an application of its own (version_apps)."""
+        from ray import serve
+
+        return serve.get_deployment_handle(app, app_name=app).info.remote().result()
+
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Cluster:
@@ -132,6 +116,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     artifacts = {name: build_tiny_bert(root / name, seed) for name, seed in (("a", 0), ("b", 1))}
     return artifacts
+
+
+def forget_rollouts(app: str = APP, model: str = APP) -> None:
+    """Delete the rollout state an earlier test module left in GCS for this app: a controller
+    deployed again resumes it (by design), and a module that starts from idle must not."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    from deployments.controller import KV_NAMESPACE
+
+    for suffix in ("rollout-state", "rollout-state/outcomes"):
+        _internal_kv_del(f"{app}/{model}/{suffix}", namespace=KV_NAMESPACE)
 
 
 def model_config(

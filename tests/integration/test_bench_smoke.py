@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
     [
         ("bench.router_overhead", {"router_added_p50_ms", "routed_over_direct", "routed_rps", "direct_rps"}),
         ("bench.rollback", {"trials", "median_s", "max_s", "client_errors"}),
+        ("bench.hotpatch", {"patches", "failed_requests", "replicas_restarted_elsewhere"}),
     ],
 )
 def test_bench_smoke(module, keys):
@@ -31,5 +32,8 @@ def test_bench_smoke(module, keys):
     assert keys <= set(report), report
     if module == "bench.rollback":
         assert report["trials"] == 3 and report["client_errors"] == 0, report
+    elif module == "bench.hotpatch":
+        assert len(report["patches"]) == 9 and report["failed_requests"] == 0, report
+        assert report["replicas_restarted_elsewhere"] == 0, report
     else:
         assert report["errors"] == {"routed": 0, "direct": 0}, report

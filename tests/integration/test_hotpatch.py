@@ -108,15 +108,21 @@ def test_patches_under_load_fail_nothing_and_restart_nothing(patch_app):
         assert info["weights"] == str(tmp / "weights-b") and info["weights_swaps"] >= 1
         assert info["refused_patch"] is None
 
-        # 3. A bad artifact (wrong checksum): refused; the swapped weights keep answering.
+        # 3. A bad artifact (wrong checksum) with other changes: the whole patch is refused;
+        # the swapped weights and their settings keep answering.
+        digest_before = cluster.replica_info("recommender-v2")["config"]
         bad = {"artifact": str(tmp / "weights-a"), "sha256": "0" * 64}
-        deploy(patch_app, **{"recommender-v2": v2_user_config(tmp, weights=bad)})
+        deploy(patch_app, **{"recommender-v2": v2_user_config(
+            tmp, weights=bad, hyperparameters={"temperature": 0.25},
+            faults={"added_latency_ms": 50, "latency_rate": 1.0})})  # fmt: skip
         refused = wait_for_condition(
             lambda: (i := cluster.replica_info("recommender-v2"))["refused_patch"] and i,
             timeout_s=60, message="the bad weights refused",
         )  # fmt: skip
         assert "sha256 mismatch" in refused["refused_patch"]["error"]
         assert refused["weights"] == str(tmp / "weights-b")
+        assert refused["config"] == digest_before  # nothing of the patch applied
+        assert refused["faults"]["added_latency_ms"] == 0
         assert v2_scores(cluster) == swapped
 
         # 4. Router and controller knobs: weights, breaker, tick.

@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from tests.integration import loadgen
-from tests.integration.conftest import APP, infer_body, model_config, serve_config, wait_for_condition
+from tests.integration.conftest import (
+    APP,
+    forget_rollouts,
+    infer_body,
+    model_config,
+    serve_config,
+    wait_for_condition,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +46,7 @@ def rollout_app(cluster, tiny_models, tmp_path_factory):
     ]
     config = serve_config(versions, {"v1": 100})
     config["applications"][0]["runtime_env"] = {"env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}}
+    forget_rollouts()
     cluster.serve_deploy(config, tmp)
     cluster.wait_running()
     return cluster, config, tmp
@@ -274,7 +282,8 @@ def FeedbackLoad(url: str, rates: dict[str, float], clients: int = 4) -> loadgen
         f = client.post(f"/v2/models/{APP}/feedback", json={
             "request_id": r.headers["x-request-id"], "outcome": "click", "value": clicked,
         })  # fmt: skip
-        if f.status_code != 200 or f.json().get("counted") is not True:
+        # Answers from before the plan was declared are accepted but excluded from the arms.
+        if f.status_code != 200 or not (f.json().get("counted") or f.json().get("excluded")):
             return f"feedback {f.status_code} {f.text[:200]}"
         return None
 
@@ -297,10 +306,12 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
     assert again.json()["counted"] is False
     unknown = cluster.client.post(url, json={"request_id": "never-served", "outcome": "click", "value": True})
     assert unknown.status_code == 404 and "unknown" in unknown.json()["error"]
+    other = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-k"})
+    assert other.status_code == 200
     for body, field in (
         ({"request_id": "fb-1", "outcome": "click"}, "body.value"),
         ({"request_id": "fb-1", "outcome": "Bad Name", "value": 1}, "body.outcome"),
-        ({"request_id": "fb-1", "outcome": "click", "value": 4.5}, "is binary"),
+        ({"request_id": "fb-k", "outcome": "click", "value": 4.5}, "is binary"),  # click was true/false
     ):
         bad = cluster.client.post(url, json=body)
         assert bad.status_code == 400 and field in bad.json()["error"], bad.text
@@ -313,25 +324,28 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
     assert batch.status_code == 200 and batch.json()["counted"] == 1
     assert [r.get("status") for r in batch.json()["results"]] == [None, 404]
     status = admin(cluster, "GET", "").json()
-    assert status["feedback"]["counted"] >= 2 and status["feedback"]["duplicate"] >= 1
+    counts = status["feedback"]
+    assert counts["counted"] >= 2 and counts["duplicate"] >= 1 and counts["unknown"] >= 2
     # A short TTL (changed in place): an answer older than the TTL is 410 Gone (and one older
     # than twice the TTL is forgotten: 404).
-    declare(rollout_app, None, feedback={"ttl_s": 2})
-    wait_for_condition(lambda: admin(cluster, "GET", "").json()["feedback"]["ttl_s"] == 2,
-                       timeout_s=30, message="the feedback TTL applied")  # fmt: skip
-    late = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-2"})
-    assert late.status_code == 200
-    codes = []
+    try:
+        declare(rollout_app, None, feedback={"ttl_s": 5})
+        wait_for_condition(lambda: admin(cluster, "GET", "").json()["feedback"]["ttl_s"] == 5,
+                           timeout_s=30, message="the feedback TTL applied")  # fmt: skip
+        late = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-2"})
+        assert late.status_code == 200
+        codes = []
 
-    def expired():
-        r = cluster.client.post(url, json={"request_id": "fb-2", "outcome": "rating", "value": 5})
-        codes.append(r.status_code)
-        return r.status_code == 410 and r
+        def expired():
+            r = cluster.client.post(url, json={"request_id": "fb-2", "outcome": "rating", "value": 5})
+            codes.append(r.status_code)
+            return r.status_code == 410 and r
 
-    gone = wait_for_condition(expired, timeout_s=30, interval_s=0.1, message="410 for an expired id")
-    assert "feedback is taken for 2s" in gone.json()["error"]
-    assert set(codes) <= {200, 410} and codes[0] == 200  # counted once, then duplicates, then 410
-    declare(rollout_app, None)
+        gone = wait_for_condition(expired, timeout_s=30, interval_s=0.2, message="410 for an expired id")
+        assert "feedback is taken for 5s" in gone.json()["error"]
+        assert set(codes) <= {200, 410}  # counted once, then duplicates, then 410
+    finally:
+        declare(rollout_app, None)
 
 
 def test_improvement_gate_promotes_a_candidate_that_wins_on_feedback(rollout_app):
@@ -346,16 +360,16 @@ def test_improvement_gate_promotes_a_candidate_that_wins_on_feedback(rollout_app
     with FeedbackLoad(cluster.url, {"v1": 0.3, "v2": 0.6, "v3": 0.0}) as load:
         declare(rollout_app, plan)
 
-        def finished():
+        def ended():  # returns (not raises) on a wrong ending, so the test fails at once
             status = admin(cluster, "GET", "").json()
-            assert status["phase"] not in ("paused", "rolled_back"), status
-            return status["phase"] == "succeeded" and status
+            return status["phase"] in ("succeeded", "paused", "rolled_back", "aborted") and status
 
-        status = wait_for_condition(finished, timeout_s=240, message="lift-gated rollout succeeded")
+        status = wait_for_condition(ended, timeout_s=240, message="the lift-gated rollout to end")
+    assert status["phase"] == "succeeded", status
     assert load.errors == [] and load.sent > 100
     lift = next(v for v in status["verdicts"] if v["gate"] == "improvement")
     assert lift["status"] == "passed" and lift["conclusion"] == "better"
-    assert lift["low"] > 0 and lift["high"] >= lift["lift"] >= lift["low"]
+    assert lift["low"] > 0  # the always-valid interval lies above 0
     assert status["outcomes"]["click"]["v2"]["mean"] > status["outcomes"]["click"]["v1"]["mean"]
     history = admin(cluster, "GET", "/history").json()["events"]
     analysis = [e for e in history if "analysis" in e["reason"] and "passed" in e["reason"]]

@@ -8,16 +8,17 @@ fixture calls `ray.init` for a single-node cluster, and one process can join onl
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 import yaml
+
+from tests.waiting import free_port, wait_for_condition  # noqa: F401 - re-exported
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -26,28 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BIN = Path(sys.executable).parent
 REGION = "test-region"
 NODE_CPUS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_condition(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.25,
-                       message: str = "condition") -> Any:  # fmt: skip
-    """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # keep polling; report the last error if we time out
-            last_error = exc
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {message}; last error: {last_error!r}")
 
 
 class MultiNode:

@@ -244,7 +244,7 @@ def test_small_models_reject_extras():
 
 
 def test_app_args_validation():
-    assert "here: versions: List should have at least 1 item" in errors_of(
+    assert "versions: must name at least one model config file" in errors_of(
         AppArgs, {"model": "recommender", "versions": []}
     )
     assert "here: model: String should match pattern" in errors_of(

@@ -107,3 +107,34 @@ def test_settings_are_strict():
         FeedbackSettings(ttl_s=0)
     with pytest.raises(ValueError, match="max_request_ids"):
         FeedbackSettings(max_request_ids=10)
+
+
+def test_ledger_keeps_the_routing_decision_and_what_was_counted():
+    ledger = RequestLedger(max_entries=1000, ttl_s=60)
+    ledger.record("r1", "v2", T0, T0, "pinned")
+    assert ledger.entry("r1", T0 + 1) == ("v2", T0, "pinned")
+    assert ledger.answered("r1") == (T0, "pinned")
+    assert not ledger.counted("r1", "click") and not ledger.counted("nope", "click")
+    ledger.first_count("r1", "click")
+    assert ledger.counted("r1", "click") and not ledger.counted("r1", "revenue")
+    assert ledger.counted_outcomes("r1") == ["click"] and "r1" in ledger and "r2" not in ledger
+    restarted = RequestLedger(max_entries=1000, ttl_s=60)  # a controller that lost its records
+    restarted.record("r1", "v2", T0, T0 + 5, "pinned")  # from the router's hint
+    restarted.mark_counted("r1", ledger.counted_outcomes("r1"))
+    assert restarted.first_count("r1", "click") is False  # the repeat is still a duplicate
+    assert ledger.entry("r1", T0 + 61) is None  # past the TTL: no hint
+
+
+def test_huge_numbers_are_a_400_naming_the_value():
+    with pytest.raises(InvalidInput, match="body.value"):
+        parse_feedback({"request_id": "r", "outcome": "revenue", "value": 10**400})
+
+
+def test_outcome_names_are_bounded():
+    book = OutcomeBook()
+    for i in range(3):
+        book.add(parse_feedback({"request_id": "r", "outcome": f"o{i}", "value": 1})[0][0], "v1")
+    extra = parse_feedback({"request_id": "r", "outcome": "o3", "value": 1})[0][0]
+    with pytest.raises(InvalidInput, match="outcome: 'o3' would be outcome name number 4"):
+        book.check_kind(extra, max_outcomes=3)
+    book.check_kind(parse_feedback({"request_id": "r", "outcome": "o1", "value": 2})[0][0], 3)

@@ -172,3 +172,16 @@ def test_lift_gate_configs_name_the_field():
         plan({"improvement": {"min_lift": 0.01}})
     with pytest.raises(ValidationError, match="max_wait_s"):
         plan({"improvement": {**IMPROVE, "max_wait_s": -1}})
+
+
+def test_no_new_outcome_leaves_the_state_equal_so_nothing_is_persisted_again():
+    state = RolloutState.start(plan({"improvement": {**IMPROVE, "max_wait_s": 600}}), T0)
+    feedback = Feedback(0.22, 0.20, rate_per_s=800)
+    now = T0
+    for _ in range(40):  # enough for both arms to pass min_samples_per_arm
+        now += TICK
+        observation = feedback.tick(state)
+        state = step(state, observation, now).state
+    assert state.lift["improvement"]["looks"] > 0
+    again = step(state, observation, now + TICK).state  # the same outcomes, a tick later
+    assert again.lift == state.lift

@@ -611,3 +611,66 @@ def test_weights_patch_is_checksummed_and_smoke_tested(tmp_path, tiny_bert):
     malformed = validate_serve_config(patched({"artifact": "../models/tiny2", "sha256": "abc"}),
                                       load_models=False)  # fmt: skip
     assert errors_with(malformed, "user_config", "weights", "sha256")
+
+
+def version_apps_config(root: Path, *, names: dict[str, str] | None = None, weights=None,
+                        router_user_config: bool = True, **router_args: Any) -> Path:  # fmt: skip
+    """v1 and v2 as applications of their own, plus the router app in version_apps mode."""
+    two_versions(root)
+    names = names or {}
+    apps = [
+        {"name": names.get(v, f"recommender-{v}"), "route_prefix": None,
+         "import_path": "app.builder:build_version",
+         "args": {"config": f"configs/{v}.yaml", "config_root": str(root)}}
+        for v in ("v1", "v2")
+    ]  # fmt: skip
+    router_app = {
+        "name": "recommender", "route_prefix": "/", "import_path": "app.builder:build_app",
+        "args": {"model": "recommender", "version_apps": True, **router_args},
+        "deployments": [router(weights or {"v1": 90, "v2": 10})] if router_user_config else [],
+    }  # fmt: skip
+    return write_serve_config(root, *apps, router_app)
+
+
+def test_version_apps_config_is_valid(tmp_path):
+    report = validate_serve_config(version_apps_config(tmp_path), load_models=False)
+    assert report.errors == []
+
+
+def test_version_apps_errors_name_the_field(tmp_path):
+    wrong_name = validate_serve_config(
+        version_apps_config(tmp_path, names={"v2": "rec-v2"}), load_models=False
+    )
+    assert errors_with(wrong_name, "applications[1].name", "'recommender-v2'")
+    unknown = validate_serve_config(
+        version_apps_config(tmp_path, weights={"v1": 50, "v3": 50}), load_models=False
+    )
+    assert errors_with(unknown, "applications[2].deployments[0].user_config", "v3")
+    no_table = validate_serve_config(
+        version_apps_config(tmp_path, router_user_config=False), load_models=False
+    )
+    assert errors_with(no_table, "applications[2].deployments", "needs a user_config")
+    both = validate_serve_config(
+        version_apps_config(tmp_path, versions=["configs/v1.yaml"]), load_models=False
+    )
+    assert errors_with(both, "args: versions", "must be empty with version_apps")
+
+
+def test_version_app_with_a_route_or_alone_is_an_error(tmp_path):
+    path = version_apps_config(tmp_path)
+    document = yaml.safe_load(path.read_text())
+    document["applications"][0]["route_prefix"] = "/v1"
+    document["applications"] = document["applications"][:1] + document["applications"][2:]
+    document["applications"][1]["deployments"] = [router({"v1": 100})]
+    path.write_text(yaml.safe_dump(document))
+    report = validate_serve_config(path, load_models=False)
+    assert errors_with(report, "applications[0].route_prefix", "must be null")
+    alone = {**document, "applications": [document["applications"][1]]}
+    path.write_text(yaml.safe_dump(alone))
+    report = validate_serve_config(path, load_models=False)
+    assert errors_with(report, "args.version_apps", "no application in this file runs a version")
+
+
+def test_repo_version_apps_example_is_valid_without_loading():
+    report = validate_serve_config(REPO / "serve_config.version-apps.yaml", load_models=False)
+    assert report.errors == []
