@@ -114,6 +114,7 @@ class ModelServer:
                 logger.error("%s: patched weights %s failed at start (%s); serving the model "
                              "config's %s", self.name, weights[0], exc, self.config.artifact)  # fmt: skip
                 await self._ensure_loaded(None, None)  # the model config's weights and settings
+                self._apply_batching(self.config.batching)
                 return
         if self.adapter is None:
             await self._ensure_loaded(weights, hyperparameters)

@@ -557,7 +557,7 @@ class Router:
         payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
         results = await self._ask_controller("feedback", payload, hints)
         for item, result in zip(items, results):
-            if result.get("counted") and item.request_id in hints:
+            if result.get("counted") and item.request_id in self.recent:
                 self.recent.first_count(item.request_id, item.outcome)
         if batch:
             counted = sum(1 for r in results if r.get("counted"))
