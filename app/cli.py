@@ -745,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("abtest", "hotpatch", "rollback", "router_overhead", "world")
+BENCHMARKS = ("abtest", "hotpatch", "rollback", "router_overhead", "throughput", "world")
 
 
 def _bench(args: argparse.Namespace) -> int:
