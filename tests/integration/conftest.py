@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from tests.integration.tiny_models import build_tiny_bert, write_model_config
-from tests.waiting import free_port, wait_for_condition  # noqa: F401 - re-exported
+from tests.waiting import free_port, serve_deploy, wait_for_condition  # noqa: F401 - re-exported
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -27,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 APP = "recommender"
-BIN = Path(sys.executable).parent
 
 
 class Cluster:
@@ -39,15 +35,7 @@ class Cluster:
 
     def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess:
         """Run the real `serve deploy` CLI on `config` (written as YAML)."""
-        config = {**config, "http_options": {"host": "127.0.0.1", "port": self.http_port}}
-        path = tmp_path / f"serve_config_{time.monotonic_ns()}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        result = subprocess.run(
-            [str(BIN / "serve"), "deploy", "-a", f"http://127.0.0.1:{self.dashboard_port}", str(path)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert result.returncode == 0, f"serve deploy failed:\n{result.stdout}\n{result.stderr}"
-        return result
+        return serve_deploy(config, tmp_path, http_port=self.http_port, dashboard_port=self.dashboard_port)
 
     def app_status(self, name: str = APP):
         from ray import serve
