@@ -48,7 +48,6 @@ import platform
 import random
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -61,6 +60,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from bench.common import cpu_count, log  # noqa: E402
+from tests.integration import loadgen  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
 
 CANDIDATE, STABLE = "v2", "v1"
@@ -93,55 +93,32 @@ def trial_plan(index: int) -> dict[str, Any]:
 # -- load --------------------------------------------------------------------------------------
 
 
-class Load:
-    """CLIENTS threads sending inference with random user ids; every non-200 is a client error."""
+class Load(loadgen.Load):
+    """CLIENTS threads sending inference with random user ids (tests/integration/loadgen.py);
+    every non-200 is a client error, kept with the time it happened."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.sent = 0
-        self.errors: list[str] = []
         self.served_by: Counter[str] = Counter()
         self.fallbacks = 0
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
+        super().__init__(url, self._infer, CLIENTS)
 
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            while not self.stop.is_set():
-                error = None
-                version = fallback = None
-                try:
-                    r = client.post(f"/v2/models/{APP}/infer", json=BODY,
-                                    headers={"x-user-id": f"user-{rng.randrange(1_000_000)}"})  # fmt: skip
-                    if r.status_code != 200:
-                        error = f"{r.status_code} {r.text[:200]}"
-                    version, fallback = r.headers.get("x-model-version"), r.headers.get("x-fallback-from")
-                except httpx.HTTPError as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                with self.lock:
-                    self.sent += 1
-                    if error is not None:
-                        self.errors.append(f"{time.strftime('%H:%M:%S')} {error}")
-                    if version:
-                        self.served_by[version] += 1
-                    if fallback:
-                        self.fallbacks += 1
+    def _infer(self, client: httpx.Client, rng: random.Random, index: int) -> str | None:
+        try:
+            r = client.post(f"/v2/models/{APP}/infer", json=BODY,
+                            headers={"x-user-id": f"user-{rng.randrange(1_000_000)}"})  # fmt: skip
+        except httpx.HTTPError as exc:
+            return f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"
+        version, fallback = r.headers.get("x-model-version"), r.headers.get("x-fallback-from")
+        with self.lock:
+            if version:
+                self.served_by[version] += 1
+            if fallback:
+                self.fallbacks += 1
+        return None if r.status_code == 200 else f"{time.strftime('%H:%M:%S')} {r.status_code} {r.text[:200]}"
 
     def snapshot(self) -> tuple[int, int]:
         with self.lock:
             return self.sent, len(self.errors)
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 # -- one trial ---------------------------------------------------------------------------------

@@ -108,11 +108,7 @@ class ModelServer:
             try:
                 await self._ensure_loaded(weights, hyperparameters)
             except Exception as exc:
-                self.refused = {"weights": {"artifact": weights[0], "sha256": weights[1]},
-                                "config": digest, "error": f"{type(exc).__name__}: {exc}",
-                                "at": time.time()}  # fmt: skip
-                logger.error("%s: patched weights %s failed at start (%s); serving the model "
-                             "config's %s", self.name, weights[0], exc, self.config.artifact)  # fmt: skip
+                self._refuse(weights, digest, exc, f"serving the model config's {self.config.artifact}")
                 await self._ensure_loaded(None, None)  # the model config's weights and settings
                 self._apply_batching(self.config.batching)
                 return
@@ -122,11 +118,7 @@ class ModelServer:
             try:
                 loaded = await asyncio.to_thread(self._load, weights, hyperparameters)
             except Exception as exc:  # refuse the whole patch; the old config keeps serving
-                self.refused = {"weights": {"artifact": weights[0], "sha256": weights[1]},
-                                "config": digest, "error": f"{type(exc).__name__}: {exc}",
-                                "at": time.time()}  # fmt: skip
-                logger.error("%s: refused weights %s; still serving %s: %s", self.name, weights[0],
-                             self.artifact_dir, exc)  # fmt: skip
+                self._refuse(weights, digest, exc, f"still serving {self.artifact_dir}")
                 return
             async with self._model_lock:  # between two batches: the swap is atomic
                 self.adapter, self.artifact_dir, self.digests, self.load_s = loaded
@@ -142,6 +134,13 @@ class ModelServer:
         self._apply_batching(update.batching)
         self.faults = update.faults
         self.patches += 1
+
+    def _refuse(self, weights: Weights, digest: str, exc: Exception, serving: str) -> None:
+        """Record (for info()) and log weights that failed to load, check or answer."""
+        self.refused = {"weights": {"artifact": weights[0], "sha256": weights[1]},
+                        "config": digest, "error": f"{type(exc).__name__}: {exc}",
+                        "at": time.time()}  # fmt: skip
+        logger.error("%s: refused weights %s (%s); %s", self.name, weights[0], exc, serving)
 
     def _apply_batching(self, batching: Batching) -> None:
         self._predict_batch.set_max_batch_size(batching.max_batch_size)

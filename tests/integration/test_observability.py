@@ -26,7 +26,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import pytest
 import yaml
 
 from app.metrics import METRICS, exported_names, names_in_promql
+from tests.integration.loadgen import Load
 from tests.integration.conftest import APP, free_port, infer_body, model_config, serve_config, wait_for_condition
 
 pytestmark = pytest.mark.integration
@@ -126,47 +126,36 @@ def prometheus(cluster, tmp_path_factory):
             process.kill()
 
 
-class Traffic:
-    """Background clients: sticky users, keyless (weighted), pinned, repeated bodies for cache
-    hits, and an occasional bad request (a 400 before any model runs)."""
+class Traffic(Load):
+    """Background clients (tests/integration/loadgen.py): sticky users, keyless (weighted),
+    pinned, repeated bodies for cache hits, and an occasional bad request (a 400 before any
+    model runs). Every status is kept in `statuses`; none counts as a load error."""
 
     def __init__(self, url: str, clients: int = 3) -> None:
-        self.url, self.stop, self.statuses = url, threading.Event(), []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        self.statuses: list[int] = []
+        self.calls = [0] * clients  # per client, to pick each call's kind
+        super().__init__(url, self._call, clients)
 
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
+    def _call(self, c: httpx.Client, rng: random.Random, i: int) -> None:
         path = f"/v2/models/{APP}/infer"
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            n = 0
-            while not self.stop.is_set():
-                n += 1
-                users = [f"user {rng.choice(ITEMS)} {rng.randrange(1000)}"]
-                body = infer_body(users, rng.sample(ITEMS, 3))
-                headers = {}
-                if n % 4 == 0:
-                    headers["x-user-id"] = f"u{rng.randrange(50)}"
-                if n % 9 == 0:
-                    headers["x-model-version"] = "v1"
-                if n % 5 == 0:  # the same body again: a cache hit once the first answer is stored
-                    body = infer_body(["user likes jazz"], ["jazz music", "rock news"])
-                if n % 23 == 0:  # fails validation against the chosen version's inputs
-                    body = {"inputs": [{"name": "user", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
-                if n % 29 == 0:  # not JSON: refused before a version is chosen
-                    r = c.post(path, content=b"not json", headers={"content-type": "application/json"})
-                else:
-                    r = c.post(path, json=body, headers=headers)
-                self.statuses.append(r.status_code)
-
-    def __enter__(self) -> Traffic:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
+        self.calls[i] += 1
+        n = self.calls[i]
+        users = [f"user {rng.choice(ITEMS)} {rng.randrange(1000)}"]
+        body = infer_body(users, rng.sample(ITEMS, 3))
+        headers = {}
+        if n % 4 == 0:
+            headers["x-user-id"] = f"u{rng.randrange(50)}"
+        if n % 9 == 0:
+            headers["x-model-version"] = "v1"
+        if n % 5 == 0:  # the same body again: a cache hit once the first answer is stored
+            body = infer_body(["user likes jazz"], ["jazz music", "rock news"])
+        if n % 23 == 0:  # fails validation against the chosen version's inputs
+            body = {"inputs": [{"name": "user", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+        if n % 29 == 0:  # not JSON: refused before a version is chosen
+            r = c.post(path, content=b"not json", headers={"content-type": "application/json"})
+        else:
+            r = c.post(path, json=body, headers=headers)
+        self.statuses.append(r.status_code)
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +238,7 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
                                message=f"data for the dashboard query {expr}")  # fmt: skip
         # Still firing after all that: the controller keeps re-sending its phase gauge.
         assert prometheus.firing("RolloutAutomaticRollback")
+    assert traffic.errors == []  # no transport error (every HTTP status is in `statuses`)
     assert traffic.statuses.count(200) > 100
     assert 500 not in traffic.statuses and 503 not in traffic.statuses  # the fallback hid v2's faults
 

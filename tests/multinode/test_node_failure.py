@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import random
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from app.overlay import load_overlay, render
+from tests.integration import loadgen
 from tests.integration.tiny_models import build_tiny_bert, write_model_config
 from tests.multinode.conftest import REGION, wait_for_condition
 
@@ -111,54 +111,33 @@ def admin(url: str, path: str = "", method: str = "GET") -> httpx.Response:
                          headers={"authorization": f"Bearer {TOKEN}"})  # fmt: skip
 
 
-class Load:
-    """Steady clients; counts every outcome by status and routing decision."""
+class Load(loadgen.Load):
+    """Steady clients (tests/integration/loadgen.py); also counts each answer's routing
+    decision, serving version and fallback reason."""
 
     def __init__(self, url: str, clients: int = 4) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.lock = threading.Lock()
-        self.sent = 0
-        self.failed: list[str] = []
         self.decisions: collections.Counter[str] = collections.Counter()
         self.served_by: collections.Counter[str] = collections.Counter()
         self.fallback_reasons: collections.Counter[str] = collections.Counter()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        super().__init__(url, self._infer, clients)
 
-    def _run(self, i: int) -> None:
-        rng = random.Random(i)
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            while not self.stop.is_set():
-                try:
-                    r = client.post(f"/v2/models/{APP}/infer", json=BODY,
-                                    headers={"x-user-id": f"user-{rng.randrange(100_000)}"})  # fmt: skip
-                    outcome = None if r.status_code == 200 else f"{r.status_code} {r.text[:160]}"
-                except httpx.HTTPError as exc:
-                    r, outcome = None, f"{type(exc).__name__}: {exc}"
-                with self.lock:
-                    self.sent += 1
-                    if outcome is not None:
-                        self.failed.append(outcome)
-                    elif r is not None:
-                        self.decisions[r.headers.get("x-routing-decision", "?")] += 1
-                        self.served_by[r.headers.get("x-model-version", "?")] += 1
-                        if "x-fallback-reason" in r.headers:
-                            self.fallback_reasons[r.headers["x-fallback-reason"]] += 1
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+    def _infer(self, client: httpx.Client, rng: random.Random, index: int) -> str | None:
+        r = client.post(f"/v2/models/{APP}/infer", json=BODY,
+                        headers={"x-user-id": f"user-{rng.randrange(100_000)}"})  # fmt: skip
+        if r.status_code != 200:
+            return f"{r.status_code} {r.text[:160]}"
+        with self.lock:
+            self.decisions[r.headers.get("x-routing-decision", "?")] += 1
+            self.served_by[r.headers.get("x-model-version", "?")] += 1
+            if "x-fallback-reason" in r.headers:
+                self.fallback_reasons[r.headers["x-fallback-reason"]] += 1
+        return None
 
     def summary(self) -> dict:
         with self.lock:
-            return {"sent": self.sent, "failed": len(self.failed), "fell_back": self.decisions["fallback"],
+            return {"sent": self.sent, "failed": len(self.errors), "fell_back": self.decisions["fallback"],
                     "decisions": dict(self.decisions), "served_by": dict(self.served_by),
-                    "fallback_reasons": dict(self.fallback_reasons), "failures": self.failed[:10]}  # fmt: skip
+                    "fallback_reasons": dict(self.fallback_reasons), "failures": self.errors[:10]}  # fmt: skip
 
 
 def test_gpu_versions_land_only_on_gpu_workers(app):

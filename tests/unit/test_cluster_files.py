@@ -9,7 +9,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import yaml
 
 from app.config import load_yaml, project_root
 from app.kuberay import project_version

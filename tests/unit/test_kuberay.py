@@ -4,7 +4,6 @@ committed file must match what the generator makes now (drift fails here)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import yaml
 
