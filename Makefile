@@ -30,6 +30,7 @@ demo-worse: install
 	bash scripts/demo.sh --worse
 
 bench: install
+	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.router_overhead
 	$(BIN)/python -m bench.rollback
 

@@ -6,6 +6,7 @@
     rollout validate --region R | --all-regions        ... with region overlays, and their fit
     rollout render [CONFIG] --region R [-o FILE]       the region's serve config (overlay merged)
     rollout kuberay [CONFIG] --region R [-o F|--check F]  the KubeRay RayService manifest
+    rollout bench NAME [ARGS]                          python -m bench.NAME, from the checkout
 
 Rollout control talks to the router's admin API over HTTP (`--url`, default $ROLLOUT_URL or
 http://127.0.0.1:8000) with a bearer token (`--token`, default $ROLLOUT_ADMIN_TOKEN or the
@@ -20,8 +21,6 @@ file named by $ROLLOUT_ADMIN_TOKEN_FILE; see app/admin.py):
 Exit status: 0 done; 1 the rollout refused the command in its current phase (HTTP 409), or a
 watched rollout ended rolled back or aborted; 2 the admin API could not be used (unauthorized,
 admin API off, router unreachable, timeout, unexpected answer, bad token config).
-
-Load tests and benchmarks arrive with their own issues.
 """
 
 from __future__ import annotations

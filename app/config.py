@@ -113,7 +113,8 @@ class Autoscaling(_Strict):
 
 
 class Batching(_Strict):
-    """Dynamic batching inside each replica (`@serve.batch`); hot-patchable."""
+    """Dynamic batching inside each replica (app/batching.py: a batch forms when the model is
+    free); hot-patchable."""
 
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="Requests per batch.")
     batch_wait_timeout_s: float = Field(

@@ -1,11 +1,12 @@
 """A throwaway Ray + Serve running the recommender app, for benchmarks that need the real thing.
 
 `LocalApp.start(tmp, versions, router=...)` starts a Ray of its own (`address="local"`, 4
-logical CPUs, the dashboard on a free loopback port because the declarative Serve API lives
-there) and Serve on a free loopback port, then deploys the app the way operators do: a serve
-config PUT to the dashboard's REST API (`ServeSubmissionClient.deploy_applications`, what
-`serve deploy` calls). The app's runtime_env names an admin token file (random 32 characters),
-so the router's admin API is on. `close()` stops only what it started.
+logical CPUs unless told otherwise, the dashboard on a free loopback port because the
+declarative Serve API lives there) and Serve on a free loopback port, then deploys the app the
+way operators do: a serve config PUT to the dashboard's REST API
+(`ServeSubmissionClient.deploy_applications`, what `serve deploy` calls). The app's
+runtime_env names an admin token file (random 32 characters), so the router's admin API is on.
+`close()` stops only what it started.
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ class LocalApp:
         self.client: httpx.Client | None = None
 
     def start(self, tmp: Path, versions: list[Path], router: dict[str, Any],
-              build: Callable[[int, dict[str, str]], dict[str, Any]] | None = None) -> LocalApp:  # fmt: skip
+              build: Callable[[int, dict[str, str]], dict[str, Any]] | None = None,
+              ready_paths: tuple[str, ...] = ("/v2/health/ready",), num_cpus: int = 4) -> LocalApp:  # fmt: skip
         """Start Ray and Serve and deploy the app: the one-application config for `versions`
-        and `router`, or what `build(http_port, env_vars)` returns."""
+        and `router`, or what `build(http_port, env_vars)` returns; wait until every app is
+        RUNNING and every one of `ready_paths` answers 200."""
         import ray
         from ray import serve
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -98,10 +101,10 @@ class LocalApp:
         http_port, dashboard_port = free_port(), free_port()
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         base_env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-        log(f"starting a throwaway Ray (address=local, num_cpus=4, dashboard on 127.0.0.1:{dashboard_port})")
+        log(f"starting a throwaway Ray (address=local, num_cpus={num_cpus}, dashboard on 127.0.0.1:{dashboard_port})")
         ray.init(
             address="local",  # always a new cluster of our own, never one that is already running
-            num_cpus=4,
+            num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=dashboard_port,
@@ -124,9 +127,15 @@ class LocalApp:
         wait_for(self._running, timeout_s=180, interval_s=0.5, what="the app to be RUNNING")
         self.url = f"http://127.0.0.1:{http_port}"
         self.client = httpx.Client(base_url=self.url, timeout=30)
-        wait_for(lambda: self.client.get("/v2/health/ready").status_code == 200, 60, 0.2,
-                 "the router to be ready")  # fmt: skip
+        for path in ready_paths:
+            wait_for(lambda: self.client.get(path).status_code == 200, 60, 0.2, f"{path} to answer 200")
         return self
+
+    def wait_for_status(self, predicate: Callable[[dict[str, Any]], bool], what: str,
+                        timeout_s: float = 30) -> dict[str, Any]:  # fmt: skip
+        """Until the Router's /status satisfies `predicate` (e.g. an in-place change landed)."""
+        return wait_for(lambda: (lambda s: s if predicate(s) else None)(self.client.get("/status").json()),
+                        timeout_s, 0.2, what)  # fmt: skip
 
     def _running(self) -> bool:
         apps = self.details().get("applications", {})

@@ -1,19 +1,38 @@
-"""Served against offline throughput of the demo's MiniLM recommender, measured in one run.
+"""How close the served path comes to the hardware: ratios measured side by side in one run.
 
     cd /work/main && .venv/bin/python -m bench.throughput [--json] [--seconds S] [--smoke]
-    rollout bench throughput --json
+    rollout bench throughput --json            # the same; `make bench` runs it too
 
-1. offline: the same adapter (configs/models/recommender/v1.yaml: MiniLM-L6, `whole` profile
-   scoring) in this process, `torch_threads` = 2, on the demo world's slates: single-row
-   requests in batches of 16 (one forward pass per batch, as @serve.batch would), and 16-row
-   requests (16 user profiles against one slate) one at a time;
-2. served: the full routed app (bench/localapp.py: Router with the traffic split, metrics and
-   access log on, cache off, one v1 replica with the model config's batching) under 16
-   concurrent HTTP clients (threads, loopback, keep-alive) sending the same requests.
+The model is the demo's MiniLM recommender (configs/models/recommender/v1.yaml, one replica;
+the file's torch threads and batching unless overridden), on the demo world's requests
+(bench/world.py: a user profile and a slate of 6 item texts per row, `top_k` 1).
 
-Prints requests/s for each and the ratios served/offline. The machine, Ray version and
-settings go into the JSON. This is the starting point of issue 7 (performance): the goals
-there are served/offline >= 0.45 single-row and >= 0.85 with 16-row requests.
+1. offline: the adapter in this process, 2 torch threads: single-row requests in batches of 16
+   (one forward pass per batch), and 16-row requests one per forward pass. These are the
+   hardware figures the served ones are divided by; measured half before the cluster starts
+   and half after it stops, averaged.
+2. served: the full routed app (bench/localapp.py: Router with traffic split, breaker, metrics
+   and JSON access log on, cache off; RolloutController; one ModelServer replica) under 16
+   concurrent keep-alive HTTP clients: single-row and 16-row requests.
+3. direct: one plain Serve deployment of the same model (bench/direct.py: HTTP, the same V2
+   codec, the same adapter, resources and batching, no router) under the same load, in
+   blocks routed, direct, direct, routed so drift hits both alike, with the CPU time each
+   process spent per request in those blocks; and once more with Ray Serve's `@serve.batch`
+   instead of app.batching (why ModelServer does not use it).
+4. router added latency: a no-op model (bench/noop.py) through the routed app, through a
+   bare forwarding deployment (bench/direct.py Forward: one handle call, no router logic) and
+   through a plain deployment, at concurrency 1, request by request in turn.
+5. cache: a Zipf(1.0) stream over 1,000 distinct requests, cache off, then on (changed in
+   place), 16 clients.
+6. scale curve: the routed app at concurrency 1, 4, 16, 64: requests/s, p50, p99; the peak
+   RSS (VmHWM) of the Router and the model replica over the whole run.
+7. serialization: what pickling a request's inputs costs as Python lists against numpy arrays
+   (in this process, pickle protocol 5 as Ray uses).
+
+Prints a table (stderr with --json) and the JSON (keys `served_over_offline_single`,
+`served_over_offline_batched`, `routed_over_direct`, `router_added_p50_ms`, `cache_speedup`
+and the raw figures). Exit 1 if any request failed. Starts its own throwaway Ray and stops
+only that.
 """
 
 from __future__ import annotations
@@ -25,20 +44,31 @@ import platform
 import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.localapp import APP, ROOT, LocalApp  # noqa: E402 - sets RAY_AUTH_MODE first
+from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
+import yaml  # noqa: E402
 
 from bench.common import cpu_count, log  # noqa: E402
+from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.world import World  # noqa: E402
 
+MODEL_CONFIG = ROOT / "configs/models/recommender/v1.yaml"
+APP = "recommender"
 CONCURRENCY = 16
 ROWS = 16
+SCALE = (1, 4, 16, 64)
+OFFLINE_THREADS = 2
+DISTINCT = 1000
+ZIPF_S = 1.0
+ROUTED_PATH = f"/v2/models/{APP}/infer"
+NOOP_PATH = "/noop/v2/models/noop/infer"
+ROUTER_CONFIG: dict[str, Any] = {"stable": "v1", "weights": {"v1": 100}, "cache": {"enabled": False}}
 
 
 def requests(count: int, rows: int, seed: int = 3) -> list[dict[str, Any]]:
@@ -58,18 +88,27 @@ def requests(count: int, rows: int, seed: int = 3) -> list[dict[str, Any]]:
     return bodies
 
 
-def offline_rps(bodies: list[dict[str, Any]], batch: int, seconds: float) -> float:
-    """Requests/s of the adapter itself, `batch` requests per forward pass."""
-    import numpy as np
+def encoded(bodies: list[dict[str, Any]]) -> list[bytes]:
+    return [json.dumps(b).encode() for b in bodies]
 
+
+def zipf_stream(distinct: list[bytes], draws: int, s: float, seed: int = 5) -> list[bytes]:
+    """`draws` requests, the k-th most popular of `distinct` drawn with probability ~ 1/k^s."""
+    weights = 1.0 / np.arange(1, len(distinct) + 1) ** s
+    picks = np.random.default_rng(seed).choice(len(distinct), size=draws, p=weights / weights.sum())
+    return [distinct[i] for i in picks]
+
+
+def offline_rps(bodies: list[dict[str, Any]], batch: int, seconds: float, threads: int) -> float:
+    """Requests/s of the adapter itself, `batch` requests per forward pass."""
     from app.adapters import adapter_class
     from app.artifacts import resolve_artifact
     from app.config import load_model_config
 
-    config = load_model_config(ROOT / "configs/models/recommender/v1.yaml")
+    config = load_model_config(MODEL_CONFIG)
     cls = adapter_class(config.adapter)
     adapter = cls(resolve_artifact(config.artifact, config.base_dir()),
-                  cls.parse_hyperparameters(config.hyperparameters), threads=2)  # fmt: skip
+                  cls.parse_hyperparameters(config.hyperparameters), threads=threads)  # fmt: skip
     tensors = [{"user": np.array(b["inputs"][0]["data"], dtype=object),
                 "items": np.array(b["inputs"][1]["data"], dtype=object)} for b in bodies]  # fmt: skip
     adapter.predict(tensors[:batch], [{"top_k": 1}] * batch)  # warm up
@@ -81,85 +120,355 @@ def offline_rps(bodies: list[dict[str, Any]], batch: int, seconds: float) -> flo
     return done / (time.perf_counter() - started)
 
 
-def served_rps(url: str, bodies: list[dict[str, Any]], seconds: float) -> tuple[float, int]:
-    """Requests/s through the router with CONCURRENCY clients; and the failed count."""
-    import httpx
+def serialization_us(doc: dict[str, Any], repeat: int = 2000) -> dict[str, float]:
+    """Microseconds to pickle (protocol 5, what Ray uses) and unpickle what the Router sends a
+    version per request: inputs as Python lists against numpy arrays (what it sends), for the
+    demo's single-row request and for an FP32 [1024] tensor."""
+    import pickle
 
-    stop = threading.Event()
-    counts = [0] * CONCURRENCY
-    failures = [0] * CONCURRENCY
+    floats = np.random.default_rng(1).standard_normal(1024).astype(np.float32)
+    cases = {
+        "demo_lists": {t["name"]: list(t["data"]) for t in doc["inputs"]},
+        "demo_arrays": {t["name"]: np.array(t["data"], dtype=object) for t in doc["inputs"]},
+        "fp32_1024_list": {"x": floats.tolist()},
+        "fp32_1024_array": {"x": floats},
+    }
+    result = {}
+    for name, value in cases.items():
+        started = time.perf_counter()
+        for _ in range(repeat):
+            pickle.loads(pickle.dumps(value, protocol=5))
+        result[name] = round((time.perf_counter() - started) / repeat * 1e6, 1)
+    return result
 
-    def client(index: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            i = index
-            while not stop.is_set():
-                r = c.post(f"/v2/models/{APP}/infer", json=bodies[i % len(bodies)])
-                counts[index] += 1
-                failures[index] += r.status_code != 200
-                i += CONCURRENCY
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CONCURRENCY)]
-    for t in threads:
-        t.start()
-    time.sleep(3.0)  # warm up: batches fill, connections open
-    before, started = sum(counts), time.perf_counter()
-    time.sleep(seconds)
-    done, elapsed = sum(counts) - before, time.perf_counter() - started
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-    return done / elapsed, sum(failures)
+def model_config(tmp: Path, args: argparse.Namespace) -> Path:
+    """The demo's v1 config with the run's replicas (fixed: no autoscaling during a figure),
+    and the torch threads, batching and max_ongoing_requests overrides, if any."""
+    data = yaml.safe_load(MODEL_CONFIG.read_text())
+    data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.replicas,
+                           "target_ongoing_requests": data["autoscaling"]["target_ongoing_requests"]}  # fmt: skip
+    if args.torch_threads is not None:
+        data["resources"]["torch_threads"] = args.torch_threads
+    if args.max_batch_size is not None:
+        data["batching"]["max_batch_size"] = args.max_batch_size
+    if args.batch_wait_ms is not None:
+        data["batching"]["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
+    if args.max_ongoing is not None:
+        data["max_ongoing_requests"] = args.max_ongoing
+    path = tmp / "v1.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def serve_config(recommender: Path, noop: Path, http_port: int, env: dict[str, str],
+                 logging_config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    def routed(name: str, prefix: str, model: str, config: Path) -> dict[str, Any]:
+        return {
+            "name": name, "route_prefix": prefix, "import_path": "app.builder:build_app",
+            "args": {"model": model, "versions": [str(config)]},
+            "runtime_env": {"env_vars": env},
+            "deployments": [{"name": "Router", "user_config": ROUTER_CONFIG},
+                            {"name": "RolloutController", "user_config": {"plan": None, "tick_interval_s": 0.25}}],
+        }  # fmt: skip
+
+    def direct(name: str, prefix: str, config: Path, batcher: str) -> dict[str, Any]:
+        return {"name": name, "route_prefix": prefix, "import_path": "bench.direct:build",
+                "args": {"config": str(config), "batcher": batcher}, "runtime_env": {"env_vars": env}}  # fmt: skip
+
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [  # the routed recommender first: with_user_configs changes the first app
+            routed(APP, "/", APP, recommender),
+            direct("direct", "/direct", recommender, "app"),
+            direct("direct-serve-batch", "/direct-serve-batch", recommender, "serve"),
+            routed("noop", "/noop", "noop", noop),
+            direct("noop-direct", "/noop-direct", noop, "app"),
+            {"name": "noop-forward", "route_prefix": "/noop-forward", "import_path": "bench.direct:build_forward",
+             "args": {"app": "noop", "deployment": "noop-v1"}, "runtime_env": {"env_vars": env}},
+        ],
+    }
+    if logging_config:
+        for app in config["applications"]:
+            app["logging_config"] = logging_config
+    return config
+
+
+def merged(results: list[LoadResult]) -> LoadResult:
+    """Blocks of one target measured apart, as one figure."""
+    latencies = np.concatenate([r.latencies_ms for r in results])
+    seconds, count = sum(r.seconds for r in results), sum(r.requests for r in results)
+    return LoadResult(
+        concurrency=results[0].concurrency, seconds=seconds, requests=count, rps=count / seconds,
+        p50_ms=float(np.percentile(latencies, 50)), p99_ms=float(np.percentile(latencies, 99)),
+        failed=sum(r.failed for r in results), cache_hits=sum(r.cache_hits for r in results),
+        first_error=next((r.first_error for r in results if r.first_error), None), latencies_ms=latencies,
+    )  # fmt: skip
+
+
+def peak_rss_mb(deployments: dict[str, str]) -> dict[str, float]:
+    """Peak resident memory (VmHWM) of each replica process, named by `name: cmdline part`."""
+    import psutil
+
+    found: dict[str, float] = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        for name, part in deployments.items():
+            if part in command:
+                try:
+                    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            found[name] = max(found.get(name, 0.0), int(line.split()[1]) / 1024)
+                except OSError:
+                    pass
+    return {name: round(mb, 1) for name, mb in found.items()}
+
+
+# Processes whose CPU time is split per request during the routed and direct blocks.
+CPU_SPLIT = {
+    "proxy": "ProxyActor", "router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1",
+    "direct": "ServeReplica:direct:Direct", "controllers": "Controller", "ray": "gcs_server|raylet|log_monitor|dashboard",
+}  # fmt: skip
+
+
+class CpuProbe:
+    """CPU seconds (user + system) of the CPU_SPLIT processes and of this one (the clients)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.processes: dict[str, list[Any]] = {name: [] for name in CPU_SPLIT}
+        for process in psutil.process_iter(["cmdline"]):
+            command = " ".join(process.info["cmdline"] or [])
+            for name, parts in CPU_SPLIT.items():
+                if any(part in command for part in parts.split("|")):
+                    self.processes[name].append(process)
+                    break
+        self.processes["clients"] = [psutil.Process()]
+
+    def __call__(self) -> dict[str, float]:
+        totals = {}
+        for name, processes in self.processes.items():
+            total = 0.0
+            for process in processes:
+                try:
+                    times = process.cpu_times()
+                    total += times.user + times.system
+                except Exception:  # gone: counts what it had
+                    pass
+            totals[name] = total
+        return totals
+
+
+def cpu_ms_per_request(results: list[LoadResult]) -> dict[str, float]:
+    requests = sum(r.requests for r in results)
+    names = results[0].probes[0].keys()
+    return {name: round(sum(r.probes[1][name] - r.probes[0][name] for r in results) / max(1, requests) * 1000, 2)
+            for name in names}  # fmt: skip
+
+
+def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list[bytes],
+            noop_body: bytes, seconds: float, warmup_s: float, noop_requests: int) -> dict[str, Any]:  # fmt: skip
+    url = app.url
+
+    def load(path: str, bodies: list[bytes], concurrency: int = CONCURRENCY, share: float = 1.0,
+             probe: CpuProbe | None = None) -> LoadResult:  # fmt: skip
+        result = closed_loop(url, path, bodies, concurrency=concurrency, seconds=seconds * share,
+                             warmup_s=warmup_s, probe=probe)  # fmt: skip
+        log(f"  {path}: {result.summary()}")
+        return result
+
+    log(f"routed against direct, single-row, c={CONCURRENCY}: blocks routed, direct, direct, routed")
+    probe = CpuProbe()
+    blocks = [load(p, single, share=0.5, probe=probe) for p in (ROUTED_PATH, "/direct", "/direct", ROUTED_PATH)]
+    routed, direct = merged([blocks[0], blocks[3]]), merged([blocks[1], blocks[2]])
+    cpu = {"routed": cpu_ms_per_request([blocks[0], blocks[3]]), "direct": cpu_ms_per_request(blocks[1:3])}
+    log(f"  CPU ms per request: routed {cpu['routed']}, direct {cpu['direct']}")
+    log("direct with Ray Serve's @serve.batch (same batch size and wait)")
+    serve_batch = load("/direct-serve-batch", single)
+    log(f"served {ROWS}-row requests")
+    served_batched = load(ROUTED_PATH, batched)
+    log(f"router added latency, no-op model, c=1: {noop_requests} requests per path, in turn")
+    noop = interleaved_p50_ms(url, [NOOP_PATH, "/noop-forward", "/noop-direct"], noop_body, noop_requests)
+    log(f"  p50 routed {noop[NOOP_PATH]:.2f} ms, forward {noop['/noop-forward']:.2f} ms, "
+        f"direct {noop['/noop-direct']:.2f} ms")
+    log("scale curve, routed, single-row")
+    scale = {CONCURRENCY: routed}
+    for c in SCALE:
+        if c != CONCURRENCY:
+            scale[c] = load(ROUTED_PATH, single, concurrency=c)
+    log(f"cache: Zipf({ZIPF_S}) over {DISTINCT} distinct requests, off then on")
+    uncached = load(ROUTED_PATH, zipf)
+    app.deploy(with_user_configs(app.config, Router={**ROUTER_CONFIG, "cache": {"enabled": True}}))
+    app.wait_for_status(lambda s: s.get("cache", {}).get("enabled") is True, "the cache to be on")
+    cached = load(ROUTED_PATH, zipf)
+    rss = peak_rss_mb({"router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1"})
+    return {"routed": routed, "direct": direct, "serve_batch": serve_batch, "cpu": cpu, "served_batched": served_batched,
+            "noop": noop, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss}  # fmt: skip
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return f"{value:12.{digits}f}" if value is not None else f"{'-':>12s}"
+
+
+def table(report: dict[str, Any]) -> str:
+    r = report
+    lines = [
+        f"{'figure':44s} {'measured':>12s}  goal",
+        f"{'served/offline, single-row':44s} {_cell(r['served_over_offline_single'], 3)}  >= 0.45",
+        f"{'served/offline, 16-row':44s} {_cell(r['served_over_offline_batched'], 3)}  >= 0.85",
+        f"{'routed/direct, c=16':44s} {_cell(r['routed_over_direct'], 3)}  >= 0.97",
+        f"{'router added p50, no-op model, c=1 (ms)':44s} {_cell(r['router_added_p50_ms'], 2)}  <= 1",
+        f"{'  of which Serve hop (forward - direct)':44s} {_cell(r['serve_hop_p50_ms'], 2)}",
+        f"{'  of which Router logic (routed - forward)':44s} {_cell(r['router_logic_p50_ms'], 2)}",
+        f"{'cache speedup, Zipf over 1,000':44s} {_cell(r['cache_speedup'], 2)}",
+        f"{'app.batching / @serve.batch, direct':44s} {_cell(r['batcher_over_serve_batch'], 2)}",
+        "",
+        f"offline {r['offline_single_rps']} single-row req/s, {r['offline_batched_rps']} {ROWS}-row req/s; "
+        f"served {r['served_single_rps']} / {r['served_batched_rps']}; direct {r['direct_single_rps']}; "
+        f"direct with @serve.batch {r['direct_serve_batch_rps']}",
+        f"cache: {r['cache']['uncached_rps']} -> {r['cache']['cached_rps']} req/s, hit rate {r['cache']['hit_rate']}",
+        "scale (routed, single-row): " + "; ".join(
+            f"c={p['concurrency']} {p['rps']} req/s p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms" for p in r["scale"]),
+        f"peak RSS (MB): {r['peak_rss_mb']}; failed requests: {r['failed_requests']}",
+        f"pickle round trip per request (us): {r['serialization_us']}",
+        f"CPU ms per request, c=16: {r['cpu_ms_per_request']}",
+        f"settings: {r['settings']}; machine: {r['machine']}; ray {r['ray_version']}; {r['wall_s']:.0f}s",
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="only the JSON object on stdout")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure")
-    parser.add_argument("--smoke", action="store_true", help="3 s per figure; checks that it runs")
+    parser.add_argument("--json", action="store_true", help="only the JSON object on stdout (table on stderr)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure (default 15)")
+    parser.add_argument("--smoke", action="store_true", help="2 s per figure: checks that it runs, figures are noise")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas, fixed (default 1)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="override the model config's")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="override the model config's")
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="override the model config's")
+    parser.add_argument("--max-ongoing", type=int, default=None, metavar="N",
+                        help="override the model config's max_ongoing_requests")  # fmt: skip
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set for the whole throwaway cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")  # fmt: skip
+    parser.add_argument("--app-logging", type=json.loads, default=None, metavar="JSON",
+                        help="every application's Serve logging_config, e.g. '{\"enable_access_log\": false}'")
+    parser.add_argument("--app-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in every application's runtime_env (its replicas only, not Serve's "
+                             "proxy or controller), as serve_config.yaml can")  # fmt: skip
     args = parser.parse_args(argv)
-    for pair in args.env:
-        key, _, value = pair.partition("=")
-        os.environ[key] = value  # before ray.init: the raylet and every worker inherit it
-    seconds = 3.0 if args.smoke else args.seconds
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    app_env = {}
+    for option, pairs in (("--env", args.env), ("--app-env", args.app_env)):
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                parser.error(f"{option} takes KEY=VALUE, got {pair!r}")
+            if option == "--env":
+                os.environ[key] = value  # before ray.init: the raylet and every worker inherit it
+            else:
+                app_env[key] = value
+    seconds, warmup_s = (2.0, 1.5) if args.smoke else (args.seconds, 3.0)
+    noop_requests = 20 if args.smoke else 300
     started = time.perf_counter()
-    single, batched = requests(512, 1), requests(64, ROWS)
-    log(f"offline: MiniLM v1 in-process, {seconds:g}s per figure")
-    offline_single = offline_rps(single, 16, seconds)
-    offline_batched = offline_rps(batched, 1, seconds)
-    log(f"offline: {offline_single:.1f} single-row req/s (batches of 16), {offline_batched:.1f} {ROWS}-row req/s")
+    single_docs, batched_docs = requests(512, 1), requests(64, ROWS)
+    distinct = list(dict.fromkeys(encoded(requests(DISTINCT, 1, seed=11))))
+    zipf = zipf_stream(distinct, 20_000, ZIPF_S)
+
+    # Offline runs half before the cluster starts and half after it stops, so the machine's
+    # drift over the run (other tenants, thermal) weighs on both sides of the ratios alike.
+    log(f"offline (first half): MiniLM v1 in-process, {OFFLINE_THREADS} torch threads, {seconds / 2:g}s per figure")
+    offline = [(offline_rps(single_docs, 16, seconds / 2, OFFLINE_THREADS),
+                offline_rps(batched_docs, 1, seconds / 2, OFFLINE_THREADS))]  # fmt: skip
+
+    from bench.router_overhead import request_body, write_model
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    recommender = model_config(tmp, args)
+    (tmp / "noop").mkdir()
+    noop = write_model(tmp / "noop", 0.0)
+    noop_body = request_body(np.random.default_rng(0))[0]
     app = LocalApp()
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
-        app.start(tmp, [ROOT / "configs/models/recommender/v1.yaml"],
-                  router={"stable": "v1", "weights": {"v1": 100}, "cache": {"enabled": False}})  # fmt: skip
-        served_single, failed_single = served_rps(app.url, single, seconds)
-        served_batched, failed_batched = served_rps(app.url, batched, seconds)
+        app.start(tmp, [], router={}, build=lambda port, env: serve_config(recommender, noop, port, {**env, **app_env}, args.app_logging),
+                  ready_paths=("/v2/health/ready", "/noop/v2/health/ready"),
+                  num_cpus=4 + 2 * (args.replicas - 1))  # three apps run the model, 0.5 CPU a replica  # fmt: skip
+        m = measure(app, encoded(single_docs), encoded(batched_docs), zipf, noop_body, seconds, warmup_s,
+                    noop_requests)  # fmt: skip
     finally:
         app.close()
         sys.stdout = stdout
-    log(f"served: {served_single:.1f} single-row req/s, {served_batched:.1f} {ROWS}-row req/s")
+    log("offline (second half)")
+    offline.append((offline_rps(single_docs, 16, seconds / 2, OFFLINE_THREADS),
+                    offline_rps(batched_docs, 1, seconds / 2, OFFLINE_THREADS)))  # fmt: skip
+    offline_single = sum(o[0] for o in offline) / 2
+    offline_batched = sum(o[1] for o in offline) / 2
+    log(f"offline: {offline_single:.1f} single-row req/s (batches of 16), {offline_batched:.1f} {ROWS}-row req/s "
+        f"(before/after: {offline[0][0]:.1f}/{offline[1][0]:.1f}, {offline[0][1]:.1f}/{offline[1][1]:.1f})")
+    serialization = serialization_us(single_docs[0])
+
+    def figure(result: LoadResult) -> dict[str, Any]:
+        return {"concurrency": result.concurrency, "rps": round(result.rps, 1), "p50_ms": round(result.p50_ms, 1),
+                "p99_ms": round(result.p99_ms, 1), "requests": result.requests, "failed": result.failed}  # fmt: skip
+
+    loads = [m["routed"], m["direct"], m["serve_batch"], m["served_batched"], m["uncached"], m["cached"],
+             *m["scale"].values()]  # fmt: skip
+    failed = sum(r.failed for r in loads)
+    routed_p50, direct_p50 = m["noop"][NOOP_PATH], m["noop"]["/noop-direct"]
+    forward_p50 = m["noop"]["/noop-forward"]
+
+    def ratio(a: float, b: float, digits: int) -> float | None:  # None: nothing answered in time
+        return round(a / b, digits) if b > 0 else None
+
     report = {
-        "served_over_offline_single": round(served_single / offline_single, 3),
-        "served_over_offline_batched": round(served_batched / offline_batched, 3),
+        "served_over_offline_single": ratio(m["routed"].rps, offline_single, 3),
+        "served_over_offline_batched": ratio(m["served_batched"].rps, offline_batched, 3),
+        "routed_over_direct": ratio(m["routed"].rps, m["direct"].rps, 3),
+        "router_added_p50_ms": round(routed_p50 - direct_p50, 2),
+        "cache_speedup": ratio(m["cached"].rps, m["uncached"].rps, 2),
+        "batcher_over_serve_batch": ratio(m["direct"].rps, m["serve_batch"].rps, 2),
         "offline_single_rps": round(offline_single, 1),
         "offline_batched_rps": round(offline_batched, 1),
-        "served_single_rps": round(served_single, 1),
-        "served_batched_rps": round(served_batched, 1),
-        "failed_requests": failed_single + failed_batched,
+        "offline_before_after_rps": [[round(v, 1) for v in o] for o in offline],
+        "served_single_rps": round(m["routed"].rps, 1),
+        "served_batched_rps": round(m["served_batched"].rps, 1),
+        "direct_single_rps": round(m["direct"].rps, 1),
+        "direct_serve_batch_rps": round(m["serve_batch"].rps, 1),
+        "noop_routed_p50_ms": round(routed_p50, 2),
+        "noop_direct_p50_ms": round(direct_p50, 2),
+        "noop_forward_p50_ms": round(forward_p50, 2),
+        "serve_hop_p50_ms": round(forward_p50 - direct_p50, 2),
+        "router_logic_p50_ms": round(routed_p50 - forward_p50, 2),
+        "cache": {"uncached_rps": round(m["uncached"].rps, 1), "cached_rps": round(m["cached"].rps, 1),
+                  "hit_rate": round(m["cached"].cache_hits / max(1, m["cached"].requests), 3),
+                  "distinct": len(distinct), "zipf_s": ZIPF_S},  # fmt: skip
+        "scale": [figure(m["scale"][c]) for c in SCALE],
+        "peak_rss_mb": m["rss"],
+        "cpu_ms_per_request": m["cpu"],
+        "serialization_us": serialization,
+        "failed_requests": failed,
+        "first_error": next((r.first_error for r in loads if r.first_error), None),
         "concurrency": CONCURRENCY,
         "rows_batched": ROWS,
         "seconds_per_figure": seconds,
+        "settings": {"replicas": args.replicas, "torch_threads": args.torch_threads or "model config",
+                     "max_batch_size": args.max_batch_size or "model config",
+                     "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "model config",
+                     "max_ongoing_requests": args.max_ongoing or "model config",
+                     "offline_torch_threads": OFFLINE_THREADS, "env": args.env, "app_env": args.app_env,
+                     "app_logging": args.app_logging},  # fmt: skip
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
                    f"python {platform.python_version()}",  # fmt: skip
         "ray_version": ray.__version__,
-        "env": args.env,
+        "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(report), flush=True)
-    return 1 if report["failed_requests"] else 0
+    print(table(report), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(report), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ray import serve
 
 from app.adapters import Tensors, adapter_class
 from app.artifacts import resolve_artifact, verify_artifact
+from app.batching import Batcher
 from app.config import Batching, FaultInjection, ModelConfig, ModelUserConfig, config_hash
 from app.errors import ArtifactError, InjectedFault, ModelFailure, ServingError
 from app.faults import plan_fault
@@ -57,6 +58,11 @@ class ModelServer:
         self.load_s = 0.0
         self.metrics = Metrics(config.name)
         self._gauges_at = float("-inf")
+        # Not @serve.batch: see app/batching.py for why (batches of ~1 under load in 2.60).
+        self.batcher: Batcher[tuple[Tensors, dict[str, Any]], tuple[Tensors, str]] = Batcher(
+            self._predict_batch, max_batch_size=config.batching.max_batch_size,
+            batch_wait_timeout_s=config.batching.batch_wait_timeout_s,
+        )  # fmt: skip
 
     def _load(self, weights: Weights, hyperparameters) -> tuple[Any, Any, dict[str, str], float]:
         """Resolve, checksum, load and smoke-test `weights` (in a worker thread)."""
@@ -143,8 +149,7 @@ class ModelServer:
         logger.error("%s: refused weights %s (%s); %s", self.name, weights[0], exc, serving)
 
     def _apply_batching(self, batching: Batching) -> None:
-        self._predict_batch.set_max_batch_size(batching.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
 
     async def infer(self, inputs: Tensors, parameters: dict[str, Any]) -> dict[str, Any]:
         """Serve one request: `{"outputs": Tensors, "config": <config_hash of the user_config
@@ -160,20 +165,19 @@ class ModelServer:
         if plan.fail:
             raise InjectedFault(f"{self.name}: injected fault (faults.error_rate={self.faults.error_rate})")
         try:
-            return await self._predict_batch((inputs, parameters))
+            return await self.batcher.submit((inputs, parameters))
         except ServingError:
             raise
         except Exception as exc:  # the model broke on a checked request: a 500, not a crash
             logger.exception("%s: inference failed", self.name)
             raise ModelFailure(f"{self.name}: inference failed: {type(exc).__name__}: {exc}") from None
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _predict_batch(
         self, requests: list[tuple[Tensors, dict[str, Any]]]
     ) -> list[tuple[Tensors, str]]:
         # The forward pass runs off the event loop so new requests keep queueing for the next
-        # batch; the lock keeps a hot patch (and the health check, which shares the tokenizer)
-        # out of it.
+        # batch (formed when this one is done); the lock keeps a hot patch (and the health
+        # check, which shares the tokenizer) out of it.
         self.metrics.observe("rollout_batch_size", len(requests), version=self.config.version)
         self._refresh_gauges()
         async with self._model_lock:
@@ -221,4 +225,8 @@ class ModelServer:
             "load_s": round(self.load_s, 3),
             "patches": self.patches,
             "config": self.config_hash,
+            "batching": {"max_batch_size": self.batcher.max_batch_size,
+                         "batch_wait_timeout_s": self.batcher.batch_wait_timeout_s,
+                         "batches": self.batcher.batches,
+                         "last_batch_size": self.batcher.last_batch_size},
         }

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
         ("bench.router_overhead", {"router_added_p50_ms", "routed_over_direct", "routed_rps", "direct_rps"}),
         ("bench.rollback", {"trials", "median_s", "max_s", "client_errors"}),
         ("bench.hotpatch", {"patches", "failed_requests", "replicas_restarted_elsewhere"}),
+        ("bench.throughput", {"served_over_offline_single", "served_over_offline_batched", "routed_over_direct",
+                              "router_added_p50_ms", "cache_speedup", "scale", "peak_rss_mb", "cpu_ms_per_request"}),
     ],
 )
 def test_bench_smoke(module, keys):
@@ -32,6 +34,11 @@ def test_bench_smoke(module, keys):
     assert keys <= set(report), report
     if module == "bench.rollback":
         assert report["trials"] == 3 and report["client_errors"] == 0, report
+    elif module == "bench.throughput":
+        assert report["failed_requests"] == 0, report
+        assert [p["concurrency"] for p in report["scale"]] == [1, 4, 16, 64], report
+        assert set(report["peak_rss_mb"]) == {"router", "model"}, report
+        assert report["cache"]["hit_rate"] > 0, report  # a Zipf stream repeats itself
     elif module == "bench.hotpatch":
         assert len(report["patches"]) == 9 and report["failed_requests"] == 0, report
         assert report["replicas_restarted_elsewhere"] == 0, report
