@@ -99,16 +99,20 @@ def zipf_stream(distinct: list[bytes], draws: int, s: float, seed: int = 5) -> l
     return [distinct[i] for i in picks]
 
 
-def offline_rps(bodies: list[dict[str, Any]], batch: int, seconds: float, threads: int) -> float:
-    """Requests/s of the adapter itself, `batch` requests per forward pass."""
+def offline_adapter(threads: int):
+    """The demo's v1 adapter in this process: the hardware figure's model."""
     from app.adapters import adapter_class
     from app.artifacts import resolve_artifact
     from app.config import load_model_config
 
     config = load_model_config(MODEL_CONFIG)
     cls = adapter_class(config.adapter)
-    adapter = cls(resolve_artifact(config.artifact, config.base_dir()),
-                  cls.parse_hyperparameters(config.hyperparameters), threads=threads)  # fmt: skip
+    return cls(resolve_artifact(config.artifact, config.base_dir()),
+               cls.parse_hyperparameters(config.hyperparameters), threads=threads)  # fmt: skip
+
+
+def offline_rps(adapter, bodies: list[dict[str, Any]], batch: int, seconds: float) -> float:
+    """Requests/s of the adapter itself, `batch` requests per forward pass."""
     tensors = [{"user": np.array(b["inputs"][0]["data"], dtype=object),
                 "items": np.array(b["inputs"][1]["data"], dtype=object)} for b in bodies]  # fmt: skip
     adapter.predict(tensors[:batch], [{"top_k": 1}] * batch)  # warm up
@@ -206,21 +210,32 @@ def merged(results: list[LoadResult]) -> LoadResult:
     )  # fmt: skip
 
 
-def peak_rss_mb(deployments: dict[str, str]) -> dict[str, float]:
-    """Peak resident memory (VmHWM) of each replica process, named by `name: cmdline part`."""
+def processes(patterns: dict[str, str]) -> dict[str, list[Any]]:
+    """The processes whose command line holds a pattern's text (alternatives split by `|`),
+    by pattern name; a process goes to the first pattern it matches."""
     import psutil
 
-    found: dict[str, float] = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
+    found: dict[str, list[Any]] = {name: [] for name in patterns}
+    for process in psutil.process_iter(["cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
-        for name, part in deployments.items():
-            if part in command:
-                try:
-                    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            found[name] = max(found.get(name, 0.0), int(line.split()[1]) / 1024)
-                except OSError:
-                    pass
+        for name, parts in patterns.items():
+            if any(part in command for part in parts.split("|")):
+                found[name].append(process)
+                break
+    return found
+
+
+def peak_rss_mb(patterns: dict[str, str]) -> dict[str, float]:
+    """Peak resident memory (VmHWM) of the processes of each pattern (the largest of them)."""
+    found: dict[str, float] = {}
+    for name, matched in processes(patterns).items():
+        for process in matched:
+            try:
+                for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        found[name] = max(found.get(name, 0.0), int(line.split()[1]) / 1024)
+            except OSError:
+                pass
     return {name: round(mb, 1) for name, mb in found.items()}
 
 
@@ -237,14 +252,7 @@ class CpuProbe:
     def __init__(self) -> None:
         import psutil
 
-        self.processes: dict[str, list[Any]] = {name: [] for name in CPU_SPLIT}
-        for process in psutil.process_iter(["cmdline"]):
-            command = " ".join(process.info["cmdline"] or [])
-            for name, parts in CPU_SPLIT.items():
-                if any(part in command for part in parts.split("|")):
-                    self.processes[name].append(process)
-                    break
-        self.processes["clients"] = [psutil.Process()]
+        self.processes = {**processes(CPU_SPLIT), "clients": [psutil.Process()]}
 
     def __call__(self) -> dict[str, float]:
         totals = {}
@@ -379,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     # Offline runs half before the cluster starts and half after it stops, so the machine's
     # drift over the run (other tenants, thermal) weighs on both sides of the ratios alike.
     log(f"offline (first half): MiniLM v1 in-process, {OFFLINE_THREADS} torch threads, {seconds / 2:g}s per figure")
-    offline = [(offline_rps(single_docs, 16, seconds / 2, OFFLINE_THREADS),
-                offline_rps(batched_docs, 1, seconds / 2, OFFLINE_THREADS))]  # fmt: skip
+    adapter = offline_adapter(OFFLINE_THREADS)
+    offline = [(offline_rps(adapter, single_docs, 16, seconds / 2),
+                offline_rps(adapter, batched_docs, 1, seconds / 2))]  # fmt: skip
 
     from bench.router_overhead import request_body, write_model
 
@@ -401,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         app.close()
         sys.stdout = stdout
     log("offline (second half)")
-    offline.append((offline_rps(single_docs, 16, seconds / 2, OFFLINE_THREADS),
-                    offline_rps(batched_docs, 1, seconds / 2, OFFLINE_THREADS)))  # fmt: skip
+    offline.append((offline_rps(adapter, single_docs, 16, seconds / 2),
+                    offline_rps(adapter, batched_docs, 1, seconds / 2)))  # fmt: skip
     offline_single = sum(o[0] for o in offline) / 2
     offline_batched = sum(o[1] for o in offline) / 2
     log(f"offline: {offline_single:.1f} single-row req/s (batches of 16), {offline_batched:.1f} {ROWS}-row req/s "
