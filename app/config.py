@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -289,6 +289,12 @@ class RouterSettings(_Strict):
     drift: DriftSettings = Field(
         default_factory=DriftSettings,
         description="Output score drift per version against the stable version (app/drift.py).",
+    )
+    model_transport: Literal["grpc", "actor"] = Field(
+        default="grpc",
+        description="How the Router calls model replicas: 'grpc' (Serve's inter-deployment gRPC "
+        "server that every replica runs; handle option _by_reference=False) or 'actor' (Ray "
+        "actor calls, Serve's default). bench/throughput.py measures both.",
     )
 
 

@@ -14,12 +14,13 @@ with Ray Serve's own `@serve.batch` (same size and wait), to measure the differe
 The artifact's sha256 is checked at load, like ModelServer does.
 
     import_path: bench.direct:build_forward
-    args: {app: noop, deployment: noop-v1}
+    args: {app: noop, deployment: noop-v1, model_transport: grpc}
 
 `Forward`: the least a second hop can cost. HTTP in, the same V2 codec, one call to another
-app's ModelServer through a Serve handle (what the Router does), V2 out; no traffic choice,
-breaker, deadline, metrics, access log or FastAPI. Routed minus forward is what the Router's
-own logic costs; forward minus direct is what Serve charges for the extra deployment hop.
+app's ModelServer through a Serve handle over the Router's transport (`model_transport`), V2
+out; no traffic choice, breaker, deadline, metrics, access log or FastAPI. Routed minus
+forward is what the Router's own logic costs; forward minus direct is what Serve charges for
+the extra deployment hop.
 """
 
 from __future__ import annotations
@@ -106,18 +107,20 @@ class ForwardArgs(BaseModel):
 
     app: str
     deployment: str
+    model_transport: Literal["grpc", "actor"] = "grpc"
 
 
 @serve.deployment
 class Forward:
-    def __init__(self, app: str, deployment: str) -> None:
-        self.app, self.deployment = app, deployment
+    def __init__(self, app: str, deployment: str, model_transport: str) -> None:
+        self.app, self.deployment, self.by_reference = app, deployment, model_transport == "actor"
         self.handle = None
         self.adapter = None
 
     async def __call__(self, request: Request) -> Response:
         if self.handle is None:  # the other app may deploy after this one
-            self.handle = serve.get_deployment_handle(self.deployment, app_name=self.app)
+            handle = serve.get_deployment_handle(self.deployment, app_name=self.app)
+            self.handle = handle.options(_by_reference=self.by_reference)  # as the Router's
             described = ModelConfig.model_validate(await self.handle.describe.remote())
             self.adapter = adapter_class(described.adapter)
         try:
@@ -136,4 +139,4 @@ class Forward:
 def build_forward(args: dict[str, Any]):
     parsed = ForwardArgs.model_validate(args)
     return Forward.options(name="Forward", ray_actor_options={"num_cpus": 0.25},
-                           max_ongoing_requests=100).bind(parsed.app, parsed.deployment)  # fmt: skip
+                           max_ongoing_requests=100).bind(parsed.app, parsed.deployment, parsed.model_transport)  # fmt: skip

@@ -21,7 +21,11 @@ the file's torch threads and batching unless overridden), on the demo world's re
    instead of app.batching (why ModelServer does not use it).
 4. router added latency: a no-op model (bench/noop.py) through the routed app, through a
    bare forwarding deployment (bench/direct.py Forward: one handle call, no router logic) and
-   through a plain deployment, at concurrency 1, request by request in turn.
+   through a plain deployment, at concurrency 1, request by request in turn; and one bare Ray
+   actor call (no Serve), the floor under any extra process on the request path. The no-op
+   routed app also runs with the other model transport (`router.model_transport`, gRPC or
+   Ray actor calls): p50 at concurrency 1 in the same turn, requests/s and CPU per request at
+   16 clients in blocks default, other, other, default.
 5. cache: a Zipf(1.0) stream over 1,000 distinct requests, cache off, then on (changed in
    place), 16 clients.
 6. scale curve: the routed app at concurrency 1, 4, 16, 64: requests/s, p50, p99; the peak
@@ -54,6 +58,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
+from app.config import RouterSettings  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.world import World  # noqa: E402
@@ -68,6 +73,8 @@ DISTINCT = 1000
 ZIPF_S = 1.0
 ROUTED_PATH = f"/v2/models/{APP}/infer"
 NOOP_PATH = "/noop/v2/models/noop/infer"
+OTHER_TRANSPORT_PATH = "/noop-other/v2/models/noop/infer"  # the no-op routed app, other transport
+TRANSPORTS = ("grpc", "actor")
 ROUTER_CONFIG: dict[str, Any] = {"stable": "v1", "weights": {"v1": 100}, "cache": {"enabled": False}}
 
 
@@ -146,6 +153,35 @@ def serialization_us(doc: dict[str, Any], repeat: int = 2000) -> dict[str, float
     return result
 
 
+def actor_call_p50_ms(calls: int) -> float:
+    """p50 of one bare Ray actor call, async actor to async actor on this node, a 100-byte
+    argument echoed back, no Serve: the least any design pays on the request path for each
+    extra process (a router apart from its model replicas is one). Needs ray.init done."""
+
+    @ray.remote(num_cpus=0)
+    class Callee:
+        async def echo(self, payload: bytes) -> bytes:
+            return payload
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        async def run(self, callee: Any, calls: int) -> float:
+            latencies = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                await callee.echo.remote(b"x" * 100)
+                latencies.append(time.perf_counter() - started)
+            return float(np.percentile(latencies, 50) * 1000)
+
+    callee, caller = Callee.remote(), Caller.remote()
+    try:
+        ray.get(caller.run.remote(callee, 20))  # warm up: the first calls set up the connection
+        return ray.get(caller.run.remote(callee, calls))
+    finally:
+        ray.kill(caller)
+        ray.kill(callee)
+
+
 def model_config(tmp: Path, args: argparse.Namespace) -> Path:
     """The demo's v1 config with the run's replicas (fixed: no autoscaling during a figure),
     and the torch threads, batching and max_ongoing_requests overrides, if any."""
@@ -166,11 +202,11 @@ def model_config(tmp: Path, args: argparse.Namespace) -> Path:
 
 
 def serve_config(recommender: Path, noop: Path, http_port: int, env: dict[str, str],
-                 logging_config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    def routed(name: str, prefix: str, model: str, config: Path) -> dict[str, Any]:
+                 logging_config: dict[str, Any] | None = None, transport: str = "grpc") -> dict[str, Any]:  # fmt: skip
+    def routed(name: str, prefix: str, model: str, config: Path, transport: str = transport) -> dict[str, Any]:
         return {
             "name": name, "route_prefix": prefix, "import_path": "app.builder:build_app",
-            "args": {"model": model, "versions": [str(config)]},
+            "args": {"model": model, "versions": [str(config)], "router": {"model_transport": transport}},
             "runtime_env": {"env_vars": env},
             "deployments": [{"name": "Router", "user_config": ROUTER_CONFIG},
                             {"name": "RolloutController", "user_config": {"plan": None, "tick_interval_s": 0.25}}],
@@ -187,15 +223,20 @@ def serve_config(recommender: Path, noop: Path, http_port: int, env: dict[str, s
             direct("direct", "/direct", recommender, "app"),
             direct("direct-serve-batch", "/direct-serve-batch", recommender, "serve"),
             routed("noop", "/noop", "noop", noop),
+            routed("noop-other", "/noop-other", "noop", noop, other_transport(transport)),
             direct("noop-direct", "/noop-direct", noop, "app"),
             {"name": "noop-forward", "route_prefix": "/noop-forward", "import_path": "bench.direct:build_forward",
-             "args": {"app": "noop", "deployment": "noop-v1"}, "runtime_env": {"env_vars": env}},
+             "args": {"app": "noop", "deployment": "noop-v1", "model_transport": transport}, "runtime_env": {"env_vars": env}},
         ],
     }
     if logging_config:
         for app in config["applications"]:
             app["logging_config"] = logging_config
     return config
+
+
+def other_transport(transport: str) -> str:
+    return next(t for t in TRANSPORTS if t != transport)
 
 
 def merged(results: list[LoadResult]) -> LoadResult:
@@ -246,13 +287,21 @@ CPU_SPLIT = {
 }  # fmt: skip
 
 
-class CpuProbe:
-    """CPU seconds (user + system) of the CPU_SPLIT processes and of this one (the clients)."""
+# The same for the transport figure: the two no-op routed apps, one per model transport.
+TRANSPORT_SPLIT = {
+    "router": "ServeReplica:noop:Router", "model": "ServeReplica:noop:noop-v1",
+    "other_router": "ServeReplica:noop-other:Router", "other_model": "ServeReplica:noop-other:noop-v1",
+}  # fmt: skip
 
-    def __init__(self) -> None:
+
+class CpuProbe:
+    """CPU seconds (user + system) of the processes of `patterns` (CPU_SPLIT unless given) and
+    of this one (the clients)."""
+
+    def __init__(self, patterns: dict[str, str] | None = None) -> None:
         import psutil
 
-        self.processes = {**processes(CPU_SPLIT), "clients": [psutil.Process()]}
+        self.processes = {**processes(patterns or CPU_SPLIT), "clients": [psutil.Process()]}
 
     def __call__(self) -> dict[str, float]:
         totals = {}
@@ -297,9 +346,19 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
     log(f"served {ROWS}-row requests")
     served_batched = load(ROUTED_PATH, batched)
     log(f"router added latency, no-op model, c=1: {noop_requests} requests per path, in turn")
-    noop = interleaved_p50_ms(url, [NOOP_PATH, "/noop-forward", "/noop-direct"], noop_body, noop_requests)
+    noop = interleaved_p50_ms(url, [NOOP_PATH, "/noop-forward", "/noop-direct", OTHER_TRANSPORT_PATH], noop_body,
+                              noop_requests)  # fmt: skip
     log(f"  p50 routed {noop[NOOP_PATH]:.2f} ms, forward {noop['/noop-forward']:.2f} ms, "
         f"direct {noop['/noop-direct']:.2f} ms")
+    log(f"model transport, no-op routed app, c={CONCURRENCY}: blocks default, other, other, default")
+    probe = CpuProbe(TRANSPORT_SPLIT)
+    paths = (NOOP_PATH, OTHER_TRANSPORT_PATH, OTHER_TRANSPORT_PATH, NOOP_PATH)
+    blocks = [load(p, [noop_body], share=0.5, probe=probe) for p in paths]
+    transport = {"default": merged([blocks[0], blocks[3]]), "other": merged(blocks[1:3]),
+                 "cpu_default": cpu_ms_per_request([blocks[0], blocks[3]]), "cpu_other": cpu_ms_per_request(blocks[1:3])}  # fmt: skip
+    log(f"  CPU ms per request: default {transport['cpu_default']}, other {transport['cpu_other']}")
+    floor = actor_call_p50_ms(noop_requests)
+    log(f"  one bare Ray actor call (no Serve): p50 {floor:.2f} ms")
     log("scale curve, routed, single-row")
     scale = {CONCURRENCY: routed}
     for c in SCALE:
@@ -312,7 +371,7 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
     cached = load(ROUTED_PATH, zipf)
     rss = peak_rss_mb({"router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1"})
     return {"routed": routed, "direct": direct, "serve_batch": serve_batch, "cpu": cpu, "served_batched": served_batched,
-            "noop": noop, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss}  # fmt: skip
+            "noop": noop, "transport": transport, "actor_call_ms": floor, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss}  # fmt: skip
 
 
 def _cell(value: float | None, digits: int) -> str:
@@ -329,6 +388,10 @@ def table(report: dict[str, Any]) -> str:
         f"{'router added p50, no-op model, c=1 (ms)':44s} {_cell(r['router_added_p50_ms'], 2)}  <= 1",
         f"{'  of which Serve hop (forward - direct)':44s} {_cell(r['serve_hop_p50_ms'], 2)}",
         f"{'  of which Router logic (routed - forward)':44s} {_cell(r['router_logic_p50_ms'], 2)}",
+        f"{'one bare Ray actor call, p50 (ms)':44s} {_cell(r['ray_actor_call_p50_ms'], 2)}",
+        *(f"{'no-op routed, model_transport ' + t:44s} p50 c=1 {f['p50_c1_ms']} ms, c=16 {f['rps_c16']} req/s, "
+          f"CPU ms/request Router {f['router_cpu_ms']} model {f['model_cpu_ms']}"
+          for t, f in r["model_transport"].items() if t != "default"),
         f"{'cache speedup, Zipf over 1,000':44s} {_cell(r['cache_speedup'], 2)}",
         f"{'app.batching / @serve.batch, direct':44s} {_cell(r['batcher_over_serve_batch'], 2)}",
         "",
@@ -346,6 +409,20 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def transport_figure(default: str, m: dict[str, Any]) -> dict[str, Any]:
+    """The no-op routed app with each model transport, measured in the same run: p50 at
+    concurrency 1 (interleaved), requests/s at 16 clients (blocks ABBA), and the Router's and
+    the model replica's CPU per request in those blocks."""
+    t, other = m["transport"], other_transport(default)
+    figure = {"default": default}
+    for name, key, path in ((default, "default", NOOP_PATH), (other, "other", OTHER_TRANSPORT_PATH)):
+        cpu = t[f"cpu_{key}"]
+        prefix = "" if key == "default" else "other_"
+        figure[name] = {"p50_c1_ms": round(m["noop"][path], 2), "rps_c16": round(t[key].rps, 1),
+                        "router_cpu_ms": cpu[f"{prefix}router"], "model_cpu_ms": cpu[f"{prefix}model"]}  # fmt: skip
+    return figure
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="only the JSON object on stdout (table on stderr)")
@@ -357,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="override the model config's")
     parser.add_argument("--max-ongoing", type=int, default=None, metavar="N",
                         help="override the model config's max_ongoing_requests")  # fmt: skip
+    parser.add_argument("--model-transport", choices=("grpc", "actor"), default=RouterSettings().model_transport,
+                        help="how the Router (and the bare forwarder) call model replicas (default: the "
+                             "Router's default, %(default)s)")  # fmt: skip
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set for the whole throwaway cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")  # fmt: skip
     parser.add_argument("--app-logging", type=json.loads, default=None, metavar="JSON",
@@ -401,9 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     app = LocalApp()
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
-        app.start(tmp, [], router={}, build=lambda port, env: serve_config(recommender, noop, port, {**env, **app_env}, args.app_logging),
+        app.start(tmp, [], router={}, build=lambda port, env: serve_config(recommender, noop, port, {**env, **app_env}, args.app_logging,
+                                                                         args.model_transport),
                   ready_paths=("/v2/health/ready", "/noop/v2/health/ready"),
-                  num_cpus=4 + 2 * (args.replicas - 1))  # three apps run the model, 0.5 CPU a replica  # fmt: skip
+                  num_cpus=5 + 2 * (args.replicas - 1))  # 4.0 reserved at one replica; 0.5 CPU a model replica  # fmt: skip
         m = measure(app, encoded(single_docs), encoded(batched_docs), zipf, noop_body, seconds, warmup_s,
                     noop_requests)  # fmt: skip
     finally:
@@ -423,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_ms": round(result.p99_ms, 1), "requests": result.requests, "failed": result.failed}  # fmt: skip
 
     loads = [m["routed"], m["direct"], m["serve_batch"], m["served_batched"], m["uncached"], m["cached"],
-             *m["scale"].values()]  # fmt: skip
+             m["transport"]["default"], m["transport"]["other"], *m["scale"].values()]  # fmt: skip
     failed = sum(r.failed for r in loads)
     routed_p50, direct_p50 = m["noop"][NOOP_PATH], m["noop"]["/noop-direct"]
     forward_p50 = m["noop"]["/noop-forward"]
@@ -450,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         "noop_forward_p50_ms": round(forward_p50, 2),
         "serve_hop_p50_ms": round(forward_p50 - direct_p50, 2),
         "router_logic_p50_ms": round(routed_p50 - forward_p50, 2),
+        "ray_actor_call_p50_ms": round(m["actor_call_ms"], 2),
+        "model_transport": transport_figure(args.model_transport, m),
         "cache": {"uncached_rps": round(m["uncached"].rps, 1), "cached_rps": round(m["cached"].rps, 1),
                   "hit_rate": round(m["cached"].cache_hits / max(1, m["cached"].requests), 3),
                   "distinct": len(distinct), "zipf_s": ZIPF_S},  # fmt: skip
@@ -466,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_batch_size": args.max_batch_size or "model config",
                      "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "model config",
                      "max_ongoing_requests": args.max_ongoing or "model config",
-                     "offline_torch_threads": OFFLINE_THREADS, "env": args.env, "app_env": args.app_env,
+                     "offline_torch_threads": OFFLINE_THREADS, "model_transport": args.model_transport, "env": args.env, "app_env": args.app_env,
                      "app_logging": args.app_logging},  # fmt: skip
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
                    f"python {platform.python_version()}",  # fmt: skip

@@ -162,7 +162,7 @@ class Router:
     ) -> None:
         self.model = model
         self.settings = settings
-        self.handles = handles
+        self.handles = {version: self._transport(h) for version, h in handles.items()}
         self.configs = {c.version: c for c in configs}
         # version_apps: versions are Serve applications of their own, found by name when the
         # traffic table first names them (`_resolve_versions`); otherwise this app's deployments.
@@ -253,6 +253,11 @@ class Router:
         logger.info("Router: traffic generation %d: %s (stable %s)",
                     table.generation, dict(table.weights), table.stable)  # fmt: skip
 
+    def _transport(self, handle: DeploymentHandle) -> DeploymentHandle:
+        """The handle with this router's model transport: Serve's inter-deployment gRPC
+        (`_by_reference=False`) or Ray actor calls (README, Benchmarks: measured both ways)."""
+        return handle.options(_by_reference=self.settings.model_transport == "actor")
+
     async def _resolve_versions(self, versions: set[str]) -> None:
         """version_apps: find each version not known yet as the application `<model>-<version>`
         and learn its model config from its replicas. ValueError names what is not deployed."""
@@ -260,7 +265,7 @@ class Router:
         for version in missing:
             name = version_app_name(self.model, version)
             try:
-                handle = serve.get_deployment_handle(name, app_name=name)
+                handle = self._transport(serve.get_deployment_handle(name, app_name=name))
                 described = await asyncio.wait_for(handle.describe.remote(), timeout=5.0)
                 config = ModelConfig.model_validate(described)
             except Exception as exc:
@@ -493,6 +498,7 @@ class Router:
             "replica_retries": self.dispatcher.replica_retries,
             "shadow_stats": {v: st.snapshot() for v, st in self.dispatcher.shadow_stats.items()},
             "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
+            "model_transport": self.settings.model_transport,
             "rejected_update": self.rejected,
         }
 

@@ -21,7 +21,10 @@ def deployed(cluster, tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clients")
     v1 = model_config(tmp, tmp, "v1", tiny_models["a"])
     v2 = model_config(tmp, tmp, "v2", tiny_models["b"])
-    cluster.serve_deploy(serve_config([v1, v2], {"v1": 100, "v2": 0}), tmp)
+    # Ray actor calls from Router to model (router.model_transport "actor", Serve's default);
+    # every other integration module runs the default, gRPC, so both transports serve real
+    # V2 clients here.
+    cluster.serve_deploy(serve_config([v1, v2], {"v1": 100, "v2": 0}, model_transport="actor"), tmp)
     cluster.wait_running()
     return cluster
 
@@ -74,6 +77,7 @@ def test_json_body_without_content_type(deployed):
         response = client.send(request)
     assert response.status_code == 200, response.text
     assert response.headers["x-model-version"] == "v1"
+    assert deployed.router_status()["model_transport"] == "actor"
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

@@ -32,6 +32,7 @@ def test_server_and_health_endpoints(deployed):
     assert c.get("/v2/health/ready").status_code == 200
     assert c.get(f"/v2/models/{APP}/ready").status_code == 200
     assert c.get(f"/v2/models/{APP}/versions/v2/ready").status_code == 200
+    assert deployed.router_status()["model_transport"] == "grpc"  # the default
 
 
 def test_model_metadata(deployed):

@@ -256,6 +256,9 @@ def test_app_args_validation():
     assert "here: router.max_body_bytes: Input should be greater than or equal to 1024" in errors_of(
         AppArgs, {"model": "rec", "versions": ["a.yaml"], "router": {"max_body_bytes": 10}}
     )
+    assert "here: router.model_transport: Input should be 'grpc' or 'actor'" in errors_of(
+        AppArgs, {"model": "rec", "versions": ["a.yaml"], "router": {"model_transport": "http"}}
+    )
 
 
 def test_app_args_paths(tmp_path):
