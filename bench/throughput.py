@@ -335,11 +335,15 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
         log(f"  {path}: {result.summary()}")
         return result
 
+    def abba(a: str, b: str, bodies: list[bytes], probe: CpuProbe) -> list[tuple[LoadResult, dict[str, float]]]:
+        """Blocks a, b, b, a (half the time each, so drift hits both alike), pooled per target:
+        [(a's figure, a's CPU ms per request), (b's, b's)]."""
+        blocks = [load(p, bodies, share=0.5, probe=probe) for p in (a, b, b, a)]
+        return [(merged(pair), cpu_ms_per_request(pair)) for pair in ([blocks[0], blocks[3]], blocks[1:3])]
+
     log(f"routed against direct, single-row, c={CONCURRENCY}: blocks routed, direct, direct, routed")
-    probe = CpuProbe()
-    blocks = [load(p, single, share=0.5, probe=probe) for p in (ROUTED_PATH, "/direct", "/direct", ROUTED_PATH)]
-    routed, direct = merged([blocks[0], blocks[3]]), merged([blocks[1], blocks[2]])
-    cpu = {"routed": cpu_ms_per_request([blocks[0], blocks[3]]), "direct": cpu_ms_per_request(blocks[1:3])}
+    (routed, routed_cpu), (direct, direct_cpu) = abba(ROUTED_PATH, "/direct", single, CpuProbe())
+    cpu = {"routed": routed_cpu, "direct": direct_cpu}
     log(f"  CPU ms per request: routed {cpu['routed']}, direct {cpu['direct']}")
     log("direct with Ray Serve's @serve.batch (same batch size and wait)")
     serve_batch = load("/direct-serve-batch", single)
@@ -351,11 +355,9 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
     log(f"  p50 routed {noop[NOOP_PATH]:.2f} ms, forward {noop['/noop-forward']:.2f} ms, "
         f"direct {noop['/noop-direct']:.2f} ms")
     log(f"model transport, no-op routed app, c={CONCURRENCY}: blocks default, other, other, default")
-    probe = CpuProbe(TRANSPORT_SPLIT)
-    paths = (NOOP_PATH, OTHER_TRANSPORT_PATH, OTHER_TRANSPORT_PATH, NOOP_PATH)
-    blocks = [load(p, [noop_body], share=0.5, probe=probe) for p in paths]
-    transport = {"default": merged([blocks[0], blocks[3]]), "other": merged(blocks[1:3]),
-                 "cpu_default": cpu_ms_per_request([blocks[0], blocks[3]]), "cpu_other": cpu_ms_per_request(blocks[1:3])}  # fmt: skip
+    (default, default_cpu), (other, other_cpu) = abba(NOOP_PATH, OTHER_TRANSPORT_PATH, [noop_body],
+                                                      CpuProbe(TRANSPORT_SPLIT))  # fmt: skip
+    transport = {"default": default, "other": other, "cpu_default": default_cpu, "cpu_other": other_cpu}
     log(f"  CPU ms per request: default {transport['cpu_default']}, other {transport['cpu_other']}")
     floor = actor_call_p50_ms(noop_requests)
     log(f"  one bare Ray actor call (no Serve): p50 {floor:.2f} ms")
