@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import time
+
+from tests.waiting import free_port  # one port picker for tests and benches (outside Ray's port ranges)
 
 __all__ = ["cpu_count", "free_port", "log", "shutdown"]
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_count() -> int:

@@ -3,6 +3,7 @@ a condition instead of sleeping, and the real `serve deploy` CLI."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -13,8 +14,38 @@ from typing import Any, Callable
 __all__ = ["free_port", "serve_deploy", "wait_for_condition"]
 
 
+# Ray's own processes (GCS, raylet, agents, workers' gRPC servers) bind port 0, i.e. take ports
+# from the kernel's ephemeral range, and workers by default also take 10002-19999. A port picked
+# there and released before `ray.init` can be taken by one of them before Serve's proxy binds it
+# ("Failed to bind to address", seen once on a 16-core box). So pick between the two.
+_LOWEST = 20_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA range starts at 49152
+        return 49_152
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port that is free now and that a Ray cluster started next will not take for
+    itself (outside the ephemeral range and Ray's worker ports); never the same one twice in a
+    process."""
+    highest = _ephemeral_low() - 1
+    candidates = random.Random().sample(range(_LOWEST, highest + 1), k=min(200, max(0, highest + 1 - _LOWEST)))
+    for port in candidates:
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

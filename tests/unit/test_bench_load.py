@@ -161,3 +161,16 @@ def test_bench_throughput_rejects_bad_options_before_any_cluster(argv, message, 
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_free_port_stays_out_of_the_ranges_ray_takes_ports_from():
+    import socket
+
+    from tests.waiting import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20  # never the same port twice in a process
+    for port in ports:
+        assert 20_000 <= port < _ephemeral_low()  # above Ray's worker ports, below the kernel's ephemeral range
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # and free
