@@ -31,7 +31,6 @@ demo-worse: install
 
 bench: install
 	$(BIN)/python -m bench.throughput
-	$(BIN)/python -m bench.router_overhead
 	$(BIN)/python -m bench.rollback
 
 # tests/multinode starts its own multi-node cluster, so it runs in a pytest process of its own.

@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("abtest", "hotpatch", "rollback", "router_overhead", "throughput", "world")
+BENCHMARKS = ("abtest", "hotpatch", "rollback", "throughput", "world")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,1 +1,1 @@
-"""Benchmarks. Run from the checkout: `.venv/bin/python -m bench.router_overhead`."""
+"""Benchmarks. Run from the checkout: `.venv/bin/python -m bench.throughput` (or `rollout bench NAME`)."""

@@ -203,13 +203,13 @@ def model_config(tmp: Path, args: argparse.Namespace) -> Path:
     if args.num_gpus is not None:
         data.setdefault("resources", {})["num_gpus"] = args.num_gpus
     data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.replicas,
-                           "target_ongoing_requests": data["autoscaling"]["target_ongoing_requests"]}  # fmt: skip
+                           "target_ongoing_requests": source.autoscaling.target_ongoing_requests}  # fmt: skip
     if args.torch_threads is not None:
-        data["resources"]["torch_threads"] = args.torch_threads
+        data.setdefault("resources", {})["torch_threads"] = args.torch_threads
     if args.max_batch_size is not None:
-        data["batching"]["max_batch_size"] = args.max_batch_size
+        data.setdefault("batching", {})["max_batch_size"] = args.max_batch_size
     if args.batch_wait_ms is not None:
-        data["batching"]["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
+        data.setdefault("batching", {})["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
     if args.max_ongoing is not None:
         data["max_ongoing_requests"] = args.max_ongoing
     path = tmp / "v1.yaml"
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="only the JSON object on stdout (table on stderr)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure (default 15)")
-    parser.add_argument("--smoke", action="store_true", help="2 s per figure: checks that it runs, figures are noise")
+    parser.add_argument("--smoke", action="store_true", help="1 s per figure after a 0.5 s warm-up: checks that it runs, figures are noise")
     parser.add_argument("--model-config", type=Path, default=MODEL_CONFIG, metavar="YAML",
                         help="a model version config of the recommender adapter to serve and run offline "
                              "(default: the demo's configs/models/recommender/v1.yaml)")  # fmt: skip
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         # with no GPU, and the adapter picks its device from what Ray assigned); so must the
         # offline figure they are divided by. Before torch is imported.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    seconds, warmup_s = (2.0, 1.5) if args.smoke else (args.seconds, 3.0)
+    seconds, warmup_s = (1.0, 0.5) if args.smoke else (args.seconds, 3.0)
     noop_requests = 20 if args.smoke else 300
     started = time.perf_counter()
     single_docs, batched_docs = requests(512, 1), requests(64, ROWS)
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     offline = [(offline_rps(adapter, single_docs, 16, seconds / 2),
                 offline_rps(adapter, batched_docs, 1, seconds / 2))]  # fmt: skip
 
-    from bench.router_overhead import request_body, write_model
+    from bench.noop import request_body, write_model
 
     (tmp / "noop").mkdir()
     noop = write_model(tmp / "noop", 0.0)
