@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -496,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recommender = model_config(tmp, args)
     except ConfigError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         parser.error(f"--model-config: {exc}")
     num_gpus = float(yaml.safe_load(recommender.read_text()).get("resources", {}).get("num_gpus", 0) or 0)
     if num_gpus == 0:
