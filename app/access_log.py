@@ -12,12 +12,14 @@ Payloads are never logged by default: request bodies can hold personal data. Set
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import random
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ACCESS_MESSAGE", "AccessLogSettings", "access_record", "outcome_for_status"]
+__all__ = ["ACCESS_MESSAGE", "AccessLogSettings", "access_record", "flush_serve_logs", "outcome_for_status"]
 
 # The log message of every access record: grep for it in text logs, filter on it in JSON.
 ACCESS_MESSAGE = "rollout access"
@@ -89,3 +91,17 @@ def access_record(
         record["payload"] = text[: settings.max_payload_chars]
         record["payload_truncated"] = len(text) > settings.max_payload_chars
     return record
+
+
+def flush_serve_logs(logger_name: str = "ray.serve") -> None:
+    """Write the records Serve holds back for this replica to its log file now.
+
+    Serve puts a replica's log records in a `MemoryHandler` that writes them only when it is full
+    or on an ERROR. Its capacity is 1 by default, but 1,000 under
+    `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (`RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE`): a rollout
+    controller's rare events (a rollback) would wait for 999 more records, or die with the
+    replica. The controller calls this after each event it logs; the router's access records,
+    one per request, may stay buffered."""
+    for handler in logging.getLogger(logger_name).handlers:
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            handler.flush()

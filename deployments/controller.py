@@ -29,6 +29,7 @@ from app.rollout import (
     step,
 )
 from app.abtest import OutcomeKind
+from app.access_log import flush_serve_logs
 from app.errors import ServingError, http_status
 from app.feedback import (
     RANDOMISED_DECISIONS,
@@ -124,6 +125,7 @@ class RolloutController:
                 logger.info("RolloutController: resumed %s at step %d (%s, candidate %.1f%%)",
                             self.state.plan.candidate, self.state.step_index,
                             self.state.phase.value, self.state.candidate_weight)  # fmt: skip
+                flush_serve_logs()
             except (ValueError, KeyError) as exc:
                 logger.error("RolloutController: ignoring unreadable saved state: %s", exc)
 
@@ -316,6 +318,8 @@ class RolloutController:
                             event["weight"], event["reason"],
                             extra={"rollout_event": event, "model": self.model,
                                    "candidate": candidate})  # fmt: skip
+            if events:
+                flush_serve_logs()
         except Exception:  # observability must never break the controller
             logger.exception("RolloutController: recording rollout metrics failed")
 

@@ -56,3 +56,31 @@ def test_bad_settings_name_the_field():
         RouterSettings.model_validate({"access_log": {"payload_sample_rate": 2}})
     with pytest.raises(ValidationError, match="access_log.verbose"):
         RouterSettings.model_validate({"access_log": {"verbose": True}})
+
+
+def test_flush_serve_logs_writes_what_a_buffering_handler_holds():
+    import logging
+    import logging.handlers
+
+    from app.access_log import flush_serve_logs
+
+    written: list[str] = []
+
+    class Target(logging.Handler):
+        def emit(self, record):
+            written.append(record.getMessage())
+
+    logger = logging.getLogger("test.serve.buffered")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    # What Serve installs under RAY_SERVE_THROUGHPUT_OPTIMIZED=1: 1,000 records held back.
+    buffered = logging.handlers.MemoryHandler(capacity=1000, target=Target(), flushLevel=logging.ERROR)
+    logger.addHandler(buffered)
+    try:
+        logger.info("rolled_back")
+        assert written == []  # held back: without a flush the event waits for 999 more records
+        flush_serve_logs("test.serve.buffered")
+        assert written == ["rolled_back"]
+        flush_serve_logs("test.serve.nothing-configured")  # a logger without handlers: nothing to do
+    finally:
+        logger.removeHandler(buffered)
