@@ -53,6 +53,7 @@ from app.config import config_hash  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
 from bench.rollback import Load  # noqa: E402
+from tests.waiting import handle_call  # noqa: E402
 
 POLL_S = 0.05
 BODY = {
@@ -101,11 +102,8 @@ class Declared:
 
 def infos(version: str, samples: int = 6) -> list[dict[str, Any]]:
     """info() from a version's replicas (several calls, so every replica is likely asked)."""
-    from ray import serve
-
     name = f"{APP}-{version}"
-    handle = serve.get_deployment_handle(name, app_name=name)
-    return [handle.info.remote().result() for _ in range(samples)]
+    return [handle_call(name, name, "info") for _ in range(samples)]
 
 
 def measure(app: LocalApp, load: Load, kind: str, config: dict[str, Any], shown: Callable[[], Any],

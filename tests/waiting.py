@@ -3,15 +3,17 @@ a condition instead of sleeping, and the real `serve deploy` CLI."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["free_port", "serve_deploy", "wait_for_condition"]
+__all__ = ["free_port", "handle_call", "serve_deploy", "wait_for_condition"]
 
 
 # Ray's own processes (GCS, raylet, agents, workers' gRPC servers) bind port 0, i.e. take ports
@@ -81,3 +83,28 @@ def serve_deploy(config: dict[str, Any], tmp_path: Path, *, http_port: int,
     )  # fmt: skip
     assert result.returncode == 0, f"serve deploy failed:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+_handle_loop: asyncio.AbstractEventLoop | None = None
+_handle_loop_lock = threading.Lock()
+
+
+def handle_call(deployment: str, app: str, method: str, *args: Any, timeout_s: float = 60) -> Any:
+    """`serve.get_deployment_handle(deployment, app).<method>.remote(*args)`'s result, from a
+    test or a bench's driver. The handle is made and awaited on one event loop that runs in a
+    background thread, because a blocking `.result()` outside a running loop is refused when
+    Serve runs handles on the caller's loop (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`); this works
+    with and without it."""
+    global _handle_loop
+    with _handle_loop_lock:
+        if _handle_loop is None:
+            _handle_loop = asyncio.new_event_loop()
+            threading.Thread(target=_handle_loop.run_forever, name="serve-handle-calls", daemon=True).start()
+
+    async def call() -> Any:
+        from ray import serve
+
+        handle = serve.get_deployment_handle(deployment, app_name=app)
+        return await getattr(handle, method).remote(*args)
+
+    return asyncio.run_coroutine_threadsafe(call(), _handle_loop).result(timeout=timeout_s)

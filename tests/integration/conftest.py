@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.integration.tiny_models import build_tiny_bert, write_model_config
-from tests.waiting import free_port, serve_deploy, wait_for_condition  # noqa: F401 - re-exported
+from tests.waiting import free_port, handle_call, serve_deploy, wait_for_condition  # noqa: F401 - re-exported
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -55,15 +55,7 @@ class Cluster:
         return self.client.get("/status").json()
 
     def replica_info(self, deployment: str) -> dict[str, Any]:
-        from ray import serve
-
-        return serve.get_deployment_handle(deployment, app_name=APP).info.remote().result()
-
-    def replica_info_in(self, app: str) -> dict[str, Any]:
-        """info() of a version that is an application of its own (version_apps)."""
-        from ray import serve
-
-        return serve.get_deployment_handle(app, app_name=app).info.remote().result()
+        return handle_call(deployment, APP, "info")
 
 
 @pytest.fixture(scope="session")

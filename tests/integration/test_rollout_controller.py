@@ -152,9 +152,6 @@ def test_manual_commands_and_controller_restart_resume_the_same_step(rollout_app
                        message="router at 25%")  # fmt: skip
 
     # Kill the controller's replica: Serve restarts it; it resumes from the GCS store.
-    from ray import serve
-
-    handle = serve.get_deployment_handle("RolloutController", app_name=APP)
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
               if "RolloutController" in a["name"]]  # fmt: skip
     assert actors, "controller replica actor not found"
@@ -168,7 +165,6 @@ def test_manual_commands_and_controller_restart_resume_the_same_step(rollout_app
         timeout_s=90, message="controller back",
     )  # fmt: skip
     assert resumed["weights"].get("v2") == 25 and resumed["step_index"] == status["step_index"]
-    assert handle is not None
 
     r = admin(cluster, "POST", "/promote")
     assert r.status_code == 200 and r.json()["weights"]["v2"] == 60
