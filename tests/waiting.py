@@ -87,14 +87,15 @@ def serve_deploy(config: dict[str, Any], tmp_path: Path, *, http_port: int,
 
 _handle_loop: asyncio.AbstractEventLoop | None = None
 _handle_loop_lock = threading.Lock()
+_handles: dict[tuple[str, str], Any] = {}  # (deployment, app) -> handle; touched on that loop only
 
 
 def handle_call(deployment: str, app: str, method: str, *args: Any, timeout_s: float = 60) -> Any:
     """`serve.get_deployment_handle(deployment, app).<method>.remote(*args)`'s result, from a
-    test or a bench's driver. The handle is made and awaited on one event loop that runs in a
-    background thread, because a blocking `.result()` outside a running loop is refused when
-    Serve runs handles on the caller's loop (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`); this works
-    with and without it."""
+    test or a bench's driver. The handle is made (once per deployment) and awaited on one event
+    loop that runs in a background thread, because a blocking `.result()` outside a running
+    loop is refused when Serve runs handles on the caller's loop
+    (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`); this works with and without it."""
     global _handle_loop
     with _handle_loop_lock:
         if _handle_loop is None:
@@ -104,7 +105,14 @@ def handle_call(deployment: str, app: str, method: str, *args: Any, timeout_s: f
     async def call() -> Any:
         from ray import serve
 
-        handle = serve.get_deployment_handle(deployment, app_name=app)
-        return await getattr(handle, method).remote(*args)
+        key = (deployment, app)
+        handle = _handles.get(key)
+        if handle is None:
+            handle = _handles[key] = serve.get_deployment_handle(deployment, app_name=app)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except Exception:
+            _handles.pop(key, None)  # e.g. the app was deleted and deployed again: a new handle next time
+            raise
 
     return asyncio.run_coroutine_threadsafe(call(), _handle_loop).result(timeout=timeout_s)
