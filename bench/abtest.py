@@ -3,7 +3,7 @@
     cd /work/main && .venv/bin/python -m bench.abtest [--json] [--experiments N] [--smoke]
 
 Simulates A/B experiments on a 10% baseline conversion rate, with no Ray: per-look binomial
-counts from a seeded numpy Generator, run through `app.abtest.SequentialTest.evaluate_paths`
+counts from a seeded numpy Generator, run through `app.rollout.abtest.SequentialTest.evaluate_paths`
 (the kernel `evaluate` uses) with a look every 500 samples per arm. Three scenarios, each
 `--experiments` experiments (default 2,000, about 3 s; --smoke 30):
 
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from app.abtest import OutcomeKind, SequentialTest, required_sample_size
+from app.rollout.abtest import OutcomeKind, SequentialTest, required_sample_size
 from bench.common import cpu_count, log
 
 BASELINE = 0.10

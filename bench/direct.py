@@ -4,12 +4,12 @@
     args: {config: configs/models/recommender/v1.yaml, batcher: app}
 
 What a team would write without this project: one deployment, HTTP in, the V2 codec
-(`app.protocol`, the same one the Router uses), the model's adapter, dynamic batching, V2 out.
+(`app.serving.protocol`, the same one the Router uses), the model's adapter, dynamic batching, V2 out.
 No router hop, no traffic split, no metrics, no access log, no cache. It takes the model
 config's resources, torch threads, `max_ongoing_requests` and batching, so a routed/direct
 ratio measures only what the Router and its hop add.
 
-`batcher: app` batches with app.batching.Batcher (what ModelServer uses); `batcher: serve`
+`batcher: app` batches with app.serving.batching.Batcher (what ModelServer uses); `batcher: serve`
 with Ray Serve's own `@serve.batch` (same size and wait), to measure the difference.
 The artifact's sha256 is checked at load, like ModelServer does.
 
@@ -34,11 +34,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from app.adapters import Tensors, adapter_class
-from app.artifacts import resolve_artifact, verify_artifact
-from app.batching import Batcher
+from app.serving.artifacts import resolve_artifact, verify_artifact
+from app.serving.batching import Batcher
 from app.config import ModelConfig, load_model_config
 from app.errors import ServingError, http_status
-from app.protocol import INFERENCE_HEADER, check_request, decode_body, encode_infer_response
+from app.serving.protocol import INFERENCE_HEADER, check_request, decode_body, encode_infer_response
 
 __all__ = ["DirectArgs", "ForwardArgs", "build", "build_forward"]
 

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     load: Load | None = None
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
-        from app.artifacts import artifact_digests
+        from app.serving.artifacts import artifact_digests
         from tests.integration.tiny_models import build_tiny_bert, write_model_config as model_config
 
         log("building tiny BERT artifacts (v1, v2, v3 and the weights to swap in)")
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                      v3_app)  # fmt: skip
                 digest = RolloutPlan.model_validate(plan).digest()
                 step("plan", lambda s: setattr(s, "plan", plan),
-                     lambda: app.admin()["plan_digest"] == digest, None)  # fmt: skip
+                     lambda: app.serving.auth()["plan_digest"] == digest, None)  # fmt: skip
             except Exception as exc:
                 failure = f"{type(exc).__name__}: {exc}"
                 log(f"change failed: {failure}")

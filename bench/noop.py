@@ -47,7 +47,7 @@ def write_model(root: Path, batch_wait_s: float) -> Path:
     """A no-op model version: an artifact dir with one random weights file, and its config."""
     import yaml
 
-    from app.artifacts import artifact_digests
+    from app.serving.artifacts import artifact_digests
 
     artifact = root / "noop-artifact"
     artifact.mkdir()

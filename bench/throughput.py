@@ -20,7 +20,7 @@ box (bench/README.md).
    codec, the same adapter, resources and batching, no router) under the same load, in
    blocks routed, direct, direct, routed so drift hits both alike, with the CPU time each
    process spent per request in those blocks; and once more with Ray Serve's `@serve.batch`
-   instead of app.batching (why ModelServer does not use it).
+   instead of app.serving.batching (why ModelServer does not use it).
 4. router added latency: a no-op model (bench/noop.py) through the routed app, through a
    bare forwarding deployment (bench/direct.py Forward: one handle call, no router logic) and
    through a plain deployment, at concurrency 1, request by request in turn; and one bare Ray
@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
-from app.artifacts import PACKAGE_PREFIX  # noqa: E402
+from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
 from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
@@ -114,7 +114,7 @@ def zipf_stream(distinct: list[bytes], draws: int, s: float, seed: int = 5) -> l
 def offline_adapter(config: ModelConfig, threads: int):
     """The served model's adapter in this process: the hardware figure's model."""
     from app.adapters import adapter_class
-    from app.artifacts import resolve_artifact
+    from app.serving.artifacts import resolve_artifact
 
     cls = adapter_class(config.adapter)
     return cls(resolve_artifact(config.artifact, config.base_dir()),
@@ -414,7 +414,7 @@ def table(report: dict[str, Any]) -> str:
           f"CPU ms/request Router {f['router_cpu_ms']} model {f['model_cpu_ms']}"
           for t, f in r["model_transport"].items() if t != "default"),
         f"{'cache speedup, Zipf over 1,000':44s} {_cell(r['cache_speedup'], 2)}",
-        f"{'app.batching / @serve.batch, direct':44s} {_cell(r['batcher_over_serve_batch'], 2)}",
+        f"{'app.serving.batching / @serve.batch, direct':44s} {_cell(r['batcher_over_serve_batch'], 2)}",
         "",
         f"offline {r['offline_single_rps']} single-row req/s, {r['offline_batched_rps']} {ROWS}-row req/s; "
         f"served {r['served_single_rps']} / {r['served_batched_rps']}; direct {r['direct_single_rps']}; "

@@ -194,7 +194,7 @@ def offline_match_rates(
     import numpy as np
 
     from app.adapters import adapter_class
-    from app.artifacts import resolve_artifact
+    from app.serving.artifacts import resolve_artifact
     from app.config import load_model_config
 
     world = World()

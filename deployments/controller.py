@@ -19,6 +19,10 @@ from typing import Any
 
 from ray import serve
 
+from app.errors import ServingError, http_status
+from app.observability.access_log import flush_serve_logs
+from app.observability.metrics import ControllerMetrics, Metrics
+from app.observability.stats import StatsWindow
 from app.rollout import (
     Command,
     Observation,
@@ -28,20 +32,16 @@ from app.rollout import (
     apply_command,
     step,
 )
-from app.abtest import OutcomeKind
-from app.access_log import flush_serve_logs
-from app.errors import ServingError, http_status
-from app.feedback import (
+from app.rollout.abtest import OutcomeKind
+from app.rollout.feedback import (
     RANDOMISED_DECISIONS,
     FeedbackItem,
     FeedbackSettings,
     OutcomeBook,
     RequestLedger,
 )
-from app.prometheus import PrometheusUnavailable, query_scalar
-from app.metrics import ControllerMetrics, Metrics
-from app.stats import StatsWindow
-from app.timeline import Timeline
+from app.rollout.prometheus import PrometheusUnavailable, query_scalar
+from app.rollout.timeline import Timeline
 
 logger = logging.getLogger("ray.serve")
 

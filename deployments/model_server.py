@@ -25,12 +25,18 @@ from typing import Any
 from ray import serve
 
 from app.adapters import Tensors, adapter_class
-from app.artifacts import resolve_artifact, verify_artifact
-from app.batching import Batcher
-from app.config import Batching, FaultInjection, ModelConfig, ModelUserConfig, config_hash
+from app.config import (
+    Batching,
+    FaultInjection,
+    ModelConfig,
+    ModelUserConfig,
+    config_hash,
+)
 from app.errors import ArtifactError, InjectedFault, ModelFailure, ServingError
-from app.faults import plan_fault
-from app.metrics import Metrics
+from app.observability.metrics import Metrics
+from app.serving.artifacts import resolve_artifact, verify_artifact
+from app.serving.batching import Batcher
+from app.serving.faults import plan_fault
 
 logger = logging.getLogger("ray.serve")
 

@@ -25,8 +25,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
 from app.adapters import ModelAdapter, adapter_class
-from app.admin import check_bearer, load_admin_token
-from app.cache import CacheSettings, ResponseCache, cache_key
 from app.config import (
     NAME_PATTERN,
     ModelConfig,
@@ -35,8 +33,6 @@ from app.config import (
     config_hash,
     version_app_name,
 )
-from app.dispatch import Dispatcher
-from app.feedback import MAX_REQUEST_ID_CHARS, FeedbackSettings, RequestLedger, parse_feedback
 from app.errors import (
     Conflict,
     DeadlineExceeded,
@@ -52,17 +48,37 @@ from app.errors import (
     Unavailable,
     http_status,
 )
-from app.protocol import (
+from app.observability.access_log import (
+    ACCESS_MESSAGE,
+    access_record,
+    outcome_for_status,
+)
+from app.observability.drift import ScoreWindow, score_output
+from app.observability.metrics import (
+    UNROUTED,
+    UNROUTED_DECISION,
+    MeteredStats,
+    Metrics,
+    RouterGauges,
+    error_type,
+)
+from app.rollout.feedback import (
+    MAX_REQUEST_ID_CHARS,
+    FeedbackSettings,
+    RequestLedger,
+    parse_feedback,
+)
+from app.serving.auth import check_bearer, load_admin_token
+from app.serving.cache import CacheSettings, ResponseCache, cache_key
+from app.serving.dispatch import Dispatcher
+from app.serving.protocol import (
     INFERENCE_HEADER,
     check_request,
     decode_body,
     encode_infer_response,
     model_metadata,
 )
-from app.access_log import ACCESS_MESSAGE, access_record, outcome_for_status
-from app.drift import ScoreWindow, score_output
-from app.metrics import UNROUTED, UNROUTED_DECISION, MeteredStats, Metrics, RouterGauges, error_type
-from app.traffic import TrafficTable, apply_override
+from app.serving.traffic import TrafficTable, apply_override
 
 logger = logging.getLogger("ray.serve")
 

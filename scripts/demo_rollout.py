@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from app.admin import load_admin_token
+from app.serving.auth import load_admin_token
 from app.config import FaultInjection, load_model_config
-from app.declare import declare_plan, load_plan
+from app.ops.declare import declare_plan, load_plan
 from bench.world import WORSE_V2, World
 
 TERMINAL = {"succeeded", "rolled_back", "aborted"}

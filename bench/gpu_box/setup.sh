@@ -16,7 +16,7 @@ $PY - <<'PYEOF'
 import shutil, torch, yaml
 from pathlib import Path
 from transformers import BertConfig, BertModel
-from app.artifacts import artifact_digests
+from app.serving.artifacts import artifact_digests
 out = Path("/tmp/minilm-random")
 if not (out / "model.safetensors").exists():
     torch.manual_seed(0)

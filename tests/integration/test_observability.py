@@ -33,7 +33,7 @@ import httpx
 import pytest
 import yaml
 
-from app.metrics import METRICS, exported_names, names_in_promql
+from app.observability.metrics import METRICS, exported_names, names_in_promql
 from tests.integration.loadgen import Load
 from tests.integration.conftest import APP, free_port, infer_body, model_config, serve_config, wait_for_condition
 
@@ -279,7 +279,7 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
     # 7. The report.
     out = tmp_path / "rollout-report.png"
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "report", "--url", cluster.url, "-o", str(out)],
+        [sys.executable, "-m", "app.ops.cli", "report", "--url", cluster.url, "-o", str(out)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
         env={**os.environ, "ROLLOUT_ADMIN_TOKEN": TOKEN, "ROLLOUT_ADMIN_TOKEN_FILE": ""},
     )  # fmt: skip

@@ -44,7 +44,7 @@ def write_model_config(directory: Path, version: str, artifact: Path, **override
     """Write `<directory>/<version>.yaml`, a recommender model config for a tiny artifact."""
     import yaml
 
-    from app.artifacts import artifact_digests
+    from app.serving.artifacts import artifact_digests
 
     config: dict[str, Any] = {
         "name": "recommender",

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from app.overlay import load_overlay, render
+from app.ops.overlay import load_overlay, render
 from tests.integration import loadgen
 from tests.integration.tiny_models import build_tiny_bert, write_model_config
 from tests.multinode.conftest import REGION, wait_for_condition

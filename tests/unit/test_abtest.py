@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from app.abtest import (
+from app.rollout.abtest import (
     ArmStats,
     Conclusion,
     ImprovementGate,

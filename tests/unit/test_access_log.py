@@ -8,7 +8,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from app.access_log import AccessLogSettings, access_record, outcome_for_status
+from app.observability.access_log import AccessLogSettings, access_record, outcome_for_status
 from app.config import RouterSettings
 
 
@@ -62,7 +62,7 @@ def test_flush_serve_logs_writes_what_a_buffering_handler_holds():
     import logging
     import logging.handlers
 
-    from app.access_log import flush_serve_logs
+    from app.observability.access_log import flush_serve_logs
 
     written: list[str] = []
 

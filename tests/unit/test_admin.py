@@ -6,8 +6,8 @@ import hmac
 
 import pytest
 
-from app import admin
-from app.admin import TOKEN_ENV, TOKEN_FILE_ENV, check_bearer, load_admin_token
+from app.serving import auth as admin
+from app.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, check_bearer, load_admin_token
 from app.errors import ConfigError
 
 TOKEN = "s3cret-admin-token-0123456789"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.artifacts import WEIGHT_SUFFIXES, artifact_digests, resolve_artifact, verify_artifact
+from app.serving.artifacts import WEIGHT_SUFFIXES, artifact_digests, resolve_artifact, verify_artifact
 from app.config import load_model_config
 from app.errors import ArtifactError
 

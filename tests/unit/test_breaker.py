@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.breaker import (
+from app.serving.breaker import (
     MAX_WINDOW_OUTCOMES,
     STATE_GAUGE,
     BreakerSettings,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.buckets import BUCKETS, BucketMap, bucket_counts, bucket_of
+from app.serving.buckets import BUCKETS, BucketMap, bucket_counts, bucket_of
 
 KEYS = 100_000
 TOLERANCE = 0.5  # percentage points
@@ -54,7 +54,7 @@ def test_bucket_of_same_in_another_process_with_another_hash_seed():
     keys = list(EXPECTED_BUCKETS) + [f"user-{i}" for i in range(50)]
     code = (
         "import json, sys\n"
-        "from app.buckets import bucket_of\n"
+        "from app.serving.buckets import bucket_of\n"
         "print(json.dumps([bucket_of(k) for k in json.loads(sys.stdin.read())]))\n"
     )
     for seed in ("0", "12345"):

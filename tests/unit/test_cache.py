@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from app.cache import CachedResponse, CacheSettings, ResponseCache, cache_key
+from app.serving.cache import CachedResponse, CacheSettings, ResponseCache, cache_key
 from tests.unit.fakes import FakeClock
 
 

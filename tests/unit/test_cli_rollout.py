@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from app import cli
-from app.cli import main, render_history, render_status
+from app.ops.cli import commands as cli
+from app.ops.cli import main, render_history, render_status
 
 TOKEN = "test-admin-token-0123456789abcdef"
 UNAUTHORIZED = (

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from app.config import load_yaml, project_root
-from app.kuberay import project_version
-from app.overlay import load_overlay, region_overlays, render
-from app.placement import check_fit, launcher_errors, load_launcher, node_types, replica_demands
+from app.ops.kuberay import project_version
+from app.ops.overlay import load_overlay, region_overlays, render
+from app.ops.placement import check_fit, launcher_errors, load_launcher, node_types, replica_demands
 
 ROOT = project_root()
 LAUNCHERS = sorted((ROOT / "cluster").glob("*.yaml"))

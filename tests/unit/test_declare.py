@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from app.cli import main
+from app.ops.cli import main
 from app.config import TrafficConfig, project_root
-from app.declare import declare_plan, load_plan
+from app.ops.declare import declare_plan, load_plan
 from app.errors import ConfigError
-from app.traffic import apply_override
-from app.validate import validate_serve_config
+from app.serving.traffic import apply_override
+from app.ops.validate import validate_serve_config
 
 ROOT = project_root()
 PLANS = sorted((ROOT / "configs" / "rollouts").glob("*.yaml"))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from app.adapters.recommender import RecommenderAdapter
-from app.breaker import BreakerSettings, BreakerState
+from app.serving.breaker import BreakerSettings, BreakerState
 from app.config import ShadowRule, TrafficConfig
-from app.dispatch import Dispatcher, Served
+from app.serving.dispatch import Dispatcher, Served
 from app.errors import (
     DeadlineExceeded,
     InjectedFault,
@@ -22,7 +22,7 @@ from app.errors import (
     Unavailable,
     http_status,
 )
-from app.traffic import Decision, Route, TrafficTable
+from app.serving.traffic import Decision, Route, TrafficTable
 from tests.unit.fakes import FakeClock
 
 VERSIONS = ("v1", "v2", "v3")

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.adapters.base import TensorSpec
-from app.drift import DriftSettings, ScoreWindow, psi, score_output
+from app.observability.drift import DriftSettings, ScoreWindow, psi, score_output
 
 
 def _fill(window: ScoreWindow, version: str, values: np.ndarray, at: float) -> None:

@@ -27,7 +27,7 @@ from app.errors import (
     Unavailable,
     http_status,
 )
-from app.faults import FaultPlan, plan_fault
+from app.serving.faults import FaultPlan, plan_fault
 
 DRAWS = 20_000
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.abtest import OutcomeKind
+from app.rollout.abtest import OutcomeKind
 from app.errors import Gone, InvalidInput, ModelNotFound, http_status
-from app.feedback import FeedbackSettings, OutcomeBook, RequestLedger, parse_feedback
+from app.rollout.feedback import FeedbackSettings, OutcomeBook, RequestLedger, parse_feedback
 
 T0 = 1_700_000_000.0
 

@@ -7,11 +7,11 @@ import shutil
 
 import yaml
 
-from app.cli import main
+from app.ops.cli import main
 from app.config import load_yaml, project_root
-from app.kuberay import generate, manifest_text, project_version
-from app.overlay import load_overlay, render
-from app.placement import load_launcher, node_types
+from app.ops.kuberay import generate, manifest_text, project_version
+from app.ops.overlay import load_overlay, render
+from app.ops.placement import load_launcher, node_types
 
 ROOT = project_root()
 MANIFEST = ROOT / "cluster/kuberay/rayservice.yaml"

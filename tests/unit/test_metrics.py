@@ -7,8 +7,8 @@ import re
 import pytest
 
 from app import errors
-from app.dispatch import ShadowStats
-from app.metrics import (
+from app.serving.dispatch import ShadowStats
+from app.observability.metrics import (
     DECISIONS,
     METRICS,
     ControllerMetrics,
@@ -90,9 +90,9 @@ def test_exported_names_follow_rays_export():
 
 
 def test_the_module_docstring_lists_every_metric():
-    import app.metrics
+    import app.observability.metrics
 
-    listed = set(re.findall(r"^\s{4}(rollout_[a-z0-9_]+)\s", app.metrics.__doc__, re.M))
+    listed = set(re.findall(r"^\s{4}(rollout_[a-z0-9_]+)\s", app.observability.metrics.__doc__, re.M))
     assert listed == set(METRICS)
 
 
@@ -125,7 +125,7 @@ def test_unbounded_or_missing_tag_values_are_refused(metrics, call, message):
 
 
 def test_every_routing_decision_is_a_valid_tag(metrics, factory):
-    from app.traffic import Decision
+    from app.serving.traffic import Decision
 
     for decision in Decision:
         assert decision.value in DECISIONS
@@ -228,8 +228,8 @@ def test_names_in_promql_finds_series_rules_and_alerts_not_label_values():
 
 
 def test_every_fallback_reason_the_dispatcher_gives_is_a_valid_tag():
-    from app.dispatch import BreakerOpen, _reason
-    from app.metrics import FALLBACK_REASONS
+    from app.serving.dispatch import BreakerOpen, _reason
+    from app.observability.metrics import FALLBACK_REASONS
 
     classes = [BreakerOpen] + [c for c in vars(errors).values()
                                if isinstance(c, type) and issubclass(c, errors.ServingError)]  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.metrics import exported_names, names_in_promql
+from app.observability.metrics import exported_names, names_in_promql
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "configs" / "prometheus"

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.builder import load_app_args
-from app.cli import main
+from app.config import load_app_args
+from app.ops.cli import main
 from app.config import AppArgs, load_yaml, project_root
 from app.errors import ConfigError
-from app.overlay import load_overlay, merge, render
-from app.validate import validate_serve_config
+from app.ops.overlay import load_overlay, merge, render
+from app.ops.validate import validate_serve_config
 
 ROOT = project_root()
 BASE = load_yaml(ROOT / "serve_config.yaml")

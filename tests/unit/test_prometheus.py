@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from app.prometheus import PrometheusUnavailable, parse_query_response, query_scalar
+from app.rollout.prometheus import PrometheusUnavailable, parse_query_response, query_scalar
 
 
 def vector(*values):

@@ -11,7 +11,7 @@ import pytest
 
 from app.adapters.base import NUMPY_DTYPES, TensorSpec
 from app.errors import InvalidInput, http_status
-from app.protocol import (
+from app.serving.protocol import (
     INFERENCE_HEADER,
     InferRequest,
     encode_infer_response,

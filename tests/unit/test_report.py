@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from app.cli import main
-from app.report import ReportError, render_report
+from app.ops.cli import main
+from app.ops.report import ReportError, render_report
 
 T0 = 1_760_000_000.0
 

@@ -12,7 +12,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from app.abtest import ArmStats
+from app.rollout.abtest import ArmStats
 from app.rollout import (
     GateStatus,
     Observation,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.rollout import VersionStats
-from app.stats import (
+from app.observability.stats import (
     LATENCY_BOUNDS_MS,
     RouterStats,
     StatsWindow,

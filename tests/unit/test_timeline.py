@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.stats import RouterStats
-from app.timeline import Timeline
+from app.observability.stats import RouterStats
+from app.rollout.timeline import Timeline
 
 
 def _report(**versions):

@@ -10,7 +10,7 @@ import pytest
 
 from app.config import TrafficConfig
 from app.errors import ModelNotFound, Unavailable, http_status
-from app.traffic import Decision, Route, TrafficTable
+from app.serving.traffic import Decision, Route, TrafficTable
 
 DRAWS = 20_000
 TOLERANCE = 1.5  # percentage points

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from app.artifacts import artifact_digests, verify_artifact
-from app.cli import main
-from app.validate import validate_serve_config
+from app.serving.artifacts import artifact_digests, verify_artifact
+from app.ops.cli import main
+from app.ops.validate import validate_serve_config
 from tests.integration.tiny_models import build_tiny_bert
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """Per-version request statistics, from the router replicas to the rollout controller.
 
 The rollout gates judge a version on its request count, error count and p50/p99 latency over
-the current step's window (`rollout.VersionStats`). Those numbers come from many router
+the current step's window (`VersionStats`, below). Those numbers come from many router
 replicas, so they travel in a form that merges by plain addition:
 
     router replica                              controller
@@ -33,18 +33,43 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
-
-from app.rollout import VersionStats
 
 __all__ = [
     "LATENCY_BOUNDS_MS",
     "MAX_REPORTS",
     "RouterStats",
     "StatsWindow",
+    "VersionStats",
     "bucket_index",
     "quantile",
 ]
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """One version's outcomes in the current step's window (since `window_started_at`)."""
+
+    requests: int = 0
+    errors: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.requests < 0 or not (0 <= self.errors <= self.requests):
+            raise ValueError(
+                f"errors ({self.errors}) must be between 0 and requests ({self.requests})"
+            )
+        for name in ("p50_ms", "p99_ms"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0):
+                raise ValueError(f"{name} ({value}) must be a latency of at least 0 ms or None")
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
 
 # Upper bounds of the latency buckets, in ms; one more bucket holds everything above the last.
 # Never change these in place: routers and controllers of different builds must agree, and a

@@ -20,8 +20,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.adapters import adapter_class
-from app.artifacts import resolve_artifact, verify_artifact
-from app.builder import load_app_args, load_version_args
 from app.config import (
     CONTROLLER_DEPLOYMENT,
     ROUTER_DEPLOYMENT,
@@ -29,10 +27,13 @@ from app.config import (
     ModelUserConfig,
     TrafficConfig,
     format_validation_error,
+    load_app_args,
+    load_version_args,
     load_yaml,
     version_app_name,
 )
 from app.errors import ArtifactError, ConfigError
+from app.serving.artifacts import resolve_artifact, verify_artifact
 
 __all__ = ["Report", "smoke_test", "validate_serve_config"]
 
@@ -96,7 +97,7 @@ def validate_serve_config(
     try:
         document = load_yaml(path)
         if overlay is not None:
-            from app.overlay import load_overlay, render
+            from app.ops.overlay import load_overlay, render
 
             region = load_overlay(overlay)
             document = render(document, region)
@@ -105,7 +106,9 @@ def validate_serve_config(
         return report
     if region is not None:
         path = f"{path} + {overlay}"  # errors name both files; fields are of the merged config
-    from ray.serve.schema import ServeDeploySchema  # Ray's own schema; importing starts nothing
+    from ray.serve.schema import (
+        ServeDeploySchema,  # Ray's own schema; importing starts nothing
+    )
 
     try:
         ServeDeploySchema.model_validate(document)
@@ -147,7 +150,12 @@ def validate_serve_config(
 def _validate_region_clusters(document: dict[str, Any], region: Any, report: Report) -> None:
     """Each launcher file the region names: Ray's schema, then whether every replica fits."""
     from app.config import project_root
-    from app.placement import check_fit, launcher_errors, load_launcher, replica_demands
+    from app.ops.placement import (
+        check_fit,
+        launcher_errors,
+        load_launcher,
+        replica_demands,
+    )
 
     demands = replica_demands(document)
     for name in region.clusters:
@@ -310,8 +318,8 @@ def _validate_application(
 def _validate_plan(user_config: Any, versions: list[str], where: str, report: Report) -> None:
     """The RolloutController's user_config: `{plan: <RolloutPlan> | null, tick_interval_s,
     prometheus_url, feedback}`."""
-    from app.feedback import FeedbackSettings
     from app.rollout import RolloutPlan
+    from app.rollout.feedback import FeedbackSettings
 
     if not isinstance(user_config, dict):
         report.errors.append(f"{where}: must be a mapping with a 'plan' key")

@@ -20,7 +20,7 @@ def validation_targets(
 ) -> list[tuple[Path | None, str]]:
     """(overlay file or None, label) for each config `rollout validate` checks: the file as it
     is (unless only regions were asked for), then each region's overlay."""
-    from app.overlay import overlay_path, region_overlays
+    from app.ops.overlay import overlay_path, region_overlays
 
     if all_regions:
         overlays = region_overlays()
@@ -35,7 +35,7 @@ def validation_targets(
 
 def _render(args: argparse.Namespace) -> int:
     from app.config import load_yaml
-    from app.overlay import load_overlay, overlay_path, render
+    from app.ops.overlay import load_overlay, overlay_path, render
 
     try:
         overlay = load_overlay(Path(args.overlay) if args.overlay else overlay_path(args.region))
@@ -58,7 +58,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _kuberay(args: argparse.Namespace) -> int:
-    from app.kuberay import manifest_text
+    from app.ops.kuberay import manifest_text
 
     try:
         text = manifest_text(Path(args.config), args.region, image=args.image)
@@ -88,7 +88,7 @@ def _kuberay(args: argparse.Namespace) -> int:
 
 
 def add_region_commands(commands: argparse._SubParsersAction) -> None:
-    from app.kuberay import DEFAULT_IMAGE
+    from app.ops.kuberay import DEFAULT_IMAGE
 
     render = commands.add_parser(
         "render", help="write a region's serve config: serve_config.yaml + configs/regions/<R>.yaml"

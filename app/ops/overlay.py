@@ -35,7 +35,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.config import LABEL_VALUE_PATTERN, format_validation_error, load_yaml, project_root
+from app.config import (
+    LABEL_VALUE_PATTERN,
+    format_validation_error,
+    load_yaml,
+    project_root,
+)
 from app.errors import ConfigError
 
 __all__ = [

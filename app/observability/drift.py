@@ -35,39 +35,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.config.router import DriftSettings
 
 __all__ = ["DriftSettings", "ScoreWindow", "psi", "score_output"]
-
-
-class DriftSettings(BaseModel):
-    """Where scores are binned and over how long they are compared (router builder args)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(default=True, description="Track output score drift per version.")
-    low: float = Field(default=-8.0, description="Lower edge of the score grid.")
-    high: float = Field(default=8.0, description="Upper edge of the score grid.")
-    bins: int = Field(default=160, ge=10, le=10_000, description="Fine bins between low and high.")
-    psi_bins: int = Field(default=10, ge=2, le=100, description="Quantile groups the PSI compares.")
-    slots: int = Field(default=12, ge=1, le=1000, description="Time slots in the sliding window.")
-    slot_s: float = Field(default=10.0, gt=0, le=3600, description="Seconds per time slot.")
-    min_samples: int = Field(
-        default=200, ge=1, description="Scores each side needs in the window before a PSI."
-    )
-    epsilon: float = Field(default=1e-4, gt=0, lt=0.01, description="Floor for an empty share.")
-
-    @model_validator(mode="after")
-    def _high_above_low(self) -> DriftSettings:
-        if not self.high > self.low:
-            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
-        return self
-
-    @model_validator(mode="after")
-    def _psi_bins_within_bins(self) -> DriftSettings:
-        if self.psi_bins > self.bins:
-            raise ValueError(f"psi_bins ({self.psi_bins}) must be at most bins ({self.bins})")
-        return self
 
 
 def score_output(outputs: Sequence[Any]) -> str | None:

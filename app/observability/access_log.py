@@ -17,27 +17,12 @@ import logging.handlers
 import random
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from app.config.router import AccessLogSettings
 
 __all__ = ["ACCESS_MESSAGE", "AccessLogSettings", "access_record", "flush_serve_logs", "outcome_for_status"]
 
 # The log message of every access record: grep for it in text logs, filter on it in JSON.
 ACCESS_MESSAGE = "rollout access"
-
-
-class AccessLogSettings(BaseModel):
-    """Router access log (builder args `router.access_log`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(default=True, description="Log one structured record per inference.")
-    payload_sample_rate: float = Field(
-        default=0.0, ge=0.0, le=1.0,
-        description="Share of requests whose body is logged (0: never; bodies may hold personal data).",
-    )  # fmt: skip
-    max_payload_chars: int = Field(
-        default=2000, ge=16, le=1_000_000, description="Longest logged payload, in characters."
-    )
 
 
 def outcome_for_status(status: int) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from app.config.router import BreakerSettings
 
 __all__ = ["STATE_GAUGE", "BreakerSettings", "BreakerState", "CircuitBreaker"]
 
@@ -32,37 +32,6 @@ __all__ = ["STATE_GAUGE", "BreakerSettings", "BreakerState", "CircuitBreaker"]
 # requests within one window. Oldest outcomes go first, so the rate is judged over the most
 # recent MAX_WINDOW_OUTCOMES outcomes, which is evidence enough for any sane error_rate.
 MAX_WINDOW_OUTCOMES = 10_000
-
-
-class BreakerSettings(BaseModel):
-    """When a version's breaker opens, and how it tries the version again."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    consecutive_failures: int = Field(
-        default=5, ge=1, description="Failures in a row that open the breaker."
-    )
-    error_rate: float = Field(
-        default=0.5,
-        gt=0,
-        le=1,
-        description="Failure fraction over the last window_s that opens the breaker.",
-    )
-    window_s: float = Field(
-        default=10.0, gt=0, description="How far back the error-rate rule looks, in seconds."
-    )
-    min_requests: int = Field(
-        default=20,
-        ge=1,
-        description="Outcomes the window must hold before the error-rate rule judges at all.",
-    )
-    cooldown_s: float = Field(
-        default=5.0, gt=0, description="How long an open breaker refuses before it probes, in s."
-    )
-    half_open_probes: int = Field(
-        default=1, ge=1, description="Requests a half-open breaker lets through at once."
-    )
-    enabled: bool = Field(default=True, description="A disabled breaker admits everything.")
 
 
 class BreakerState(str, Enum):

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from app.stats import LATENCY_BOUNDS_MS, RouterStats
+from app.observability.stats import LATENCY_BOUNDS_MS, RouterStats
 
 __all__ = [
     "BREAKER_STATE_VALUES",

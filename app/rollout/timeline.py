@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app.stats import LATENCY_BOUNDS_MS, N_BUCKETS, quantile
+from app.observability.stats import LATENCY_BOUNDS_MS, N_BUCKETS, quantile
 
 __all__ = ["Timeline"]
 

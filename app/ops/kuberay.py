@@ -28,8 +28,8 @@ import yaml
 
 from app.config import REGION_LABEL, load_yaml, project_root
 from app.errors import ConfigError
-from app.overlay import load_overlay, overlay_path, render
-from app.placement import load_launcher, node_types
+from app.ops.overlay import load_overlay, overlay_path, render
+from app.ops.placement import load_launcher, node_types
 
 __all__ = ["DEFAULT_IMAGE", "HEADER", "generate", "manifest_text", "project_version"]
 

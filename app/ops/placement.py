@@ -182,12 +182,14 @@ def _actor_demand(options: dict[str, Any]) -> dict[str, float]:
 
 
 def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
-    from app.builder import load_app_args
+    from app.config import load_app_args
 
     app_name = application.get("name", "default")
     args, configs = load_app_args(application.get("args") or {})
     selector = args.label_selector()
-    from deployments.controller import RolloutController  # its decorator holds its options
+    from deployments.controller import (
+        RolloutController,  # its decorator holds its options
+    )
 
     controller_options = dict(RolloutController.ray_actor_options or {})
     base: dict[str, tuple[dict[str, Any], int, int]] = {

@@ -13,9 +13,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from app.buckets import BucketMap, bucket_of
 from app.config import ShadowRule, TrafficConfig
 from app.errors import ModelNotFound, Unavailable
+from app.serving.buckets import BucketMap, bucket_of
 
 __all__ = ["Decision", "Route", "TrafficTable", "apply_override"]
 

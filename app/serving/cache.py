@@ -28,29 +28,13 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from app.config.router import CacheSettings
 
 __all__ = ["CacheSettings", "CachedResponse", "ResponseCache", "cache_key"]
 
 # Bumped whenever the key's layout changes, so old and new layouts can never collide.
 _KEY_VERSION = b"rollout-cache-key/1"
-
-
-class CacheSettings(BaseModel):
-    """The router's response cache (off by default: only deterministic models should use it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(default=False, description="Serve repeated requests from the cache.")
-    max_entries: int = Field(default=10_000, ge=1, description="Most responses kept.")
-    max_bytes: int = Field(
-        default=64 * 1024 * 1024,
-        ge=1024,
-        description="Most bytes kept (bodies plus headers); one entry may use at most a quarter.",
-    )
-    ttl_s: float = Field(
-        default=60.0, gt=0, description="How long a response stays fresh after it is stored, in s."
-    )
 
 
 @dataclass(frozen=True)

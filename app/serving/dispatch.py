@@ -29,9 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.adapters import ModelAdapter, Tensors
-from app.breaker import BreakerSettings, BreakerState, CircuitBreaker
-from app.errors import DeadlineExceeded, InvalidInput, LoadShed, ReplicaLost, ServingError, Unavailable
-from app.traffic import Decision, Route, TrafficTable
+from app.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    LoadShed,
+    ReplicaLost,
+    ServingError,
+    Unavailable,
+)
+from app.serving.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from app.serving.traffic import Decision, Route, TrafficTable
 
 __all__ = ["Call", "Dispatcher", "Served", "ShadowStats"]
 

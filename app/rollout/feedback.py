@@ -32,9 +32,9 @@ from typing import Any
 
 from pydantic import Field
 
-from app.abtest import ArmStats, OutcomeKind, confidence_interval
-from app.config import NAME_PATTERN, _Strict
+from app.config import NAME_PATTERN, StrictModel
 from app.errors import Gone, InvalidInput, ModelNotFound
+from app.rollout.abtest import ArmStats, OutcomeKind, confidence_interval
 
 __all__ = [
     "FeedbackItem",
@@ -56,7 +56,7 @@ RANDOMISED_DECISIONS = frozenset({"sticky", "weighted"})
 _NAME = re.compile(NAME_PATTERN)
 
 
-class FeedbackSettings(_Strict):
+class FeedbackSettings(StrictModel):
     """How long answered request ids stay open for feedback (RolloutController user_config
     `feedback`)."""
 

@@ -1,0 +1,209 @@
+"""A model version's config file (`configs/models/<model>/<version>.yaml`) and its hot-patchable part."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from app.config._base import NAME_PATTERN, SHA256_PATTERN, StrictModel
+
+
+class Resources(StrictModel):
+    """Ray resources for each replica of a version."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (fractions allowed).")
+    memory_mb: int | None = Field(
+        default=None, ge=1, description="Memory reserved per replica, in MiB (Ray's `memory`)."
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="torch intra-op threads per replica; default: ceil(num_cpus), at least 1.",
+    )
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_mb is not None:
+            options["memory"] = self.memory_mb * 1024 * 1024
+        return options
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, math.ceil(self.num_cpus))
+
+
+class Autoscaling(StrictModel):
+    """Serve autoscaling bounds for a version's replicas."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Replicas kept even when idle.")
+    max_replicas: int = Field(default=1, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _max_at_least_min(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be greater than or equal to "
+                f"min_replicas ({self.min_replicas})"
+            )
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+
+
+class Batching(StrictModel):
+    """Dynamic batching inside each replica (app/batching.py: a batch forms when the model is
+    free); hot-patchable."""
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="Requests per batch.")
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, le=10, description="Longest wait for a batch to fill, in seconds."
+    )
+
+
+class FaultInjection(StrictModel):
+    """Faults injected on purpose, like a service mesh's, to rehearse rollbacks; hot-patchable."""
+
+    error_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Fraction of requests that fail with a 500."
+    )
+    added_latency_ms: float = Field(
+        default=0.0, ge=0, le=600_000, description="Latency added to delayed requests, in ms."
+    )
+    latency_rate: float = Field(
+        default=1.0, ge=0, le=1, description="Fraction of requests that get added_latency_ms."
+    )
+
+
+def _check_digests(value: str | dict[str, str]) -> str | dict[str, str]:
+
+    digests = value.values() if isinstance(value, dict) else [value]
+    if isinstance(value, dict) and not value:
+        raise ValueError("sha256 mapping must name at least one weights file")
+    for digest in digests:
+        if not re.fullmatch(SHA256_PATTERN, digest):
+            raise ValueError(f"{digest!r} is not a lowercase hex sha256 (64 characters)")
+    return value
+
+
+class WeightsPatch(StrictModel):
+    """New weights for a running version: loaded beside the old ones, checked, smoke-tested,
+    then swapped in at once. Anything wrong and the old weights keep serving."""
+
+    artifact: str = Field(
+        min_length=1,
+        description="Model directory (relative to the model config's folder) or package:<module>.",
+    )
+    sha256: str | dict[str, str] = Field(
+        description="sha256 of the weights file, or a mapping file -> sha256, as in a model config."
+    )
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        return _check_digests(value)
+
+
+class ModelUserConfig(StrictModel):
+    """The part of a version that Serve changes in place (`user_config` -> `reconfigure`)."""
+
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="Adapter hyperparameters; checked by the adapter."
+    )
+    batching: Batching = Field(default_factory=Batching)
+    faults: FaultInjection = Field(default_factory=FaultInjection)
+    weights: WeightsPatch | None = Field(
+        default=None,
+        description="Hot-swap the weights (null: the model config's own artifact and sha256).",
+    )
+
+
+class ModelConfig(StrictModel):
+    """One model version: `configs/models/<name>/<version>.yaml`."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Model name, as in /v2/models/<name>.")
+    version: str = Field(pattern=NAME_PATTERN, description="Version label, e.g. v1.")
+    artifact: str = Field(
+        min_length=1,
+        description=(
+            "Model directory (save_pretrained or sentence-transformers layout). Relative paths are "
+            "resolved from the config file's folder; `package:<module>` uses a Python package "
+            "that ships its model (its get_model_path())."
+        ),
+    )
+    sha256: str | dict[str, str] = Field(
+        description=(
+            "sha256 of the weights file, or a mapping from each weights file (relative path) to its "
+            "sha256. Checked when a replica loads. `rollout checksum <dir>` prints it."
+        )
+    )
+    adapter: str = Field(
+        min_length=1,
+        description="Adapter (task): a registered name such as `recommender`, or `module:Class`.",
+    )
+    description: str = Field(default="", description="Free text shown in model metadata.")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    max_ongoing_requests: int = Field(
+        default=32, ge=1, le=10_000, description="Requests a replica works on at once."
+    )
+    max_queued_requests: int = Field(
+        default=-1,
+        ge=-1,
+        description="Requests each caller may queue for this version (-1: unbounded).",
+    )
+    batching: Batching = Field(default_factory=Batching)
+    faults: FaultInjection = Field(default_factory=FaultInjection)
+    cacheable: bool = Field(
+        default=True,
+        description="Whether the router may cache this version's responses (when its cache is on).",
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+
+    # Where the file was read from; used to resolve a relative artifact path. Not a YAML field.
+    source: str | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        return _check_digests(value)
+
+    @model_validator(mode="after")
+    def _batch_fits_in_flight(self) -> ModelConfig:
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be greater than or equal "
+                f"to batching.max_batch_size ({self.batching.max_batch_size}), or batches never fill"
+            )
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def user_config(self) -> ModelUserConfig:
+        return ModelUserConfig(
+            hyperparameters=self.hyperparameters, batching=self.batching, faults=self.faults
+        )
+
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source else Path.cwd()

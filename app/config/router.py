@@ -1,0 +1,141 @@
+"""The Router's build-time knobs (builder args `router:`): headers, limits, and the settings of
+its breaker, cache, drift tracker and access log."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    Field,
+    model_validator,
+)
+
+from app.config._base import StrictModel
+
+
+class BreakerSettings(StrictModel):
+    """When a version's breaker opens, and how it tries the version again."""
+
+    consecutive_failures: int = Field(
+        default=5, ge=1, description="Failures in a row that open the breaker."
+    )
+    error_rate: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Failure fraction over the last window_s that opens the breaker.",
+    )
+    window_s: float = Field(
+        default=10.0, gt=0, description="How far back the error-rate rule looks, in seconds."
+    )
+    min_requests: int = Field(
+        default=20,
+        ge=1,
+        description="Outcomes the window must hold before the error-rate rule judges at all.",
+    )
+    cooldown_s: float = Field(
+        default=5.0, gt=0, description="How long an open breaker refuses before it probes, in s."
+    )
+    half_open_probes: int = Field(
+        default=1, ge=1, description="Requests a half-open breaker lets through at once."
+    )
+    enabled: bool = Field(default=True, description="A disabled breaker admits everything.")
+
+
+class CacheSettings(StrictModel):
+    """The router's response cache (off by default: only deterministic models should use it)."""
+
+    enabled: bool = Field(default=False, description="Serve repeated requests from the cache.")
+    max_entries: int = Field(default=10_000, ge=1, description="Most responses kept.")
+    max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes kept (bodies plus headers); one entry may use at most a quarter.",
+    )
+    ttl_s: float = Field(
+        default=60.0, gt=0, description="How long a response stays fresh after it is stored, in s."
+    )
+
+
+class DriftSettings(StrictModel):
+    """Where scores are binned and over how long they are compared (router builder args)."""
+
+    enabled: bool = Field(default=True, description="Track output score drift per version.")
+    low: float = Field(default=-8.0, description="Lower edge of the score grid.")
+    high: float = Field(default=8.0, description="Upper edge of the score grid.")
+    bins: int = Field(default=160, ge=10, le=10_000, description="Fine bins between low and high.")
+    psi_bins: int = Field(default=10, ge=2, le=100, description="Quantile groups the PSI compares.")
+    slots: int = Field(default=12, ge=1, le=1000, description="Time slots in the sliding window.")
+    slot_s: float = Field(default=10.0, gt=0, le=3600, description="Seconds per time slot.")
+    min_samples: int = Field(
+        default=200, ge=1, description="Scores each side needs in the window before a PSI."
+    )
+    epsilon: float = Field(default=1e-4, gt=0, lt=0.01, description="Floor for an empty share.")
+
+    @model_validator(mode="after")
+    def _high_above_low(self) -> DriftSettings:
+        if not self.high > self.low:
+            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
+        return self
+
+    @model_validator(mode="after")
+    def _psi_bins_within_bins(self) -> DriftSettings:
+        if self.psi_bins > self.bins:
+            raise ValueError(f"psi_bins ({self.psi_bins}) must be at most bins ({self.bins})")
+        return self
+
+
+class AccessLogSettings(StrictModel):
+    """Router access log (builder args `router.access_log`)."""
+
+    enabled: bool = Field(default=True, description="Log one structured record per inference.")
+    payload_sample_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Share of requests whose body is logged (0: never; bodies may hold personal data).",
+    )  # fmt: skip
+    max_payload_chars: int = Field(
+        default=2000, ge=16, le=1_000_000, description="Longest logged payload, in characters."
+    )
+
+
+class RouterSettings(StrictModel):
+    """Router knobs fixed at build time (builder args)."""
+
+    routing_key_header: str = Field(
+        default="x-user-id", min_length=1, description="Header that carries the routing key."
+    )
+    pin_header: str = Field(
+        default="x-model-version", min_length=1, description="Header that pins a version."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    routing_key_parameter: str = Field(
+        default="user_id", min_length=1,
+        description="Request parameter that carries the routing key when the header is absent.",
+    )  # fmt: skip
+    fallback_header: str = Field(
+        default="x-allow-fallback", min_length=1,
+        description="Header (value 'true') that lets a pinned request fall back.",
+    )  # fmt: skip
+    timeout_header: str = Field(
+        default="x-request-timeout-s", min_length=1,
+        description="Header with the client's deadline in seconds (capped by request_timeout_s).",
+    )  # fmt: skip
+    health_poll_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often the router refreshes version health."
+    )
+    access_log: AccessLogSettings = Field(
+        default_factory=AccessLogSettings,
+        description="One structured log record per inference (app/access_log.py).",
+    )
+    drift: DriftSettings = Field(
+        default_factory=DriftSettings,
+        description="Output score drift per version against the stable version (app/drift.py).",
+    )
+    model_transport: Literal["grpc", "actor"] = Field(
+        default="grpc",
+        description="How the Router calls model replicas: 'grpc' (Serve's inter-deployment gRPC "
+        "server that every replica runs; handle option _by_reference=False) or 'actor' (Ray "
+        "actor calls, Serve's default). bench/throughput.py measures both.",
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from app.ops.cli.commands import main
+
+sys.exit(main())

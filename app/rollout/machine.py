@@ -1,0 +1,619 @@
+"""Rollout plans and the state machine that executes them, one reconcile tick at a time.
+
+A rollout is data (Argo Rollouts' idea): a `RolloutPlan` declares the strategy, the two
+versions, the steps and the gates. `RolloutPlan.expand` turns any strategy into one flat list
+of concrete steps, so the state machine knows only five step kinds:
+
+    SetWeight(set_weight)       move the candidate's share of public traffic (instant)
+    Hold(duration_s, analyze)   keep the weight for duration_s; with analyze, the gates must
+                                all have passed (with min_requests) when the time is up
+    WaitForPromote()            stop until an operator sends `promote`
+    Switch(weight=100)          the final move to 100% (phase PROMOTING; instant)
+    ScaleDown(delay_s)          keep the old version warm for delay_s, then finish
+
+`step(state, observation, now) -> Decision` is the one reconcile function. The controller
+calls it every tick (~250 ms) with the per-version stats gathered since
+`state.window_started_at`; it recomputes everything from its inputs, never reads a clock,
+returns early while the current step is unfinished, and is safe to repeat: the same inputs
+always give the same `Decision`. Operator commands go through `apply_command`.
+
+    IDLE ─tick─> PROGRESSING ─steps done─> PROMOTING ─scale-down done─> SUCCEEDED
+                  │    ▲                      │
+      pause, wait │    │ resume,              │
+      for promote,│    │ promote              │
+    inconclusive  ▼    │                      │
+                 PAUSED┘                      │
+    a gate fails in any live phase ───────────┴──> ROLLED_BACK   (candidate 0%)
+    command abort in any live phase ───────────────> ABORTED       (candidate 0%)
+
+SUCCEEDED, ROLLED_BACK and ABORTED are terminal and absorbing: `step` returns them unchanged
+and every command raises. A new rollout is a new `RolloutState.start`.
+
+Choices worth knowing (each one is the reason for some code below):
+
+* **Gates judge in every live phase**, not only at the end of an analysis hold: a failing gate
+  during a timed pause, a wait for promote, a user pause or a blue-green scale-down rolls back
+  on that very tick. Only the *completion* of an analysis hold needs every gate decided.
+* **fail_fast_error_rate** ignores min_requests (it needs only `fail_fast_min_requests`, 10 by
+  default), which is what rolls a broken candidate back within one tick of the evidence.
+* **The stats window restarts with every step** (`window_started_at`): min_requests is per step,
+  and an analysis judges the weight it analyses. Stats gathered during a pause stay in the
+  window: the weight did not change, so the evidence is as good.
+* **Pause time does not count against a hold.** A 60 s analysis paused after 20 s needs 40 s
+  more after `resume` (`hold_excluded_s` keeps the paused seconds out of the timer). Gates are
+  still judged while paused.
+* **An analysis that ends with a gate still pending is inconclusive** (too little traffic, no
+  shadow comparisons, Prometheus returned nothing): the rollout goes PAUSED (not by the user),
+  as Argo does, so it is visible rather than stuck. `resume` runs the hold timer again while
+  the stats window keeps accumulating; `promote` accepts the step without a verdict.
+* **Relative gates need a baseline.** With no stable requests (or no stable latency), the
+  error-rate-increase and latency-ratio gates are `skipped`, so holds at 100% still finish;
+  the absolute gates keep judging.
+* **Commands change state at once** (abort sets 0% in the returned state, promote applies the
+  next weights); call `step` right after to publish the traffic without waiting for a tick.
+* **`generation` counts traffic changes**: it goes up by one whenever the traffic this rollout
+  asks for (weights, stable version, shadow percent) changes, so routers can drop stale
+  pushes. Pass the previous rollout's generation to `start` to keep it monotonic.
+* **`now` is epoch seconds** (time.time() in the controller): the persisted state carries
+  absolute times, and a controller replica restarted on another node must agree with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from app.config import (
+    ShadowRule,
+    TrafficConfig,
+)
+from app.rollout.gates import (
+    LIFT_GATES,
+    GateStatus,
+    GateVerdict,
+    Observation,
+    evaluate_gates,
+    evaluate_lift_gates,
+)
+from app.rollout.plan import (
+    FAIL_FAST,
+    Gates,
+    Hold,
+    RolloutPlan,
+    ScaleDown,
+    SetWeight,
+    Step,
+    Switch,
+    WaitForPromote,
+)
+
+__all__ = [
+    "MAX_HISTORY_EVENTS",
+    "STATE_SCHEMA",
+    "Command",
+    "Decision",
+    "Event",
+    "Phase",
+    "RolloutState",
+    "apply_command",
+    "step",
+]
+
+# Bumped when the persisted layout of RolloutState.to_dict() changes incompatibly.
+STATE_SCHEMA = 1
+# Commands can be repeated without limit (pause, resume, pause...); the most recent events are
+# what an operator needs, so older ones go first.
+MAX_HISTORY_EVENTS = 1000
+
+
+# -- the state -------------------------------------------------------------------------------
+
+
+class Phase(str, Enum):
+    """Where a rollout is. The last three are terminal."""
+
+    IDLE = "idle"  # declared; the first tick starts it
+    PROGRESSING = "progressing"  # executing steps
+    PAUSED = "paused"  # by the user, by a `pause_s: null` step, or an inconclusive analysis
+    PROMOTING = "promoting"  # switched to 100%; old version kept warm until scale-down
+    SUCCEEDED = "succeeded"  # the candidate is the stable version
+    ROLLED_BACK = "rolled_back"  # a gate failed; all traffic on stable
+    ABORTED = "aborted"  # an operator aborted; all traffic on stable
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.ABORTED})
+
+
+class Command(str, Enum):
+    """Operator commands (`rollout promote [--full] | pause | resume | abort`)."""
+
+    PROMOTE = "promote"  # finish the current wait (pause, analysis, wait for promote) now
+    PROMOTE_FULL = "promote_full"  # skip to the switch: 100% now
+    PAUSE = "pause"
+    RESUME = "resume"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of a rollout's history: a phase change, a step done, or a command."""
+
+    time_s: float
+    from_phase: Phase
+    to_phase: Phase
+    step_index: int
+    weight: float  # candidate percent after the event
+    reason: str
+    gates: dict[str, dict[str, Any]] = field(default_factory=dict)  # gate -> reading
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time_s": self.time_s,
+            "from_phase": self.from_phase.value,
+            "to_phase": self.to_phase.value,
+            "step_index": self.step_index,
+            "weight": self.weight,
+            "reason": self.reason,
+            "gates": self.gates,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        return cls(
+            time_s=float(data["time_s"]),
+            from_phase=Phase(data["from_phase"]),
+            to_phase=Phase(data["to_phase"]),
+            step_index=int(data["step_index"]),
+            weight=float(data["weight"]),
+            reason=str(data["reason"]),
+            gates={k: dict(v) for k, v in data.get("gates", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """The live state of one rollout: everything `step` needs besides the observation.
+
+    Immutable; `step` and `apply_command` return new states. Persist with `to_dict` (JSON-safe)
+    and load with `from_dict`."""
+
+    plan: RolloutPlan
+    phase: Phase
+    step_index: int  # index into plan.expand(); len(...) once finished
+    candidate_weight: float
+    step_started_at: float  # epoch s; also the start of the stats window
+    paused_by_user: bool = False
+    paused_at: float | None = None  # when the user paused (timer frozen since)
+    hold_excluded_s: float = 0.0  # seconds since step_started_at that do not count toward it
+    history: tuple[Event, ...] = ()
+    generation: int = 0
+    # The lift gates' sequential tests, carried from tick to tick: gate -> Verdict.reading().
+    lift: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, plan: RolloutPlan, now: float, *, generation: int = 0) -> RolloutState:
+        """A new rollout, IDLE at 0%; the first `step` starts it."""
+        return cls(
+            plan=plan,
+            phase=Phase.IDLE,
+            step_index=0,
+            candidate_weight=0.0,
+            step_started_at=now,
+            generation=generation,
+        )
+
+    @property
+    def steps(self) -> list[Step]:
+        return self.plan.expand()
+
+    @property
+    def current_step(self) -> Step | None:
+        steps = self.steps
+        return steps[self.step_index] if self.step_index < len(steps) else None
+
+    @property
+    def window_started_at(self) -> float:
+        """Where the stats passed to the next `step` must start."""
+        return self.step_started_at
+
+    @property
+    def stable_version(self) -> str:
+        """The version that is stable now: the candidate once the rollout succeeded."""
+        return self.plan.candidate if self.phase is Phase.SUCCEEDED else self.plan.stable
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {
+            self.plan.candidate: self.candidate_weight,
+            self.plan.stable: 100.0 - self.candidate_weight,
+        }
+
+    @property
+    def shadow_percent(self) -> float:
+        """Percent mirrored to the candidate: blue-green's shadow, before the switch only."""
+        bg = self.plan.blue_green
+        if bg is None or self.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+            return 0.0
+        return bg.shadow_percent
+
+    def elapsed_s(self, now: float) -> float:
+        """Seconds the current step has run, paused time excluded."""
+        paused = now - self.paused_at if self.paused_at is not None else 0.0
+        return max(0.0, now - self.step_started_at - self.hold_excluded_s - paused)
+
+    def remaining_s(self, now: float) -> float | None:
+        """Seconds left in the current timed step, or None when it is not timed."""
+        current = self.current_step
+        if isinstance(current, Hold):
+            return max(0.0, current.duration_s - self.elapsed_s(now))
+        if isinstance(current, ScaleDown):
+            return max(0.0, current.delay_s - self.elapsed_s(now))
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": STATE_SCHEMA,
+            "plan": self.plan.model_dump(mode="json"),
+            "phase": self.phase.value,
+            "step_index": self.step_index,
+            "candidate_weight": self.candidate_weight,
+            "step_started_at": self.step_started_at,
+            "paused_by_user": self.paused_by_user,
+            "paused_at": self.paused_at,
+            "hold_excluded_s": self.hold_excluded_s,
+            "history": [event.to_dict() for event in self.history],
+            "generation": self.generation,
+            "lift": {name: dict(reading) for name, reading in self.lift.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
+        schema = data.get("schema")
+        if schema != STATE_SCHEMA:
+            raise ValueError(f"rollout state schema {schema!r} is not {STATE_SCHEMA}")
+        paused_at = data["paused_at"]
+        return cls(
+            plan=RolloutPlan.model_validate(data["plan"]),
+            phase=Phase(data["phase"]),
+            step_index=int(data["step_index"]),
+            candidate_weight=float(data["candidate_weight"]),
+            step_started_at=float(data["step_started_at"]),
+            paused_by_user=bool(data["paused_by_user"]),
+            paused_at=None if paused_at is None else float(paused_at),
+            hold_excluded_s=float(data["hold_excluded_s"]),
+            history=tuple(Event.from_dict(event) for event in data["history"]),
+            generation=int(data["generation"]),
+            lift={name: dict(reading) for name, reading in data.get("lift", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one tick (or command) decided: the next state and the traffic it asks for."""
+
+    state: RolloutState
+    weights: dict[str, float]  # candidate and stable percent, summing to 100
+    stable: str  # the stable version now (fallback target); the candidate once SUCCEEDED
+    shadow_percent: float  # percent mirrored to the candidate (blue-green before the switch)
+    verdicts: tuple[GateVerdict, ...]  # this tick's gate verdicts; () when none were taken
+    events: tuple[Event, ...]  # the events this call added to the history
+    traffic_changed: bool  # weights, stable or shadow differ from the input state's: push
+
+    def traffic_config(self, base: TrafficConfig) -> TrafficConfig:
+        """`base` (the declared router config) with this decision's traffic.
+
+        The rollout owns weights (any other version in base gets 0) and the stable version;
+        for blue-green it also owns the shadow rule. Breaker, cache, fallbacks and timeouts
+        come from base."""
+        plan = self.state.plan
+        data = base.model_dump()
+        data["weights"] = {version: 0.0 for version in base.weights} | self.weights
+        data["stable"] = self.stable
+        if plan.strategy == "blue_green":
+            if self.shadow_percent > 0:
+                keep = base.shadow.model_dump() if base.shadow is not None else {}
+                data["shadow"] = ShadowRule.model_validate(
+                    {**keep, "version": plan.candidate, "percent": self.shadow_percent}
+                ).model_dump()
+            else:
+                data["shadow"] = None
+        return TrafficConfig.model_validate(data)
+
+
+# -- the reconcile function ------------------------------------------------------------------
+
+
+def _traffic(state: RolloutState) -> tuple[Any, ...]:
+    return (tuple(sorted(state.weights.items())), state.stable_version, state.shadow_percent)
+
+
+def _readings(verdicts: tuple[GateVerdict, ...] | None) -> dict[str, dict[str, Any]]:
+    return {v.gate: v.reading() for v in verdicts or ()}
+
+
+def _event(
+    before: RolloutState,
+    after: RolloutState,
+    now: float,
+    reason: str,
+    verdicts: tuple[GateVerdict, ...] | None = None,
+    *,
+    step_index: int | None = None,
+) -> Event:
+    return Event(
+        time_s=now,
+        from_phase=before.phase,
+        to_phase=after.phase,
+        step_index=before.step_index if step_index is None else step_index,
+        weight=after.candidate_weight,
+        reason=reason,
+        gates=_readings(verdicts),
+    )
+
+
+def _next_step(
+    state: RolloutState, now: float, *, weight: float | None = None, phase: Phase | None = None
+) -> RolloutState:
+    """Move to the following step with a fresh timer and stats window."""
+    return replace(
+        state,
+        step_index=state.step_index + 1,
+        step_started_at=now,
+        hold_excluded_s=0.0,
+        paused_at=None,
+        paused_by_user=False,
+        candidate_weight=state.candidate_weight if weight is None else weight,
+        phase=state.phase if phase is None else phase,
+    )
+
+
+def _end(
+    state: RolloutState,
+    now: float,
+    phase: Phase,
+    reason: str,
+    verdicts: tuple[GateVerdict, ...] | None,
+    events: list[Event],
+) -> RolloutState:
+    """Roll back or abort: all traffic back on the stable version."""
+    after = replace(
+        state, phase=phase, candidate_weight=0.0, paused_by_user=False, paused_at=None
+    )
+    events.append(_event(state, after, now, reason, verdicts))
+    return after
+
+
+def _run_steps(
+    state: RolloutState,
+    now: float,
+    verdicts: tuple[GateVerdict, ...] | None,
+    events: list[Event],
+    *,
+    skip_first_wait: bool = False,
+) -> RolloutState:
+    """Execute steps from state.step_index until one must wait (or the rollout is done).
+
+    `verdicts` is None when called from a command: an analysis that is due then waits for
+    the next tick's verdicts. `skip_first_wait` (promote) ends the first waiting step at once.
+    Each loop either returns or moves one step on, so it ends within len(steps) loops."""
+    steps = state.plan.expand()
+    total = len(steps)
+    s = state
+    while True:
+        index = s.step_index
+        if index >= total:
+            after = replace(s, phase=Phase.SUCCEEDED, candidate_weight=100.0)
+            events.append(
+                _event(s, after, now, f"succeeded: {s.plan.candidate} is stable", verdicts)
+            )
+            return after
+        current = steps[index]
+        where = f"step {index + 1}/{total}"
+        if isinstance(current, SetWeight):
+            after = _next_step(s, now, weight=current.set_weight)
+            events.append(_event(s, after, now, f"{where}: {current.describe()}", verdicts))
+            s = after
+            continue
+        if isinstance(current, Switch):
+            after = _next_step(s, now, weight=current.weight, phase=Phase.PROMOTING)
+            events.append(_event(s, after, now, f"{where}: {current.describe()}", verdicts))
+            s = after
+            continue
+        # A waiting step: Hold, WaitForPromote or ScaleDown.
+        if skip_first_wait:
+            skip_first_wait = False
+            after = _next_step(s, now)
+            reason = f"{where}: {current.describe()} skipped by promote"
+            events.append(_event(s, after, now, reason))
+            s = after
+            continue
+        if isinstance(current, WaitForPromote):
+            if s.phase is Phase.PAUSED:
+                return s
+            after = replace(s, phase=Phase.PAUSED, paused_by_user=False)
+            events.append(_event(s, after, now, f"{where}: waiting for promote", verdicts))
+            return after
+        assert isinstance(current, (Hold, ScaleDown))
+        duration_s = current.duration_s if isinstance(current, Hold) else current.delay_s
+        if s.elapsed_s(now) < duration_s:
+            return s
+        reason = f"{where}: {current.describe()} done"
+        if isinstance(current, Hold) and current.analyze:
+            if verdicts is None:
+                return s
+            undecided = [
+                v for v in verdicts if v.status is GateStatus.PENDING and v.gate != FAIL_FAST
+            ]
+            if undecided and s.elapsed_s(now) < duration_s + _lift_wait_s(s.plan.gates, undecided):
+                return s  # only lift gates are undecided and they may still take their time
+            if undecided:
+                after = replace(s, phase=Phase.PAUSED, paused_by_user=False)
+                detail = "; ".join(f"{v.gate}: {v.reason}" for v in undecided)
+                events.append(
+                    _event(s, after, now, f"{where}: analysis inconclusive: {detail}", verdicts)
+                )
+                return after
+            reason = f"{where}: {current.describe()} passed"
+        after = _next_step(s, now)
+        events.append(_event(s, after, now, reason, verdicts))
+        s = after
+
+
+def _lift_wait_s(gates: Gates, undecided: list[GateVerdict]) -> float:
+    """How much longer than its duration an analysis may hold for `undecided` gates: the
+    smallest max_wait_s among them, 0 if any is not a lift gate."""
+    waits = []
+    for verdict in undecided:
+        gate = getattr(gates, verdict.gate, None) if verdict.gate in LIFT_GATES else None
+        waits.append(gate.max_wait_s if gate is not None else 0.0)
+    return min(waits, default=0.0)
+
+
+def _decide(
+    before: RolloutState,
+    after: RolloutState,
+    verdicts: tuple[GateVerdict, ...],
+    events: list[Event],
+) -> Decision:
+    changed = _traffic(after) != _traffic(before)
+    history = (before.history + tuple(events))[-MAX_HISTORY_EVENTS:]
+    after = replace(
+        after, history=history, generation=before.generation + (1 if changed else 0)
+    )
+    return Decision(
+        state=after,
+        weights=after.weights,
+        stable=after.stable_version,
+        shadow_percent=after.shadow_percent,
+        verdicts=verdicts,
+        events=tuple(events),
+        traffic_changed=changed,
+    )
+
+
+def step(state: RolloutState, observation: Observation, now: float) -> Decision:
+    """One reconcile tick: judge the gates, then run the plan as far as it can go now.
+
+    `observation` covers `state.window_started_at` .. `now`. A failed gate rolls back at once
+    (in any live phase); a paused rollout only has its gates judged; otherwise the steps run
+    until one must wait. Pure: the same inputs give the same Decision."""
+    if state.phase.terminal:
+        return _decide(state, state, (), [])
+    events: list[Event] = []
+    s = state
+    plan = s.plan
+    if s.phase is Phase.IDLE:
+        s = replace(s, phase=Phase.PROGRESSING, step_started_at=now)
+        events.append(
+            _event(
+                state, s, now,
+                f"started: {plan.strategy} rollout of {plan.candidate} (stable {plan.stable}), "
+                f"plan {plan.digest()}",
+            )  # fmt: skip
+        )
+    verdicts = evaluate_gates(
+        plan.gates, observation, candidate=plan.candidate, stable=plan.stable
+    )
+    lift_verdicts, lift = evaluate_lift_gates(
+        plan.gates, observation, s.lift, candidate=plan.candidate, stable=plan.stable
+    )
+    if lift_verdicts:
+        verdicts += lift_verdicts
+        s = replace(s, lift=lift)
+    failed = [v for v in verdicts if v.status is GateStatus.FAILED]
+    if failed:
+        detail = "; ".join(f"gate {v.gate} failed: {v.reason}" for v in failed)
+        s = _end(s, now, Phase.ROLLED_BACK, f"rolled back: {detail}", verdicts, events)
+    elif s.phase is not Phase.PAUSED:
+        s = _run_steps(s, now, verdicts, events)
+    return _decide(state, s, verdicts, events)
+
+
+_ALLOWED: dict[Command, frozenset[Phase]] = {
+    Command.PROMOTE: frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING}),
+    Command.PROMOTE_FULL: frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING}),
+    Command.PAUSE: frozenset({Phase.PROGRESSING}),
+    Command.RESUME: frozenset({Phase.PAUSED}),
+    Command.ABORT: frozenset({Phase.IDLE, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING}),
+}
+
+
+def _refusal(command: Command, phase: Phase) -> str:
+    if phase.terminal:
+        why = "it has ended; declare a new rollout"
+    elif phase is Phase.IDLE:
+        why = "it has not started yet; the controller's next tick starts it"
+    elif command is Command.PAUSE and phase is Phase.PAUSED:
+        why = "it is already paused"
+    elif command is Command.PAUSE:
+        why = "traffic has already switched; abort to roll back or promote to finish"
+    else:
+        why = "it is not paused"
+    return f"cannot {command.value}: the rollout is {phase.value} ({why})"
+
+
+def apply_command(
+    state: RolloutState, command: Command | str, now: float, *, reason: str = ""
+) -> RolloutState:
+    """An operator command, recorded in the history; `reason` (who, why) goes into the event.
+
+    * promote: end the current wait (pause, analysis, wait for promote, scale-down delay) and
+      apply the following weight changes now; gates still judge on the next tick.
+    * promote_full: jump to the switch (100%); in PROMOTING, finish now.
+    * pause / resume: freeze / unfreeze the step timer (gates keep judging). resume also
+      re-runs an inconclusive analysis (timer restarts; the stats window keeps growing).
+    * abort: all traffic back on stable, ABORTED.
+
+    Raises ValueError naming the phase when the command does not apply to it."""
+    command = Command(command)
+    phase = state.phase
+    if phase not in _ALLOWED[command]:
+        raise ValueError(_refusal(command, phase))
+    note = f"command {command.value}" + (f" ({reason})" if reason else "")
+    events: list[Event] = []
+    if command is Command.ABORT:
+        s = _end(state, now, Phase.ABORTED, f"aborted: {note}", None, events)
+    elif command is Command.PAUSE:
+        s = replace(state, phase=Phase.PAUSED, paused_by_user=True, paused_at=now)
+        events.append(_event(state, s, now, note))
+    elif command is Command.RESUME:
+        current = state.current_step
+        if state.paused_by_user:
+            assert state.paused_at is not None
+            excluded = state.hold_excluded_s + max(0.0, now - state.paused_at)
+        elif isinstance(current, Hold) and current.analyze:
+            excluded = max(0.0, now - state.step_started_at)  # run the analysis timer again
+        else:
+            raise ValueError(
+                f"cannot resume: the rollout is paused at step {state.step_index + 1} waiting "
+                "for promote; use promote"
+            )
+        s = replace(
+            state,
+            phase=Phase.PROGRESSING,
+            paused_by_user=False,
+            paused_at=None,
+            hold_excluded_s=excluded,
+        )
+        events.append(_event(state, s, now, note))
+    else:
+        s = state
+        if s.phase is Phase.PAUSED:
+            s = replace(s, phase=Phase.PROGRESSING, paused_by_user=False, paused_at=None)
+        if command is Command.PROMOTE_FULL:
+            steps = s.plan.expand()
+            switch = next(i for i, item in enumerate(steps) if isinstance(item, Switch))
+            target = switch if s.step_index <= switch else len(steps)
+            s = replace(s, step_index=target, step_started_at=now, hold_excluded_s=0.0)
+            events.append(_event(state, s, now, note, step_index=state.step_index))
+            s = _run_steps(s, now, None, events)
+        else:
+            events.append(_event(state, s, now, note))
+            s = _run_steps(s, now, None, events, skip_first_wait=True)
+    return _decide(state, s, (), events).state

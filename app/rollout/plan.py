@@ -1,0 +1,413 @@
+"""The rollout plan schema: canary, blue-green and linear strategies, their steps and Gates.
+
+A rollout is data (Argo Rollouts' idea): a `RolloutPlan` declares the strategy, the two
+versions, the steps and the gates. `RolloutPlan.expand` turns any strategy into one flat list
+of concrete steps (`SetWeight`, `Hold`, `WaitForPromote`, `Switch`, `ScaleDown`), so the state
+machine (`machine.py`) knows only those five kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from app.config import (
+    NAME_PATTERN,
+    FiniteStrictModel,
+    config_hash,
+)
+from app.rollout.abtest import (
+    ImprovementGate,
+    NonInferiorityGate,
+)
+
+FAIL_FAST = "fail_fast_error_rate"
+MIN_REQUESTS = "min_requests"
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+
+class Gates(FiniteStrictModel):
+    """What the candidate must show to move on; any gate that fails rolls the rollout back.
+
+    A gate set to null is off. Below `min_requests` candidate requests in the current step's
+    window every gate but fail-fast is pending: too little evidence to judge either way."""
+
+    min_requests: int = Field(
+        default=100, ge=1, description="Candidate requests per step before the gates judge."
+    )
+    max_error_rate: float | None = Field(
+        default=0.05, ge=0, le=1, description="Highest candidate error rate (errors / requests)."
+    )
+    max_error_rate_increase: float | None = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Highest candidate error rate minus the stable version's, in the same window.",
+    )
+    max_p99_latency_ratio: float | None = Field(
+        default=1.5, gt=0, description="Highest candidate p99 latency / stable p99 latency."
+    )
+    max_p50_latency_ratio: float | None = Field(
+        default=None, gt=0, description="Highest candidate p50 latency / stable p50 latency."
+    )
+    min_shadow_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Lowest top-k overlap between the candidate's shadow answers and primary's.",
+    )
+    prometheus_query: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "A PromQL query the controller evaluates; its value must stay at or below "
+            "prometheus_max. If Prometheus is unavailable the gate is skipped, not failed."
+        ),
+    )
+    prometheus_max: float | None = Field(
+        default=None, description="Highest acceptable value of prometheus_query."
+    )
+    fail_fast_error_rate: float | None = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "Roll back at once, even below min_requests, when the candidate's error rate over "
+            "at least fail_fast_min_requests requests exceeds this."
+        ),
+    )
+    fail_fast_min_requests: int = Field(
+        default=10, ge=1, description="Candidate requests the fail-fast check needs."
+    )
+    improvement: ImprovementGate | None = Field(
+        default=None,
+        description=(
+            "Judge a feedback outcome with the sequential test: passes once the candidate is "
+            "surely better by min_lift, fails (rolls back) once it surely cannot be."
+        ),
+    )
+    non_inferiority: NonInferiorityGate | None = Field(
+        default=None,
+        description=(
+            "Judge a feedback outcome: passes once the candidate is surely not worse by more "
+            "than margin, fails (rolls back) once it surely is."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _prometheus_query_and_max_together(self) -> Gates:
+        if (self.prometheus_query is None) != (self.prometheus_max is None):
+            raise ValueError(
+                f"prometheus_query ({self.prometheus_query!r}) and prometheus_max "
+                f"({self.prometheus_max!r}) must be set together"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fail_fast_above_max_error_rate(self) -> Gates:
+        if (
+            self.fail_fast_error_rate is not None
+            and self.max_error_rate is not None
+            and self.fail_fast_error_rate < self.max_error_rate
+        ):
+            raise ValueError(
+                f"fail_fast_error_rate ({self.fail_fast_error_rate}) must be greater than or "
+                f"equal to max_error_rate ({self.max_error_rate}): fail-fast is the coarse check "
+                "that does not wait for min_requests"
+            )
+        return self
+
+
+class SetWeight(FiniteStrictModel):
+    """Canary step `- set_weight: 25`: the candidate's percent of public traffic."""
+
+    set_weight: float = Field(ge=0, le=100, description="Candidate's percent of traffic.")
+
+    def describe(self) -> str:
+        return f"set_weight {self.set_weight:g}%"
+
+
+class Pause(FiniteStrictModel):
+    """Canary step `- pause_s: 30` (hold 30 s) or `- pause_s: null` (until `rollout promote`).
+
+    Gates still judge during a pause; it just does not require them to pass."""
+
+    pause_s: float | None = Field(
+        gt=0, description="Seconds to hold the current weight; null waits for promote."
+    )
+
+
+class Analysis(FiniteStrictModel):
+    """Canary step `- analysis_s: 60`: hold the weight for 60 s, then require every gate to
+    have passed with at least min_requests candidate requests in the step."""
+
+    analysis_s: float = Field(gt=0, description="Seconds to hold and analyse the current weight.")
+
+
+def _canary_step_kind(value: Any) -> str | None:
+    """Which canary step a YAML mapping is: the first step key it holds."""
+    if isinstance(value, Mapping):
+        for key in ("set_weight", "pause_s", "analysis_s"):
+            if key in value:
+                return key
+        return None
+    return {SetWeight: "set_weight", Pause: "pause_s", Analysis: "analysis_s"}.get(type(value))
+
+
+CanaryStep = Annotated[
+    Union[  # noqa: UP007 - Tag needs the Union spelled out for the discriminator
+        Annotated[SetWeight, Tag("set_weight")],
+        Annotated[Pause, Tag("pause_s")],
+        Annotated[Analysis, Tag("analysis_s")],
+    ],
+    Discriminator(
+        _canary_step_kind,
+        custom_error_type="canary_step",
+        custom_error_message=(
+            "a canary step is a mapping with one of: set_weight, pause_s, analysis_s"
+        ),
+    ),
+]
+
+
+class CanaryPlan(FiniteStrictModel):
+    """Explicit steps, Argo style: weights, pauses and analysis holds in order."""
+
+    steps: list[CanaryStep] = Field(
+        min_length=1, description="Steps in order; set_weight values must not decrease."
+    )
+
+    @model_validator(mode="after")
+    def _weights_non_decreasing(self) -> CanaryPlan:
+        previous: tuple[int, float] | None = None
+        for index, item in enumerate(self.steps):
+            if not isinstance(item, SetWeight):
+                continue
+            if previous is not None and item.set_weight < previous[1]:
+                raise ValueError(
+                    f"steps[{index}].set_weight ({item.set_weight:g}) must be greater than or "
+                    f"equal to steps[{previous[0]}].set_weight ({previous[1]:g}): a canary only "
+                    "moves forward (abort to go back)"
+                )
+            previous = (index, item.set_weight)
+        return self
+
+
+class BlueGreenPlan(FiniteStrictModel):
+    """Preview the candidate with no public traffic, then switch everything at once."""
+
+    preview_s: float = Field(
+        ge=0,
+        description=(
+            "Seconds the candidate runs at 0% public traffic before analysis; pinned and "
+            "shadow requests reach it and the gates judge them."
+        ),
+    )
+    shadow_percent: float = Field(
+        default=0.0, ge=0, le=100, description="Percent of requests mirrored to the candidate."
+    )
+    analysis_s: float = Field(
+        ge=0, description="Seconds of analysis, still at 0% public, that must pass the gates."
+    )
+    scale_down_delay_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds the old version stays warm after the switch (rollback target).",
+    )
+
+
+class LinearPlan(FiniteStrictModel):
+    """Equal increments: step_percent more traffic every interval_s, analysed each time."""
+
+    step_percent: float = Field(gt=0, le=100, description="Percent added per step.")
+    interval_s: float = Field(gt=0, description="Seconds of analysis at each weight.")
+
+
+class Hold(FiniteStrictModel):
+    """Expanded step: keep the weight for duration_s; with analyze, gates must pass at the end."""
+
+    duration_s: float = Field(gt=0, description="Seconds to hold, not counting paused time.")
+    analyze: bool = Field(description="Require every gate to pass when the time is up.")
+    label: str = Field(default="hold", description="What the plan called it (for status).")
+
+    def describe(self) -> str:
+        return f"{self.label} {self.duration_s:g}s"
+
+
+class WaitForPromote(FiniteStrictModel):
+    """Expanded step: wait (PAUSED) until an operator promotes."""
+
+    def describe(self) -> str:
+        return "wait for promote"
+
+
+class Switch(FiniteStrictModel):
+    """Expanded step: the final move of all traffic to the candidate (phase PROMOTING)."""
+
+    weight: float = Field(default=100.0, description="Candidate's percent after the switch.")
+
+    def describe(self) -> str:
+        return f"switch to {self.weight:g}%"
+
+
+class ScaleDown(FiniteStrictModel):
+    """Expanded step: keep the old version warm for delay_s after the switch, then finish."""
+
+    delay_s: float = Field(ge=0, description="Seconds before the old version is retired.")
+
+    def describe(self) -> str:
+        return f"scale down after {self.delay_s:g}s"
+
+
+Step = Union[SetWeight, Hold, WaitForPromote, Switch, ScaleDown]  # noqa: UP007
+
+
+class RolloutPlan(FiniteStrictModel):
+    """One rollout: move traffic from `stable` to `candidate` by `strategy`, judged by `gates`.
+
+    Exactly the block named by `strategy` is present (`canary`, `blue_green` or `linear`):
+
+        strategy: canary            # or:  strategy: blue_green      strategy: linear
+        candidate: v2               #      blue_green:               linear:
+        stable: v1                  #        preview_s: 60             step_percent: 20
+        canary:                     #        shadow_percent: 10        interval_s: 120
+          steps:                    #        analysis_s: 300         bake_s: 30
+            - set_weight: 5         #        scale_down_delay_s: 30
+            - analysis_s: 60        # hold 60 s; gates must pass with min_requests
+            - pause_s: 30           # hold 30 s (gates still judge)
+            - set_weight: 50
+            - pause_s: null         # wait for `rollout promote`
+        gates: {min_requests: 200, max_error_rate: 0.02}
+        auto_promote: true
+    """
+
+    strategy: Literal["canary", "blue_green", "linear"] = Field(
+        description="How traffic moves; names the block that configures it."
+    )
+    candidate: str = Field(pattern=NAME_PATTERN, description="The version being rolled out.")
+    stable: str = Field(pattern=NAME_PATTERN, description="The version serving today.")
+    canary: CanaryPlan | None = Field(default=None, description="Steps for strategy canary.")
+    blue_green: BlueGreenPlan | None = Field(
+        default=None, description="Settings for strategy blue_green."
+    )
+    linear: LinearPlan | None = Field(default=None, description="Settings for strategy linear.")
+    gates: Gates = Field(default_factory=Gates, description="What the candidate must show.")
+    bake_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Linear only: seconds at each new weight before its analysis starts; the bake's "
+            "stats are left out of the analysis window (caches and autoscaling settle)."
+        ),
+    )
+    auto_promote: bool = Field(
+        default=True,
+        description=(
+            "Finish by itself after the last step (100%, candidate becomes stable); false "
+            "waits for `rollout promote` after the last step."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _candidate_is_not_stable(self) -> RolloutPlan:
+        if self.candidate == self.stable:
+            raise ValueError(
+                f"candidate ({self.candidate!r}) must differ from stable ({self.stable!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _block_matches_strategy(self) -> RolloutPlan:
+        given = [name for name in ("canary", "blue_green", "linear") if getattr(self, name)]
+        if self.strategy not in given:
+            raise ValueError(
+                f"strategy {self.strategy!r} needs a `{self.strategy}` block (blocks given: "
+                f"{given or 'none'})"
+            )
+        others = [name for name in given if name != self.strategy]
+        if others:
+            raise ValueError(
+                f"`{others[0]}` block does not apply to strategy {self.strategy!r}; remove it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _bake_only_for_linear(self) -> RolloutPlan:
+        if self.bake_s > 0 and self.strategy != "linear":
+            raise ValueError(
+                f"bake_s ({self.bake_s:g}) applies to strategy 'linear' only, not "
+                f"{self.strategy!r}; add a pause_s step instead"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _shadow_gate_has_shadow(self) -> RolloutPlan:
+        if (
+            self.blue_green is not None
+            and self.gates.min_shadow_agreement is not None
+            and self.blue_green.shadow_percent == 0
+        ):
+            raise ValueError(
+                f"gates.min_shadow_agreement ({self.gates.min_shadow_agreement}) needs "
+                "blue_green.shadow_percent above 0 (got 0): nothing would be compared"
+            )
+        return self
+
+    def expand(self) -> list[Step]:
+        """The plan as concrete steps, always ending with Switch (and ScaleDown for blue-green).
+
+        * canary: set_weight -> SetWeight; pause_s: N -> Hold(N); pause_s: null ->
+          WaitForPromote; analysis_s: N -> Hold(N, analyze).
+        * blue_green: SetWeight(0), Hold(preview_s), Hold(analysis_s, analyze) (each left out
+          when 0), Switch, ScaleDown(scale_down_delay_s).
+        * linear: SetWeight(k * step_percent), [Hold(bake_s)], Hold(interval_s, analyze) for
+          k = 1, 2, ... up to and including 100, so the last increment is analysed too.
+
+        Without auto_promote a WaitForPromote comes before the Switch.
+        """
+        steps: list[Step] = []
+        if self.canary is not None:
+            for item in self.canary.steps:
+                if isinstance(item, SetWeight):
+                    steps.append(item)
+                elif isinstance(item, Pause):
+                    if item.pause_s is None:
+                        steps.append(WaitForPromote())
+                    else:
+                        steps.append(Hold(duration_s=item.pause_s, analyze=False, label="pause"))
+                else:
+                    steps.append(Hold(duration_s=item.analysis_s, analyze=True, label="analysis"))
+        elif self.blue_green is not None:
+            bg = self.blue_green
+            steps.append(SetWeight(set_weight=0))
+            if bg.preview_s > 0:
+                steps.append(Hold(duration_s=bg.preview_s, analyze=False, label="preview"))
+            if bg.analysis_s > 0:
+                steps.append(Hold(duration_s=bg.analysis_s, analyze=True, label="analysis"))
+        elif self.linear is not None:
+            k = 1
+            while True:
+                weight = k * self.linear.step_percent
+                weight = 100.0 if weight >= 100.0 - 1e-9 else round(weight, 6)
+                steps.append(SetWeight(set_weight=weight))
+                if self.bake_s > 0:
+                    steps.append(Hold(duration_s=self.bake_s, analyze=False, label="bake"))
+                interval_s = self.linear.interval_s
+                steps.append(Hold(duration_s=interval_s, analyze=True, label="analysis"))
+                if weight == 100.0:
+                    break
+                k += 1
+        if not self.auto_promote and not (steps and isinstance(steps[-1], WaitForPromote)):
+            steps.append(WaitForPromote())
+        steps.append(Switch())
+        if self.blue_green is not None:
+            steps.append(ScaleDown(delay_s=self.blue_green.scale_down_delay_s))
+        return steps
+
+    def digest(self) -> str:
+        """A short digest of the plan; a different digest is a new declaration."""
+        return config_hash(self.model_dump(mode="json"))

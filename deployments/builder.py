@@ -1,0 +1,90 @@
+"""`build_app`: the Serve application builder named in serve_config.yaml.
+
+    import_path: app.builder:build_app
+    args: {model: recommender, versions: [configs/models/recommender/v1.yaml, ...]}
+
+One `ModelServer` deployment per version (`<model>-<version>`) and one `Router` ingress. Only
+the deployments' `user_config` is meant to change between `serve deploy`s: Serve applies it in
+place. Changing `args` changes the app's code version, which restarts every replica.
+
+With `version_apps: true` each version is an application of its own instead:
+
+    - name: recommender-v1                      # one per version, no HTTP route
+      route_prefix: null
+      import_path: app.builder:build_version
+      args: {config: configs/models/recommender/v1.yaml}
+    - name: recommender                         # the router app: Router + RolloutController
+      route_prefix: /
+      import_path: app.builder:build_app
+      args: {model: recommender, version_apps: true}
+
+Serve derives one code version per application, so adding, removing or changing a version's
+application restarts only that version's replicas; the Router finds versions by name from its
+`user_config` (weights, fallbacks, shadow), in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import (
+    CONTROLLER_DEPLOYMENT,
+    ROUTER_DEPLOYMENT,
+    ModelConfig,
+    load_app_args,
+    load_version_args,
+)
+
+__all__ = ["build_app", "build_version", "load_app_args", "load_version_args"]  # loaders: app.config
+
+
+def _model_server(config: ModelConfig, placement: dict[str, Any]):
+    from deployments.model_server import ModelServer
+
+    return ModelServer.options(
+        name=config.deployment_name,
+        ray_actor_options={**config.resources.ray_actor_options(), **placement},
+        autoscaling_config=config.autoscaling.serve_config(),
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        user_config=config.user_config().model_dump(mode="json"),
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+    ).bind(config)
+
+
+def build_version(args: dict[str, Any]):
+    """One model version as an application of its own (version_apps mode)."""
+    version_args, config = load_version_args(args)
+    selector = version_args.label_selector()
+    return _model_server(config, {"label_selector": selector} if selector else {})
+
+
+def build_app(args: dict[str, Any]):
+    from deployments.controller import RolloutController
+    from deployments.router import Router
+
+    app_args, configs = load_app_args(args)
+    # A region overlay pins every replica to nodes labelled with its region (Ray label_selector).
+    placement = {"label_selector": app_args.label_selector()} if app_args.region else {}
+    handles = {config.version: _model_server(config, placement) for config in configs}
+    # No plan until serve_config.yaml declares one in the controller's user_config.
+    controller = RolloutController.options(
+        name=CONTROLLER_DEPLOYMENT,
+        user_config={"plan": None},
+        **({"ray_actor_options": {**(RolloutController.ray_actor_options or {}), **placement}}
+           if placement else {}),
+    ).bind(app_args.model, None if app_args.version_apps else [c.version for c in configs])
+    router = Router.options(
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=app_args.router_replicas,
+        max_ongoing_requests=app_args.router_max_ongoing_requests,
+        ray_actor_options={"num_cpus": app_args.router_num_cpus, **placement},
+    )
+    if not app_args.version_apps:
+        # Until serve_config.yaml gives the Router a user_config, all traffic goes to the first.
+        first = configs[0].version
+        router = router.options(user_config={"stable": first, "weights": {first: 100}})
+    return router.bind(app_args.model, handles, configs, app_args.router, controller,
+                       version_apps=app_args.version_apps)  # fmt: skip
