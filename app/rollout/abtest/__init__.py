@@ -1,0 +1,54 @@
+"""Comparing two model versions on real outcomes (conversions, clicks, ratings, revenue).
+
+Ray-free statistics for the feedback loop: each version's outcomes are summed into an
+`ArmStats`; fixed-horizon intervals describe one arm or the gap between two; a `SequentialTest`
+decides whether the candidate is better, worse, or not yet known, and may be asked every tick.
+
+    ArmStats(kind, n, sum, sum_sq)          sums, so router replicas merge them by addition
+    confidence_interval(arm, level)         Wilson (binary) or normal (continuous), one arm
+    difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
+                                            (delta method); fixed-horizon, NOT safe to peek at
+    SequentialTest.evaluate(c, s, previous) mixture SPRT: always-valid p-value and confidence
+                                            sequence; safe to look at every tick
+    Verdict.improvement(min_lift)           better / worse / not_yet_known against a bar
+    Verdict.non_inferiority(margin)
+    ImprovementGate, NonInferiorityGate     the rollout plan's lift gates (rollout/gates.py judges them)
+    required_sample_size(...)               fixed-horizon planning figure (two proportions)
+
+`arms.py` holds one arm and the fixed-horizon intervals, `sequential.py` the sequential test,
+`gates.py` the gate configs. Why a sequential test, and the choices behind it, are written up
+in docs/ab-testing.md ("The statistics").
+"""
+
+from app.rollout.abtest.arms import (
+    ArmStats,
+    Interval,
+    OutcomeKind,
+    Scale,
+    confidence_interval,
+    difference_interval,
+    required_sample_size,
+)
+from app.rollout.abtest.gates import ImprovementGate, NonInferiorityGate
+from app.rollout.abtest.sequential import (
+    Conclusion,
+    PathResult,
+    SequentialTest,
+    Verdict,
+)
+
+__all__ = [
+    "ArmStats",
+    "Conclusion",
+    "ImprovementGate",
+    "Interval",
+    "NonInferiorityGate",
+    "OutcomeKind",
+    "PathResult",
+    "Scale",
+    "SequentialTest",
+    "Verdict",
+    "confidence_interval",
+    "difference_interval",
+    "required_sample_size",
+]
