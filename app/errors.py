@@ -4,7 +4,8 @@
     ├── InvalidInput          400  malformed JSON, wrong datatype/shape, missing/extra input
     ├── ModelNotFound         404  unknown model or version
     ├── Unauthorized          401  admin API without the right bearer token
-    ├── Conflict              409  a rollout command that is not valid in the current phase
+    ├── Conflict              409  the request is valid but not in the current state
+    │   └── CommandRefused    409  a rollout command that is not valid in the current phase
     ├── Gone                  410  feedback for a request id whose record has expired
     ├── PayloadTooLarge       413  body over the router's max_body_bytes
     ├── Overloaded            429  too many requests queued (carries Retry-After)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "CommandRefused",
     "ConfigError",
     "Conflict",
     "DeadlineExceeded",
@@ -75,6 +77,11 @@ class Unauthorized(ServingError):
 
 class Conflict(ServingError):
     """409: the request is valid but not in the current state (e.g. resume when not paused)."""
+
+
+class CommandRefused(Conflict):
+    """409: the rollout refuses an operator command in its current phase (resume when not
+    paused, start while a rollout runs); the message says why."""
 
 
 class Gone(ServingError):

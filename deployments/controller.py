@@ -15,101 +15,119 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from ray import serve
 
-from app.errors import ServingError, http_status
+from app import ray_compat
+from app.constants import (
+    DEFAULT_TICK_INTERVAL_S,
+    GAUGE_INTERVAL_S,
+    LONG_POLL_TIMEOUT_S,
+    MAX_SHADOW_REPORTS,
+    PROMETHEUS_MIN_INTERVAL_S,
+    RATE_WINDOW_S,
+)
+from app.errors import CommandRefused
+from app.messages import (
+    FeedbackHint,
+    ServedAnswer,
+    ShadowDelta,
+    StatsReport,
+    TrafficOverride,
+)
 from app.observability.access_log import flush_serve_logs
 from app.observability.metrics import ControllerMetrics, Metrics
 from app.observability.stats import StatsWindow
 from app.rollout import (
+    OPERATOR_COMMANDS,
+    START_COMMAND,
     Command,
+    GateVerdict,
     Observation,
     Phase,
-    RolloutPlan,
     RolloutState,
     apply_command,
+    command_path,
+    rollout_override,
     step,
+    traffic_key,
 )
-from app.rollout.abtest import OutcomeKind
 from app.rollout.feedback import (
-    RANDOMISED_DECISIONS,
-    FeedbackItem,
-    FeedbackSettings,
-    OutcomeBook,
-    RequestLedger,
+    FeedbackDesk,
 )
+from app.rollout.plan import ControllerUserConfig
 from app.rollout.prometheus import PrometheusUnavailable, query_scalar
 from app.rollout.timeline import Timeline
+from deployments.store import GcsStore, RolloutStore
 
 logger = logging.getLogger("ray.serve")
 
-KV_NAMESPACE = "ray-rollout"
+OUTCOMES_SUFFIX = "/outcomes"  # the outcome book's key: the state's key + this
 
 
-def _kv_get(key: str) -> bytes | None:
-    from ray.experimental.internal_kv import _internal_kv_get
+class PrometheusReading(NamedTuple):
+    """The Prometheus gate's last reading; `available` False: not queried or unreachable."""
 
-    return _internal_kv_get(key, namespace=KV_NAMESPACE)
-
-
-def _kv_put(key: str, value: bytes) -> None:
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    _internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+    value: float | None
+    available: bool
+    reason: str
 
 
-def _traffic(state: RolloutState) -> tuple:
-    return (tuple(sorted(state.weights.items())), state.stable_version, state.shadow_percent)
+class ControllerCore:
+    """Everything the RolloutController does, with its store, clock and Serve lookups passed in,
+    so unit tests drive it without Ray (`tests/unit/test_controller.py`)."""
 
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-class RolloutController:
-    def __init__(self, model: str, versions: list[str] | None) -> None:
+    def __init__(
+        self,
+        model: str,
+        versions: list[str] | None,
+        *,
+        app_name: str,
+        store: RolloutStore,
+        deployed_versions: Callable[[], list[str]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.model = model
         # None (version_apps): versions are applications of their own, checked by name in Serve.
         self.versions = None if versions is None else list(versions)
-        app_name = serve.get_replica_context().app_name
+        self.store = store
+        self.clock = clock
+        self._deployed = deployed_versions
         self.kv_key = f"{app_name}/{model}/rollout-state"
         self.window = StatsWindow()
         self.metrics = ControllerMetrics(Metrics(model))
         self.timeline = Timeline()  # per-second curves for `rollout report`
         # (arrival time, shadow version, answers compared, sum of their top-k overlap)
-        self.shadow_reports: deque[tuple[float, str, int, float]] = deque(maxlen=100_000)
+        self.shadow_reports: deque[tuple[float, str, int, float]] = deque(maxlen=MAX_SHADOW_REPORTS)
         self.prometheus_url: str | None = None
-        self.prometheus: tuple[float | None, bool, str] = (None, False, "no Prometheus configured")
-        self.tick_interval_s = 0.25
+        self.prometheus = PrometheusReading(None, False, "no Prometheus configured")
+        self._prometheus_at = 0.0  # monotonic time of the last query
+        self._gauges_at = 0.0  # when the gauges were last re-sent
+        self.tick_interval_s = DEFAULT_TICK_INTERVAL_S
         self.state: RolloutState | None = None
         # Digest of the plan in the current declaration: a rollout starts when it changes (a
         # replica restart re-applies the same declaration and must not restart the rollout).
         self.declared: str | None = None
         self.override: dict[str, Any] | None = None
         self.generation = 0
-        self.verdicts: tuple = ()
+        self.verdicts: tuple[GateVerdict, ...] = ()
         self.message: str | None = None
         self._published = asyncio.Event()
         self._ticker: asyncio.Task | None = None
         self._dirty = False  # the state in memory is newer than the stored one
         # Feedback: who answered each request id (pushed by routers), and the outcomes per
         # version since the current rollout started (persisted beside the state).
-        self.feedback_settings = FeedbackSettings()
-        self.ledger = RequestLedger(self.feedback_settings.max_request_ids, self.feedback_settings.ttl_s)
-        self.book = OutcomeBook()
-        self.feedback_counts = {"counted": 0, "duplicate": 0, "excluded": 0, "unknown": 0,
-                                "expired": 0, "invalid": 0}  # fmt: skip
-        self.experiment_started_at = 0.0  # answers from before it are not counted
-        self._book_dirty = False
-        now = time.time()
-        saved_book = _kv_get(self.kv_key + "/outcomes")
+        self.desk = FeedbackDesk(self.versions)
+        now = self.clock()
+        saved_book = self.store.get(self.kv_key + OUTCOMES_SUFFIX)
         if saved_book is not None:
             try:
-                saved_outcomes = json.loads(saved_book)
-                self.book = OutcomeBook.from_dict(saved_outcomes["book"])
-                self.experiment_started_at = float(saved_outcomes["started_at"])
+                self.desk.restore(json.loads(saved_book))
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("RolloutController: ignoring unreadable saved outcomes: %s", exc)
-        saved = _kv_get(self.kv_key)
+        saved = self.store.get(self.kv_key)
         if saved is not None:
             try:
                 state = RolloutState.from_dict(json.loads(saved))
@@ -139,21 +157,21 @@ class RolloutController:
         Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
         would race the tick; on the event loop (no await inside) it runs between ticks."""
         try:
-            tick, plan = self._parse(user_config)
-        except ValueError as exc:
+            declared = ControllerUserConfig.model_validate(user_config)
+            declared.check_versions(self._deployed_versions() if declared.plan else [])
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
             self.message = f"refused the declared plan: {exc}"
             logger.error("RolloutController: %s", self.message)
             return
-        self.tick_interval_s = tick
-        self.prometheus_url = user_config.get("prometheus_url") or None
-        self.feedback_settings = FeedbackSettings.model_validate(user_config.get("feedback") or {})
-        self.ledger.reconfigure(self.feedback_settings.max_request_ids, self.feedback_settings.ttl_s,
-                                time.time())  # fmt: skip
+        plan = declared.plan
+        self.tick_interval_s = declared.tick_interval_s
+        self.prometheus_url = declared.prometheus_url
+        self.desk.reconfigure(declared.feedback, self.clock())
         if plan is None:
             # No plan declared: routers follow their own declared traffic again.
             self.declared = None
             if self.state is not None and not self.state.phase.terminal:
-                self._set(apply_command(self.state, Command.ABORT, time.time(),
+                self._set(apply_command(self.state, Command.ABORT, self.clock(),
                                         reason="plan removed from the config"))  # fmt: skip
             if self.override is not None:
                 self.override = None
@@ -162,38 +180,17 @@ class RolloutController:
         if self.declared != plan.digest():
             self.declared = plan.digest()
             self._reset_outcomes()
-            self._set(RolloutState.start(plan, time.time(), generation=self.generation + 1))
+            self._set(RolloutState.start(plan, self.clock(), generation=self.generation + 1))
             self.message = f"started plan {plan.digest()}"
         elif self.override is None and self.state is not None:
             self._publish(self.state)  # a restarted replica resumes steering the same rollout
 
-    def _parse(self, user_config: dict[str, Any]) -> tuple[float, RolloutPlan | None]:
-        unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url", "feedback"})
-        if unknown:
-            raise ValueError(
-                f"unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url, feedback"
-            )
-        FeedbackSettings.model_validate(user_config.get("feedback") or {})
-        tick = float(user_config.get("tick_interval_s", 0.25))
-        if not 0.05 <= tick <= 10:
-            raise ValueError(f"tick_interval_s ({tick}) must be between 0.05 and 10 seconds")
-        raw = user_config.get("plan")
-        if raw is None:
-            return tick, None
-        plan = RolloutPlan.model_validate(raw)  # pydantic's ValidationError is a ValueError
-        unknown = sorted({plan.candidate, plan.stable} - set(self._deployed_versions()))
-        if unknown:
-            raise ValueError(f"plan names versions that are not deployed: {unknown}")
-        return tick, plan
-
     def _deployed_versions(self) -> list[str]:
         if self.versions is not None:
             return self.versions
-        from ray.serve.context import _get_global_client
-
-        prefix = f"{self.model}-"
-        apps = _get_global_client().get_serve_details().get("applications", {})
-        return [name[len(prefix):] for name in apps if name.startswith(prefix)]
+        if self._deployed is None:
+            raise ValueError("cannot list the deployed versions")
+        return self._deployed()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -208,7 +205,7 @@ class RolloutController:
         while True:
             try:
                 await self._query_prometheus()
-                self.tick(time.time())
+                self.tick(self.clock())
             except Exception:
                 logger.exception("RolloutController: tick failed")
             await asyncio.sleep(self.tick_interval_s)
@@ -220,17 +217,16 @@ class RolloutController:
         if query is None or state.phase.terminal:
             return
         if self.prometheus_url is None:
-            self.prometheus = (None, False, "no prometheus_url configured")
+            self.prometheus = PrometheusReading(None, False, "no prometheus_url configured")
             return
-        last = getattr(self, "_prometheus_at", 0.0)
-        if time.monotonic() - last < 1.0:
+        if time.monotonic() - self._prometheus_at < PROMETHEUS_MIN_INTERVAL_S:
             return
         self._prometheus_at = time.monotonic()
         try:
             value = await asyncio.to_thread(query_scalar, self.prometheus_url, query)
-            self.prometheus = (value, True, "")
+            self.prometheus = PrometheusReading(value, True, "")
         except PrometheusUnavailable as exc:
-            self.prometheus = (None, False, str(exc))
+            self.prometheus = PrometheusReading(None, False, str(exc))
 
     def observation(self, now: float) -> Observation:
         """What the gates judge: everything since the current step's window started."""
@@ -241,10 +237,7 @@ class RolloutController:
             if version == candidate and since <= at <= now:
                 compared, overlap = compared + n, overlap + total
         value, available, _ = self.prometheus
-        versions = (candidate, self.state.plan.stable)
-        outcomes = {
-            outcome: {v: self.book.arm(outcome, v) for v in versions} for outcome in self.book.kinds
-        }
+        outcomes = self.desk.arms((candidate, self.state.plan.stable))
         return Observation(
             stats=self.window.observe(since, now),
             shadow_agreement=overlap / compared if compared else None,
@@ -280,7 +273,7 @@ class RolloutController:
         before = self.state
         self.state = state
         self.generation = max(self.generation, state.generation)
-        if before is None or _traffic(before) != _traffic(state):
+        if before is None or traffic_key(before) != traffic_key(state):
             self._publish(state)  # first: traffic must not wait on storage
         self._dirty = True
         self._persist()
@@ -289,7 +282,7 @@ class RolloutController:
     def _refresh_gauges(self, now: float) -> None:
         """Re-send the phase, step and weight gauges about once a second, terminal phases too:
         Ray's metrics agent drops a gauge that is not re-sent within two export intervals."""
-        if now - getattr(self, "_gauges_at", 0.0) < 1.0:
+        if now - self._gauges_at < GAUGE_INTERVAL_S:
             return
         self._gauges_at = now
         state = self.state
@@ -325,33 +318,23 @@ class RolloutController:
 
     def _persist(self) -> None:
         """Store the state; on failure keep it dirty and let the next tick try again."""
-        if self._book_dirty:
+        if self.desk.dirty:
             try:
-                saved = {"started_at": self.experiment_started_at, "book": self.book.to_dict()}
-                _kv_put(self.kv_key + "/outcomes", json.dumps(saved).encode())
-                self._book_dirty = False
+                self.store.put(self.kv_key + OUTCOMES_SUFFIX, json.dumps(self.desk.to_dict()).encode())
+                self.desk.dirty = False
             except Exception:
                 logger.exception("RolloutController: could not persist the outcomes; will retry")
         if not self._dirty or self.state is None:
             return
         try:
-            _kv_put(self.kv_key, json.dumps(self.state.to_dict()).encode())
+            self.store.put(self.kv_key, json.dumps(self.state.to_dict()).encode())
             self._dirty = False
         except Exception:
             logger.exception("RolloutController: could not persist the rollout state; will retry")
 
     def _publish(self, state: RolloutState) -> None:
-        shadow: Any = "declared"
-        if state.plan.strategy == "blue_green":
-            percent = state.shadow_percent
-            shadow = {"version": state.plan.candidate, "percent": percent} if percent > 0 else None
         self.generation += 1
-        self.override = {
-            "generation": self.generation,
-            "weights": state.weights,
-            "stable": state.stable_version,
-            "shadow": shadow,
-        }
+        self.override = {"generation": self.generation, **rollout_override(state)}
         self._wake_routers()
 
     def _wake_routers(self) -> None:
@@ -362,18 +345,15 @@ class RolloutController:
 
     async def report(
         self,
-        stats: dict[str, dict[str, Any]],
-        shadow: dict[str, dict[str, float]] | None = None,
-        served: list[tuple[str, str, float]] | None = None,
+        stats: StatsReport,
+        shadow: dict[str, ShadowDelta] | None = None,
+        served: list[ServedAnswer] | None = None,
     ) -> None:
-        """Per-version counts since the router's last report, shadow comparisons
-        (`{version: {"compared": n, "top_k_overlap_sum": x}}`) and the request ids answered
-        (`[(request_id, version, answered_at, routing decision)]`, for feedback)."""
+        """Per-version counts since the router's last report, shadow comparisons and the
+        request ids answered (for feedback). Tuples from older routers unpack the same."""
         self._ensure_ticker()
-        now = time.time()
-        for request_id, version, answered_at, *decision in served or ():
-            self.ledger.record(str(request_id), str(version), float(answered_at), now,
-                               decision[0] if decision else None)  # fmt: skip
+        now = self.clock()
+        self.desk.record_served(served or (), now)
         try:
             if stats:
                 self.window.add(stats, now)
@@ -385,7 +365,9 @@ class RolloutController:
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("RolloutController: dropped a malformed stats report: %s", exc)
 
-    async def wait_for_traffic(self, known_generation: int, timeout_s: float = 10.0) -> dict | None:
+    async def wait_for_traffic(
+        self, known_generation: int, timeout_s: float = LONG_POLL_TIMEOUT_S
+    ) -> TrafficOverride | None:
         """Long-poll: return the traffic override as soon as its generation differs from
         `known_generation` (the router's; 0 for none), else after `timeout_s`. None: no
         rollout steers traffic, routers follow their declared user_config."""
@@ -399,83 +381,42 @@ class RolloutController:
         return self.override
 
     async def feedback(
-        self, items: list[dict[str, Any]], hints: dict[str, tuple[str, float]]
+        self, items: list[dict[str, Any]], hints: dict[str, FeedbackHint]
     ) -> list[dict[str, Any]]:
-        """Count outcomes for answered requests. `items` are parsed FeedbackItem dicts;
-        `hints` what the forwarding router's own ledger knows of an id, (version, answered
-        at, decision), for feedback that arrives before that router's push. One result per
-        item: counted, duplicate, excluded (a pinned or fallback answer, or one from before
-        the current experiment: accepted, not in an A/B arm), or an error with its HTTP
-        status (404 unknown, 410 expired, 400 wrong kind or too many outcome names)."""
-        now = time.time()
-        results = []
-        for raw in items:
-            item = FeedbackItem(str(raw["request_id"]), str(raw["outcome"]), float(raw["value"]),
-                                OutcomeKind(raw["kind"]))  # fmt: skip
-            result: dict[str, Any] = {"request_id": item.request_id, "outcome": item.outcome}
-            try:
-                hint = hints.get(item.request_id)
-                if hint is not None and (self.versions is None or hint[0] in self.versions):
-                    self.ledger.record(item.request_id, str(hint[0]), float(hint[1]), now,
-                                       hint[2] if len(hint) > 2 else None)  # fmt: skip
-                    if len(hint) > 3 and item.request_id in self.ledger:
-                        self.ledger.mark_counted(item.request_id, [str(o) for o in hint[3]])
-                version = self.ledger.lookup(item.request_id, now)
-                self.book.check_kind(item, self.feedback_settings.max_outcomes)
-                result["version"] = version
-                answered_at, decision = self.ledger.answered(item.request_id)
-                excluded = None
-                if decision is not None and decision not in RANDOMISED_DECISIONS:
-                    excluded = f"a {decision} answer is not part of the traffic split's A/B arms"
-                elif answered_at < self.experiment_started_at:
-                    excluded = "answered before the current rollout (experiment) started"
-                if excluded is not None:
-                    result.update(counted=False, excluded=excluded)
-                    self.feedback_counts["excluded"] += 1
-                elif self.ledger.first_count(item.request_id, item.outcome):
-                    self.book.add(item, version)
-                    self._book_dirty = True
-                    result["counted"] = True
-                    self.feedback_counts["counted"] += 1
-                else:
-                    result.update(counted=False, duplicate=True)
-                    self.feedback_counts["duplicate"] += 1
-            except ServingError as exc:
-                status = http_status(exc)
-                result.update(counted=False, status=status, error=exc.message)
-                key = {404: "unknown", 410: "expired"}.get(status, "invalid")
-                self.feedback_counts[key] += 1
-            results.append(result)
-        return results
+        """Count outcomes for answered requests (FeedbackDesk.count): one result per item."""
+        return self.desk.count(items, hints, self.clock())
 
     def _reset_outcomes(self) -> None:
         """A new rollout is a new experiment: outcomes (and verdicts) from before it do not
         count."""
-        self.book.reset()
-        self._book_dirty = True
+        self.desk.reset(self.clock())
         self.verdicts = ()
-        self.experiment_started_at = time.time()
 
     # -- operators ---------------------------------------------------------------------------------
 
     async def command(self, name: str) -> dict[str, Any]:
-        """start | promote | promote-full | pause | resume | abort. ValueError: not now."""
-        now = time.time()
-        if name == "start":
+        """An operator command (`Command` values: start, promote, promote_full, pause, resume,
+        abort; the admin API's dashed spelling is accepted). CommandRefused (409): not now."""
+        now = self.clock()
+        name = name.replace("-", "_")
+        if name not in OPERATOR_COMMANDS:
+            raise CommandRefused(f"unknown command {command_path(name)!r}")
+        if name == START_COMMAND:
             if self.state is None:
-                raise ValueError("no plan is declared: add one to the RolloutController's user_config")
+                raise CommandRefused("no plan is declared: add one to the RolloutController's user_config")
             if not self.state.phase.terminal:
-                raise ValueError(f"a rollout is already {self.state.phase.value}")
+                raise CommandRefused(f"a rollout is already {self.state.phase.value}")
             self._reset_outcomes()
             self._set(RolloutState.start(self.state.plan, now, generation=self.generation + 1))
         else:
             if self.state is None:
-                raise ValueError("no rollout: no plan is declared")
-            command = {"promote": Command.PROMOTE, "promote-full": Command.PROMOTE_FULL,
-                       "pause": Command.PAUSE, "resume": Command.RESUME, "abort": Command.ABORT}.get(name)  # fmt: skip
-            if command is None:
-                raise ValueError(f"unknown command {name!r}")
-            self._set(apply_command(self.state, command, now, reason=f"rollout {name}"))
+                raise CommandRefused("no rollout: no plan is declared")
+            try:
+                changed = apply_command(self.state, Command(name), now,
+                                        reason=f"rollout {command_path(name)}")  # fmt: skip
+            except ValueError as exc:  # the state machine's refusal, with its reason
+                raise CommandRefused(str(exc)) from None
+            self._set(changed)
         self.tick(now)
         return self._status()
 
@@ -484,12 +425,12 @@ class RolloutController:
         return self._status()
 
     def _status(self) -> dict[str, Any]:
-        now = time.time()
+        now = self.clock()
         state = self.state
         versions = {}
         if state is not None:
             stats = self.window.observe(state.window_started_at, now)
-            rates = self.window.rates(10.0, now)
+            rates = self.window.rates(RATE_WINDOW_S, now)
             known = self.versions if self.versions is not None else sorted(
                 {state.plan.stable, state.plan.candidate} | set(stats)
             )
@@ -518,16 +459,15 @@ class RolloutController:
             "time_in_step_s": round(state.elapsed_s(now), 2) if state else 0.0,
             "generation": self.override["generation"] if self.override else 0,
             "verdicts": [{"gate": v.gate, **v.reading()} for v in self.verdicts],
-            "outcomes": self.book.summary(),
-            "feedback": {**self.feedback_counts, "request_ids_remembered": len(self.ledger),
-                         "ttl_s": self.feedback_settings.ttl_s},  # fmt: skip
+            "outcomes": self.desk.book.summary(),
+            "feedback": self.desk.status(),
             "versions": versions,
             "plan_digest": state.plan.digest() if state else None,
             "updated_at": now,
             "message": self.message,
             "prometheus": None if self.prometheus_url is None else {
-                "url": self.prometheus_url, "value": self.prometheus[0],
-                "available": self.prometheus[1], "reason": self.prometheus[2] or None,
+                "url": self.prometheus_url, "value": self.prometheus.value,
+                "available": self.prometheus.available, "reason": self.prometheus.reason or None,
             },
         }
 
@@ -537,3 +477,22 @@ class RolloutController:
         start = events[0].time_s - 30.0 if events else float("inf")
         return {"events": [e.to_dict() for e in events], "timeline": self.timeline.since(start)}
 
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+class RolloutController(ControllerCore):
+    """The Serve deployment: ControllerCore with its state in Ray's GCS and the deployed
+    versions (version_apps mode) read from Serve."""
+
+    def __init__(self, model: str, versions: list[str] | None) -> None:
+        super().__init__(
+            model,
+            versions,
+            app_name=serve.get_replica_context().app_name,
+            store=GcsStore(),
+            deployed_versions=self._serve_versions,
+        )
+
+    def _serve_versions(self) -> list[str]:
+        prefix = f"{self.model}-"
+        apps = ray_compat.serve_details().get("applications", {})
+        return [name[len(prefix):] for name in apps if name.startswith(prefix)]

@@ -34,7 +34,6 @@ from app.config import (
     version_app_name,
 )
 from app.errors import (
-    Conflict,
     DeadlineExceeded,
     Gone,
     InvalidInput,
@@ -62,6 +61,7 @@ from app.observability.metrics import (
     RouterGauges,
     error_type,
 )
+from app.rollout import OPERATOR_COMMANDS, command_path
 from app.rollout.feedback import (
     MAX_REQUEST_ID_CHARS,
     FeedbackSettings,
@@ -133,7 +133,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-ADMIN_COMMANDS = ("start", "promote", "promote-full", "pause", "resume", "abort")
+ADMIN_COMMANDS = tuple(command_path(name) for name in OPERATOR_COMMANDS)
 
 
 def _serve_details() -> dict[str, Any]:
@@ -531,8 +531,8 @@ class Router:
             return await asyncio.wait_for(getattr(self.controller, method).remote(*args), timeout=10)
         except Exception as exc:
             cause = _original(exc)
-            if isinstance(cause, ValueError):
-                raise Conflict(str(cause)) from None
+            if isinstance(cause, ServingError):  # CommandRefused (409), a feedback error, ...
+                raise cause from None
             raise Unavailable(f"the rollout controller is unavailable: {type(cause).__name__}") from None
 
     @api.get("/admin/rollout")

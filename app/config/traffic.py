@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import (
     Field,
@@ -12,6 +14,7 @@ from pydantic import (
 
 from app.config._base import NAME_PATTERN, StrictModel
 from app.config.router import BreakerSettings, CacheSettings
+from app.messages import SHADOW_DECLARED
 
 
 class ShadowRule(StrictModel):
@@ -99,3 +102,22 @@ class TrafficConfig(StrictModel):
             raise ValueError(
                 f"names versions that are not deployed: {unknown}; deployed: {sorted(known)}"
             )
+
+
+def apply_override(base: TrafficConfig, override: Mapping[str, Any] | None) -> TrafficConfig:
+    """The declared router config `base` with a rollout controller's traffic on top.
+
+    The controller owns the weights (versions it does not name get 0), the stable version and,
+    when it says so, the shadow rule; breaker, cache, fallbacks and timeouts stay declared.
+    `override`: {"weights": {...}, "stable": str, "shadow": None | {"version", "percent"} |
+    "declared"}; None means no rollout is steering traffic."""
+    if override is None:
+        return base
+    data = base.model_dump()
+    data["weights"] = {version: 0.0 for version in base.weights} | dict(override["weights"])  # type: ignore[arg-type]
+    data["stable"] = override["stable"]
+    shadow = override.get("shadow", SHADOW_DECLARED)
+    if shadow != SHADOW_DECLARED:
+        keep = base.shadow.model_dump() if base.shadow is not None else {}
+        data["shadow"] = None if shadow is None else {**keep, **shadow}  # type: ignore[dict-item]
+    return TrafficConfig.model_validate(data)

@@ -316,36 +316,24 @@ def _validate_application(
 
 
 def _validate_plan(user_config: Any, versions: list[str], where: str, report: Report) -> None:
-    """The RolloutController's user_config: `{plan: <RolloutPlan> | null, tick_interval_s,
-    prometheus_url, feedback}`."""
-    from app.rollout import RolloutPlan
-    from app.rollout.feedback import FeedbackSettings
+    """The RolloutController's user_config (`ControllerUserConfig`: plan, tick_interval_s,
+    prometheus_url, feedback), checked by the same model the controller uses."""
+    from app.rollout.plan import ControllerUserConfig, RolloutPlan
 
     if not isinstance(user_config, dict):
         report.errors.append(f"{where}: must be a mapping with a 'plan' key")
         return
-    unknown = sorted(set(user_config) - {"plan", "tick_interval_s", "prometheus_url", "feedback"})
-    if unknown:
-        report.errors.append(
-            f"{where}: unknown field(s) {unknown}; expected plan, tick_interval_s, prometheus_url, "
-            "feedback"
-        )
     try:
-        FeedbackSettings.model_validate(user_config.get("feedback") or {})
+        plan = ControllerUserConfig.model_validate(user_config).plan
     except ValidationError as exc:
-        report.errors.append(format_validation_error(exc, f"{where}.feedback"))
-    url = user_config.get("prometheus_url")
-    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
-        report.errors.append(f"{where}.prometheus_url: {url!r} must be an http(s) URL")
-    tick = user_config.get("tick_interval_s", 0.25)
-    if isinstance(tick, bool) or not isinstance(tick, (int, float)) or not 0.05 <= tick <= 10:
-        report.errors.append(f"{where}.tick_interval_s: {tick!r} must be between 0.05 and 10 seconds")
-    if user_config.get("plan") is None:
-        return
-    try:
-        plan = RolloutPlan.model_validate(user_config["plan"])
-    except ValidationError as exc:
-        report.errors.append(format_validation_error(exc, f"{where}.plan"))
+        problems = exc.errors()
+        for item in problems:
+            loc = ".".join(str(part) for part in item["loc"])
+            report.errors.append(f"{where}.{loc}: {item['msg'].removeprefix('Value error, ')}")
+        plan_ok = not any(item["loc"][:1] == ("plan",) for item in problems)
+        raw = user_config.get("plan")
+        plan = RolloutPlan.model_validate(raw) if plan_ok and raw is not None else None
+    if plan is None:
         return
     for field_name in ("candidate", "stable"):
         version = getattr(plan, field_name)

@@ -15,6 +15,8 @@ from app.rollout.gates import (
 )
 from app.rollout.machine import (
     MAX_HISTORY_EVENTS,
+    OPERATOR_COMMANDS,
+    START_COMMAND,
     STATE_SCHEMA,
     Command,
     Decision,
@@ -22,7 +24,10 @@ from app.rollout.machine import (
     Phase,
     RolloutState,
     apply_command,
+    command_path,
+    rollout_override,
     step,
+    traffic_key,
 )
 from app.rollout.plan import (
     Analysis,
@@ -43,6 +48,8 @@ from app.rollout.plan import (
 
 __all__ = [
     "MAX_HISTORY_EVENTS",
+    "OPERATOR_COMMANDS",
+    "START_COMMAND",
     "STATE_SCHEMA",
     "Analysis",
     "BlueGreenPlan",
@@ -68,7 +75,10 @@ __all__ = [
     "VersionStats",
     "WaitForPromote",
     "apply_command",
+    "command_path",
     "evaluate_gates",
     "evaluate_lift_gates",
+    "rollout_override",
     "step",
+    "traffic_key",
 ]

@@ -27,16 +27,18 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from app.config import NAME_PATTERN, StrictModel
-from app.errors import Gone, InvalidInput, ModelNotFound
+from app.errors import Gone, InvalidInput, ModelNotFound, ServingError, http_status
 from app.rollout.abtest import ArmStats, OutcomeKind, confidence_interval
 
 __all__ = [
+    "FeedbackDesk",
     "FeedbackItem",
     "FeedbackSettings",
     "OutcomeBook",
@@ -306,3 +308,107 @@ class OutcomeBook:
                     row.update(low=interval.low, high=interval.high, level=level)
                 result.setdefault(outcome, {})[version] = row
         return result
+
+
+class FeedbackDesk:
+    """The controller's feedback accounting: the global ledger of answered request ids, the
+    outcome book of the current experiment, and the counts shown in status. Pure: time comes
+    in as arguments, persistence goes through `to_dict`/`from_dict` (and `dirty`).
+
+    `versions` is the set of versions this app serves (None in version_apps mode: any name a
+    router reports is taken)."""
+
+    def __init__(self, versions: list[str] | None, settings: FeedbackSettings | None = None) -> None:
+        self.versions = versions
+        self.settings = settings or FeedbackSettings()
+        self.ledger = RequestLedger(self.settings.max_request_ids, self.settings.ttl_s)
+        self.book = OutcomeBook()
+        self.counts = {"counted": 0, "duplicate": 0, "excluded": 0, "unknown": 0,
+                       "expired": 0, "invalid": 0}  # fmt: skip
+        self.started_at = 0.0  # answers from before the current experiment are not counted
+        self.dirty = False  # the book changed since the last `to_dict` was stored
+
+    def reconfigure(self, settings: FeedbackSettings, now: float) -> None:
+        self.settings = settings
+        self.ledger.reconfigure(settings.max_request_ids, settings.ttl_s, now)
+
+    def reset(self, now: float) -> None:
+        """A new rollout is a new experiment: outcomes from before it do not count."""
+        self.book.reset()
+        self.started_at = now
+        self.dirty = True
+
+    def record_served(self, served: Iterable[Sequence[Any]], now: float) -> None:
+        """Answers routers pushed: ServedAnswer tuples (id, version, answered at, decision)."""
+        for request_id, version, answered_at, *decision in served:
+            self.ledger.record(str(request_id), str(version), float(answered_at), now,
+                               decision[0] if decision else None)  # fmt: skip
+
+    def count(
+        self, items: Iterable[Mapping[str, Any]], hints: Mapping[str, Sequence[Any]], now: float
+    ) -> list[dict[str, Any]]:
+        """Count outcomes for answered requests. `items` are parsed FeedbackItem dicts (with
+        `kind`); `hints` what the forwarding router's own ledger knows of an id (FeedbackHint:
+        version, answered at, decision, outcomes it saw counted). One result per item: counted,
+        duplicate, excluded (a pinned or fallback answer, or one from before the current
+        experiment: accepted, not in an A/B arm), or an error with its HTTP status (404
+        unknown, 410 expired, 400 wrong kind or too many outcome names)."""
+        results = []
+        for raw in items:
+            item = FeedbackItem(str(raw["request_id"]), str(raw["outcome"]), float(raw["value"]),
+                                OutcomeKind(raw["kind"]))  # fmt: skip
+            result: dict[str, Any] = {"request_id": item.request_id, "outcome": item.outcome}
+            try:
+                self._take_hint(item.request_id, hints.get(item.request_id), now)
+                result.update(self._count_one(item, now))
+            except ServingError as exc:
+                status = http_status(exc)
+                result.update(counted=False, status=status, error=exc.message)
+                self.counts[{404: "unknown", 410: "expired"}.get(status, "invalid")] += 1
+            results.append(result)
+        return results
+
+    def _take_hint(self, request_id: str, hint: Sequence[Any] | None, now: float) -> None:
+        if hint is None or (self.versions is not None and hint[0] not in self.versions):
+            return
+        self.ledger.record(request_id, str(hint[0]), float(hint[1]), now,
+                           hint[2] if len(hint) > 2 else None)  # fmt: skip
+        if len(hint) > 3 and request_id in self.ledger:
+            self.ledger.mark_counted(request_id, [str(o) for o in hint[3]])
+
+    def _count_one(self, item: FeedbackItem, now: float) -> dict[str, Any]:
+        version = self.ledger.lookup(item.request_id, now)
+        self.book.check_kind(item, self.settings.max_outcomes)
+        answered_at, decision = self.ledger.answered(item.request_id)
+        excluded = None
+        if decision is not None and decision not in RANDOMISED_DECISIONS:
+            excluded = f"a {decision} answer is not part of the traffic split's A/B arms"
+        elif answered_at < self.started_at:
+            excluded = "answered before the current rollout (experiment) started"
+        if excluded is not None:
+            self.counts["excluded"] += 1
+            return {"version": version, "counted": False, "excluded": excluded}
+        if self.ledger.first_count(item.request_id, item.outcome):
+            self.book.add(item, version)
+            self.dirty = True
+            self.counts["counted"] += 1
+            return {"version": version, "counted": True}
+        self.counts["duplicate"] += 1
+        return {"version": version, "counted": False, "duplicate": True}
+
+    def arms(self, versions: Sequence[str]) -> dict[str, dict[str, ArmStats | None]]:
+        """Outcome name -> version -> ArmStats of the current experiment, for the gates."""
+        return {outcome: {v: self.book.arm(outcome, v) for v in versions} for outcome in self.book.kinds}
+
+    def status(self) -> dict[str, Any]:
+        return {**self.counts, "request_ids_remembered": len(self.ledger), "ttl_s": self.settings.ttl_s}
+
+    def to_dict(self) -> dict[str, Any]:
+        """What survives a controller restart: the experiment's start and its outcome book."""
+        return {"started_at": self.started_at, "book": self.book.to_dict()}
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Load `to_dict`'s output; ValueError, KeyError or TypeError if it is unreadable."""
+        book = OutcomeBook.from_dict(data["book"])
+        started_at = float(data["started_at"])
+        self.book, self.started_at = book, started_at

@@ -66,9 +66,10 @@ from enum import Enum
 from typing import Any
 
 from app.config import (
-    ShadowRule,
     TrafficConfig,
 )
+from app.config.traffic import apply_override
+from app.messages import SHADOW_DECLARED
 from app.rollout.gates import (
     LIFT_GATES,
     GateStatus,
@@ -91,14 +92,19 @@ from app.rollout.plan import (
 
 __all__ = [
     "MAX_HISTORY_EVENTS",
+    "OPERATOR_COMMANDS",
     "STATE_SCHEMA",
+    "START_COMMAND",
     "Command",
     "Decision",
     "Event",
     "Phase",
     "RolloutState",
     "apply_command",
+    "command_path",
+    "rollout_override",
     "step",
+    "traffic_key",
 ]
 
 # Bumped when the persisted layout of RolloutState.to_dict() changes incompatibly.
@@ -138,6 +144,18 @@ class Command(str, Enum):
     PAUSE = "pause"
     RESUME = "resume"
     ABORT = "abort"
+
+
+# Not a state-machine command: a new rollout of the declared plan (RolloutState.start), which
+# the controller runs itself.
+START_COMMAND = "start"
+# Every operator command, as the CLI and the controller name them.
+OPERATOR_COMMANDS: tuple[str, ...] = (START_COMMAND, *(c.value for c in Command))
+
+
+def command_path(name: str) -> str:
+    """The admin API's path segment for an operator command (`promote_full` -> `promote-full`)."""
+    return name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -306,31 +324,29 @@ class Decision:
     traffic_changed: bool  # weights, stable or shadow differ from the input state's: push
 
     def traffic_config(self, base: TrafficConfig) -> TrafficConfig:
-        """`base` (the declared router config) with this decision's traffic.
-
-        The rollout owns weights (any other version in base gets 0) and the stable version;
-        for blue-green it also owns the shadow rule. Breaker, cache, fallbacks and timeouts
-        come from base."""
-        plan = self.state.plan
-        data = base.model_dump()
-        data["weights"] = {version: 0.0 for version in base.weights} | self.weights
-        data["stable"] = self.stable
-        if plan.strategy == "blue_green":
-            if self.shadow_percent > 0:
-                keep = base.shadow.model_dump() if base.shadow is not None else {}
-                data["shadow"] = ShadowRule.model_validate(
-                    {**keep, "version": plan.candidate, "percent": self.shadow_percent}
-                ).model_dump()
-            else:
-                data["shadow"] = None
-        return TrafficConfig.model_validate(data)
+        """`base` (the declared router config) with this decision's traffic, as a router
+        applies it (`apply_override`): the rollout owns weights (any other version in base
+        gets 0) and the stable version; for blue-green also the shadow rule. Breaker, cache,
+        fallbacks and timeouts come from base."""
+        return apply_override(base, {"generation": 0, **rollout_override(self.state)})
 
 
 # -- the reconcile function ------------------------------------------------------------------
 
 
-def _traffic(state: RolloutState) -> tuple[Any, ...]:
+def traffic_key(state: RolloutState) -> tuple[Any, ...]:
+    """What of `state` routers see: two states with the same key route the same way."""
     return (tuple(sorted(state.weights.items())), state.stable_version, state.shadow_percent)
+
+
+def rollout_override(state: RolloutState) -> dict[str, Any]:
+    """The traffic `state` asks routers for (a TrafficOverride without its generation): the
+    weights and the stable version; for blue-green also the shadow copy to the candidate."""
+    shadow: Any = SHADOW_DECLARED
+    if state.plan.strategy == "blue_green":
+        percent = state.shadow_percent
+        shadow = {"version": state.plan.candidate, "percent": percent} if percent > 0 else None
+    return {"weights": state.weights, "stable": state.stable_version, "shadow": shadow}
 
 
 def _readings(verdicts: tuple[GateVerdict, ...] | None) -> dict[str, dict[str, Any]]:
@@ -481,7 +497,7 @@ def _decide(
     verdicts: tuple[GateVerdict, ...],
     events: list[Event],
 ) -> Decision:
-    changed = _traffic(after) != _traffic(before)
+    changed = traffic_key(after) != traffic_key(before)
     history = (before.history + tuple(events))[-MAX_HISTORY_EVENTS:]
     after = replace(
         after, history=history, generation=before.generation + (1 if changed else 0)

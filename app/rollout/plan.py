@@ -11,17 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from app.config import (
     NAME_PATTERN,
     FiniteStrictModel,
+    StrictModel,
     config_hash,
 )
+from app.constants import DEFAULT_TICK_INTERVAL_S
 from app.rollout.abtest import (
     ImprovementGate,
     NonInferiorityGate,
 )
+from app.rollout.feedback import FeedbackSettings
 
 FAIL_FAST = "fail_fast_error_rate"
 MIN_REQUESTS = "min_requests"
@@ -411,3 +414,46 @@ class RolloutPlan(FiniteStrictModel):
     def digest(self) -> str:
         """A short digest of the plan; a different digest is a new declaration."""
         return config_hash(self.model_dump(mode="json"))
+
+
+class ControllerUserConfig(StrictModel):
+    """The RolloutController's `user_config` in serve_config.yaml: the declared rollout. One
+    model for the controller (which refuses a bad declaration and keeps the live rollout) and
+    for `rollout validate` (which refuses it before it is deployed)."""
+
+    plan: RolloutPlan | None = Field(
+        default=None, description="The rollout to run; null: no rollout steers traffic."
+    )
+    tick_interval_s: float = Field(
+        default=DEFAULT_TICK_INTERVAL_S, ge=0.05, le=10, strict=True,
+        description="Seconds between the controller's reconcile ticks.",
+    )  # fmt: skip
+    prometheus_url: str | None = Field(
+        default=None,
+        description="Base URL of the Prometheus server the `prometheus_query` gate asks.",
+    )
+    feedback: FeedbackSettings = Field(
+        default_factory=FeedbackSettings, description="How long answers stay open for feedback."
+    )
+
+    @field_validator("prometheus_url", mode="before")
+    @classmethod
+    def _http_url(cls, value: Any) -> Any:
+        if value == "":
+            return None  # an empty URL means none, as before
+        if value is not None and not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+            raise ValueError(f"{value!r} must be an http(s) URL")
+        return value
+
+    @field_validator("feedback", mode="before")
+    @classmethod
+    def _null_feedback(cls, value: Any) -> Any:
+        return {} if value is None else value  # `feedback: null` means the defaults
+
+    def check_versions(self, deployed: list[str]) -> None:
+        """ValueError when the plan names versions that are not deployed."""
+        if self.plan is None:
+            return
+        unknown = sorted({self.plan.candidate, self.plan.stable} - set(deployed))
+        if unknown:
+            raise ValueError(f"plan names versions that are not deployed: {unknown}")

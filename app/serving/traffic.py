@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from app.config import ShadowRule, TrafficConfig
+from app.config.traffic import apply_override
 from app.errors import ModelNotFound, Unavailable
 from app.serving.buckets import BucketMap, bucket_of
 
@@ -116,22 +117,3 @@ class TrafficTable:
         if candidates:
             return self._weighted(rng, available)
         raise Unavailable("no version of this model has a running replica")
-
-
-def apply_override(base: TrafficConfig, override: Mapping[str, object] | None) -> TrafficConfig:
-    """The declared router config `base` with a rollout controller's traffic on top.
-
-    The controller owns the weights (versions it does not name get 0), the stable version and,
-    when it says so, the shadow rule; breaker, cache, fallbacks and timeouts stay declared.
-    `override`: {"weights": {...}, "stable": str, "shadow": None | {"version", "percent"} |
-    "declared"}; None means no rollout is steering traffic."""
-    if override is None:
-        return base
-    data = base.model_dump()
-    data["weights"] = {version: 0.0 for version in base.weights} | dict(override["weights"])  # type: ignore[arg-type]
-    data["stable"] = override["stable"]
-    shadow = override.get("shadow", "declared")
-    if shadow != "declared":
-        keep = base.shadow.model_dump() if base.shadow is not None else {}
-        data["shadow"] = None if shadow is None else {**keep, **shadow}  # type: ignore[dict-item]
-    return TrafficConfig.model_validate(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from app.rollout.machine import OPERATOR_COMMANDS, command_path
 from app.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
 __all__ = ["ADMIN_PATH", "COMMAND_PATHS", "DEFAULT_URL", "URL_ENV", "AdminClient", "AdminError"]
@@ -13,14 +14,7 @@ URL_ENV = "ROLLOUT_URL"
 DEFAULT_URL = "http://127.0.0.1:8000"
 ADMIN_PATH = "/admin/rollout"
 # Command name on the command line -> the last path segment of its POST.
-COMMAND_PATHS = {
-    "start": "start",
-    "promote": "promote",
-    "promote_full": "promote-full",
-    "pause": "pause",
-    "resume": "resume",
-    "abort": "abort",
-}
+COMMAND_PATHS = {name: command_path(name) for name in OPERATOR_COMMANDS}
 UNAUTHORIZED = (
     f"unauthorized: set {TOKEN_ENV} (or {TOKEN_FILE_ENV}) to the router's admin token"
 )

@@ -1,0 +1,80 @@
+"""Tunables of the router <-> controller plumbing, in one place, each overridable from the
+environment (as Ray Serve's `_private/constants.py` does): `RAY_ROLLOUT_<NAME>`.
+
+Defaults are what the project is tested and benchmarked with; change them to trade
+propagation speed against controller load, not to fix a bug.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "ADMIN_CALL_TIMEOUT_S",
+    "CONTROLLER_RETRY_S",
+    "DEFAULT_TICK_INTERVAL_S",
+    "DESCRIBE_TIMEOUT_S",
+    "GAUGE_INTERVAL_S",
+    "KV_NAMESPACE",
+    "LONG_POLL_TIMEOUT_S",
+    "MAX_SHADOW_REPORTS",
+    "PROMETHEUS_MIN_INTERVAL_S",
+    "RATE_WINDOW_S",
+    "RECENT_REQUEST_IDS",
+    "REPORT_TIMEOUT_S",
+    "SERVED_BACKLOG",
+    "STATS_PUSH_INTERVAL_S",
+]
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(f"RAY_ROLLOUT_{name}")
+    if raw is None:
+        return default
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"RAY_ROLLOUT_{name} ({raw}) must be a positive number")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(f"RAY_ROLLOUT_{name}")
+    if raw is None:
+        return default
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"RAY_ROLLOUT_{name} ({raw}) must be a positive integer")
+    return value
+
+
+# The GCS key-value namespace the controller persists rollout state and outcomes in.
+KV_NAMESPACE = os.environ.get("RAY_ROLLOUT_KV_NAMESPACE", "ray-rollout")
+
+# Controller: how often it ticks when the declaration does not say (`tick_interval_s`).
+DEFAULT_TICK_INTERVAL_S = _env_float("DEFAULT_TICK_INTERVAL_S", 0.25)
+# Routers push their per-version stats this often (the gates' evidence is this fresh).
+STATS_PUSH_INTERVAL_S = _env_float("STATS_PUSH_INTERVAL_S", 0.25)
+# A stats push that takes longer is abandoned (its answered ids are kept for the next one).
+REPORT_TIMEOUT_S = _env_float("REPORT_TIMEOUT_S", 2.0)
+# A router's long-poll for traffic returns after this long with no change (then asks again).
+LONG_POLL_TIMEOUT_S = _env_float("LONG_POLL_TIMEOUT_S", 10.0)
+# How long a router waits before asking an unreachable controller again.
+CONTROLLER_RETRY_S = _env_float("CONTROLLER_RETRY_S", 1.0)
+# Admin API calls the router forwards to the controller (status, history, commands, feedback).
+ADMIN_CALL_TIMEOUT_S = _env_float("ADMIN_CALL_TIMEOUT_S", 10.0)
+# version_apps: how long a router waits for a version's replica to describe its model.
+DESCRIBE_TIMEOUT_S = _env_float("DESCRIBE_TIMEOUT_S", 5.0)
+# Router gauges (weights, availability, breakers, drift) are re-sent this often.
+GAUGE_INTERVAL_S = _env_float("GAUGE_INTERVAL_S", 1.0)
+# The Prometheus gate's query runs at most this often.
+PROMETHEUS_MIN_INTERVAL_S = _env_float("PROMETHEUS_MIN_INTERVAL_S", 1.0)
+# `rps` in the controller's status is the request rate over this window.
+RATE_WINDOW_S = _env_float("RATE_WINDOW_S", 10.0)
+
+# Answered request ids a router keeps for its next push (a controller that is away must not
+# grow it without end; the newest are kept).
+SERVED_BACKLOG = _env_int("SERVED_BACKLOG", 200_000)
+# Answered request ids a router remembers itself, for feedback that beats its push.
+RECENT_REQUEST_IDS = _env_int("RECENT_REQUEST_IDS", 50_000)
+# Shadow comparison reports the controller keeps.
+MAX_SHADOW_REPORTS = _env_int("MAX_SHADOW_REPORTS", 100_000)
