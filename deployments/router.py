@@ -12,7 +12,6 @@ import pickle
 import random
 import re
 import time
-import uuid
 from collections import deque
 from typing import Any
 
@@ -24,15 +23,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
+from app import ray_compat
 from app.adapters import ModelAdapter, adapter_class
 from app.config import (
     NAME_PATTERN,
     ModelConfig,
     RouterSettings,
     TrafficConfig,
-    config_hash,
-    version_app_name,
 )
+from app.constants import ADMIN_CALL_TIMEOUT_S, RECENT_REQUEST_IDS, SERVED_BACKLOG
 from app.errors import (
     DeadlineExceeded,
     Gone,
@@ -47,6 +46,7 @@ from app.errors import (
     Unavailable,
     http_status,
 )
+from app.messages import FeedbackHint, ServedAnswer
 from app.observability.access_log import (
     ACCESS_MESSAGE,
     access_record,
@@ -79,11 +79,14 @@ from app.serving.protocol import (
     model_metadata,
 )
 from app.serving.traffic import TrafficTable, apply_override
+from deployments.router_sync import RouterSync
 
 logger = logging.getLogger("ray.serve")
 
-SERVED_BACKLOG = 200_000  # answered ids waiting for the push to the controller, at most
 _VERSION_NAME = re.compile(NAME_PATTERN)
+# What a handle raises for a full queue, and for a replica that died or cannot be reached.
+_BACKPRESSURE = ray_compat.backpressure_error_class()
+_ACTOR_LOST = ray_compat.actor_error_class()
 
 api = FastAPI(title="ray-rollout router", docs_url=None, redoc_url=None)
 
@@ -115,11 +118,6 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return _error_response(request, InvalidInput(f"invalid request: {error.errors()}"))
 
 
-def _request_id(request: Request) -> str:
-    # Serve's proxy passes a client's x-request-id through (or makes one) and echoes it back.
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -134,20 +132,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 ADMIN_COMMANDS = tuple(command_path(name) for name in OPERATOR_COMMANDS)
-
-
-def _serve_details() -> dict[str, Any]:
-    """Serve's view of every app (what `serve.status()` and the dashboard read), including each
-    deployment's replica states and target user_config."""
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client().get_serve_details()
-
-
-def _routable(deployment: dict[str, Any]) -> bool:
-    if any(r.get("state") == "RUNNING" for r in deployment.get("replicas", [])):
-        return True
-    return deployment.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY")
 
 
 def _original(exc: BaseException) -> BaseException:
@@ -210,17 +194,15 @@ class Router:
         self.scores = ScoreWindow(settings.drift)
         self.score_outputs = {v: score_output(a.outputs) for v, a in self.adapters.items()}
         self.log_rng = random.Random()
-        self._observer: asyncio.Task | None = None
         self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng,
                                      on_shadow=self.stats.record)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
-        self._poller: asyncio.Task | None = None
-        self._controller_tasks: list[asyncio.Task | None] = []
+        self.sync = RouterSync(self)  # the background loops (router_sync.py)
         # Feedback: request ids this replica answered. `served` waits for the next push to the
         # controller (bounded: a controller that is away must not grow it without end);
         # `recent` answers for ids whose push has not reached the controller yet.
-        self.served: deque[tuple[str, str, float, str | None]] = deque(maxlen=SERVED_BACKLOG)
-        self.recent = RequestLedger(max_entries=50_000, ttl_s=FeedbackSettings().ttl_s)
+        self.served: deque[ServedAnswer] = deque(maxlen=SERVED_BACKLOG)
+        self.recent = RequestLedger(max_entries=RECENT_REQUEST_IDS, ttl_s=FeedbackSettings().ttl_s)
 
     # -- traffic ---------------------------------------------------------------------------
 
@@ -237,7 +219,7 @@ class Router:
                 self._reconfigures += 1
                 mine = self._reconfigures
                 try:
-                    await self._resolve_versions(config.versions_used())
+                    await self.sync.resolve_versions(config.versions_used())
                     if mine != self._reconfigures:
                         return  # a newer update arrived while this one waited: it wins
                 except ValueError as exc:
@@ -249,7 +231,7 @@ class Router:
                     self._pending = user_config
                     self.rejected = {"user_config": user_config, "error": str(exc), "pending": True}
                     logger.warning("Router: traffic update waits for its versions: %s", exc)
-                    self._ensure_poller()
+                    self.sync.ensure_running()
                     return
             generation = self.table.generation + 1 if self.table else 1
             table = TrafficTable.from_config(
@@ -272,152 +254,10 @@ class Router:
     def _transport(self, handle: DeploymentHandle) -> DeploymentHandle:
         """The handle with this router's model transport: Serve's inter-deployment gRPC
         (`_by_reference=False`) or Ray actor calls (README, Benchmarks: measured both ways)."""
-        return handle.options(_by_reference=self.settings.model_transport == "actor")
-
-    async def _resolve_versions(self, versions: set[str]) -> None:
-        """version_apps: find each version not known yet as the application `<model>-<version>`
-        and learn its model config from its replicas. ValueError names what is not deployed."""
-        missing = sorted(v for v in versions if v not in self.handles)
-        for version in missing:
-            name = version_app_name(self.model, version)
-            try:
-                handle = self._transport(serve.get_deployment_handle(name, app_name=name))
-                described = await asyncio.wait_for(handle.describe.remote(), timeout=5.0)
-                config = ModelConfig.model_validate(described)
-            except Exception as exc:
-                raise ValueError(
-                    f"version {version!r} is not deployed: application {name!r} did not answer "
-                    f"({type(exc).__name__}: {exc})"
-                ) from None
-            if (config.name, config.version) != (self.model, version):
-                raise ValueError(
-                    f"application {name!r} serves {config.name}/{config.version}, not "
-                    f"{self.model}/{version}"
-                )
-            adapter = adapter_class(config.adapter)
-            self.handles[version] = handle
-            self.configs[version] = config
-            self.adapters[version] = adapter
-            self.apps[version] = name
-            self.score_outputs[version] = score_output(adapter.outputs)
-            self.dispatcher.add_version(version, adapter)
-            self.available = self.available | {version}
-            logger.info("Router: found version %s (application %s)", version, name)
-
-    def _ensure_poller(self) -> None:
-        """Start (or restart, if one died) the background tasks: health poll, controller
-        follower, stats pusher. Called on every request and health check; cheap when running."""
-        loop = asyncio.get_running_loop()
-        if self._poller is None or self._poller.done():
-            self._poller = loop.create_task(self._poll_health())
-        if self._observer is None or self._observer.done():
-            self._observer = loop.create_task(self._observe_loop())
-        if self.controller is None:
-            return
-        if not self._controller_tasks:
-            self._controller_tasks = [None, None]
-        for i, factory in enumerate((self._follow_controller, self._push_stats)):
-            task = self._controller_tasks[i]
-            if task is None or task.done():
-                self._controller_tasks[i] = loop.create_task(factory())
-
-    async def _follow_controller(self) -> None:
-        """Long-poll the rollout controller for traffic; keep the last table when it is gone."""
-        while True:
-            known = self.seen_generation
-            try:
-                override = await self.controller.wait_for_traffic.remote(known, 10.0)
-            except Exception as exc:  # controller restarting or gone: serve on, retry soon
-                logger.warning("Router: rollout controller unreachable (%s); keeping traffic", exc)
-                await asyncio.sleep(1.0)
-                continue
-            self.seen_generation = override["generation"] if override else 0
-            if override != self.override:
-                if self.version_apps and override:
-                    named = set(override.get("weights") or {}) | {override.get("stable")}
-                    try:
-                        await self._resolve_versions({v for v in named if v})
-                    except ValueError as exc:  # _apply_override refuses it, naming the version
-                        logger.error("Router: the controller's traffic names %s", exc)
-                try:
-                    self._apply_override(override)
-                except Exception:  # a malformed override must not kill the follower
-                    logger.exception("Router: could not apply the controller's traffic")
-
-    def _apply_override(self, override: dict[str, Any] | None) -> None:
-        if self.declared is None:
-            self.override = override
-            return
-        try:
-            table = TrafficTable.from_config(apply_override(self.declared, override),
-                                             self.handles.keys(), self.table.generation + 1)  # fmt: skip
-        except ValueError as exc:
-            logger.error("Router: refused the controller's traffic %s: %s", override, exc)
-            return
-        self.override, self.table = override, table
-        logger.info("Router: rollout traffic generation %s: %s", (override or {}).get("generation"),
-                    dict(table.weights))  # fmt: skip
-
-    async def _push_stats(self) -> None:
-        """Every ~250 ms, send the per-version counts since the last push to the controller."""
-        sent: dict[str, tuple[int, float]] = {}  # shadow totals already reported
-        while True:
-            await asyncio.sleep(0.25)
-            report = self.stats.drain()
-            shadow = {}
-            for version, st in self.dispatcher.shadow_stats.items():
-                total = (st.completed, st.sums.get("top_k_overlap", 0.0))
-                before = sent.get(version, (0, 0.0))
-                if total[0] > before[0] and "top_k_overlap" in st.sums:
-                    shadow[version] = {"compared": total[0] - before[0],
-                                       "top_k_overlap_sum": total[1] - before[1]}  # fmt: skip
-                    sent[version] = total
-            served = list(self.served)
-            self.served = deque(maxlen=SERVED_BACKLOG)
-            if not report and not shadow and not served:
-                continue
-            try:
-                await asyncio.wait_for(
-                    self.controller.report.remote(report, shadow, served), timeout=2.0
-                )
-            except Exception as exc:  # lost reports only delay a verdict; never block serving
-                logger.warning("Router: stats report to the controller failed: %s", exc)
-                # Keep the answered ids for the next push (the newest, if there are too many).
-                self.served = deque([*served, *self.served], maxlen=SERVED_BACKLOG)
-
-    async def _poll_health(self) -> None:
-        """Keep `available` current from Serve's status, every `health_poll_interval_s`.
-
-        A version is left out only when it has no RUNNING replica *and* Serve has given up on
-        it (DEPLOY_FAILED, UNHEALTHY) or it is gone. A version whose replicas are still
-        starting stays routable: its handle queues the request until a replica is up.
-        """
-        while True:
-            try:
-                if self._pending is not None:  # version_apps: a first table still waiting
-                    await self.reconfigure(self._pending)
-                details = await asyncio.to_thread(_serve_details)
-                applications = details.get("applications", {})
-                found = {}  # version -> its deployment's details, where Serve has it
-                for version, config in list(self.configs.items()):
-                    app_details = applications.get(self.apps[version]) or {}
-                    deployment = (app_details.get("deployments") or {}).get(config.deployment_name)
-                    if deployment is not None:
-                        found[version] = deployment
-                self.available = frozenset(v for v, d in found.items() if _routable(d))
-                self.target_config = {
-                    v: config_hash(d["deployment_config"].get("user_config")) for v, d in found.items()
-                }
-            except RuntimeError as exc:
-                if "shutdown" in str(exc):  # the replica is exiting
-                    return
-                logger.exception("Router: health poll failed")
-            except Exception:  # keep the last view; the next poll may succeed
-                logger.exception("Router: health poll failed")
-            await asyncio.sleep(self.settings.health_poll_interval_s)
+        return ray_compat.handle_with_transport(handle, self.settings.model_transport)
 
     async def check_health(self) -> None:
-        self._ensure_poller()
+        self.sync.ensure_running()
 
     # -- protocol surface --------------------------------------------------------------------
 
@@ -438,12 +278,12 @@ class Router:
 
     @api.get("/v2/health/live")
     async def live(self) -> dict[str, bool]:
-        self._ensure_poller()
+        self.sync.ensure_running()
         return {"live": True}
 
     @api.get("/v2/health/ready")
     async def ready(self) -> Response:
-        self._ensure_poller()
+        self.sync.ensure_running()
         ok = self._ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
@@ -492,7 +332,7 @@ class Router:
     @api.get("/status")
     async def status(self) -> dict[str, Any]:
         """Read-only view for operators: the live traffic table and which versions serve."""
-        self._ensure_poller()
+        self.sync.ensure_running()
         table = self.table
         return {
             "model": self.model,
@@ -528,7 +368,7 @@ class Router:
 
     async def _ask_controller(self, method: str, *args: Any) -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(getattr(self.controller, method).remote(*args), timeout=10)
+            return await asyncio.wait_for(getattr(self.controller, method).remote(*args), timeout=ADMIN_CALL_TIMEOUT_S)
         except Exception as exc:
             cause = _original(exc)
             if isinstance(cause, ServingError):  # CommandRefused (409), a feedback error, ...
@@ -557,7 +397,7 @@ class Router:
         """Outcomes for earlier answers: `{"request_id", "outcome", "value"}` (value true/false
         or a number), or a batch `{"feedback": [...]}`. Counted once per (request id, outcome)
         for the version that answered; 404 unknown id, 410 expired id."""
-        self._ensure_poller()
+        self.sync.ensure_running()
         self._check_model(model)
         if self.controller is None:
             raise Unavailable("feedback needs the rollout controller, which this app does not run")
@@ -571,11 +411,12 @@ class Router:
         # What this replica knows of each id: who answered, when, how it was chosen, and which
         # outcomes it already saw counted (so a controller that lost its record, after a
         # restart, still counts a repeat once).
-        hints: dict[str, tuple[str, float, str | None, list[str]]] = {}
+        hints: dict[str, FeedbackHint] = {}
         for item in items:
             entry = self.recent.entry(item.request_id, now)
             if entry is not None:
-                hints[item.request_id] = (*entry, self.recent.counted_outcomes(item.request_id))
+                counted = self.recent.counted_outcomes(item.request_id)
+                hints[item.request_id] = FeedbackHint(*entry, counted)
         payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
         results = await self._ask_controller("feedback", payload, hints)
         for item, result in zip(items, results):
@@ -655,40 +496,19 @@ class Router:
             logger.info("%s %s %s %s %d %.1fms", ACCESS_MESSAGE, version, decision, kind or "ok",
                         status, latency_ms, extra=record)  # fmt: skip
 
-    async def _observe_loop(self) -> None:
-        """About once a second: publish the router's state as gauges (weights, availability,
-        breakers, shadow outcomes, score drift). Off the request path."""
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                table = self.table
-                psi = {}
-                if table is not None and self.settings.drift.enabled:
-                    psi = self.scores.psi_by_version(table.stable, time.monotonic())
-                self.gauges.update(
-                    versions=self.handles.keys(),
-                    weights=dict(table.weights) if table else {},
-                    stable=table.stable if table else None,
-                    available=self.available,
-                    breakers={v: s.value for v, s in self.dispatcher.breaker_states().items()},
-                    shadow=self.dispatcher.shadow_stats, psi=psi,
-                )  # fmt: skip
-            except Exception:
-                logger.exception("Router: metrics update failed")
-
     async def _infer(self, model: str, path_version: str | None, request: Request) -> Response:
-        self._ensure_poller()
+        self.sync.ensure_running()
         self._check_model(model)
-        pinned = path_version or request.headers.get(self.settings.pin_header) or None
-        if pinned is not None and pinned not in self.handles and self.version_apps:
+        pin = path_version or request.headers.get(self.settings.pin_header) or None
+        if pin is not None and pin not in self.handles and self.version_apps:
             # A version app with no weight yet (a preview): pinning finds it. A name that did
             # not answer is not looked up again for a while (clients choose the pin).
-            missed = self._missing.get(pinned)
-            if _VERSION_NAME.fullmatch(pinned) and (missed is None or time.monotonic() - missed > 10):
+            missed = self._missing.get(pin)
+            if _VERSION_NAME.fullmatch(pin) and (missed is None or time.monotonic() - missed > 10):
                 try:
-                    await self._resolve_versions({pinned})
+                    await self.sync.resolve_versions({pin})
                 except ValueError:
-                    self._missing[pinned] = time.monotonic()  # answered 404 below
+                    self._missing[pin] = time.monotonic()  # answered 404 below
                     if len(self._missing) > 1000:
                         self._missing.clear()
         if path_version is not None:
@@ -702,7 +522,6 @@ class Router:
         settings = self.settings
         body = await _read_body(request, settings.max_body_bytes)
         raw = decode_body(body, header_length=request.headers.get(INFERENCE_HEADER))
-        pin = path_version or request.headers.get(settings.pin_header) or None
         key = request.headers.get(settings.routing_key_header) or _key_parameter(
             raw.parameters.get(settings.routing_key_parameter), settings.routing_key_parameter
         )
@@ -779,7 +598,7 @@ class Router:
             version, now = response.headers["x-model-version"], time.time()
             decision = response.headers.get("x-routing-decision")
             self.recent.record(request_id, version, now, now, decision)
-            self.served.append((request_id, version, now, decision))
+            self.served.append(ServedAnswer(request_id, version, now, decision))
         return response
 
     def _respond(self, model: str, version: str, decision: str, parsed, outputs, extra) -> Response:
@@ -833,9 +652,9 @@ class Router:
             if isinstance(cause, ServingError):
                 raise cause from None
             name = type(cause).__name__
-            if name == "BackPressureError":
+            if isinstance(cause, _BACKPRESSURE):
                 raise LoadShed(f"version {version!r} is overloaded: {name}", retry_after_s=1.0) from None
-            if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
+            if isinstance(cause, _ACTOR_LOST):  # RayActorError, ActorDiedError, ActorUnavailableError
                 raise ReplicaLost(f"version {version!r} lost a replica: {name}") from None
             logger.exception("Router: call to %s failed", version)
             raise ModelFailure(f"version {version!r} failed: {name}: {cause}") from None

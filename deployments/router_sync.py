@@ -1,0 +1,227 @@
+"""`RouterSync`: a Router replica's background loops, off the request path.
+
+    ensure_running()      start (or restart, if one died) the loops; cheap when they run
+    _poll_health          which versions can serve, and their target user_config digests
+    _follow_controller    long-poll the rollout controller for traffic; apply it
+    _push_stats           per-version stats, shadow comparisons, answered ids -> controller
+    _observe_loop         gauges: weights, availability, breakers, shadow, drift
+    resolve_versions      version_apps: find a version's application by name
+
+The loops read and write the Router's state (`table`, `available`, `handles`, `override`);
+all of it runs on the replica's one event loop, so no two of them interleave mid-update.
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ray import serve
+
+from app import ray_compat
+from app.adapters import adapter_class
+from app.config import ModelConfig, config_hash, version_app_name
+from app.constants import (
+    CONTROLLER_RETRY_S,
+    DESCRIBE_TIMEOUT_S,
+    GAUGE_INTERVAL_S,
+    LONG_POLL_TIMEOUT_S,
+    REPORT_TIMEOUT_S,
+    SERVED_BACKLOG,
+    STATS_PUSH_INTERVAL_S,
+)
+from app.messages import ShadowDelta
+from app.observability.drift import score_output
+from app.serving.traffic import TrafficTable, apply_override
+
+if TYPE_CHECKING:
+    from deployments.router import Router
+
+logger = logging.getLogger("ray.serve")
+
+
+def _routable(deployment: dict[str, Any]) -> bool:
+    if any(r.get("state") == "RUNNING" for r in deployment.get("replicas", [])):
+        return True
+    return deployment.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY")
+
+
+class RouterSync:
+    """The Router's background loops; it owns their tasks, the Router owns the state."""
+
+    def __init__(self, router: "Router") -> None:
+        self.router = router
+        self._poller: asyncio.Task | None = None
+        self._observer: asyncio.Task | None = None
+        self._controller_tasks: list[asyncio.Task | None] = []
+
+    async def resolve_versions(self, versions: set[str]) -> None:
+        """version_apps: find each version not known yet as the application `<model>-<version>`
+        and learn its model config from its replicas. ValueError names what is not deployed."""
+        router = self.router
+        missing = sorted(v for v in versions if v not in router.handles)
+        for version in missing:
+            name = version_app_name(router.model, version)
+            try:
+                handle = router._transport(serve.get_deployment_handle(name, app_name=name))
+                described = await asyncio.wait_for(handle.describe.remote(), timeout=DESCRIBE_TIMEOUT_S)
+                config = ModelConfig.model_validate(described)
+            except Exception as exc:
+                raise ValueError(
+                    f"version {version!r} is not deployed: application {name!r} did not answer "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
+            if (config.name, config.version) != (router.model, version):
+                raise ValueError(
+                    f"application {name!r} serves {config.name}/{config.version}, not "
+                    f"{router.model}/{version}"
+                )
+            adapter = adapter_class(config.adapter)
+            router.handles[version] = handle
+            router.configs[version] = config
+            router.adapters[version] = adapter
+            router.apps[version] = name
+            router.score_outputs[version] = score_output(adapter.outputs)
+            router.dispatcher.add_version(version, adapter)
+            router.available = router.available | {version}
+            logger.info("Router: found version %s (application %s)", version, name)
+
+    def ensure_running(self) -> None:
+        """Start (or restart, if one died) the background tasks: health poll, controller
+        follower, stats pusher. Called on every request and health check; cheap when running."""
+        router = self.router
+        loop = asyncio.get_running_loop()
+        if self._poller is None or self._poller.done():
+            self._poller = loop.create_task(self._poll_health())
+        if self._observer is None or self._observer.done():
+            self._observer = loop.create_task(self._observe_loop())
+        if router.controller is None:
+            return
+        if not self._controller_tasks:
+            self._controller_tasks = [None, None]
+        for i, factory in enumerate((self._follow_controller, self._push_stats)):
+            task = self._controller_tasks[i]
+            if task is None or task.done():
+                self._controller_tasks[i] = loop.create_task(factory())
+
+    async def _follow_controller(self) -> None:
+        """Long-poll the rollout controller for traffic; keep the last table when it is gone."""
+        router = self.router
+        while True:
+            known = router.seen_generation
+            try:
+                override = await router.controller.wait_for_traffic.remote(known, LONG_POLL_TIMEOUT_S)
+            except Exception as exc:  # controller restarting or gone: serve on, retry soon
+                logger.warning("Router: rollout controller unreachable (%s); keeping traffic", exc)
+                await asyncio.sleep(CONTROLLER_RETRY_S)
+                continue
+            router.seen_generation = override["generation"] if override else 0
+            if override != router.override:
+                if router.version_apps and override:
+                    named = set(override.get("weights") or {}) | {override.get("stable")}
+                    try:
+                        await self.resolve_versions({v for v in named if v})
+                    except ValueError as exc:  # _apply_override refuses it, naming the version
+                        logger.error("Router: the controller's traffic names %s", exc)
+                try:
+                    self._apply_override(override)
+                except Exception:  # a malformed override must not kill the follower
+                    logger.exception("Router: could not apply the controller's traffic")
+
+    def _apply_override(self, override: dict[str, Any] | None) -> None:
+        router = self.router
+        if router.declared is None:
+            router.override = override
+            return
+        try:
+            table = TrafficTable.from_config(apply_override(router.declared, override),
+                                             router.handles.keys(), router.table.generation + 1)  # fmt: skip
+        except ValueError as exc:
+            logger.error("Router: refused the controller's traffic %s: %s", override, exc)
+            return
+        router.override, router.table = override, table
+        logger.info("Router: rollout traffic generation %s: %s", (override or {}).get("generation"),
+                    dict(table.weights))  # fmt: skip
+
+    async def _push_stats(self) -> None:
+        """Every ~250 ms, send the per-version counts since the last push to the controller."""
+        router = self.router
+        sent: dict[str, tuple[int, float]] = {}  # shadow totals already reported
+        while True:
+            await asyncio.sleep(STATS_PUSH_INTERVAL_S)
+            report = router.stats.drain()
+            shadow: dict[str, ShadowDelta] = {}
+            for version, st in router.dispatcher.shadow_stats.items():
+                total = (st.completed, st.sums.get("top_k_overlap", 0.0))
+                before = sent.get(version, (0, 0.0))
+                if total[0] > before[0] and "top_k_overlap" in st.sums:
+                    shadow[version] = {"compared": total[0] - before[0],
+                                       "top_k_overlap_sum": total[1] - before[1]}  # fmt: skip
+                    sent[version] = total
+            served = list(router.served)
+            router.served = deque(maxlen=SERVED_BACKLOG)
+            if not report and not shadow and not served:
+                continue
+            try:
+                await asyncio.wait_for(
+                    router.controller.report.remote(report, shadow, served), timeout=REPORT_TIMEOUT_S
+                )
+            except Exception as exc:  # lost reports only delay a verdict; never block serving
+                logger.warning("Router: stats report to the controller failed: %s", exc)
+                # Keep the answered ids for the next push (the newest, if there are too many).
+                router.served = deque([*served, *router.served], maxlen=SERVED_BACKLOG)
+
+    async def _poll_health(self) -> None:
+        """Keep `available` current from Serve's status, every `health_poll_interval_s`.
+
+        A version is left out only when it has no RUNNING replica *and* Serve has given up on
+        it (DEPLOY_FAILED, UNHEALTHY) or it is gone. A version whose replicas are still
+        starting stays routable: its handle queues the request until a replica is up.
+        """
+        router = self.router
+        while True:
+            try:
+                if router._pending is not None:  # version_apps: a first table still waiting
+                    await router.reconfigure(router._pending)
+                details = await asyncio.to_thread(ray_compat.serve_details)
+                applications = details.get("applications", {})
+                found = {}  # version -> its deployment's details, where Serve has it
+                for version, config in list(router.configs.items()):
+                    app_details = applications.get(router.apps[version]) or {}
+                    deployment = (app_details.get("deployments") or {}).get(config.deployment_name)
+                    if deployment is not None:
+                        found[version] = deployment
+                router.available = frozenset(v for v, d in found.items() if _routable(d))
+                router.target_config = {
+                    v: config_hash(d["deployment_config"].get("user_config")) for v, d in found.items()
+                }
+            except RuntimeError as exc:
+                if "shutdown" in str(exc):  # the replica is exiting
+                    return
+                logger.exception("Router: health poll failed")
+            except Exception:  # keep the last view; the next poll may succeed
+                logger.exception("Router: health poll failed")
+            await asyncio.sleep(router.settings.health_poll_interval_s)
+
+    async def _observe_loop(self) -> None:
+        """About once a second: publish the router's state as gauges (weights, availability,
+        breakers, shadow outcomes, score drift). Off the request path."""
+        router = self.router
+        while True:
+            await asyncio.sleep(GAUGE_INTERVAL_S)
+            try:
+                table = router.table
+                psi = {}
+                if table is not None and router.settings.drift.enabled:
+                    psi = router.scores.psi_by_version(table.stable, time.monotonic())
+                router.gauges.update(
+                    versions=router.handles.keys(),
+                    weights=dict(table.weights) if table else {},
+                    stable=table.stable if table else None,
+                    available=router.available,
+                    breakers={v: s.value for v, s in router.dispatcher.breaker_states().items()},
+                    shadow=router.dispatcher.shadow_stats, psi=psi,
+                )  # fmt: skip
+            except Exception:
+                logger.exception("Router: metrics update failed")
