@@ -124,7 +124,11 @@ def _merge_named(base: Any, overlay: Any, where: str, *, strict: bool) -> list[A
     if not isinstance(overlay, list) or not isinstance(base, list):
         raise ConfigError(f"{where}: must be a list of mappings with a name")
     result = copy.deepcopy(base)
-    index = {item.get("name"): i for i, item in enumerate(result) if isinstance(item, dict)}
+    index = {
+        item["name"]: i
+        for i, item in enumerate(result)
+        if isinstance(item, dict) and isinstance(item.get("name"), str)
+    }
     for i, item in enumerate(overlay):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{where}[{i}]: must be a mapping with a name")

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.config import load_app_args
-from app.ops.cli import main
-from app.config import AppArgs, load_yaml, project_root
+from app.config import AppArgs, load_app_args, load_yaml, project_root
 from app.errors import ConfigError
+from app.ops.cli import main
 from app.ops.overlay import load_overlay, merge, render
 from app.ops.validate import validate_serve_config
 
@@ -164,3 +163,9 @@ def test_version_resources_replace_the_model_configs_and_region_selects_nodes():
         load_app_args({**args, "region": "eu west 1"})
     with pytest.raises(ConfigError, match=r"args.version_resources: \['v7'\] are not versions"):
         load_app_args({**args, "version_resources": {"v7": {}}})
+
+
+def test_a_base_entry_without_a_name_is_a_config_error_not_a_crash():
+    base = {"applications": [{"x": 1}, {"name": "a"}]}
+    with pytest.raises(ConfigError, match=r"'b' is not in the base config; names: \['a'\]"):
+        merge(base, {"applications": [{"name": "b"}]})
