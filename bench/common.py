@@ -7,7 +7,9 @@ import shutil
 import sys
 import time
 
-from tests.waiting import free_port  # one port picker for tests and benches (outside Ray's port ranges)
+from tests.support.waiting import (
+    free_port,  # one port picker for tests and benches (outside Ray's port ranges)
+)
 
 __all__ = ["cpu_count", "free_port", "log", "shutdown"]
 

@@ -33,11 +33,12 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from app import ray_compat
 from app.adapters import Tensors, adapter_class
-from app.serving.artifacts import resolve_artifact, verify_artifact
-from app.serving.batching import Batcher
 from app.config import ModelConfig, load_model_config
 from app.errors import ServingError, http_status
+from app.serving.artifacts import resolve_artifact, verify_artifact
+from app.serving.batching import Batcher
 from app.serving.protocol import INFERENCE_HEADER, check_request, decode_body, encode_infer_response
 
 __all__ = ["DirectArgs", "ForwardArgs", "build", "build_forward"]
@@ -120,7 +121,8 @@ class Forward:
     async def __call__(self, request: Request) -> Response:
         if self.handle is None:  # the other app may deploy after this one
             handle = serve.get_deployment_handle(self.deployment, app_name=self.app)
-            self.handle = handle.options(_by_reference=self.by_reference)  # as the Router's
+            transport = "actor" if self.by_reference else "grpc"
+            self.handle = ray_compat.handle_with_transport(handle, transport)  # as the Router's
             described = ModelConfig.model_validate(await self.handle.describe.remote())
             self.adapter = adapter_class(described.adapter)
         try:

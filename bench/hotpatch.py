@@ -42,18 +42,18 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-from bench.localapp import APP, TICK_S, LocalApp, wait_for  # noqa: E402 - sets RAY_AUTH_MODE first
+from typing import Any
 
 import ray  # noqa: E402
 
 from app.config import config_hash  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
+from bench.localapp import APP, TICK_S, LocalApp, wait_for  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.rollback import Load  # noqa: E402
-from tests.waiting import handle_call  # noqa: E402
+from tests.support.waiting import handle_call  # noqa: E402
 
 POLL_S = 0.05
 BODY = {
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
         from app.serving.artifacts import artifact_digests
-        from tests.integration.tiny_models import build_tiny_bert, write_model_config as model_config
+        from tests.support.tiny_models import build_tiny_bert
+        from tests.support.tiny_models import write_model_config as model_config
 
         log("building tiny BERT artifacts (v1, v2, v3 and the weights to swap in)")
         a = build_tiny_bert(tmp / "tiny-a", seed=0)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # A throwaway cluster of our own: token auth off (real clusters keep it on). Before `import ray`.
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -24,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from bench.common import log, shutdown  # noqa: E402
-from tests.waiting import free_port, wait_for_condition  # noqa: E402
+from tests.support.waiting import free_port, wait_for_condition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "recommender"
@@ -128,7 +129,7 @@ class LocalApp:
         self.url = f"http://127.0.0.1:{http_port}"
         self.client = httpx.Client(base_url=self.url, timeout=30)
         for path in ready_paths:
-            wait_for(lambda: self.client.get(path).status_code == 200, 60, 0.2, f"{path} to answer 200")
+            wait_for(lambda path=path: self.client.get(path).status_code == 200, 60, 0.2, f"{path} to answer 200")
         return self
 
     def wait_for_status(self, predicate: Callable[[dict[str, Any]], bool], what: str,

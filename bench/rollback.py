@@ -4,7 +4,7 @@
 
 Starts a throwaway Ray of its own (`address="local"`, 4 logical CPUs, with the dashboard on a
 free loopback port, because the declarative Serve API lives there) and Serve on a free loopback
-port, builds two tiny random BERT artifacts (`tests.integration.tiny_models.build_tiny_bert`),
+port, builds two tiny random BERT artifacts (`tests.support.tiny_models.build_tiny_bert`),
 and deploys the recommender app the way operators do: a serve config (import_path
 `app.builder:build_app`) PUT to the dashboard's REST API (`ServeSubmissionClient
 .deploy_applications`, what `serve deploy` calls). Versions:
@@ -50,18 +50,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-from bench.localapp import APP, TICK_S, LocalApp, wait_for, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
+from typing import Any
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from bench.common import cpu_count, log  # noqa: E402
-from tests.integration import loadgen  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
+from bench.common import cpu_count, log  # noqa: E402
+from bench.localapp import APP, TICK_S, LocalApp, wait_for, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
+from tests.support import loadgen  # noqa: E402
 
 CANDIDATE, STABLE = "v2", "v1"
 CLIENTS = 6
@@ -94,7 +94,7 @@ def trial_plan(index: int) -> dict[str, Any]:
 
 
 class Load(loadgen.Load):
-    """CLIENTS threads sending inference with random user ids (tests/integration/loadgen.py);
+    """CLIENTS threads sending inference with random user ids (tests/support/loadgen.py);
     every non-200 is a client error, kept with the time it happened."""
 
     def __init__(self, url: str) -> None:
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     load: Load | None = None
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
-        from tests.integration.tiny_models import build_tiny_bert, write_model_config as model_config
+        from tests.support.tiny_models import build_tiny_bert
+        from tests.support.tiny_models import write_model_config as model_config
 
         log("building two tiny BERT artifacts")
         healthy = build_tiny_bert(tmp / "tiny-a", seed=0)

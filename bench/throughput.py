@@ -55,17 +55,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
-
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
-from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
 from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
+from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
+from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.world import World  # noqa: E402
 
 MODEL_CONFIG = ROOT / "configs/models/recommender/v1.yaml"

@@ -194,8 +194,8 @@ def offline_match_rates(
     import numpy as np
 
     from app.adapters import adapter_class
-    from app.serving.artifacts import resolve_artifact
     from app.config import load_model_config
+    from app.serving.artifacts import resolve_artifact
 
     world = World()
     rng = random.Random(seed)

@@ -1,8 +1,11 @@
 """On a GPU node: which device TextEncoder picks in Ray actors with num_gpus 0 and 0.5."""
 import os
+
 os.environ["RAY_AUTH_MODE"] = "disabled"
-import ray
 from pathlib import Path
+
+import ray
+
 
 @ray.remote
 class Probe:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from app.config import project_root
-from tests.integration.tiny_models import write_model_config
+from tests.support.tiny_models import write_model_config
 
 pytestmark = pytest.mark.integration
 

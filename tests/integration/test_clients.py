@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.conftest import APP, infer_body, model_config, serve_config
+from tests.support.serving import APP, infer_body, model_config, serve_config
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from app.config import project_root
-from tests.integration.conftest import APP, infer_body, model_config, serve_config, wait_for_condition
+from tests.support.serving import APP, infer_body, model_config, serve_config
+from tests.support.waiting import wait_for_condition
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.loadgen import Load
-from tests.integration.conftest import APP, infer_body, model_config, serve_config, wait_for_condition
+from tests.support.loadgen import Load
+from tests.support.serving import APP, infer_body, model_config, serve_config
+from tests.support.waiting import wait_for_condition
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +54,9 @@ def patch_app(cluster, tiny_models, tmp_path_factory):
 
 
 def replicas() -> dict[str, list[str]]:
-    from ray.serve.context import _get_global_client
+    from app import ray_compat
 
-    details = _get_global_client().get_serve_details()
+    details = ray_compat.serve_details()
     deployments = details["applications"][APP]["deployments"]
     return {
         name: sorted(r["replica_id"] for r in d["replicas"] if r["state"] == "RUNNING")

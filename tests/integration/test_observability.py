@@ -34,8 +34,9 @@ import pytest
 import yaml
 
 from app.observability.metrics import METRICS, exported_names, names_in_promql
-from tests.integration.loadgen import Load
-from tests.integration.conftest import APP, free_port, infer_body, model_config, serve_config, wait_for_condition
+from tests.support.loadgen import Load
+from tests.support.serving import APP, infer_body, model_config, serve_config
+from tests.support.waiting import free_port, wait_for_condition
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +128,7 @@ def prometheus(cluster, tmp_path_factory):
 
 
 class Traffic(Load):
-    """Background clients (tests/integration/loadgen.py): sticky users, keyless (weighted),
+    """Background clients (tests/support/loadgen.py): sticky users, keyless (weighted),
     pinned, repeated bodies for cache hits, and an occasional bad request (a 400 before any
     model runs). Every status is kept in `statuses`; none counts as a load error."""
 
@@ -234,7 +235,7 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
         for expr in _dashboard_exprs():
             if expr.startswith("label_values("):
                 continue  # a Grafana template function, not PromQL; its metric is checked above
-            wait_for_condition(lambda: prometheus.query(_grafana_vars(expr)), 30, interval_s=1.0,
+            wait_for_condition(lambda expr=expr: prometheus.query(_grafana_vars(expr)), 30, interval_s=1.0,
                                message=f"data for the dashboard query {expr}")  # fmt: skip
         # Still firing after all that: the controller keeps re-sending its phase gauge.
         assert prometheus.firing("RolloutAutomaticRollback")

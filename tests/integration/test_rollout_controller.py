@@ -12,15 +12,9 @@ import time
 import httpx
 import pytest
 
-from tests.integration import loadgen
-from tests.integration.conftest import (
-    APP,
-    forget_rollouts,
-    infer_body,
-    model_config,
-    serve_config,
-    wait_for_condition,
-)
+from tests.support import loadgen
+from tests.support.serving import APP, forget_rollouts, infer_body, model_config, serve_config
+from tests.support.waiting import wait_for_condition
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.conftest import APP, infer_body, model_config, serve_config
+from tests.support.serving import APP, infer_body, model_config, serve_config
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_model_metadata(deployed):
 
 @pytest.mark.parametrize(
     "path",
-    [f"/v2/models/nope", f"/v2/models/{APP}/versions/v9", f"/v2/models/{APP}/versions/v9/ready"],
+    ["/v2/models/nope", f"/v2/models/{APP}/versions/v9", f"/v2/models/{APP}/versions/v9/ready"],
 )
 def test_unknown_model_or_version_is_404(deployed, path):
     response = deployed.client.get(path)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.waiting import free_port, serve_deploy, wait_for_condition  # noqa: F401 - re-exported
+from tests.support.waiting import free_port, serve_deploy, wait_for_condition  # noqa: F401 - re-exported
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 from app.ops.overlay import load_overlay, render
-from tests.integration import loadgen
-from tests.integration.tiny_models import build_tiny_bert, write_model_config
-from tests.multinode.conftest import REGION, wait_for_condition
+from tests.multinode.conftest import REGION
+from tests.support import loadgen
+from tests.support.tiny_models import build_tiny_bert, write_model_config
+from tests.support.waiting import wait_for_condition
 
 APP = "recommender"
 TOKEN = "multinode-admin-token-0123456789"
@@ -112,7 +113,7 @@ def admin(url: str, path: str = "", method: str = "GET") -> httpx.Response:
 
 
 class Load(loadgen.Load):
-    """Steady clients (tests/integration/loadgen.py); also counts each answer's routing
+    """Steady clients (tests/support/loadgen.py); also counts each answer's routing
     decision, serving version and fallback reason."""
 
     def __init__(self, url: str, clients: int = 4) -> None:

@@ -267,7 +267,7 @@ def test_evaluate_and_evaluate_paths_agree():
         test = SequentialTest(scale=scale, mde=0.05 if scale == "relative" else 0.005,
                               min_samples_per_arm=1000)  # fmt: skip
         paths = test.evaluate_paths(kind, candidate, control)
-        def arm(columns, e, t):
+        def arm(columns, e, t, kind=kind):
             n, total, squares = (a[e, t] for a in columns)
             return ArmStats(kind, int(n), float(total), float(squares))
 

@@ -8,8 +8,8 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from app.observability.access_log import AccessLogSettings, access_record, outcome_for_status
 from app.config import RouterSettings
+from app.observability.access_log import AccessLogSettings, access_record, outcome_for_status
 
 
 def _record(settings: AccessLogSettings, body: bytes | None = b'{"inputs": []}', **kw):

@@ -14,7 +14,7 @@ from app.adapters import NUMPY_DTYPES, ModelAdapter, adapter_class
 from app.adapters.embedding import EmbeddingAdapter
 from app.adapters.recommender import RecommenderAdapter
 from app.errors import InvalidInput
-from tests.integration.tiny_models import build_tiny_bert
+from tests.support.tiny_models import build_tiny_bert
 
 ATOL = 1e-5
 

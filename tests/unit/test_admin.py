@@ -6,9 +6,9 @@ import hmac
 
 import pytest
 
+from app.errors import ConfigError
 from app.serving import auth as admin
 from app.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, check_bearer, load_admin_token
-from app.errors import ConfigError
 
 TOKEN = "s3cret-admin-token-0123456789"
 OTHER = "another-long-admin-token-987654"

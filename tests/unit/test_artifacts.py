@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from app.serving.artifacts import WEIGHT_SUFFIXES, artifact_digests, resolve_artifact, verify_artifact
 from app.config import load_model_config
 from app.errors import ArtifactError
+from app.serving.artifacts import (
+    WEIGHT_SUFFIXES,
+    artifact_digests,
+    resolve_artifact,
+    verify_artifact,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -168,7 +168,7 @@ def test_bench_throughput_rejects_bad_options_before_any_cluster(argv, message, 
 def test_free_port_stays_out_of_the_ranges_ray_takes_ports_from():
     import socket
 
-    from tests.waiting import _ephemeral_low, free_port
+    from tests.support.waiting import _ephemeral_low, free_port
 
     ports = [free_port() for _ in range(20)]
     assert len(set(ports)) == 20  # never the same port twice in a process

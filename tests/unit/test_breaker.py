@@ -12,7 +12,7 @@ from app.serving.breaker import (
     BreakerState,
     CircuitBreaker,
 )
-from tests.unit.fakes import FakeClock
+from tests.support.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

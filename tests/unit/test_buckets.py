@@ -133,7 +133,7 @@ def test_candidate_count_never_falls_as_its_weight_rises():
     # Every 0.01 step from 0 to 100: with two versions the candidate's count is monotone,
     # which is the whole of the one-candidate stickiness guarantee.
     previous = -1
-    for hundredths in range(0, 10_001):
+    for hundredths in range(10_001):
         w = hundredths / 100
         n = bucket_counts({"v1": 100 - w, "v2": w})["v2"]
         assert n >= previous, w

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.serving.cache import CachedResponse, CacheSettings, ResponseCache, cache_key
-from tests.unit.fakes import FakeClock
+from tests.support.fakes import FakeClock
 
 
 def make(**overrides) -> tuple[ResponseCache, FakeClock]:

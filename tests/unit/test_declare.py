@@ -3,16 +3,15 @@ the controller's traffic on top of a router's declared config."""
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
 
-from app.ops.cli import main
 from app.config import TrafficConfig, project_root
-from app.ops.declare import declare_plan, load_plan
 from app.errors import ConfigError
-from app.serving.traffic import apply_override
+from app.ops.cli import main
+from app.ops.declare import declare_plan, load_plan
 from app.ops.validate import validate_serve_config
+from app.serving.traffic import apply_override
 
 ROOT = project_root()
 PLANS = sorted((ROOT / "configs" / "rollouts").glob("*.yaml"))

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 from app.adapters.recommender import RecommenderAdapter
-from app.serving.breaker import BreakerSettings, BreakerState
 from app.config import ShadowRule, TrafficConfig
-from app.serving.dispatch import Dispatcher, Served
 from app.errors import (
     DeadlineExceeded,
     InjectedFault,
@@ -22,8 +20,10 @@ from app.errors import (
     Unavailable,
     http_status,
 )
+from app.serving.breaker import BreakerSettings, BreakerState
+from app.serving.dispatch import Dispatcher, Served
 from app.serving.traffic import Decision, Route, TrafficTable
-from tests.unit.fakes import FakeClock
+from tests.support.fakes import FakeClock
 
 VERSIONS = ("v1", "v2", "v3")
 ALL = frozenset(VERSIONS)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.rollout.abtest import OutcomeKind
 from app.errors import Gone, InvalidInput, ModelNotFound, http_status
+from app.rollout.abtest import OutcomeKind
 from app.rollout.feedback import FeedbackSettings, OutcomeBook, RequestLedger, parse_feedback
 
 T0 = 1_700_000_000.0
@@ -138,3 +138,57 @@ def test_outcome_names_are_bounded():
     with pytest.raises(InvalidInput, match="outcome: 'o3' would be outcome name number 4"):
         book.check_kind(extra, max_outcomes=3)
     book.check_kind(parse_feedback({"request_id": "r", "outcome": "o1", "value": 2})[0][0], 3)
+
+
+# -- FeedbackDesk: the controller's accounting, pure ------------------------------------------
+
+
+def _item(request_id: str, value: float = 1.0, outcome: str = "click", kind: str = "binary") -> dict:
+    return {"request_id": request_id, "outcome": outcome, "value": value, "kind": kind}
+
+
+def test_desk_counts_once_excludes_pinned_and_names_unknown_and_expired():
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(["v1", "v2"], FeedbackSettings(ttl_s=60))
+    desk.reset(now=100.0)
+    desk.record_served([("a", "v2", 101.0, "weighted"), ("p", "v2", 101.0, "pinned"),
+                        ("old", "v1", 10.0, "sticky")], now=102.0)  # fmt: skip
+    results = desk.count([_item("a"), _item("a"), _item("p"), _item("nope")], {}, now=103.0)
+    assert [r.get("counted") for r in results] == [True, False, False, False]
+    assert results[1]["duplicate"] is True
+    assert "pinned answer" in results[2]["excluded"]
+    assert results[3]["status"] == 404
+    assert desk.book.arm("click", "v2").n == 1
+    expired = desk.count([_item("a", outcome="buy")], {}, now=200.0)
+    assert expired[0]["status"] == 410
+    assert desk.status()["counted"] == 1 and desk.status()["unknown"] == 1
+    assert desk.dirty
+
+
+def test_desk_takes_a_routers_hint_for_an_answer_not_pushed_yet():
+    from app.messages import FeedbackHint
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(["v1", "v2"])
+    hint = FeedbackHint("v2", 50.0, "sticky", ["click"])  # this router already saw click counted
+    results = desk.count([_item("h"), _item("h", outcome="buy")], {"h": hint}, now=51.0)
+    assert results[0]["duplicate"] is True  # counted once, wherever it was counted
+    assert results[1]["counted"] is True and results[1]["version"] == "v2"
+    ignored = desk.count([_item("x")], {"x": FeedbackHint("v9", 50.0, "sticky", [])}, now=51.0)
+    assert ignored[0]["status"] == 404  # a hint naming a version this app does not serve
+
+
+def test_desk_persists_its_experiment_and_book():
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(None)
+    desk.reset(now=5.0)
+    desk.record_served([("a", "v2", 6.0, "weighted")], now=6.0)
+    desk.count([_item("a", value=3.5, outcome="revenue", kind="continuous")], {}, now=7.0)
+    again = FeedbackDesk(None)
+    again.restore(desk.to_dict())
+    assert again.started_at == 5.0
+    assert again.book.arm("revenue", "v2").sum == 3.5
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        again.restore({"book": {}})

@@ -7,8 +7,8 @@ import shutil
 
 import yaml
 
-from app.ops.cli import main
 from app.config import load_yaml, project_root
+from app.ops.cli import main
 from app.ops.kuberay import generate, manifest_text, project_version
 from app.ops.overlay import load_overlay, render
 from app.ops.placement import load_launcher, node_types

@@ -7,7 +7,6 @@ import re
 import pytest
 
 from app import errors
-from app.serving.dispatch import ShadowStats
 from app.observability.metrics import (
     DECISIONS,
     METRICS,
@@ -20,6 +19,7 @@ from app.observability.metrics import (
     exported_names,
     names_in_promql,
 )
+from app.serving.dispatch import ShadowStats
 
 
 class FakeMetric:
@@ -228,8 +228,8 @@ def test_names_in_promql_finds_series_rules_and_alerts_not_label_values():
 
 
 def test_every_fallback_reason_the_dispatcher_gives_is_a_valid_tag():
-    from app.serving.dispatch import BreakerOpen, _reason
     from app.observability.metrics import FALLBACK_REASONS
+    from app.serving.dispatch import BreakerOpen, _reason
 
     classes = [BreakerOpen] + [c for c in vars(errors).values()
                                if isinstance(c, type) and issubclass(c, errors.ServingError)]  # fmt: skip

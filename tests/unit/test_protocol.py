@@ -405,7 +405,7 @@ def test_int64_extremes_are_accepted():
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_finite_floats(literal):
     body = (
-        '{"inputs":[{"name":"emb","datatype":"FP32","shape":[1,3],"data":[1.0,%s,2.0]}]}' % literal
+        '{"inputs":[{"name":"emb","datatype":"FP32","shape":[1,3],"data":[1.0,' + literal + ',2.0]}]}'
     ).encode()
     invalid(body, re.escape("input 'emb' (FP32): values must be finite"), inputs=(EMB,))
 

@@ -34,6 +34,7 @@ from app.rollout import (
     evaluate_gates,
     step,
 )
+from tests.support.fakes import FakeClock
 
 T0 = 1_700_000_000.0
 TICK = 0.25
@@ -42,14 +43,6 @@ PREVIEW_RPS = 400.0
 CAND, STABLE = "v2", "v1"
 
 World = Callable[[RolloutState, float], Observation]
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def advance(self, seconds: float = TICK) -> None:
-        self.now += seconds
 
 
 def world(
@@ -159,7 +152,7 @@ def assert_fixed_point(decision: Decision, observe: World, now: float) -> None:
 
 
 def test_whole_canary_succeeds_tick_by_tick():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = RolloutState.start(plan(), clock.now)
     assert state.phase is Phase.IDLE and state.weights == {CAND: 0.0, STABLE: 100.0}
     decisions = run(state, clock, 44)
@@ -185,7 +178,7 @@ def test_whole_canary_succeeds_tick_by_tick():
 
 
 def test_whole_blue_green_succeeds_tick_by_tick():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     decisions = run(RolloutState.start(plan("blue_green"), clock.now), clock, 18)
 
     # preview 1 s (4 ticks) + analysis 2 s (8 ticks) at 0%, then switch; old warm for 1 s
@@ -203,7 +196,7 @@ def test_whole_blue_green_succeeds_tick_by_tick():
 
 
 def test_whole_linear_succeeds_tick_by_tick():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     decisions = run(RolloutState.start(plan("linear"), clock.now), clock, 18)
     # 30, 60, 90, then 100 (analysed too), 1 s = 4 ticks each
     assert weights(decisions) == [30.0] * 4 + [60.0] * 4 + [90.0] * 4 + [100.0] * 6
@@ -211,7 +204,7 @@ def test_whole_linear_succeeds_tick_by_tick():
 
 
 def test_linear_bake_is_left_out_of_the_analysis_window():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = RolloutState.start(plan("linear", bake_s=0.5), clock.now)
     decisions = run(state, clock, 26)
     # per weight: 0.5 s bake (2 ticks) then 1 s analysis (4 ticks)
@@ -225,7 +218,7 @@ def test_linear_bake_is_left_out_of_the_analysis_window():
 
 @pytest.mark.parametrize("strategy", ["canary", "blue_green", "linear"])
 def test_every_tick_is_repeatable_and_a_fixed_point(strategy):
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = RolloutState.start(plan(strategy), clock.now)
     for _ in range(50):
         observation = HEALTHY(state, clock.now)
@@ -272,7 +265,7 @@ def test_failure_cases_cover_every_kind_of_waiting_step():
 
 @pytest.mark.parametrize(("strategy", "index"), FAILURE_CASES)
 def test_failure_at_every_step_rolls_back_within_one_tick(strategy, index):
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = RolloutState.start(FAILURE_PLANS[strategy](), clock.now)
     for _ in range(200):  # healthy until the rollout rests on step `index`
         if state.phase is not Phase.IDLE and state.step_index == index:
@@ -434,7 +427,7 @@ def test_analysis_that_ends_pending_pauses_as_inconclusive_and_resume_retries():
     rollout_plan = canary(
         {"set_weight": 5}, {"analysis_s": 2}, {"set_weight": 10}, {"pause_s": 600}
     )
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = RolloutState.start(rollout_plan, clock.now)
     trickle: World = lambda s, now: observation(  # noqa: E731 - 20 requests/s: too few
         VersionStats(int(20 * (now - s.window_started_at)), 0, 10, 50), VersionStats(4000, 0)
@@ -462,7 +455,7 @@ def test_prometheus_gate_skipped_when_unavailable():
         {"set_weight": 5}, {"analysis_s": 1}, {"set_weight": 10}, {"pause_s": 600},
         gates={"prometheus_query": "sum(rate(gpu_oom_total[1m]))", "prometheus_max": 1.0},
     )  # fmt: skip
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     decisions = run(RolloutState.start(rollout_plan, clock.now), clock, 5)
     verdict = gate(decisions[-1], "prometheus_max")
     assert verdict.status is GateStatus.SKIPPED
@@ -535,7 +528,7 @@ def test_promote_ends_a_wait_for_promote():
     rollout_plan = canary(
         {"set_weight": 5}, {"pause_s": None}, {"set_weight": 50}, {"analysis_s": 1}
     )
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     decisions = run(RolloutState.start(rollout_plan, clock.now), clock, 20)
     assert weights(decisions) == [5.0] * 20
     assert phases(decisions) == [Phase.PAUSED] * 20  # waits for as long as it takes
@@ -556,7 +549,7 @@ def test_promote_skips_a_timed_pause_and_an_analysis():
         {"set_weight": 5}, {"pause_s": 600}, {"set_weight": 10}, {"analysis_s": 600},
         {"set_weight": 20}, {"pause_s": 600},
     )  # fmt: skip
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(rollout_plan, clock.now), clock, 4)[-1].state
     assert state.candidate_weight == 5.0
     state = apply_command(state, Command.PROMOTE, clock.now)
@@ -578,7 +571,7 @@ def test_promote_does_not_override_a_failing_gate():
 
 
 def test_promote_full_goes_straight_to_100():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(plan(), clock.now), clock, 3)[-1].state
     assert state.candidate_weight == 5.0
     done = apply_command(state, Command.PROMOTE_FULL, clock.now)
@@ -587,7 +580,7 @@ def test_promote_full_goes_straight_to_100():
 
 
 def test_promote_full_in_blue_green_keeps_the_old_version_warm():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(plan("blue_green"), clock.now), clock, 2)[-1].state
     assert state.candidate_weight == 0.0
     switched = apply_command(state, Command.PROMOTE_FULL, clock.now)
@@ -604,7 +597,7 @@ def test_pause_time_does_not_count_against_a_hold():
     rollout_plan = canary(
         {"set_weight": 5}, {"analysis_s": 2}, {"set_weight": 10}, {"pause_s": 600}
     )
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(rollout_plan, clock.now), clock, 4)[-1].state  # 0.75 s in
     paused = apply_command(state, Command.PAUSE, clock.now)  # paused at 1.0 s into the hold
     assert paused.phase is Phase.PAUSED and paused.paused_by_user
@@ -621,14 +614,14 @@ def test_pause_time_does_not_count_against_a_hold():
 
 
 def test_a_paused_rollout_still_rolls_back():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(plan(), clock.now), clock, 2)[-1].state
     paused = apply_command(state, Command.PAUSE, clock.now)
     assert tick(paused, clock, BROKEN).state.phase is Phase.ROLLED_BACK
 
 
 def test_abort_sends_everything_back_to_stable():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(plan(), clock.now), clock, 20)[-1].state
     assert state.candidate_weight == 25.0
     aborted = apply_command(state, Command.ABORT, clock.now, reason="bad vibes")
@@ -641,7 +634,7 @@ def test_abort_sends_everything_back_to_stable():
 
 
 def test_abort_during_blue_green_scale_down_switches_back():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(plan("blue_green"), clock.now), clock, 14)[-1].state
     assert state.phase is Phase.PROMOTING and state.candidate_weight == 100.0
     aborted = apply_command(state, Command.ABORT, clock.now)
@@ -653,14 +646,14 @@ def test_abort_during_blue_green_scale_down_switches_back():
     [
         (lambda s: s, Command.PROMOTE, "cannot promote: the rollout is idle"),
         (lambda s: s, Command.PAUSE, "cannot pause: the rollout is idle"),
-        (lambda s: tick(s, FakeClock()).state, Command.RESUME, "rollout is progressing"),
+        (lambda s: tick(s, FakeClock(T0, tick_s=TICK)).state, Command.RESUME, "rollout is progressing"),
         (
-            lambda s: apply_command(tick(s, FakeClock()).state, Command.PAUSE, T0),
+            lambda s: apply_command(tick(s, FakeClock(T0, tick_s=TICK)).state, Command.PAUSE, T0),
             Command.PAUSE,
             r"rollout is paused \(it is already paused\)",
         ),
         (
-            lambda s: apply_command(tick(s, FakeClock()).state, Command.ABORT, T0),
+            lambda s: apply_command(tick(s, FakeClock(T0, tick_s=TICK)).state, Command.ABORT, T0),
             Command.RESUME,
             "cannot resume: the rollout is aborted",
         ),
@@ -687,14 +680,14 @@ def test_resume_at_wait_for_promote_says_use_promote():
 
 
 def test_pause_while_promoting_is_refused():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = run(RolloutState.start(plan("blue_green"), clock.now), clock, 14)[-1].state
     with pytest.raises(ValueError, match="promoting.*traffic has already switched"):
         apply_command(state, Command.PAUSE, clock.now)
 
 
 def test_without_auto_promote_waits_at_the_end():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     rollout_plan = plan("linear", auto_promote=False)
     assert isinstance(rollout_plan.expand()[-2], WaitForPromote)
     decisions = run(RolloutState.start(rollout_plan, clock.now), clock, 24)
@@ -724,15 +717,15 @@ def scripted(state: RolloutState, clock: FakeClock, ticks: int, restart_at: int 
 
 @pytest.mark.parametrize("restart_at", [1, 10, 21, 33])
 def test_restart_from_persisted_state_gives_the_same_rollout(restart_at):
-    straight = scripted(RolloutState.start(plan(), T0), FakeClock(), 48, None)
-    restarted = scripted(RolloutState.start(plan(), T0), FakeClock(), 48, restart_at)
+    straight = scripted(RolloutState.start(plan(), T0), FakeClock(T0, tick_s=TICK), 48, None)
+    restarted = scripted(RolloutState.start(plan(), T0), FakeClock(T0, tick_s=TICK), 48, restart_at)
     assert restarted == straight
     assert straight[-1].state.phase is Phase.SUCCEEDED
     assert any(d.state.phase is Phase.PAUSED for d in straight)
 
 
 def test_state_round_trip_is_exact_in_every_phase():
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     state = RolloutState.start(plan("blue_green"), clock.now)
     seen = set()
     for _ in range(20):
@@ -770,7 +763,7 @@ def test_decision_traffic_config():
     assert config.weights == {STABLE: 95.0, "v0": 0.0, CAND: 5.0}
     assert config.stable == STABLE and config.shadow is None
 
-    clock = FakeClock()
+    clock = FakeClock(T0, tick_s=TICK)
     bg = run(RolloutState.start(plan("blue_green"), clock.now), clock, 17)
     preview = bg[0].traffic_config(base)
     assert preview.shadow is not None

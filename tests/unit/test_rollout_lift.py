@@ -12,7 +12,6 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from app.rollout.abtest import ArmStats
 from app.rollout import (
     GateStatus,
     Observation,
@@ -23,6 +22,7 @@ from app.rollout import (
     evaluate_lift_gates,
     step,
 )
+from app.rollout.abtest import ArmStats
 
 T0 = 1_700_000_000.0
 TICK = 0.25

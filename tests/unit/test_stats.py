@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 
-from app.rollout import VersionStats
 from app.observability.stats import (
     LATENCY_BOUNDS_MS,
     RouterStats,
@@ -16,6 +15,7 @@ from app.observability.stats import (
     bucket_index,
     quantile,
 )
+from app.rollout import VersionStats
 
 N = len(LATENCY_BOUNDS_MS) + 1
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from app.serving.artifacts import artifact_digests, verify_artifact
 from app.ops.cli import main
 from app.ops.validate import validate_serve_config
-from tests.integration.tiny_models import build_tiny_bert
+from app.serving.artifacts import artifact_digests, verify_artifact
+from tests.support.tiny_models import build_tiny_bert
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_DIGEST = "ab" * 32

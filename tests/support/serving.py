@@ -1,0 +1,92 @@
+"""Helpers for the integration suites: the Cluster handle the `cluster` fixture yields, serve
+configs like the repo's, request bodies, and forgetting rollout state between modules."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app import ray_compat
+from app.constants import KV_NAMESPACE
+from tests.support.tiny_models import write_model_config
+from tests.support.waiting import handle_call, serve_deploy, wait_for_condition
+
+APP = "recommender"
+
+
+class Cluster:
+    def __init__(self, http_port: int, dashboard_port: int) -> None:
+        self.http_port = http_port
+        self.dashboard_port = dashboard_port
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess:
+        """Run the real `serve deploy` CLI on `config` (written as YAML)."""
+        return serve_deploy(config, tmp_path, http_port=self.http_port, dashboard_port=self.dashboard_port)
+
+    def app_status(self, name: str = APP):
+        from ray import serve
+
+        return serve.status().applications.get(name)
+
+    def wait_running(self, name: str = APP, timeout_s: float = 120) -> None:
+        def running():
+            status = self.app_status(name)
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise AssertionError(f"{name} failed to deploy: {status.message}")
+            return status is not None and status.status == "RUNNING"
+
+        wait_for_condition(running, timeout_s, message=f"app {name} RUNNING")
+
+    def router_status(self) -> dict[str, Any]:
+        return self.client.get("/status").json()
+
+    def replica_info(self, deployment: str) -> dict[str, Any]:
+        return handle_call(deployment, APP, "info")
+
+
+def forget_rollouts(app: str = APP, model: str = APP) -> None:
+    """Delete the rollout state an earlier test module left in GCS for this app: a controller
+    deployed again resumes it (by design), and a module that starts from idle must not."""
+    for suffix in ("rollout-state", "rollout-state/outcomes"):
+        ray_compat.kv_delete(f"{app}/{model}/{suffix}", KV_NAMESPACE)
+
+
+def model_config(
+    directory: Path, tmp: Path, version: str, artifact: Path, **overrides: Any
+) -> Path:
+    """Write `<directory>/<version>.yaml` for a tiny artifact; return its path."""
+    return write_model_config(directory, version, artifact, **overrides)
+
+
+def serve_config(versions: list[Path], weights: dict[str, float], stable: str = "v1",
+                 deployments: list[dict[str, Any]] | None = None, **router: Any) -> dict[str, Any]:  # fmt: skip
+    """A serve config like the repo's serve_config.yaml, for the given model config files."""
+    return {
+        "applications": [
+            {
+                "name": APP,
+                "route_prefix": "/",
+                "import_path": "app.builder:build_app",
+                "args": {"model": APP, "versions": [str(p) for p in versions], "router": router},
+                "deployments": [
+                    {"name": "Router", "user_config": {"stable": stable, "weights": weights}},
+                    *(deployments or []),
+                ],
+            }
+        ]
+    }
+
+
+def infer_body(users: list[str], items: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {"name": "user", "datatype": "BYTES", "shape": [len(users)], "data": users},
+            {"name": "items", "datatype": "BYTES", "shape": [len(items)], "data": items},
+        ],
+        **extra,
+    }
