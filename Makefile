@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The CPU build of torch, installed before the project so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo demo-worse demo-rollback test test-unit test-integration test-multinode validate kuberay bench stop clean
+.PHONY: install demo demo-worse demo-rollback lint fmt typecheck test test-unit test-integration test-multinode validate kuberay bench stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ demo-worse: install
 bench: install
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.rollback
+
+# ruff (lint and format check) and mypy, as CI runs them before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy
 
 # tests/multinode starts its own multi-node cluster, so it runs in a pytest process of its own.
 test: install

@@ -51,7 +51,8 @@ def serve_details() -> dict[str, Any]:
     deployment's replica states and target user_config. Blocking: call it off the event loop."""
     from ray.serve.context import _get_global_client
 
-    return _get_global_client().get_serve_details()
+    # Ray types it Optional, but with the default raise_if_no_controller_running=True it raises.
+    return _get_global_client().get_serve_details()  # type: ignore[union-attr]
 
 
 def handle_with_transport(handle: Any, transport: str) -> Any:
@@ -71,7 +72,8 @@ def session_dir() -> str:
     """The connected Ray node's session directory (its logs live under it)."""
     import ray._private.worker
 
-    return ray._private.worker._global_node.get_session_dir_path()
+    # `_global_node = None` at module level (so mypy infers None); ray.init sets it.
+    return ray._private.worker._global_node.get_session_dir_path()  # type: ignore[attr-defined]
 
 
 def backpressure_error_class() -> type[BaseException]:

@@ -41,7 +41,7 @@ __all__ = ["build_app", "build_version", "load_app_args", "load_version_args"]  
 def _model_server(config: ModelConfig, placement: dict[str, Any]):
     from deployments.model_server import ModelServer
 
-    return ModelServer.options(
+    return ModelServer.options(  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
         name=config.deployment_name,
         ray_actor_options={**config.resources.ray_actor_options(), **placement},
         autoscaling_config=config.autoscaling.serve_config(),
@@ -70,13 +70,13 @@ def build_app(args: dict[str, Any]):
     placement = {"label_selector": app_args.label_selector()} if app_args.region else {}
     handles = {config.version: _model_server(config, placement) for config in configs}
     # No plan until serve_config.yaml declares one in the controller's user_config.
-    controller = RolloutController.options(
+    controller = RolloutController.options(  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
         name=CONTROLLER_DEPLOYMENT,
         user_config={"plan": None},
-        **({"ray_actor_options": {**(RolloutController.ray_actor_options or {}), **placement}}
+        **({"ray_actor_options": {**(RolloutController.ray_actor_options or {}), **placement}}  # type: ignore[attr-defined]  # @serve.deployment (see above)
            if placement else {}),
     ).bind(app_args.model, None if app_args.version_apps else [c.version for c in configs])
-    router = Router.options(
+    router = Router.options(  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
         name=ROUTER_DEPLOYMENT,
         num_replicas=app_args.router_replicas,
         max_ongoing_requests=app_args.router_max_ongoing_requests,

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from ray import serve
 
@@ -214,7 +214,7 @@ class ControllerCore:
         """Refresh the Prometheus gate's reading (off the event loop; at most once a second)."""
         state = self.state
         query = state.plan.gates.prometheus_query if state is not None else None
-        if query is None or state.phase.terminal:
+        if query is None or cast(RolloutState, state).phase.terminal:  # query set: state is not None
             return
         if self.prometheus_url is None:
             self.prometheus = PrometheusReading(None, False, "no prometheus_url configured")
@@ -230,6 +230,7 @@ class ControllerCore:
 
     def observation(self, now: float) -> Observation:
         """What the gates judge: everything since the current step's window started."""
+        assert self.state is not None  # tick calls this only while a rollout runs
         since = self.state.window_started_at
         candidate = self.state.plan.candidate
         compared = overlap = 0.0
@@ -378,7 +379,7 @@ class ControllerCore:
                 await asyncio.wait_for(self._published.wait(), timeout=timeout_s)
             except asyncio.TimeoutError:
                 pass
-        return self.override
+        return cast("TrafficOverride | None", self.override)
 
     async def feedback(
         self, items: list[dict[str, Any]], hints: dict[str, FeedbackHint]

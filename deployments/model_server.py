@@ -20,11 +20,11 @@ import logging
 import os
 import random
 import time
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 
-from app.adapters import Tensors, adapter_class
+from app.adapters import ModelAdapter, Tensors, adapter_class
 from app.config import (
     Batching,
     FaultInjection,
@@ -49,7 +49,7 @@ class ModelServer:
         self.config = config
         self.name = config.deployment_name
         self.adapter_cls = adapter_class(config.adapter)
-        self.adapter = None  # loaded by the first reconfigure (or the first call without one)
+        self.adapter: ModelAdapter | None = None  # loaded by the first reconfigure (or the first call without one)
         self.weights: Weights | None = None
         self.artifact_dir = None
         self.digests: dict[str, str] = {}
@@ -140,7 +140,7 @@ class ModelServer:
             logger.info("%s: swapped in weights %s (loaded in %.2fs)", self.name, self.artifact_dir,
                         self.load_s)  # fmt: skip
         async with self._model_lock:
-            self.adapter.configure(hyperparameters)
+            cast(ModelAdapter, self.adapter).configure(hyperparameters)  # loaded just above
             self.config_hash = digest
         self.refused = None
         self._apply_batching(update.batching)
@@ -188,8 +188,8 @@ class ModelServer:
         self._refresh_gauges()
         async with self._model_lock:
             config = self.config_hash
-            outputs = await asyncio.to_thread(
-                self.adapter.predict, [r[0] for r in requests], [r[1] for r in requests]
+            outputs = await asyncio.to_thread(  # loaded: _infer awaits _ensure_loaded first
+                cast(ModelAdapter, self.adapter).predict, [r[0] for r in requests], [r[1] for r in requests]
             )
         return [(out, config) for out in outputs]
 
@@ -205,7 +205,8 @@ class ModelServer:
         await self._ensure_loaded()
         self._refresh_gauges()
         async with self._model_lock:
-            await asyncio.to_thread(self.adapter.predict, [self.adapter.example()], [{}])
+            adapter = cast(ModelAdapter, self.adapter)  # loaded by _ensure_loaded above
+            await asyncio.to_thread(adapter.predict, [adapter.example()], [{}])
 
     async def describe(self) -> dict[str, Any]:
         """This version's model config (what a router in version_apps mode needs to route and

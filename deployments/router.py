@@ -366,7 +366,7 @@ class Router:
         if not check_bearer(request.headers.get("authorization"), self.admin_token):
             raise Unauthorized("missing or wrong bearer token")
 
-    async def _ask_controller(self, method: str, *args: Any) -> dict[str, Any]:
+    async def _ask_controller(self, method: str, *args: Any) -> Any:
         try:
             return await asyncio.wait_for(getattr(self.controller, method).remote(*args), timeout=ADMIN_CALL_TIMEOUT_S)
         except Exception as exc:
@@ -418,13 +418,13 @@ class Router:
                 counted = self.recent.counted_outcomes(item.request_id)
                 hints[item.request_id] = FeedbackHint(*entry, counted)
         payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
-        results = await self._ask_controller("feedback", payload, hints)
+        results: list[dict[str, Any]] = await self._ask_controller("feedback", payload, hints)
         for item, result in zip(items, results):
             if result.get("counted") and item.request_id in self.recent:
                 self.recent.first_count(item.request_id, item.outcome)
         if batch:
-            counted = sum(1 for r in results if r.get("counted"))
-            return JSONResponse({"counted": counted, "results": results})
+            n_counted = sum(1 for r in results if r.get("counted"))
+            return JSONResponse({"counted": n_counted, "results": results})
         result = results[0]
         status = result.pop("status", None)
         if status is not None:
@@ -617,7 +617,7 @@ class Router:
         try:
             asked = float(raw)
         except ValueError:
-            raise InvalidInput(f"{self.settings.timeout_header} must be a number of seconds, got {raw!r}")
+            raise InvalidInput(f"{self.settings.timeout_header} must be a number of seconds, got {raw!r}") from None
         if not asked > 0:
             raise InvalidInput(f"{self.settings.timeout_header} must be positive, got {raw!r}")
         return min(asked, limit)

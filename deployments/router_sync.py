@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ray import serve
 
@@ -36,6 +36,8 @@ from app.observability.drift import score_output
 from app.serving.traffic import TrafficTable, apply_override
 
 if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
     from deployments.router import Router
 
 logger = logging.getLogger("ray.serve")
@@ -111,7 +113,9 @@ class RouterSync:
         while True:
             known = router.seen_generation
             try:
-                override = await router.controller.wait_for_traffic.remote(known, LONG_POLL_TIMEOUT_S)
+                # Not None: ensure_running starts this loop only when there is a controller.
+                controller = cast("DeploymentHandle", router.controller)
+                override = await controller.wait_for_traffic.remote(known, LONG_POLL_TIMEOUT_S)
             except Exception as exc:  # controller restarting or gone: serve on, retry soon
                 logger.warning("Router: rollout controller unreachable (%s); keeping traffic", exc)
                 await asyncio.sleep(CONTROLLER_RETRY_S)
@@ -134,9 +138,10 @@ class RouterSync:
         if router.declared is None:
             router.override = override
             return
+        # router.table is not None here: Router.reconfigure sets it together with declared.
         try:
             table = TrafficTable.from_config(apply_override(router.declared, override),
-                                             router.handles.keys(), router.table.generation + 1)  # fmt: skip
+                                             router.handles.keys(), cast("TrafficTable", router.table).generation + 1)  # fmt: skip
         except ValueError as exc:
             logger.error("Router: refused the controller's traffic %s: %s", override, exc)
             return
@@ -164,8 +169,10 @@ class RouterSync:
             if not report and not shadow and not served:
                 continue
             try:
+                # Not None: ensure_running starts this loop only when there is a controller.
+                controller = cast("DeploymentHandle", router.controller)
                 await asyncio.wait_for(
-                    router.controller.report.remote(report, shadow, served), timeout=REPORT_TIMEOUT_S
+                    controller.report.remote(report, shadow, served), timeout=REPORT_TIMEOUT_S
                 )
             except Exception as exc:  # lost reports only delay a verdict; never block serving
                 logger.warning("Router: stats report to the controller failed: %s", exc)

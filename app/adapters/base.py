@@ -81,7 +81,7 @@ class ModelAdapter(ABC):
         """Validate raw hyperparameters; raises pydantic.ValidationError naming the field."""
         return cls.Hyperparameters.model_validate(values)
 
-    @classmethod
+    @classmethod  # noqa: B027 (a hook, a no-op unless an adapter overrides it)
     def check_parameters(cls, inputs: Tensors, parameters: dict[str, Any]) -> None:
         """Reject request parameters this model cannot take by raising `InvalidInput`.
 

@@ -107,7 +107,7 @@ class RecommenderAdapter(ModelAdapter):
             distinct, pooling=hp.pooling, normalize=hp.normalize, max_length=hp.max_length
         )
         row = {text: i for i, text in enumerate(distinct)}
-        results = []
+        results: list[Tensors] = []
         for user_texts, item_texts, params in zip(users, items, parameters):
             m = vectors[[row[t] for t in item_texts]]
             similarity = np.stack(

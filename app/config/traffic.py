@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydantic import (
@@ -95,7 +95,7 @@ class TrafficConfig(StrictModel):
             used.add(self.shadow.version)
         return used
 
-    def check_versions(self, known: set[str] | list[str]) -> None:
+    def check_versions(self, known: Collection[str]) -> None:
         """Raise ValueError naming any version this config uses that the app does not serve."""
         unknown = sorted(self.versions_used() - set(known))
         if unknown:
@@ -114,10 +114,10 @@ def apply_override(base: TrafficConfig, override: Mapping[str, Any] | None) -> T
     if override is None:
         return base
     data = base.model_dump()
-    data["weights"] = {version: 0.0 for version in base.weights} | dict(override["weights"])  # type: ignore[arg-type]
+    data["weights"] = {version: 0.0 for version in base.weights} | dict(override["weights"])
     data["stable"] = override["stable"]
     shadow = override.get("shadow", SHADOW_DECLARED)
     if shadow != SHADOW_DECLARED:
         keep = base.shadow.model_dump() if base.shadow is not None else {}
-        data["shadow"] = None if shadow is None else {**keep, **shadow}  # type: ignore[dict-item]
+        data["shadow"] = None if shadow is None else {**keep, **shadow}
     return TrafficConfig.model_validate(data)

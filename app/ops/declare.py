@@ -19,7 +19,7 @@ from app.errors import ConfigError
 __all__ = ["declare_plan", "load_plan"]
 
 
-def load_plan(path: Path) -> dict[str, Any]:
+def load_plan(path: Path) -> dict[str, Any] | None:
     """The plan in `path`, checked against the schema; ConfigError names the file and field."""
     from app.rollout import RolloutPlan
 

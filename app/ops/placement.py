@@ -130,7 +130,9 @@ def launcher_errors(config: dict[str, Any], where: str) -> list[str]:
         return errors
     import logging
 
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from app import ray_compat
+
+    prepare_config, validate_config = ray_compat.autoscaler_config_checks()
 
     util_logger = logging.getLogger("ray.autoscaler._private.util")
     level = util_logger.level
@@ -191,7 +193,7 @@ def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
         RolloutController,  # its decorator holds its options
     )
 
-    controller_options = dict(RolloutController.ray_actor_options or {})
+    controller_options = dict(RolloutController.ray_actor_options or {})  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
     base: dict[str, tuple[dict[str, Any], int, int]] = {
         ROUTER_DEPLOYMENT: ({"num_cpus": args.router_num_cpus}, args.router_replicas, args.router_replicas),
         CONTROLLER_DEPLOYMENT: (controller_options, 1, 1),

@@ -105,7 +105,7 @@ def validate_serve_config(
         report.errors.append(str(exc))
         return report
     if region is not None:
-        path = f"{path} + {overlay}"  # errors name both files; fields are of the merged config
+        path = f"{path} + {overlay}"  # type: ignore[assignment]  # errors name both files; fields are of the merged config
     from ray.serve.schema import (
         ServeDeploySchema,  # Ray's own schema; importing starts nothing
     )

@@ -29,7 +29,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field
 
@@ -396,9 +396,10 @@ class FeedbackDesk:
         self.counts["duplicate"] += 1
         return {"version": version, "counted": False, "duplicate": True}
 
-    def arms(self, versions: Sequence[str]) -> dict[str, dict[str, ArmStats | None]]:
+    def arms(self, versions: Sequence[str]) -> dict[str, dict[str, ArmStats]]:
         """Outcome name -> version -> ArmStats of the current experiment, for the gates."""
-        return {outcome: {v: self.book.arm(outcome, v) for v in versions} for outcome in self.book.kinds}
+        # arm() is None only for an outcome not in kinds, and these all are.
+        return {outcome: {v: cast(ArmStats, self.book.arm(outcome, v)) for v in versions} for outcome in self.book.kinds}
 
     def status(self) -> dict[str, Any]:
         return {**self.counts, "request_ids_remembered": len(self.ledger), "ttl_s": self.settings.ttl_s}

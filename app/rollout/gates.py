@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from app.observability.stats import VersionStats
 from app.rollout.abtest import (
@@ -90,7 +90,7 @@ def _error_rate(stats: VersionStats) -> str:
 
 
 def _judge_error_rate(gates: Gates, cand: VersionStats, base: VersionStats, obs: Observation):
-    threshold = gates.max_error_rate
+    threshold = cast(float, gates.max_error_rate)  # judged only when set (evaluate_gates)
     rate = cand.error_rate or 0.0
     op = ">" if rate > threshold else "<="
     reason = f"candidate error rate {rate:.4f} ({_error_rate(cand)}) {op} {threshold:g}"

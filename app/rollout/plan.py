@@ -158,7 +158,8 @@ def _canary_step_kind(value: Any) -> str | None:
             if key in value:
                 return key
         return None
-    return {SetWeight: "set_weight", Pause: "pause_s", Analysis: "analysis_s"}.get(type(value))
+    kinds: dict[type[Any], str] = {SetWeight: "set_weight", Pause: "pause_s", Analysis: "analysis_s"}
+    return kinds.get(type(value))
 
 
 CanaryStep = Annotated[

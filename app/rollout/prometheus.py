@@ -27,7 +27,7 @@ def parse_query_response(document: Any) -> float:
         raise PrometheusUnavailable("response has no data object")
     kind, result = data.get("resultType"), data.get("result")
     if kind == "scalar":
-        sample = result
+        sample: Any = result  # anything unreadable fails below, as PrometheusUnavailable
     elif kind == "vector":
         if not result:
             raise PrometheusUnavailable("query returned no series")

@@ -17,6 +17,7 @@ entry or byte bound), `expirations` (entries found past their TTL and removed), 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import numbers
@@ -195,7 +196,7 @@ class ResponseCache:
         self.hits += 1
         return entry.response
 
-    def put(self, key: str, body: bytes, headers: Mapping[str, str]) -> None:
+    def put(self, key: str, body: builtins.bytes, headers: Mapping[str, str]) -> None:
         """Store a response (replacing any under `key`), then evict down to the bounds."""
         if not self._settings.enabled:
             return

@@ -61,7 +61,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     try:
         length = int(header_length)
     except ValueError:
-        raise _fail(f"Inference-Header-Content-Length must be an integer, got {header_length!r}")
+        raise _fail(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
     if not 0 < length <= len(body):
         raise _fail(
             f"Inference-Header-Content-Length ({length}) must be between 1 and the body size "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["CLEAR_SCREEN", "TERMINAL_PHASES", "render_history", "render_status"]
 
@@ -146,8 +146,8 @@ def render_status(status: Mapping[str, Any], now: float | None = None) -> str:
     if now is not None and updated is not None:
         field("Updated", f"{_duration(now - updated)} ago")
 
-    weights = status.get("weights") if isinstance(status.get("weights"), Mapping) else {}
-    versions = status.get("versions") if isinstance(status.get("versions"), Mapping) else {}
+    weights = cast("Mapping[str, Any]", status.get("weights")) if isinstance(status.get("weights"), Mapping) else {}
+    versions = cast("Mapping[str, Any]", status.get("versions")) if isinstance(status.get("versions"), Mapping) else {}
     order = _ordered_versions(status, weights, versions)
 
     if weights:
@@ -263,7 +263,7 @@ def render_history(events: Sequence[Mapping[str, Any]]) -> str:
             _percent(event.get("weight")),
             str(event.get("reason", "")),
         ])  # fmt: skip
-        gates = event.get("gates") if isinstance(event.get("gates"), Mapping) else {}
+        gates = cast("Mapping[str, Any]", event.get("gates")) if isinstance(event.get("gates"), Mapping) else {}
         failures.append([
             f"    {GATE_SYMBOLS['failed']} {gate}: "
             f"{_gate_reading(gate, reading.get('value'), reading.get('threshold'))}"

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from statistics import NormalDist
-from typing import Literal
+from typing import Literal, cast
 
 Scale = Literal["relative", "absolute"]
 
@@ -166,8 +166,9 @@ def confidence_interval(arm: ArmStats, level: float = 0.95) -> Interval:
         return Interval(arm.mean, low, high, level)
     if arm.n < 2:
         return Interval(arm.mean, -math.inf, math.inf, level)
-    half = z * math.sqrt(arm.variance / arm.n)
-    return Interval(arm.mean, arm.mean - half, arm.mean + half, level)
+    mean = cast(float, arm.mean)  # n >= 2 here
+    half = z * math.sqrt(cast(float, arm.variance) / arm.n)
+    return Interval(arm.mean, mean - half, mean + half, level)
 
 
 def difference_interval(
@@ -192,7 +193,7 @@ def difference_interval(
     z = _z(level)
     if candidate.n == 0 or control.n == 0:
         return Interval(None, -math.inf, math.inf, level)
-    mc, ms = candidate.mean, control.mean
+    mc, ms = cast(float, candidate.mean), cast(float, control.mean)  # both n > 0 here
     binary = candidate.kind is OutcomeKind.BINARY
     if scale == "absolute" and binary:
         estimate = mc - ms
@@ -221,7 +222,7 @@ def _inference_variance(arm: ArmStats) -> float:
     if arm.kind is OutcomeKind.BINARY:
         p = (arm.sum + 1) / (arm.n + 2)
         return p * (1 - p)
-    return arm.variance
+    return cast(float, arm.variance)  # callers pass continuous arms with n >= 2
 
 
 def _same_kind(candidate: ArmStats, control: ArmStats) -> None:

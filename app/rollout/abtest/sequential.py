@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import Field
@@ -237,7 +237,8 @@ class SequentialTest(FiniteStrictModel):
         if not relative:
             lift = difference
         else:
-            lift = difference / ms if difference is not None and ms > 0 else None
+            control_mean = cast(float, ms)  # not None whenever difference is not None
+            lift = difference / control_mean if difference is not None and control_mean > 0 else None
         decision = _conclude(low, high, 0.0)
         return Verdict(
             decision=decision,
