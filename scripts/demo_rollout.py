@@ -24,12 +24,13 @@ from pathlib import Path
 import httpx
 import yaml
 
-from app.serving.auth import load_admin_token
 from app.config import FaultInjection, load_model_config
+from app.ops.cli.render import TERMINAL_PHASES
 from app.ops.declare import declare_plan, load_plan
+from app.serving.auth import load_admin_token
 from bench.world import WORSE_V2, World
 
-TERMINAL = {"succeeded", "rolled_back", "aborted"}
+TERMINAL = TERMINAL_PHASES
 
 
 class Traffic:

@@ -62,6 +62,7 @@ def fake_prometheus():
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", seen, answer
     server.shutdown()
+    server.server_close()
 
 
 def test_query_scalar_over_http(fake_prometheus):

@@ -7,9 +7,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, cast
 
+from app.rollout import Phase
+
 __all__ = ["CLEAR_SCREEN", "TERMINAL_PHASES", "render_history", "render_status"]
 
-TERMINAL_PHASES = frozenset({"succeeded", "rolled_back", "aborted"})
+# The phases a rollout ends in (`rollout status --watch` stops there).
+TERMINAL_PHASES = frozenset(phase.value for phase in Phase if phase.terminal)
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 GATE_SYMBOLS = {"passed": "✔", "failed": "✖", "pending": "…", "skipped": "-"}
 BAR_WIDTH = 40
