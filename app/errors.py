@@ -1,23 +1,23 @@
 """Domain errors and the one table that maps them to HTTP statuses.
 
-    ServingError
-    ├── InvalidInput          400  malformed JSON, wrong datatype/shape, missing/extra input
-    ├── ModelNotFound         404  unknown model or version
-    ├── Unauthorized          401  admin API without the right bearer token
-    ├── Conflict              409  the request is valid but not in the current state
-    │   └── CommandRefused    409  a rollout command that is not valid in the current phase
-    ├── Gone                  410  feedback for a request id whose record has expired
-    ├── PayloadTooLarge       413  body over the router's max_body_bytes
-    ├── Overloaded            429  too many requests queued (carries Retry-After)
-    ├── ModelFailure          500  the model raised while serving a valid request
-    │   └── InjectedFault     500  a fault injected on purpose (rollback rehearsals)
-    ├── Unavailable           503  no replica of the chosen version can serve (Retry-After)
-    │   ├── ReplicaLost       503  the replica died mid-request (lost node); retried once
-    │   └── LoadShed          503  the version's queue is full (Serve's max_queued_requests)
-    └── DeadlineExceeded      504  the request's deadline passed
+ServingError
+├── InvalidInput          400  malformed JSON, wrong datatype/shape, missing/extra input
+├── ModelNotFound         404  unknown model or version
+├── Unauthorized          401  admin API without the right bearer token
+├── Conflict              409  the request is valid but not in the current state
+│   └── CommandRefused    409  a rollout command that is not valid in the current phase
+├── Gone                  410  feedback for a request id whose record has expired
+├── PayloadTooLarge       413  body over the router's max_body_bytes
+├── Overloaded            429  too many requests queued (carries Retry-After)
+├── ModelFailure          500  the model raised while serving a valid request
+│   └── InjectedFault     500  a fault injected on purpose (rollback rehearsals)
+├── Unavailable           503  no replica of the chosen version can serve (Retry-After)
+│   ├── ReplicaLost       503  the replica died mid-request (lost node); retried once
+│   └── LoadShed          503  the version's queue is full (Serve's max_queued_requests)
+└── DeadlineExceeded      504  the request's deadline passed
 
-    ConfigError                    a config file or field is wrong (CLI / builder, never HTTP)
-    ArtifactError                  a model artifact is missing or fails its checksum
+ConfigError                    a config file or field is wrong (CLI / builder, never HTTP)
+ArtifactError                  a model artifact is missing or fails its checksum
 """
 
 from __future__ import annotations

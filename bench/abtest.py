@@ -124,7 +124,9 @@ def rate(count: int, experiments: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.abtest", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.abtest", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--experiments", type=int, default=None,
                         help="experiments per scenario (default 2000; --smoke 30)")  # fmt: skip
     parser.add_argument("--json", action="store_true",
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "smoke": args.smoke,
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-                   f"python {platform.python_version()}",  # fmt: skip
+        f"python {platform.python_version()}",  # fmt: skip
         "wall_s": round(time.perf_counter() - started, 2),
     }
     if not args.json:  # per-scenario details first; the JSON object is the last line

@@ -70,7 +70,9 @@ class Direct:
         self._serve_batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     async def _predict(self, items: list[Item]) -> list[Tensors]:
-        return await asyncio.to_thread(self.adapter.predict, [i[0] for i in items], [i[1] for i in items])
+        return await asyncio.to_thread(
+            self.adapter.predict, [i[0] for i in items], [i[1] for i in items]
+        )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _serve_batched(self, items: list[Item]) -> list[Tensors]:
@@ -78,11 +80,15 @@ class Direct:
 
     async def __call__(self, request: Request) -> Response:
         try:
-            raw = decode_body(await request.body(), header_length=request.headers.get(INFERENCE_HEADER))
+            raw = decode_body(
+                await request.body(), header_length=request.headers.get(INFERENCE_HEADER)
+            )
             parsed = check_request(raw, self.adapter.inputs, self.adapter.outputs)
             self.adapter.check_parameters(parsed.inputs, parsed.parameters)
             item = (parsed.inputs, parsed.parameters)
-            outputs = await (self._serve_batched(item) if self.serve_batch else self.batcher.submit(item))
+            outputs = await (
+                self._serve_batched(item) if self.serve_batch else self.batcher.submit(item)
+            )
         except ServingError as exc:
             return JSONResponse({"error": str(exc)}, status_code=http_status(exc))
         content, headers = encode_infer_response(
@@ -126,7 +132,9 @@ class Forward:
             described = ModelConfig.model_validate(await self.handle.describe.remote())
             self.adapter = adapter_class(described.adapter)
         try:
-            raw = decode_body(await request.body(), header_length=request.headers.get(INFERENCE_HEADER))
+            raw = decode_body(
+                await request.body(), header_length=request.headers.get(INFERENCE_HEADER)
+            )
             parsed = check_request(raw, self.adapter.inputs, self.adapter.outputs)
             answer = await self.handle.infer.remote(parsed.inputs, parsed.parameters)
         except ServingError as exc:

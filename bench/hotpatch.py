@@ -59,7 +59,12 @@ POLL_S = 0.05
 BODY = {
     "inputs": [
         {"name": "user", "datatype": "BYTES", "shape": [1], "data": ["likes space opera films"]},
-        {"name": "items", "datatype": "BYTES", "shape": [2], "data": ["a space opera", "a cooking show"]},
+        {
+            "name": "items",
+            "datatype": "BYTES",
+            "shape": [2],
+            "data": ["a space opera", "a cooking show"],
+        },
     ]
 }
 
@@ -97,7 +102,10 @@ class Declared:
                 {"name": "RolloutController", "user_config": {"plan": self.plan, "tick_interval_s": TICK_S}},
             ],
         })  # fmt: skip
-        return {"http_options": {"host": "127.0.0.1", "port": self.http_port}, "applications": applications}
+        return {
+            "http_options": {"host": "127.0.0.1", "port": self.http_port},
+            "applications": applications,
+        }
 
 
 def infos(version: str, samples: int = 6) -> list[dict[str, Any]]:
@@ -129,7 +137,9 @@ def measure(app: LocalApp, load: Load, kind: str, config: dict[str, Any], shown:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.hotpatch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.hotpatch", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--json", action="store_true", help="only the JSON object on stdout")
     parser.add_argument("--smoke", action="store_true", help="the same run (it is short); for CI")
     args = parser.parse_args(argv)
@@ -149,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         a = build_tiny_bert(tmp / "tiny-a", seed=0)
         shutil.copytree(a, tmp / "tiny-a2")
         b = build_tiny_bert(tmp / "tiny-b", seed=1)
-        paths = {v: model_config(tmp, v, p) for v, p in (("v1", a), ("v2", tmp / "tiny-a2"), ("v3", b))}
+        paths = {
+            v: model_config(tmp, v, p) for v, p in (("v1", a), ("v2", tmp / "tiny-a2"), ("v3", b))
+        }
         state: Declared | None = None
 
         def build(http_port: int, env: dict[str, str]) -> dict[str, Any]:
@@ -187,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         def step(kind: str, change: Callable[[Declared], None], shown: Callable[[], Any],
                  changed_app: str | None) -> None:  # fmt: skip
             change(state)
-            results[kind] = measure(app, load, kind, copy.deepcopy(state.config()), shown, changed_app)
+            results[kind] = measure(
+                app, load, kind, copy.deepcopy(state.config()), shown, changed_app
+            )
 
         with Load(app.url) as load:
             time.sleep(2.0)
@@ -202,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                                  for i in infos("v2")), v2_app)  # fmt: skip
                 state.user_configs["v2"] = swap  # declare what runs again (not measured)
                 app.deploy(state.config())
-                wait_for(lambda: all(i["refused_patch"] is None for i in infos("v2")), 60, 0.1, "v2 settled")
+                wait_for(
+                    lambda: all(i["refused_patch"] is None for i in infos("v2")),
+                    60,
+                    0.1,
+                    "v2 settled",
+                )
                 router = {"v1": 30, "v2": 70}
                 step("router", lambda s: setattr(s, "weights", router),
                      lambda: status()["weights"] == router, None)  # fmt: skip
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests_sent": load.sent if load else 0,
         "client_error_messages": (load.errors[:10] if load else []),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-                   f"python {platform.python_version()}",  # fmt: skip
+        f"python {platform.python_version()}",  # fmt: skip
         "ray_version": ray.__version__,
         "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -246,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     if failure:
         report["failure"] = failure
     print(json.dumps(report), flush=True)
-    bad_run = failure or report["failed_requests"] or report["replicas_restarted_elsewhere"] or len(results) < 9
+    bad_run = (
+        failure
+        or report["failed_requests"]
+        or report["replicas_restarted_elsewhere"]
+        or len(results) < 9
+    )
     return 1 if bad_run else 0
 
 

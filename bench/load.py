@@ -104,14 +104,16 @@ def closed_loop(url: str, path: str, bodies: Sequence[bytes], *, concurrency: in
     )  # fmt: skip
 
 
-def interleaved_p50_ms(url: str, paths: Sequence[str], body: bytes, requests: int) -> dict[str, float]:
+def interleaved_p50_ms(
+    url: str, paths: Sequence[str], body: bytes, requests: int
+) -> dict[str, float]:
     """p50 latency (ms) of each path at concurrency 1, sent request by request in turn (the
     order alternating), so drift in the machine's state hits every path alike."""
     samples: dict[str, list[float]] = {p: [] for p in paths}
     headers = {"content-type": "application/json"}
     with httpx.Client(base_url=url, timeout=60) as session:
         for i in range(requests):
-            for path in (paths if i % 2 == 0 else paths[::-1]):
+            for path in paths if i % 2 == 0 else paths[::-1]:
                 started = time.perf_counter()
                 r = session.post(path, content=body, headers=headers)
                 samples[path].append(time.perf_counter() - started)

@@ -52,7 +52,10 @@ def serve_config(versions: list[Path], http_port: int, env_vars: dict[str, str],
                 "runtime_env": {"env_vars": env_vars},
                 "deployments": [
                     {"name": "Router", "user_config": router},
-                    {"name": "RolloutController", "user_config": {"plan": None, "tick_interval_s": TICK_S}},
+                    {
+                        "name": "RolloutController",
+                        "user_config": {"plan": None, "tick_interval_s": TICK_S},
+                    },
                 ],
             }
         ],
@@ -102,7 +105,9 @@ class LocalApp:
         http_port, dashboard_port = free_port(), free_port()
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         base_env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-        log(f"starting a throwaway Ray (address=local, num_cpus={num_cpus}, dashboard on 127.0.0.1:{dashboard_port})")
+        log(
+            f"starting a throwaway Ray (address=local, num_cpus={num_cpus}, dashboard on 127.0.0.1:{dashboard_port})"
+        )
         ray.init(
             address="local",  # always a new cluster of our own, never one that is already running
             num_cpus=num_cpus,
@@ -122,14 +127,21 @@ class LocalApp:
         self.submission = ServeSubmissionClient(dashboard_url)
         env = {**base_env, "ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}
         self.env = env
-        self.config = build(http_port, env) if build else serve_config(versions, http_port, env, router)
+        self.config = (
+            build(http_port, env) if build else serve_config(versions, http_port, env, router)
+        )
         log("deploying the recommender app through the REST API")
         self.deploy(self.config)
         wait_for(self._running, timeout_s=180, interval_s=0.5, what="the app to be RUNNING")
         self.url = f"http://127.0.0.1:{http_port}"
         self.client = httpx.Client(base_url=self.url, timeout=30)
         for path in ready_paths:
-            wait_for(lambda path=path: self.client.get(path).status_code == 200, 60, 0.2, f"{path} to answer 200")
+            wait_for(
+                lambda path=path: self.client.get(path).status_code == 200,
+                60,
+                0.2,
+                f"{path} to answer 200",
+            )
         return self
 
     def wait_for_status(self, predicate: Callable[[dict[str, Any]], bool], what: str,

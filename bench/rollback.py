@@ -69,8 +69,18 @@ POLL_S = 0.02
 GATES = {"min_requests": 10, "fail_fast_min_requests": 5, "max_p99_latency_ratio": None}
 BODY = {
     "inputs": [
-        {"name": "user", "datatype": "BYTES", "shape": [1], "data": ["user loves science fiction films"]},
-        {"name": "items", "datatype": "BYTES", "shape": [2], "data": ["space opera", "cooking show"]},
+        {
+            "name": "user",
+            "datatype": "BYTES",
+            "shape": [1],
+            "data": ["user loves science fiction films"],
+        },
+        {
+            "name": "items",
+            "datatype": "BYTES",
+            "shape": [2],
+            "data": ["space opera", "cooking show"],
+        },
     ]
 }
 
@@ -114,7 +124,11 @@ class Load(loadgen.Load):
                 self.served_by[version] += 1
             if fallback:
                 self.fallbacks += 1
-        return None if r.status_code == 200 else f"{time.strftime('%H:%M:%S')} {r.status_code} {r.text[:200]}"
+        return (
+            None
+            if r.status_code == 200
+            else f"{time.strftime('%H:%M:%S')} {r.status_code} {r.text[:200]}"
+        )
 
     def snapshot(self) -> tuple[int, int]:
         with self.lock:
@@ -148,7 +162,9 @@ def run_trial(index: int, client: httpx.Client, admin: Callable[[], dict[str, An
             breaker_at_onset = status["versions"][CANDIDATE]["breaker"]["state"]
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"trial {index}: v2 got no traffic within 60s of the deploy (plan {digest})")
+            raise RuntimeError(
+                f"trial {index}: v2 got no traffic within 60s of the deploy (plan {digest})"
+            )
         time.sleep(POLL_S)
     onset_weight = weight
 
@@ -169,7 +185,9 @@ def run_trial(index: int, client: httpx.Client, admin: Callable[[], dict[str, An
     state = wait_for(lambda: (s := admin())["plan_digest"] == digest and s["phase"] != "progressing" and s,
                      timeout_s=10, interval_s=0.1, what=f"trial {index}: the controller's verdict")  # fmt: skip
     if state["phase"] != "rolled_back":
-        raise RuntimeError(f"trial {index}: the controller's phase is {state['phase']}, not rolled_back: {state}")
+        raise RuntimeError(
+            f"trial {index}: the controller's phase is {state['phase']}, not rolled_back: {state}"
+        )
     sent1, errors1 = load.snapshot()
     return {
         "trial": index,
@@ -206,11 +224,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.rollback", description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=None, help="rollouts to time (default 20; --smoke 3)")
-    parser.add_argument("--json", action="store_true",
-                        help="only the JSON object on stdout (without it, one line per trial comes first)")
-    parser.add_argument("--smoke", action="store_true", help="3 trials: checks that the bench works")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.rollback", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--trials", type=int, default=None, help="rollouts to time (default 20; --smoke 3)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="only the JSON object on stdout (without it, one line per trial comes first)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="3 trials: checks that the bench works"
+    )
     args = parser.parse_args(argv)
     trials = args.trials or (3 if args.smoke else 20)
     if trials < 1:
@@ -290,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "replicas_restarted": replicas_before != replicas_after,
         "smoke": args.smoke,
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-                   f"python {platform.python_version()}",  # fmt: skip
+        f"python {platform.python_version()}",  # fmt: skip
         "ray_version": ray.__version__,
         "wall_s": round(time.perf_counter() - started, 1),
     }

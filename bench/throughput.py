@@ -79,7 +79,11 @@ ROUTED_PATH = f"/v2/models/{APP}/infer"
 NOOP_PATH = "/noop/v2/models/noop/infer"
 OTHER_TRANSPORT_PATH = "/noop-other/v2/models/noop/infer"  # the no-op routed app, other transport
 TRANSPORTS = ("grpc", "actor")
-ROUTER_CONFIG: dict[str, Any] = {"stable": "v1", "weights": {"v1": 100}, "cache": {"enabled": False}}
+ROUTER_CONFIG: dict[str, Any] = {
+    "stable": "v1",
+    "weights": {"v1": 100},
+    "cache": {"enabled": False},
+}
 
 
 def requests(count: int, rows: int, seed: int = 3) -> list[dict[str, Any]]:
@@ -197,7 +201,9 @@ def model_config(tmp: Path, args: argparse.Namespace) -> ModelConfig:
                           f"(user profile, item slate) need the {APP!r} adapter")  # fmt: skip
     data = yaml.safe_load(Path(args.model_config).read_text())
     data["name"], data["version"] = APP, "v1"
-    if not data["artifact"].startswith(PACKAGE_PREFIX):  # the copy lives elsewhere: keep it pointing home
+    if not data["artifact"].startswith(
+        PACKAGE_PREFIX
+    ):  # the copy lives elsewhere: keep it pointing home
         data["artifact"] = str((source.base_dir() / data["artifact"]).resolve())
     if args.num_gpus is not None:
         data.setdefault("resources", {})["num_gpus"] = args.num_gpus
@@ -243,8 +249,13 @@ def serve_config(recommender: Path, noop: Path, http_port: int, env: dict[str, s
             routed("noop", "/noop", "noop", noop),
             routed("noop-other", "/noop-other", "noop", noop, other_transport(transport)),
             direct("noop-direct", "/noop-direct", noop, "app"),
-            {"name": "noop-forward", "route_prefix": "/noop-forward", "import_path": "bench.direct:build_forward",
-             "args": {"app": "noop", "deployment": "noop-v1", "model_transport": transport}, "runtime_env": {"env_vars": env}},
+            {
+                "name": "noop-forward",
+                "route_prefix": "/noop-forward",
+                "import_path": "bench.direct:build_forward",
+                "args": {"app": "noop", "deployment": "noop-v1", "model_transport": transport},
+                "runtime_env": {"env_vars": env},
+            },
         ],
     }
     if logging_config:
@@ -353,13 +364,20 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
         log(f"  {path}: {result.summary()}")
         return result
 
-    def abba(a: str, b: str, bodies: list[bytes], probe: CpuProbe) -> list[tuple[LoadResult, dict[str, float]]]:
+    def abba(
+        a: str, b: str, bodies: list[bytes], probe: CpuProbe
+    ) -> list[tuple[LoadResult, dict[str, float]]]:
         """Blocks a, b, b, a (half the time each, so drift hits both alike), pooled per target:
         [(a's figure, a's CPU ms per request), (b's, b's)]."""
         blocks = [load(p, bodies, share=0.5, probe=probe) for p in (a, b, b, a)]
-        return [(merged(pair), cpu_ms_per_request(pair)) for pair in ([blocks[0], blocks[3]], blocks[1:3])]
+        return [
+            (merged(pair), cpu_ms_per_request(pair))
+            for pair in ([blocks[0], blocks[3]], blocks[1:3])
+        ]
 
-    log(f"routed against direct, single-row, c={CONCURRENCY}: blocks routed, direct, direct, routed")
+    log(
+        f"routed against direct, single-row, c={CONCURRENCY}: blocks routed, direct, direct, routed"
+    )
     (routed, routed_cpu), (direct, direct_cpu) = abba(ROUTED_PATH, "/direct", single, CpuProbe())
     cpu = {"routed": routed_cpu, "direct": direct_cpu}
     log(f"  CPU ms per request: routed {cpu['routed']}, direct {cpu['direct']}")
@@ -370,12 +388,21 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
     log(f"router added latency, no-op model, c=1: {noop_requests} requests per path, in turn")
     noop = interleaved_p50_ms(url, [NOOP_PATH, "/noop-forward", "/noop-direct", OTHER_TRANSPORT_PATH], noop_body,
                               noop_requests)  # fmt: skip
-    log(f"  p50 routed {noop[NOOP_PATH]:.2f} ms, forward {noop['/noop-forward']:.2f} ms, "
-        f"direct {noop['/noop-direct']:.2f} ms")
-    log(f"model transport, no-op routed app, c={CONCURRENCY}: blocks default, other, other, default")
+    log(
+        f"  p50 routed {noop[NOOP_PATH]:.2f} ms, forward {noop['/noop-forward']:.2f} ms, "
+        f"direct {noop['/noop-direct']:.2f} ms"
+    )
+    log(
+        f"model transport, no-op routed app, c={CONCURRENCY}: blocks default, other, other, default"
+    )
     (default, default_cpu), (other, other_cpu) = abba(NOOP_PATH, OTHER_TRANSPORT_PATH, [noop_body],
                                                       CpuProbe(TRANSPORT_SPLIT))  # fmt: skip
-    transport = {"default": default, "other": other, "cpu_default": default_cpu, "cpu_other": other_cpu}
+    transport = {
+        "default": default,
+        "other": other,
+        "cpu_default": default_cpu,
+        "cpu_other": other_cpu,
+    }
     log(f"  CPU ms per request: default {transport['cpu_default']}, other {transport['cpu_other']}")
     floor = actor_call_p50_ms(noop_requests)
     log(f"  one bare Ray actor call (no Serve): p50 {floor:.2f} ms")
@@ -389,7 +416,9 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
     app.deploy(with_user_configs(app.config, Router={**ROUTER_CONFIG, "cache": {"enabled": True}}))
     app.wait_for_status(lambda s: s.get("cache", {}).get("enabled") is True, "the cache to be on")
     cached = load(ROUTED_PATH, zipf)
-    rss = peak_rss_mb({"router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1"})
+    rss = peak_rss_mb(
+        {"router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1"}
+    )
     return {"routed": routed, "direct": direct, "serve_batch": serve_batch, "cpu": cpu, "served_batched": served_batched,
             "noop": noop, "transport": transport, "actor_call_ms": floor, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss}  # fmt: skip
 
@@ -435,7 +464,10 @@ def transport_figure(default: str, m: dict[str, Any]) -> dict[str, Any]:
     the model replica's CPU per request in those blocks."""
     t, other = m["transport"], other_transport(default)
     figure = {"default": default}
-    for name, key, path in ((default, "default", NOOP_PATH), (other, "other", OTHER_TRANSPORT_PATH)):
+    for name, key, path in (
+        (default, "default", NOOP_PATH),
+        (other, "other", OTHER_TRANSPORT_PATH),
+    ):
         cpu = t[f"cpu_{key}"]
         prefix = "" if key == "default" else "other_"
         figure[name] = {"p50_c1_ms": round(m["noop"][path], 2), "rps_c16": round(t[key].rps, 1),
@@ -444,10 +476,20 @@ def transport_figure(default: str, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="only the JSON object on stdout (table on stderr)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure (default 15)")
-    parser.add_argument("--smoke", action="store_true", help="1 s per figure after a 0.5 s warm-up: checks that it runs, figures are noise")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="only the JSON object on stdout (table on stderr)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=15.0, help="measuring time per figure (default 15)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="1 s per figure after a 0.5 s warm-up: checks that it runs, figures are noise",
+    )
     parser.add_argument("--model-config", type=Path, default=MODEL_CONFIG, metavar="YAML",
                         help="a model version config of the recommender adapter to serve and run offline "
                              "(default: the demo's configs/models/recommender/v1.yaml)")  # fmt: skip
@@ -456,11 +498,22 @@ def main(argv: list[str] | None = None) -> int:
                              "run at once, so 0.25 on a box with one GPU. With 0 GPUs the offline figure "
                              "runs on the CPU too (CUDA hidden from this process)")  # fmt: skip
     parser.add_argument("--replicas", type=int, default=1, help="model replicas, fixed (default 1)")
-    parser.add_argument("--router-replicas", type=int, default=1, metavar="N",
-                        help="Router replicas of the routed recommender app (default 1; the no-op apps keep 1)")
-    parser.add_argument("--torch-threads", type=int, default=None, help="override the model config's")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="override the model config's")
-    parser.add_argument("--batch-wait-ms", type=float, default=None, help="override the model config's")
+    parser.add_argument(
+        "--router-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Router replicas of the routed recommender app (default 1; the no-op apps keep 1)",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="override the model config's"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="override the model config's"
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=None, help="override the model config's"
+    )
     parser.add_argument("--max-ongoing", type=int, default=None, metavar="N",
                         help="override the model config's max_ongoing_requests")  # fmt: skip
     parser.add_argument("--model-transport", choices=("grpc", "actor"), default=RouterSettings().model_transport,
@@ -468,8 +521,13 @@ def main(argv: list[str] | None = None) -> int:
                              "Router's default, %(default)s)")  # fmt: skip
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set for the whole throwaway cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")  # fmt: skip
-    parser.add_argument("--app-logging", type=json.loads, default=None, metavar="JSON",
-                        help="every application's Serve logging_config, e.g. '{\"enable_access_log\": false}'")
+    parser.add_argument(
+        "--app-logging",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="every application's Serve logging_config, e.g. '{\"enable_access_log\": false}'",
+    )
     parser.add_argument("--app-env", action="append", default=[], metavar="KEY=VALUE",
                         help="set in every application's runtime_env (its replicas only, not Serve's "
                              "proxy or controller), as serve_config.yaml can")  # fmt: skip
@@ -540,8 +598,10 @@ def main(argv: list[str] | None = None) -> int:
                     offline_rps(adapter, batched_docs, 1, seconds / 2)))  # fmt: skip
     offline_single = sum(o[0] for o in offline) / 2
     offline_batched = sum(o[1] for o in offline) / 2
-    log(f"offline: {offline_single:.1f} single-row req/s (batches of 16), {offline_batched:.1f} {ROWS}-row req/s "
-        f"(before/after: {offline[0][0]:.1f}/{offline[1][0]:.1f}, {offline[0][1]:.1f}/{offline[1][1]:.1f})")
+    log(
+        f"offline: {offline_single:.1f} single-row req/s (batches of 16), {offline_batched:.1f} {ROWS}-row req/s "
+        f"(before/after: {offline[0][0]:.1f}/{offline[1][0]:.1f}, {offline[0][1]:.1f}/{offline[1][1]:.1f})"
+    )
     serialization = serialization_us(single_docs[0])
 
     def figure(result: LoadResult) -> dict[str, Any]:
@@ -578,9 +638,13 @@ def main(argv: list[str] | None = None) -> int:
         "router_logic_p50_ms": round(routed_p50 - forward_p50, 2),
         "ray_actor_call_p50_ms": round(m["actor_call_ms"], 2),
         "model_transport": transport_figure(args.model_transport, m),
-        "cache": {"uncached_rps": round(m["uncached"].rps, 1), "cached_rps": round(m["cached"].rps, 1),
-                  "hit_rate": round(m["cached"].cache_hits / max(1, m["cached"].requests), 3),
-                  "distinct": len(distinct), "zipf_s": ZIPF_S},  # fmt: skip
+        "cache": {
+            "uncached_rps": round(m["uncached"].rps, 1),
+            "cached_rps": round(m["cached"].rps, 1),
+            "hit_rate": round(m["cached"].cache_hits / max(1, m["cached"].requests), 3),
+            "distinct": len(distinct),
+            "zipf_s": ZIPF_S,
+        },  # fmt: skip
         "scale": [figure(m["scale"][c]) for c in SCALE],
         "peak_rss_mb": m["rss"],
         "cpu_ms_per_request": m["cpu"],
@@ -590,15 +654,26 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": CONCURRENCY,
         "rows_batched": ROWS,
         "seconds_per_figure": seconds,
-        "settings": {"model_config": str(args.model_config), "num_gpus": num_gpus, "offline_device": device,
-                     "replicas": args.replicas, "router_replicas": args.router_replicas, "torch_threads": args.torch_threads or "model config",
-                     "max_batch_size": args.max_batch_size or "model config",
-                     "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "model config",
-                     "max_ongoing_requests": args.max_ongoing or "model config",
-                     "offline_torch_threads": OFFLINE_THREADS, "model_transport": args.model_transport, "env": args.env, "app_env": args.app_env,
-                     "app_logging": args.app_logging},  # fmt: skip
+        "settings": {
+            "model_config": str(args.model_config),
+            "num_gpus": num_gpus,
+            "offline_device": device,
+            "replicas": args.replicas,
+            "router_replicas": args.router_replicas,
+            "torch_threads": args.torch_threads or "model config",
+            "max_batch_size": args.max_batch_size or "model config",
+            "batch_wait_ms": args.batch_wait_ms
+            if args.batch_wait_ms is not None
+            else "model config",
+            "max_ongoing_requests": args.max_ongoing or "model config",
+            "offline_torch_threads": OFFLINE_THREADS,
+            "model_transport": args.model_transport,
+            "env": args.env,
+            "app_env": args.app_env,
+            "app_logging": args.app_logging,
+        },  # fmt: skip
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-                   f"python {platform.python_version()}",  # fmt: skip
+        f"python {platform.python_version()}",  # fmt: skip
         "ray_version": ray.__version__,
         "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),

@@ -88,22 +88,38 @@ CATALOGUE: dict[str, list[str]] = {
 }
 
 TASTES: dict[str, list[str]] = {
-    "space": ["stares at the night sky and dreams about rockets and other planets",
-              "never misses news about NASA launches and distant stars"],
-    "cooking": ["spends every weekend trying new recipes in the kitchen",
-                "loves tasting dishes from restaurants and markets everywhere"],
-    "football": ["plays five-a-side every week and follows the league table",
-                 "cheers for their team at the stadium every Saturday"],
-    "jazz": ["collects old vinyl records of improvised music with horns",
-             "goes to small clubs to hear live musicians improvise at night"],
-    "gardening": ["grows vegetables and flowers in the backyard",
-                  "spends hours planting seeds and caring for plants"],
-    "crime": ["loves solving whodunits and reading about detectives",
-              "is fascinated by murders, police investigations and trials"],
-    "history": ["reads about emperors, old wars and ancient civilisations",
-                "visits museums and ruins to learn about the past"],
-    "fitness": ["trains at the gym before work and tracks every workout",
-                "is always preparing for the next race or exercise challenge"],
+    "space": [
+        "stares at the night sky and dreams about rockets and other planets",
+        "never misses news about NASA launches and distant stars",
+    ],
+    "cooking": [
+        "spends every weekend trying new recipes in the kitchen",
+        "loves tasting dishes from restaurants and markets everywhere",
+    ],
+    "football": [
+        "plays five-a-side every week and follows the league table",
+        "cheers for their team at the stadium every Saturday",
+    ],
+    "jazz": [
+        "collects old vinyl records of improvised music with horns",
+        "goes to small clubs to hear live musicians improvise at night",
+    ],
+    "gardening": [
+        "grows vegetables and flowers in the backyard",
+        "spends hours planting seeds and caring for plants",
+    ],
+    "crime": [
+        "loves solving whodunits and reading about detectives",
+        "is fascinated by murders, police investigations and trials",
+    ],
+    "history": [
+        "reads about emperors, old wars and ancient civilisations",
+        "visits museums and ruins to learn about the past",
+    ],
+    "fitness": [
+        "trains at the gym before work and tracks every workout",
+        "is always preparing for the next race or exercise challenge",
+    ],
 }
 
 LIFE: list[str] = [
@@ -157,7 +173,9 @@ class Slate:
 class World:
     """A seeded population and slate generator."""
 
-    def __init__(self, users: int = 5000, slate_size: int = 6, life_lines: int = 4, seed: int = 7) -> None:
+    def __init__(
+        self, users: int = 5000, slate_size: int = 6, life_lines: int = 4, seed: int = 7
+    ) -> None:
         rng = random.Random(seed)
         genres = sorted(CATALOGUE)
         self.slate_size = slate_size
@@ -205,11 +223,13 @@ def offline_match_rates(
         config = load_model_config(path)
         adapter_type = adapter_class(config.adapter)
         directory = resolve_artifact(config.artifact, config.base_dir())
-        hyperparameters = adapter_type.parse_hyperparameters({**config.hyperparameters, **overrides})
+        hyperparameters = adapter_type.parse_hyperparameters(
+            {**config.hyperparameters, **overrides}
+        )
         adapter = adapter_type(directory, hyperparameters, threads=2)
         hits = 0
         for start in range(0, len(sample), 64):
-            chunk = sample[start:start + 64]
+            chunk = sample[start : start + 64]
             batch = [{"user": np.array([s.user.profile], dtype=object),
                       "items": np.array(s.items, dtype=object)} for s in chunk]  # fmt: skip
             outputs = adapter.predict(batch, [{"top_k": 1}] * len(chunk))

@@ -35,7 +35,12 @@ from app.config import (
     load_version_args,
 )
 
-__all__ = ["build_app", "build_version", "load_app_args", "load_version_args"]  # loaders: app.config
+__all__ = [
+    "build_app",
+    "build_version",
+    "load_app_args",
+    "load_version_args",
+]  # loaders: app.config
 
 
 def _model_server(config: ModelConfig, placement: dict[str, Any]):
@@ -73,8 +78,11 @@ def build_app(args: dict[str, Any]):
     controller = RolloutController.options(  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
         name=CONTROLLER_DEPLOYMENT,
         user_config={"plan": None},
-        **({"ray_actor_options": {**(RolloutController.ray_actor_options or {}), **placement}}  # type: ignore[attr-defined]  # @serve.deployment (see above)
-           if placement else {}),
+        **(
+            {"ray_actor_options": {**(RolloutController.ray_actor_options or {}), **placement}}  # type: ignore[attr-defined]  # @serve.deployment (see above)
+            if placement
+            else {}
+        ),
     ).bind(app_args.model, None if app_args.version_apps else [c.version for c in configs])
     router = Router.options(  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
         name=ROUTER_DEPLOYMENT,

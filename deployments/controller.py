@@ -214,7 +214,9 @@ class ControllerCore:
         """Refresh the Prometheus gate's reading (off the event loop; at most once a second)."""
         state = self.state
         query = state.plan.gates.prometheus_query if state is not None else None
-        if query is None or cast(RolloutState, state).phase.terminal:  # query set: state is not None
+        if (
+            query is None or cast(RolloutState, state).phase.terminal
+        ):  # query set: state is not None
             return
         if self.prometheus_url is None:
             self.prometheus = PrometheusReading(None, False, "no prometheus_url configured")
@@ -321,7 +323,9 @@ class ControllerCore:
         """Store the state; on failure keep it dirty and let the next tick try again."""
         if self.desk.dirty:
             try:
-                self.store.put(self.kv_key + OUTCOMES_SUFFIX, json.dumps(self.desk.to_dict()).encode())
+                self.store.put(
+                    self.kv_key + OUTCOMES_SUFFIX, json.dumps(self.desk.to_dict()).encode()
+                )
                 self.desk.dirty = False
             except Exception:
                 logger.exception("RolloutController: could not persist the outcomes; will retry")
@@ -404,7 +408,9 @@ class ControllerCore:
             raise CommandRefused(f"unknown command {command_path(name)!r}")
         if name == START_COMMAND:
             if self.state is None:
-                raise CommandRefused("no plan is declared: add one to the RolloutController's user_config")
+                raise CommandRefused(
+                    "no plan is declared: add one to the RolloutController's user_config"
+                )
             if not self.state.phase.terminal:
                 raise CommandRefused(f"a rollout is already {self.state.phase.value}")
             self._reset_outcomes()
@@ -432,8 +438,10 @@ class ControllerCore:
         if state is not None:
             stats = self.window.observe(state.window_started_at, now)
             rates = self.window.rates(RATE_WINDOW_S, now)
-            known = self.versions if self.versions is not None else sorted(
-                {state.plan.stable, state.plan.candidate} | set(stats)
+            known = (
+                self.versions
+                if self.versions is not None
+                else sorted({state.plan.stable, state.plan.candidate} | set(stats))
             )
             for v in known:
                 s = stats.get(v)
@@ -466,9 +474,13 @@ class ControllerCore:
             "plan_digest": state.plan.digest() if state else None,
             "updated_at": now,
             "message": self.message,
-            "prometheus": None if self.prometheus_url is None else {
-                "url": self.prometheus_url, "value": self.prometheus.value,
-                "available": self.prometheus.available, "reason": self.prometheus.reason or None,
+            "prometheus": None
+            if self.prometheus_url is None
+            else {
+                "url": self.prometheus_url,
+                "value": self.prometheus.value,
+                "available": self.prometheus.available,
+                "reason": self.prometheus.reason or None,
             },
         }
 
@@ -496,4 +508,4 @@ class RolloutController(ControllerCore):
     def _serve_versions(self) -> list[str]:
         prefix = f"{self.model}-"
         apps = ray_compat.serve_details().get("applications", {})
-        return [name[len(prefix):] for name in apps if name.startswith(prefix)]
+        return [name[len(prefix) :] for name in apps if name.startswith(prefix)]

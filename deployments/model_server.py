@@ -49,7 +49,9 @@ class ModelServer:
         self.config = config
         self.name = config.deployment_name
         self.adapter_cls = adapter_class(config.adapter)
-        self.adapter: ModelAdapter | None = None  # loaded by the first reconfigure (or the first call without one)
+        self.adapter: ModelAdapter | None = (
+            None  # loaded by the first reconfigure (or the first call without one)
+        )
         self.weights: Weights | None = None
         self.artifact_dir = None
         self.digests: dict[str, str] = {}
@@ -75,8 +77,12 @@ class ModelServer:
         started = time.perf_counter()
         directory = resolve_artifact(weights[0], self.config.base_dir())
         digests = verify_artifact(directory, weights[1])
-        adapter = self.adapter_cls(directory, hyperparameters, threads=self.config.resources.threads())
-        adapter.predict([adapter.example()], [{}])  # smoke inference: a model that cannot answer is refused
+        adapter = self.adapter_cls(
+            directory, hyperparameters, threads=self.config.resources.threads()
+        )
+        adapter.predict(
+            [adapter.example()], [{}]
+        )  # smoke inference: a model that cannot answer is refused
         return adapter, directory, digests, time.perf_counter() - started
 
     async def _ensure_loaded(self, weights: Weights | None = None, hyperparameters=None) -> None:
@@ -120,7 +126,9 @@ class ModelServer:
             try:
                 await self._ensure_loaded(weights, hyperparameters)
             except Exception as exc:
-                self._refuse(weights, digest, exc, f"serving the model config's {self.config.artifact}")
+                self._refuse(
+                    weights, digest, exc, f"serving the model config's {self.config.artifact}"
+                )
                 await self._ensure_loaded(None, None)  # the model config's weights and settings
                 self._apply_batching(self.config.batching)
                 return
@@ -169,14 +177,18 @@ class ModelServer:
         if plan.delay_s:
             await asyncio.sleep(plan.delay_s)
         if plan.fail:
-            raise InjectedFault(f"{self.name}: injected fault (faults.error_rate={self.faults.error_rate})")
+            raise InjectedFault(
+                f"{self.name}: injected fault (faults.error_rate={self.faults.error_rate})"
+            )
         try:
             return await self.batcher.submit((inputs, parameters))
         except ServingError:
             raise
         except Exception as exc:  # the model broke on a checked request: a 500, not a crash
             logger.exception("%s: inference failed", self.name)
-            raise ModelFailure(f"{self.name}: inference failed: {type(exc).__name__}: {exc}") from None
+            raise ModelFailure(
+                f"{self.name}: inference failed: {type(exc).__name__}: {exc}"
+            ) from None
 
     async def _predict_batch(
         self, requests: list[tuple[Tensors, dict[str, Any]]]
@@ -189,7 +201,9 @@ class ModelServer:
         async with self._model_lock:
             config = self.config_hash
             outputs = await asyncio.to_thread(  # loaded: _infer awaits _ensure_loaded first
-                cast(ModelAdapter, self.adapter).predict, [r[0] for r in requests], [r[1] for r in requests]
+                cast(ModelAdapter, self.adapter).predict,
+                [r[0] for r in requests],
+                [r[1] for r in requests],
             )
         return [(out, config) for out in outputs]
 
@@ -227,13 +241,17 @@ class ModelServer:
             "weights_swaps": self.swaps,
             "refused_patch": self.refused,
             "adapter": self.config.adapter,
-            "hyperparameters": None if self.adapter is None else self.adapter.hyperparameters.model_dump(mode="json"),
+            "hyperparameters": None
+            if self.adapter is None
+            else self.adapter.hyperparameters.model_dump(mode="json"),
             "faults": self.faults.model_dump(mode="json"),
             "load_s": round(self.load_s, 3),
             "patches": self.patches,
             "config": self.config_hash,
-            "batching": {"max_batch_size": self.batcher.max_batch_size,
-                         "batch_wait_timeout_s": self.batcher.batch_wait_timeout_s,
-                         "batches": self.batcher.batches,
-                         "last_batch_size": self.batcher.last_batch_size},
+            "batching": {
+                "max_batch_size": self.batcher.max_batch_size,
+                "batch_wait_timeout_s": self.batcher.batch_wait_timeout_s,
+                "batches": self.batcher.batches,
+                "last_batch_size": self.batcher.last_batch_size,
+            },
         }

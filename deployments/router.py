@@ -274,7 +274,11 @@ class Router:
 
     @api.get("/v2")
     async def server_metadata(self) -> dict[str, Any]:
-        return {"name": "ray-rollout", "version": app.__version__, "extensions": ["binary_tensor_data"]}
+        return {
+            "name": "ray-rollout",
+            "version": app.__version__,
+            "extensions": ["binary_tensor_data"],
+        }
 
     @api.get("/v2/health/live")
     async def live(self) -> dict[str, bool]:
@@ -368,12 +372,16 @@ class Router:
 
     async def _ask_controller(self, method: str, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(getattr(self.controller, method).remote(*args), timeout=ADMIN_CALL_TIMEOUT_S)
+            return await asyncio.wait_for(
+                getattr(self.controller, method).remote(*args), timeout=ADMIN_CALL_TIMEOUT_S
+            )
         except Exception as exc:
             cause = _original(exc)
             if isinstance(cause, ServingError):  # CommandRefused (409), a feedback error, ...
                 raise cause from None
-            raise Unavailable(f"the rollout controller is unavailable: {type(cause).__name__}") from None
+            raise Unavailable(
+                f"the rollout controller is unavailable: {type(cause).__name__}"
+            ) from None
 
     @api.get("/admin/rollout")
     async def rollout_status(self, request: Request) -> dict[str, Any]:
@@ -389,7 +397,9 @@ class Router:
     async def rollout_command(self, command: str, request: Request) -> dict[str, Any]:
         self._authorize(request)
         if command not in ADMIN_COMMANDS:
-            raise InvalidInput(f"unknown command {command!r}; commands: {', '.join(ADMIN_COMMANDS)}")
+            raise InvalidInput(
+                f"unknown command {command!r}; commands: {', '.join(ADMIN_COMMANDS)}"
+            )
         return await self._ask_controller("command", command)
 
     @api.post("/v2/models/{model}/feedback")
@@ -466,8 +476,10 @@ class Router:
         version = getattr(state, "version", None)
         headers = response.headers if response is not None else {}
         cache = headers.get("x-cache")
-        decision = "cache" if cache == "hit" else headers.get("x-routing-decision") or getattr(
-            state, "decision", None
+        decision = (
+            "cache"
+            if cache == "hit"
+            else headers.get("x-routing-decision") or getattr(state, "decision", None)
         )
         status = response.status_code if response is not None else (
             http_status(error) if isinstance(error, ServingError) else 500
@@ -544,7 +556,9 @@ class Router:
                     {"x-cache": "hit"},
                 ))  # fmt: skip
 
-        allow_fallback = pin is None or request.headers.get(settings.fallback_header, "").lower() == "true"
+        allow_fallback = (
+            pin is None or request.headers.get(settings.fallback_header, "").lower() == "true"
+        )
         started = time.monotonic()
         try:
             served = await self.dispatcher.serve(
@@ -563,7 +577,8 @@ class Router:
             raise
         elapsed_ms = (time.monotonic() - started) * 1000
         if served.fell_back_from is not None and not (
-            served.fallback_reason == "shed" or (client_deadline and served.fallback_reason == "timeout")
+            served.fallback_reason == "shed"
+            or (client_deadline and served.fallback_reason == "timeout")
         ):  # the client saw no error; the rollout must
             self.stats.record(served.fell_back_from, False, elapsed_ms)
         self.stats.record(served.version, True, elapsed_ms)
@@ -617,7 +632,9 @@ class Router:
         try:
             asked = float(raw)
         except ValueError:
-            raise InvalidInput(f"{self.settings.timeout_header} must be a number of seconds, got {raw!r}") from None
+            raise InvalidInput(
+                f"{self.settings.timeout_header} must be a number of seconds, got {raw!r}"
+            ) from None
         if not asked > 0:
             raise InvalidInput(f"{self.settings.timeout_header} must be positive, got {raw!r}")
         return min(asked, limit)
@@ -644,7 +661,9 @@ class Router:
             return await asyncio.wait_for(response, timeout=timeout)
         except asyncio.TimeoutError:
             response.cancel()
-            raise DeadlineExceeded(f"version {version!r} did not answer within {timeout:.3g}s") from None
+            raise DeadlineExceeded(
+                f"version {version!r} did not answer within {timeout:.3g}s"
+            ) from None
         except ServingError as exc:
             raise _original(exc) from None
         except Exception as exc:
@@ -653,9 +672,12 @@ class Router:
                 raise cause from None
             name = type(cause).__name__
             if isinstance(cause, _BACKPRESSURE):
-                raise LoadShed(f"version {version!r} is overloaded: {name}", retry_after_s=1.0) from None
-            if isinstance(cause, _ACTOR_LOST):  # RayActorError, ActorDiedError, ActorUnavailableError
+                raise LoadShed(
+                    f"version {version!r} is overloaded: {name}", retry_after_s=1.0
+                ) from None
+            if isinstance(
+                cause, _ACTOR_LOST
+            ):  # RayActorError, ActorDiedError, ActorUnavailableError
                 raise ReplicaLost(f"version {version!r} lost a replica: {name}") from None
             logger.exception("Router: call to %s failed", version)
             raise ModelFailure(f"version {version!r} failed: {name}: {cause}") from None
-

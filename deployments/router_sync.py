@@ -67,7 +67,9 @@ class RouterSync:
             name = version_app_name(router.model, version)
             try:
                 handle = router._transport(serve.get_deployment_handle(name, app_name=name))
-                described = await asyncio.wait_for(handle.describe.remote(), timeout=DESCRIBE_TIMEOUT_S)
+                described = await asyncio.wait_for(
+                    handle.describe.remote(), timeout=DESCRIBE_TIMEOUT_S
+                )
                 config = ModelConfig.model_validate(described)
             except Exception as exc:
                 raise ValueError(
@@ -201,7 +203,8 @@ class RouterSync:
                         found[version] = deployment
                 router.available = frozenset(v for v, d in found.items() if _routable(d))
                 router.target_config = {
-                    v: config_hash(d["deployment_config"].get("user_config")) for v, d in found.items()
+                    v: config_hash(d["deployment_config"].get("user_config"))
+                    for v, d in found.items()
                 }
             except RuntimeError as exc:
                 if "shutdown" in str(exc):  # the replica is exiting

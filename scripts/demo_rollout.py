@@ -46,7 +46,9 @@ class Traffic:
         self.clicks: Counter = Counter()
         self.feedback_errors: Counter = Counter()
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)
+        ]
 
     def _send_feedback(self, client: httpx.Client, pending: list[dict]) -> None:
         """One batch POST (what an event pipeline would do); every item must count."""
@@ -131,11 +133,15 @@ def main() -> int:
     if args.faulty:  # v2 as its model config declares it, but failing half its requests
         v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
         faulty = v2.model_copy(update={"faults": FaultInjection(error_rate=0.5)})
-        app["deployments"].append({"name": "recommender-v2", "user_config": faulty.model_dump(mode="json")})
+        app["deployments"].append(
+            {"name": "recommender-v2", "user_config": faulty.model_dump(mode="json")}
+        )
     if args.worse:  # v2 with a "latency fix" that makes its rankings worse (hot patch)
         v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
         worse = v2.model_copy(update={"hyperparameters": {**v2.hyperparameters, **WORSE_V2}})
-        app["deployments"].append({"name": "recommender-v2", "user_config": worse.model_dump(mode="json")})
+        app["deployments"].append(
+            {"name": "recommender-v2", "user_config": worse.model_dump(mode="json")}
+        )
     state = Path(".ray-demo")
     state.mkdir(exist_ok=True)
     # Reset first (no plan: routers follow serve_config.yaml's own split; v2's faults as
@@ -144,10 +150,13 @@ def main() -> int:
     time.sleep(2)
     traffic = Traffic(args.url, args.clients).start()
     time.sleep(2)
-    print(f"  traffic: {args.clients} clients playing the demo world's users (clicks go back as "
-          f"feedback); declaring {args.plan}"
-          + (" with v2 failing 50% of requests" if args.faulty else "")
-          + (f" with v2 hot-patched to {WORSE_V2}" if args.worse else ""), flush=True)
+    print(
+        f"  traffic: {args.clients} clients playing the demo world's users (clicks go back as "
+        f"feedback); declaring {args.plan}"
+        + (" with v2 failing 50% of requests" if args.faulty else "")
+        + (f" with v2 hot-patched to {WORSE_V2}" if args.worse else ""),
+        flush=True,
+    )
     serve_deploy(declare_plan(declared, plan), args.dashboard, state / "serve_config.rollout.yaml")
     started = time.monotonic()
     onset = rolled_back = paused_since = None
@@ -161,10 +170,14 @@ def main() -> int:
                 onset = time.monotonic()
             if onset is not None and rolled_back is None and phase == "rolled_back":
                 rolled_back = time.monotonic()
-            line = (f"  [{time.monotonic() - started:5.1f}s] {phase:<11} step {status.get('step_index', '?')}"
-                    f"/{status.get('steps_total', '?')} ({status.get('step', '?')}): "
-                    + "  ".join(f"{v} {w:g}%" for v, w in sorted(weights.items())))
-            lift = next((v for v in status.get("verdicts", []) if v.get("gate") == "improvement"), None)
+            line = (
+                f"  [{time.monotonic() - started:5.1f}s] {phase:<11} step {status.get('step_index', '?')}"
+                f"/{status.get('steps_total', '?')} ({status.get('step', '?')}): "
+                + "  ".join(f"{v} {w:g}%" for v, w in sorted(weights.items()))
+            )
+            lift = next(
+                (v for v in status.get("verdicts", []) if v.get("gate") == "improvement"), None
+            )
             if line.split("] ", 1)[1] != last:
                 print(line, flush=True)
                 last = line.split("] ", 1)[1]
@@ -176,20 +189,30 @@ def main() -> int:
                 break
             paused_since = (paused_since or time.monotonic()) if phase == "paused" else None
             if paused_since is not None and time.monotonic() - paused_since > 5:
-                print("  the rollout paused (analysis inconclusive or waiting for promote): "
-                      "`rollout promote` accepts the step, `rollout resume` re-runs it", flush=True)
+                print(
+                    "  the rollout paused (analysis inconclusive or waiting for promote): "
+                    "`rollout promote` accepts the step, `rollout resume` re-runs it",
+                    flush=True,
+                )
                 break
             time.sleep(0.1)
     time.sleep(1)
     traffic.finish()
     sent = sum(traffic.codes.values())
     failed = sum(n for code, n in traffic.codes.items() if code != 200)
-    print(f"  clients: {sent} requests, {failed} failed; served by "
-          + ", ".join(f"{v}: {n}" for v, n in sorted(traffic.versions.items())))
-    print("  clicks seen by the clients: " + ", ".join(
-        f"{v}: {traffic.clicks[v]}/{n} ({traffic.clicks[v] / n:.1%})"
-        for v, n in sorted(traffic.versions.items()) if v != "-" and n
-    ) + (f"; feedback errors {dict(traffic.feedback_errors)}" if traffic.feedback_errors else ""))
+    print(
+        f"  clients: {sent} requests, {failed} failed; served by "
+        + ", ".join(f"{v}: {n}" for v, n in sorted(traffic.versions.items()))
+    )
+    print(
+        "  clicks seen by the clients: "
+        + ", ".join(
+            f"{v}: {traffic.clicks[v]}/{n} ({traffic.clicks[v] / n:.1%})"
+            for v, n in sorted(traffic.versions.items())
+            if v != "-" and n
+        )
+        + (f"; feedback errors {dict(traffic.feedback_errors)}" if traffic.feedback_errors else "")
+    )
     if token and status.get("verdicts"):
         lift = next((v for v in status["verdicts"] if v.get("gate") == "improvement"), None)
         if lift is not None and lift.get("conclusion") in ("better", "worse"):

@@ -33,7 +33,9 @@ def main() -> int:
                 states = Counter(r["state"].lower() for r in d.get("replicas", []))
                 replicas = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
                 deployments[name] = f"{d['status']} ({replicas or 'no replicas yet'})"
-            line = f"{app['status']}: " + "; ".join(f"{n} {s}" for n, s in sorted(deployments.items()))
+            line = f"{app['status']}: " + "; ".join(
+                f"{n} {s}" for n, s in sorted(deployments.items())
+            )
             if line != last:
                 print(f"  [{time.monotonic() - started:5.1f}s] {line}", flush=True)
                 last = line

@@ -14,7 +14,7 @@ Pooling = Literal["mean", "cls"]
 
 
 def pick_device(cuda_available: bool, in_ray_actor: bool, assigned_gpus: int) -> str:
-    """"cuda" when this process may use a GPU: torch sees one and, inside a Ray actor (a Serve
+    """ "cuda" when this process may use a GPU: torch sees one and, inside a Ray actor (a Serve
     replica), Ray assigned it at least one. Outside Ray (offline runs, tests) torch decides.
 
     Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor assigned no GPU (ray-project/ray

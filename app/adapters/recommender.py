@@ -36,7 +36,9 @@ class RecommenderHyperparameters(BaseModel):
     query_prefix: str = Field(default="", max_length=200, description="Prepended to user texts.")
     item_prefix: str = Field(default="", max_length=200, description="Prepended to item texts.")
     max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per text.")
-    temperature: float = Field(default=1.0, gt=0, le=100, description="Scores are sim / temperature.")
+    temperature: float = Field(
+        default=1.0, gt=0, le=100, description="Scores are sim / temperature."
+    )
     profile_scoring: Literal["whole", "best_line"] = Field(
         default="whole",
         description="whole: one embedding per profile; best_line: best-matching clause per item.",

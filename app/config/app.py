@@ -233,7 +233,9 @@ def load_version_args(args: dict[str, Any] | VersionAppArgs) -> tuple[VersionApp
     try:
         adapter_class(config.adapter).parse_hyperparameters(config.hyperparameters)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"{config.source}: hyperparameters")) from None
+        raise ConfigError(
+            format_validation_error(exc, f"{config.source}: hyperparameters")
+        ) from None
     except ValueError as exc:
         raise ConfigError(f"{config.source}: adapter: {exc}") from None
     return args, config

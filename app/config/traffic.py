@@ -23,7 +23,10 @@ class ShadowRule(StrictModel):
     version: str = Field(pattern=NAME_PATTERN, description="The version that gets the copies.")
     percent: float = Field(ge=0, le=100, description="Percent of requests mirrored.")
     max_in_flight: int = Field(
-        default=4, ge=1, le=1024, description="Mirrored requests at once per router; more are dropped."
+        default=4,
+        ge=1,
+        le=1024,
+        description="Mirrored requests at once per router; more are dropped.",
     )
 
 

@@ -19,7 +19,13 @@ from typing import Any
 
 from app.config.router import AccessLogSettings
 
-__all__ = ["ACCESS_MESSAGE", "AccessLogSettings", "access_record", "flush_serve_logs", "outcome_for_status"]
+__all__ = [
+    "ACCESS_MESSAGE",
+    "AccessLogSettings",
+    "access_record",
+    "flush_serve_logs",
+    "outcome_for_status",
+]
 
 # The log message of every access record: grep for it in text logs, filter on it in JSON.
 ACCESS_MESSAGE = "rollout access"

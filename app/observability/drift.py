@@ -63,7 +63,9 @@ def psi(
     expected = np.asarray(expected, dtype=np.float64)
     actual = np.asarray(actual, dtype=np.float64)
     if expected.shape != actual.shape or expected.ndim != 1:
-        raise ValueError(f"histograms must be 1-d and alike, got {expected.shape} and {actual.shape}")
+        raise ValueError(
+            f"histograms must be 1-d and alike, got {expected.shape} and {actual.shape}"
+        )
     e_total, a_total = expected.sum(), actual.sum()
     if e_total <= 0 or a_total <= 0:
         raise ValueError("both histograms need at least one observation")

@@ -246,7 +246,9 @@ def exported_names(specs: Iterable[MetricSpec] | None = None) -> set[str]:
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-_NAME = re.compile(r"(?<![A-Za-z0-9_:])(ray_[a-z0-9_]+|[a-z_]+:[a-z0-9_:]+|ALERTS)(?![A-Za-z0-9_:(])")
+_NAME = re.compile(
+    r"(?<![A-Za-z0-9_:])(ray_[a-z0-9_]+|[a-z_]+:[a-z0-9_:]+|ALERTS)(?![A-Za-z0-9_:(])"
+)
 
 
 def names_in_promql(expr: str) -> set[str]:
@@ -294,7 +296,9 @@ class Metrics:
         spec = METRICS[name]
         out = {"model": self.model, **tags}
         if set(out) != set(spec.tag_keys):
-            raise ValueError(f"{name}: tags {sorted(out)} are not its tag keys {sorted(spec.tag_keys)}")
+            raise ValueError(
+                f"{name}: tags {sorted(out)} are not its tag keys {sorted(spec.tag_keys)}"
+            )
         for key, value in out.items():
             allowed = _OUTCOMES_BY_METRIC.get(name) if key == "outcome" else _ALLOWED.get(key)
             if allowed is not None and value not in allowed:
@@ -370,11 +374,15 @@ class RouterGauges:
         m = self._metrics
         up = set(available)
         for version in versions:
-            m.set("rollout_traffic_weight_percent", float(weights.get(version, 0.0)), version=version)
+            m.set(
+                "rollout_traffic_weight_percent", float(weights.get(version, 0.0)), version=version
+            )
             m.set("rollout_version_available", 1.0 if version in up else 0.0, version=version)
             m.set("rollout_stable_version", 1.0 if version == stable else 0.0, version=version)
         for version, state in breakers.items():
-            m.set("rollout_breaker_state", BREAKER_STATE_VALUES.get(str(state), 0.0), version=version)
+            m.set(
+                "rollout_breaker_state", BREAKER_STATE_VALUES.get(str(state), 0.0), version=version
+            )
         for version, value in psi.items():
             m.set("rollout_score_psi", float(value), version=version)
         for version, st in shadow.items():
@@ -387,7 +395,9 @@ class RouterGauges:
                 if n > 0:
                     m.inc("rollout_shadow_requests", n, version=version, outcome=outcome)
             if compared > 0 and key is not None:
-                m.set("rollout_shadow_agreement", (total[3] - before[3]) / compared, version=version)
+                m.set(
+                    "rollout_shadow_agreement", (total[3] - before[3]) / compared, version=version
+                )
             self._shadow_seen[version] = total
 
 

@@ -39,7 +39,9 @@ def declare_plan(
     """A copy of `serve_config` whose RolloutController (in `app`, or the only builder app)
     runs `plan` (None: no rollout)."""
     config = copy.deepcopy(serve_config)
-    apps = [a for a in config.get("applications", []) if a.get("import_path") == "app.builder:build_app"]
+    apps = [
+        a for a in config.get("applications", []) if a.get("import_path") == "app.builder:build_app"
+    ]
     if app is not None:
         apps = [a for a in apps if a.get("name") == app]
     if len(apps) != 1:

@@ -61,7 +61,9 @@ def project_version(root: Path | None = None) -> str:
     return tomllib.loads(path.read_text())["project"]["version"]
 
 
-def _container(name: str, image: str, cpus: float, memory_bytes: float, gpus: float) -> dict[str, Any]:
+def _container(
+    name: str, image: str, cpus: float, memory_bytes: float, gpus: float
+) -> dict[str, Any]:
     limits: dict[str, Any] = {
         "cpu": str(max(1, math.ceil(cpus))),
         "memory": f"{max(2, math.ceil(memory_bytes * POD_MEMORY_FACTOR / GIB))}Gi",
@@ -93,7 +95,9 @@ def _with_token_file(document: dict[str, Any]) -> dict[str, Any]:
         if application.get("import_path") != "app.builder:build_app":
             continue
         runtime_env = application.setdefault("runtime_env", {})
-        runtime_env.setdefault("env_vars", {})["ROLLOUT_ADMIN_TOKEN_FILE"] = f"{ADMIN_MOUNT}/admin_token"
+        runtime_env.setdefault("env_vars", {})["ROLLOUT_ADMIN_TOKEN_FILE"] = (
+            f"{ADMIN_MOUNT}/admin_token"
+        )
     return document
 
 
@@ -127,7 +131,9 @@ def generate(
     root = root or project_root()
     overlay = load_overlay(overlay_path(region, root))
     if not overlay.clusters:
-        raise ConfigError(f"{overlay.source}: clusters: name a launcher file to size the RayService")
+        raise ConfigError(
+            f"{overlay.source}: clusters: name a launcher file to size the RayService"
+        )
     base = load_yaml(serve_config)
     if not isinstance(base, dict):
         raise ConfigError(f"{serve_config}: must be a mapping")
@@ -172,8 +178,11 @@ def generate(
         "kind": "RayService",
         "metadata": {
             "name": f"ray-rollout-{region}",
-            "labels": {"app.kubernetes.io/name": "ray-rollout", "app.kubernetes.io/version": version,
-                       "topology.kubernetes.io/region": region},
+            "labels": {
+                "app.kubernetes.io/name": "ray-rollout",
+                "app.kubernetes.io/version": version,
+                "topology.kubernetes.io/region": region,
+            },
         },  # fmt: skip
         "spec": {
             "serveConfigV2": yaml.safe_dump(document, sort_keys=False),
@@ -202,7 +211,9 @@ def manifest_text(serve_config: Path, region: str, *, image: str = DEFAULT_IMAGE
                   root: Path | None = None) -> str:  # fmt: skip
     """The manifest as the file holds it: the header, then the YAML."""
     manifest = generate(serve_config, region, image=image, root=root)
-    command = f"rollout kuberay {serve_config.name} --region {region} -o cluster/kuberay/rayservice.yaml"
+    command = (
+        f"rollout kuberay {serve_config.name} --region {region} -o cluster/kuberay/rayservice.yaml"
+    )
     if image != DEFAULT_IMAGE:
         command = command.replace(" -o", f" --image {image} -o")
     return HEADER.format(command=command, region=region) + yaml.dump(

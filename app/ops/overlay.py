@@ -154,7 +154,10 @@ def render(base: dict[str, Any], overlay: RegionOverlay) -> dict[str, Any]:
     except ConfigError as exc:
         raise ConfigError(f"{where}: serve.{exc}") from None
     for i, application in enumerate(merged.get("applications") or []):
-        if not isinstance(application, dict) or application.get("import_path") != "app.builder:build_app":
+        if (
+            not isinstance(application, dict)
+            or application.get("import_path") != "app.builder:build_app"
+        ):
             continue
         region = (application.get("args") or {}).get("region")
         if region != overlay.region:

@@ -175,7 +175,10 @@ def node_types(config: dict[str, Any]) -> list[NodeType]:
 def _actor_demand(options: dict[str, Any]) -> dict[str, float]:
     """Ray resources of a replica actor with these ray_actor_options (Serve's default: 1 CPU)."""
     cpus = options.get("num_cpus")
-    resources = {"CPU": float(1 if cpus is None else cpus), "GPU": float(options.get("num_gpus") or 0)}
+    resources = {
+        "CPU": float(1 if cpus is None else cpus),
+        "GPU": float(options.get("num_gpus") or 0),
+    }
     if options.get("memory"):
         resources["memory"] = float(options["memory"])
     for name, amount in (options.get("resources") or {}).items():
@@ -195,7 +198,11 @@ def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
 
     controller_options = dict(RolloutController.ray_actor_options or {})  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
     base: dict[str, tuple[dict[str, Any], int, int]] = {
-        ROUTER_DEPLOYMENT: ({"num_cpus": args.router_num_cpus}, args.router_replicas, args.router_replicas),
+        ROUTER_DEPLOYMENT: (
+            {"num_cpus": args.router_num_cpus},
+            args.router_replicas,
+            args.router_replicas,
+        ),
         CONTROLLER_DEPLOYMENT: (controller_options, 1, 1),
     }
     for config in configs:
@@ -204,7 +211,9 @@ def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
             config.autoscaling.min_replicas,
             config.autoscaling.max_replicas,
         )
-    overrides = {d.get("name"): d for d in application.get("deployments") or [] if isinstance(d, dict)}
+    overrides = {
+        d.get("name"): d for d in application.get("deployments") or [] if isinstance(d, dict)
+    }
     demands = []
     for name, (options, low, high) in base.items():
         override = overrides.get(name, {})
@@ -216,7 +225,10 @@ def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
         # A version's replica count comes from the builder's autoscaling_config; with Ray 2.60 a
         # config `num_replicas` did not override it (seen in tests/multinode), so only the
         # fixed-size deployments (Router, RolloutController) take it.
-        if isinstance(override.get("num_replicas"), int) and name in (ROUTER_DEPLOYMENT, CONTROLLER_DEPLOYMENT):
+        if isinstance(override.get("num_replicas"), int) and name in (
+            ROUTER_DEPLOYMENT,
+            CONTROLLER_DEPLOYMENT,
+        ):
             low = high = override["num_replicas"]
         scaling = override.get("autoscaling_config")
         if isinstance(scaling, dict):
@@ -281,9 +293,7 @@ def check_fit(demands: list[Demand], config: dict[str, Any], where: str) -> FitR
         reasons = {t.name: t.missing(demand) for t in types}
         if all(reasons.values()):
             why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
-            report.errors.append(
-                f"{where}: {demand.describe()} fits no node type ({why})"
-            )
+            report.errors.append(f"{where}: {demand.describe()} fits no node type ({why})")
     if report.errors:
         return report
     at_max = [d for d in demands for _ in range(d.max_replicas)]

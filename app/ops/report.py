@@ -26,7 +26,12 @@ from typing import Any
 
 __all__ = ["ReportError", "render_report"]
 
-STATUS_COLORS = {"passed": "#2e7d32", "pending": "#9e9e9e", "skipped": "#cfd8dc", "failed": "#c62828"}
+STATUS_COLORS = {
+    "passed": "#2e7d32",
+    "pending": "#9e9e9e",
+    "skipped": "#cfd8dc",
+    "failed": "#c62828",
+}
 PHASE_COLORS = {"rolled_back": "#c62828", "aborted": "#ef6c00", "succeeded": "#2e7d32",
                 "paused": "#6a1b9a", "promoting": "#1565c0"}  # fmt: skip
 MAX_EVENT_ROWS = 12
@@ -36,7 +41,9 @@ class ReportError(ValueError):
     """The history cannot make a report (no events, malformed)."""
 
 
-def _versions(events: Sequence[Mapping[str, Any]], timeline: Sequence[Mapping[str, Any]]) -> list[str]:
+def _versions(
+    events: Sequence[Mapping[str, Any]], timeline: Sequence[Mapping[str, Any]]
+) -> list[str]:
     names: set[str] = set()
     for sample in timeline:
         names |= set(sample.get("weights", {})) | set(sample.get("versions", {}))
@@ -74,7 +81,9 @@ def render_report(
     xs = [float(s["time_s"]) - start for s in timeline]
 
     fig = plt.figure(figsize=(13, 12), dpi=100, layout="constrained")
-    grid = fig.add_gridspec(5, 1, height_ratios=[2.2, 1.6, 1.6, 1.3, 0.3 + 0.13 * min(len(events), MAX_EVENT_ROWS)])
+    grid = fig.add_gridspec(
+        5, 1, height_ratios=[2.2, 1.6, 1.6, 1.3, 0.3 + 0.13 * min(len(events), MAX_EVENT_ROWS)]
+    )
     ax_w = fig.add_subplot(grid[0])
     ax_e = fig.add_subplot(grid[1], sharex=ax_w)
     ax_p = fig.add_subplot(grid[2], sharex=ax_w)
@@ -95,7 +104,9 @@ def render_report(
     ax_w.legend(loc="upper left", fontsize=8, ncols=max(1, len(versions)))
 
     for v in versions:
-        rates = [_number(s.get("versions", {}).get(v, {}).get("error_rate")) * 100 for s in timeline]
+        rates = [
+            _number(s.get("versions", {}).get(v, {}).get("error_rate")) * 100 for s in timeline
+        ]
         p99 = [_number(s.get("versions", {}).get(v, {}).get("p99_ms")) for s in timeline]
         ax_e.plot(xs, rates, marker=".", ms=3, color=colors[v], label=v)
         ax_p.plot(xs, p99, marker=".", ms=3, color=colors[v], label=v)

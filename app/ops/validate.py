@@ -57,7 +57,9 @@ def smoke_test(
     """Verify, load and run one example through a version (with the weights a user_config
     patch names, if any); return a one-line summary."""
     started = time.perf_counter()
-    artifact, sha256 = (weights.artifact, weights.sha256) if weights else (config.artifact, config.sha256)
+    artifact, sha256 = (
+        (weights.artifact, weights.sha256) if weights else (config.artifact, config.sha256)
+    )
     directory = resolve_artifact(artifact, config.base_dir())
     verify_artifact(directory, sha256)
     cls = adapter_class(config.adapter)
@@ -139,7 +141,9 @@ def validate_serve_config(
         if application.get("import_path") == VERSION_BUILDER:
             continue
         if application.get("import_path") != BUILDER:
-            report.notes.append(f"{where}: import_path is not {BUILDER}; only Serve's schema checked")
+            report.notes.append(
+                f"{where}: import_path is not {BUILDER}; only Serve's schema checked"
+            )
             continue
         _validate_application(application, where, report, load_models, progress, version_apps)
     if region is not None and report.ok:
@@ -238,8 +242,14 @@ def _smoke(config: ModelConfig, update: ModelUserConfig | None, where: str, repo
            progress: Callable[[str], None]) -> None:  # fmt: skip
     """Load the version (with the weights its user_config names, if any) and run its example."""
     weights = update.weights if update is not None else None
-    label = f"{where}: {config.deployment_name}.user_config.weights" if weights else f"{config.source}: artifact"
-    progress(f"loading {config.deployment_name} from {weights.artifact if weights else config.artifact} ...")
+    label = (
+        f"{where}: {config.deployment_name}.user_config.weights"
+        if weights
+        else f"{config.source}: artifact"
+    )
+    progress(
+        f"loading {config.deployment_name} from {weights.artifact if weights else config.artifact} ..."
+    )
     try:
         hyperparameters = update.hyperparameters if update is not None else None
         summary = smoke_test(config, hyperparameters, weights)
@@ -247,7 +257,9 @@ def _smoke(config: ModelConfig, update: ModelUserConfig | None, where: str, repo
         report.errors.append(f"{label}: {exc}")
         return
     except Exception as exc:  # a model that cannot load or run is a config error here
-        report.errors.append(f"{config.source}: smoke inference failed: {type(exc).__name__}: {exc}")
+        report.errors.append(
+            f"{config.source}: smoke inference failed: {type(exc).__name__}: {exc}"
+        )
         return
     report.notes.append(f"{config.deployment_name}: {summary}")
 
@@ -275,7 +287,9 @@ def _validate_application(
                 f"{where}.args.version_apps: no application in this file runs a version of "
                 f"{args.model!r} (import_path {VERSION_BUILDER}, name {args.model}-<version>)"
             )
-        declared = {d.get("name") for d in application.get("deployments") or [] if "user_config" in d}
+        declared = {
+            d.get("name") for d in application.get("deployments") or [] if "user_config" in d
+        }
         if ROUTER_DEPLOYMENT not in declared:
             report.errors.append(
                 f"{where}.deployments: the Router needs a user_config (stable, weights) with "

@@ -95,10 +95,14 @@ def _item(data: Any, where: str) -> FeedbackItem:
         raise InvalidInput(f"{where} must be an object with request_id, outcome and value")
     unknown = sorted(set(data) - {"request_id", "outcome", "value"})
     if unknown:
-        raise InvalidInput(f"{where}: unknown field(s) {unknown}; expected request_id, outcome, value")
+        raise InvalidInput(
+            f"{where}: unknown field(s) {unknown}; expected request_id, outcome, value"
+        )
     request_id = data.get("request_id")
     if not isinstance(request_id, str) or not request_id.strip():
-        raise InvalidInput(f"{where}.request_id must be a non-empty string (the x-request-id of the answer)")
+        raise InvalidInput(
+            f"{where}.request_id must be a non-empty string (the x-request-id of the answer)"
+        )
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidInput(f"{where}.request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
     outcome = data.get("outcome")
@@ -122,7 +126,9 @@ def _item(data: Any, where: str) -> FeedbackItem:
     )
 
 
-def parse_feedback(body: Any, max_items: int = MAX_ITEMS_PER_REQUEST) -> tuple[list[FeedbackItem], bool]:
+def parse_feedback(
+    body: Any, max_items: int = MAX_ITEMS_PER_REQUEST
+) -> tuple[list[FeedbackItem], bool]:
     """(items, batch): one object `{"request_id", "outcome", "value"}`, or a batch
     `{"feedback": [ ...objects... ]}`. InvalidInput names the offending field."""
     if isinstance(body, dict) and "feedback" in body:
@@ -291,7 +297,9 @@ class OutcomeBook:
         book = cls()
         for outcome, by_version in data.items():
             for version, a in by_version.items():
-                arm = ArmStats(OutcomeKind(a["kind"]), int(a["n"]), float(a["sum"]), float(a["sum_sq"]))
+                arm = ArmStats(
+                    OutcomeKind(a["kind"]), int(a["n"]), float(a["sum"]), float(a["sum_sq"])
+                )
                 book.kinds[outcome] = arm.kind
                 book.arms.setdefault(outcome, {})[version] = arm
         return book
@@ -318,7 +326,9 @@ class FeedbackDesk:
     `versions` is the set of versions this app serves (None in version_apps mode: any name a
     router reports is taken)."""
 
-    def __init__(self, versions: list[str] | None, settings: FeedbackSettings | None = None) -> None:
+    def __init__(
+        self, versions: list[str] | None, settings: FeedbackSettings | None = None
+    ) -> None:
         self.versions = versions
         self.settings = settings or FeedbackSettings()
         self.ledger = RequestLedger(self.settings.max_request_ids, self.settings.ttl_s)
@@ -399,10 +409,17 @@ class FeedbackDesk:
     def arms(self, versions: Sequence[str]) -> dict[str, dict[str, ArmStats]]:
         """Outcome name -> version -> ArmStats of the current experiment, for the gates."""
         # arm() is None only for an outcome not in kinds, and these all are.
-        return {outcome: {v: cast(ArmStats, self.book.arm(outcome, v)) for v in versions} for outcome in self.book.kinds}
+        return {
+            outcome: {v: cast(ArmStats, self.book.arm(outcome, v)) for v in versions}
+            for outcome in self.book.kinds
+        }
 
     def status(self) -> dict[str, Any]:
-        return {**self.counts, "request_ids_remembered": len(self.ledger), "ttl_s": self.settings.ttl_s}
+        return {
+            **self.counts,
+            "request_ids_remembered": len(self.ledger),
+            "ttl_s": self.settings.ttl_s,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """What survives a controller restart: the experiment's start and its outcome book."""

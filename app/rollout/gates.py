@@ -202,7 +202,10 @@ def evaluate_gates(
         if cand.requests < gates.fail_fast_min_requests:
             verdicts.append(
                 GateVerdict(
-                    FAIL_FAST, GateStatus.PENDING, None, threshold,
+                    FAIL_FAST,
+                    GateStatus.PENDING,
+                    None,
+                    threshold,
                     f"{cand.requests} of {gates.fail_fast_min_requests} candidate requests",
                 )  # fmt: skip
             )
@@ -240,7 +243,9 @@ def _on_scale(value: float | None, scale: str) -> str:
     return f"{value:+.1%}" if scale == "relative" else f"{value:+.4g}"
 
 
-def _lift_reason(outcome: str, verdict: Verdict, conclusion: Conclusion, bar: str, level: float) -> str:
+def _lift_reason(
+    outcome: str, verdict: Verdict, conclusion: Conclusion, bar: str, level: float
+) -> str:
     said = {
         Conclusion.BETTER: f"better than {bar}",
         Conclusion.WORSE: f"worse than {bar}",
@@ -291,7 +296,8 @@ def evaluate_lift_gates(
         test = gate.sequential_test()
         before = Verdict.from_reading(dict(previous[name])) if name in previous else None
         if before is not None and (before.candidate_samples, before.control_samples) == (
-            cand.n, base.n
+            cand.n,
+            base.n,
         ):
             verdict = before  # no new outcome: the same look (and the state stays equal)
         else:

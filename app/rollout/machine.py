@@ -398,9 +398,7 @@ def _end(
     events: list[Event],
 ) -> RolloutState:
     """Roll back or abort: all traffic back on the stable version."""
-    after = replace(
-        state, phase=phase, candidate_weight=0.0, paused_by_user=False, paused_at=None
-    )
+    after = replace(state, phase=phase, candidate_weight=0.0, paused_by_user=False, paused_at=None)
     events.append(_event(state, after, now, reason, verdicts))
     return after
 
@@ -499,9 +497,7 @@ def _decide(
 ) -> Decision:
     changed = traffic_key(after) != traffic_key(before)
     history = (before.history + tuple(events))[-MAX_HISTORY_EVENTS:]
-    after = replace(
-        after, history=history, generation=before.generation + (1 if changed else 0)
-    )
+    after = replace(after, history=history, generation=before.generation + (1 if changed else 0))
     return Decision(
         state=after,
         weights=after.weights,
@@ -528,14 +524,14 @@ def step(state: RolloutState, observation: Observation, now: float) -> Decision:
         s = replace(s, phase=Phase.PROGRESSING, step_started_at=now)
         events.append(
             _event(
-                state, s, now,
+                state,
+                s,
+                now,
                 f"started: {plan.strategy} rollout of {plan.candidate} (stable {plan.stable}), "
                 f"plan {plan.digest()}",
             )  # fmt: skip
         )
-    verdicts = evaluate_gates(
-        plan.gates, observation, candidate=plan.candidate, stable=plan.stable
-    )
+    verdicts = evaluate_gates(plan.gates, observation, candidate=plan.candidate, stable=plan.stable)
     lift_verdicts, lift = evaluate_lift_gates(
         plan.gates, observation, s.lift, candidate=plan.candidate, stable=plan.stable
     )

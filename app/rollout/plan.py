@@ -158,7 +158,11 @@ def _canary_step_kind(value: Any) -> str | None:
             if key in value:
                 return key
         return None
-    kinds: dict[type[Any], str] = {SetWeight: "set_weight", Pause: "pause_s", Analysis: "analysis_s"}
+    kinds: dict[type[Any], str] = {
+        SetWeight: "set_weight",
+        Pause: "pause_s",
+        Analysis: "analysis_s",
+    }
     return kinds.get(type(value))
 
 
@@ -442,7 +446,9 @@ class ControllerUserConfig(StrictModel):
     def _http_url(cls, value: Any) -> Any:
         if value == "":
             return None  # an empty URL means none, as before
-        if value is not None and not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+        if value is not None and not (
+            isinstance(value, str) and value.startswith(("http://", "https://"))
+        ):
             raise ValueError(f"{value!r} must be an http(s) URL")
         return value
 

@@ -65,4 +65,6 @@ def query_scalar(base_url: str, query: str, *, timeout_s: float = 1.0) -> float:
     except PrometheusUnavailable:
         raise
     except Exception as exc:  # any other shape: skip the gate, never break the controller's tick
-        raise PrometheusUnavailable(f"unexpected response shape: {type(exc).__name__}: {exc}") from None
+        raise PrometheusUnavailable(
+            f"unexpected response shape: {type(exc).__name__}: {exc}"
+        ) from None

@@ -22,7 +22,9 @@ def resolve_artifact(artifact: str, base_dir: Path) -> Path:
     """The local directory for `artifact`: a path, or `package:<module>` (its get_model_path())."""
     if artifact.startswith(PACKAGE_PREFIX):
         module_name = artifact[len(PACKAGE_PREFIX) :]
-        if not module_name.replace(".", "").replace("_", "").isalnum() or module_name.startswith("."):
+        if not module_name.replace(".", "").replace("_", "").isalnum() or module_name.startswith(
+            "."
+        ):
             raise ArtifactError(f"artifact {artifact!r}: {module_name!r} is not a module name")
         try:
             module = importlib.import_module(module_name)
@@ -53,9 +55,7 @@ def _sha256_file(path: Path) -> str:
 
 def artifact_digests(directory: Path) -> dict[str, str]:
     """sha256 of every weights file under `directory`, keyed by path relative to it."""
-    files = sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-    )
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     return {str(p.relative_to(directory)): _sha256_file(p) for p in files}
 
 

@@ -57,7 +57,9 @@ class Batcher(Generic[Item, Result]):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if batch_wait_timeout_s < 0:
-            raise ValueError(f"batch_wait_timeout_s must not be negative, got {batch_wait_timeout_s}")
+            raise ValueError(
+                f"batch_wait_timeout_s must not be negative, got {batch_wait_timeout_s}"
+            )
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
 
@@ -109,7 +111,9 @@ class Batcher(Generic[Item, Result]):
         try:
             results = await self._run([item for item, _ in batch])
             if len(results) != len(batch):
-                raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} requests")
+                raise RuntimeError(
+                    f"the batch function returned {len(results)} results for {len(batch)} requests"
+                )
         except asyncio.CancelledError:
             for _, future in batch:
                 if not future.done():

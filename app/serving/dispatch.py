@@ -78,7 +78,11 @@ class ShadowStats:
             self.sums[name] = self.sums.get(name, 0.0) + value
 
     def snapshot(self) -> dict[str, Any]:
-        means = {name: total / self.completed for name, total in self.sums.items()} if self.completed else {}
+        means = (
+            {name: total / self.completed for name, total in self.sums.items()}
+            if self.completed
+            else {}
+        )
         return {"sent": self.sent, "completed": self.completed, "failed": self.failed,
                 "dropped": self.dropped, "agreement": means}  # fmt: skip
 

@@ -33,7 +33,9 @@ __all__ = [
 
 INFERENCE_HEADER = "inference-header-content-length"
 # kserve's client also sends model_name (and may send model_version); the path decides both.
-_REQUEST_FIELDS = frozenset({"id", "inputs", "outputs", "parameters", "model_name", "model_version"})
+_REQUEST_FIELDS = frozenset(
+    {"id", "inputs", "outputs", "parameters", "model_name", "model_version"}
+)
 # Request parameters that steer the protocol, not the model.
 _PROTOCOL_PARAMETERS = frozenset(
     {"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout"}
@@ -61,7 +63,9 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     try:
         length = int(header_length)
     except ValueError:
-        raise _fail(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        raise _fail(
+            f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+        ) from None
     if not 0 < length <= len(body):
         raise _fail(
             f"Inference-Header-Content-Length ({length}) must be between 1 and the body size "
@@ -93,7 +97,9 @@ def _json_tensor(flat: list[Any], spec: TensorSpec, where: str) -> np.ndarray:
     if spec.datatype == "BYTES":
         for i, item in enumerate(flat):
             if not isinstance(item, str):
-                raise _fail(f"{where} (BYTES): element {i} is {type(item).__name__}, expected a string")
+                raise _fail(
+                    f"{where} (BYTES): element {i} is {type(item).__name__}, expected a string"
+                )
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
         return array
@@ -115,7 +121,9 @@ def _json_tensor(flat: list[Any], spec: TensorSpec, where: str) -> np.ndarray:
     try:
         array = np.asarray(flat, dtype=dtype)
     except OverflowError:
-        raise _fail(f"{where} ({spec.datatype}): a value is too large for {spec.datatype}") from None
+        raise _fail(
+            f"{where} ({spec.datatype}): a value is too large for {spec.datatype}"
+        ) from None
     return _finite(array, spec, where)
 
 
@@ -153,7 +161,9 @@ def _binary_tensor(chunk: bytes, count: int, spec: TensorSpec, where: str) -> np
             raise _fail(f"{where}: binary BYTES element {i} is not valid UTF-8") from None
         offset += length
     if offset != len(chunk):
-        raise _fail(f"{where}: binary BYTES data has {len(chunk) - offset} bytes after {count} elements")
+        raise _fail(
+            f"{where}: binary BYTES data has {len(chunk) - offset} bytes after {count} elements"
+        )
     array = np.empty(count, dtype=object)
     array[:] = items
     return array
@@ -171,7 +181,9 @@ def _check_shape(raw: Any, spec: TensorSpec, where: str) -> tuple[int, ...]:
         )
     for got, want in zip(raw, spec.shape):
         if want == -1 and not 1 <= got <= spec.max_dim:
-            raise _fail(f"{where}: shape {raw}: dimension {got} must be between 1 and {spec.max_dim}")
+            raise _fail(
+                f"{where}: shape {raw}: dimension {got} must be between 1 and {spec.max_dim}"
+            )
         if want != -1 and got != want:
             raise _fail(f"{where}: shape {raw} does not match the model's {list(spec.shape)}")
     return tuple(raw)
@@ -209,7 +221,9 @@ def decode_body(body: bytes, *, header_length: str | None) -> RawRequest:
         raise _fail("request body must be a JSON object with an 'inputs' list")
     unknown = sorted(set(document) - _REQUEST_FIELDS)
     if unknown:
-        raise _fail(f"unknown request field(s) {unknown}; expected {', '.join(sorted(_REQUEST_FIELDS))}")
+        raise _fail(
+            f"unknown request field(s) {unknown}; expected {', '.join(sorted(_REQUEST_FIELDS))}"
+        )
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _fail("id must be a string")
@@ -285,7 +299,9 @@ def check_request(
                 raise _fail(f"{where} has no data")
             flat = _flatten(raw["data"], where)
             if len(flat) != count:
-                raise _fail(f"{where} has {len(flat)} elements but shape {list(shape)} needs {count}")
+                raise _fail(
+                    f"{where} has {len(flat)} elements but shape {list(shape)} needs {count}"
+                )
             array = _json_tensor(flat, spec, where)
         tensors[name] = array.reshape(shape)
     if offset != len(binary):
@@ -308,7 +324,9 @@ def check_request(
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise _fail(f"outputs[{index}] must be an object with a name")
             if raw["name"] not in output_names:
-                raise _fail(f"unknown output '{raw['name']}'; the model has: {', '.join(output_names)}")
+                raise _fail(
+                    f"unknown output '{raw['name']}'; the model has: {', '.join(output_names)}"
+                )
             requested.append(raw["name"])
             out_params = _parameters(raw.get("parameters"), f"output '{raw['name']}'")
             if out_params.get("binary_data") is True:
@@ -316,7 +334,9 @@ def check_request(
             elif out_params.get("binary_data") is False:
                 binary_outputs.discard(raw["name"])
     model_parameters = {
-        k: v for k, v in parameters.items() if k not in _PROTOCOL_PARAMETERS and k not in drop_parameters
+        k: v
+        for k, v in parameters.items()
+        if k not in _PROTOCOL_PARAMETERS and k not in drop_parameters
     }
     return InferRequest(
         id=request_id,

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Prometheus sees new series sooner (read by the raylet and workers that ray.init starts).
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Cluster:
     import ray

@@ -20,8 +20,19 @@ pytestmark = pytest.mark.integration
     [
         ("bench.rollback", {"trials", "median_s", "max_s", "client_errors"}),
         ("bench.hotpatch", {"patches", "failed_requests", "replicas_restarted_elsewhere"}),
-        ("bench.throughput", {"served_over_offline_single", "served_over_offline_batched", "routed_over_direct",
-                              "router_added_p50_ms", "cache_speedup", "scale", "peak_rss_mb", "cpu_ms_per_request"}),
+        (
+            "bench.throughput",
+            {
+                "served_over_offline_single",
+                "served_over_offline_batched",
+                "routed_over_direct",
+                "router_added_p50_ms",
+                "cache_speedup",
+                "scale",
+                "peak_rss_mb",
+                "cpu_ms_per_request",
+            },
+        ),
     ],
 )
 def test_bench_smoke(module, keys, tiny_models, tmp_path):
@@ -44,7 +55,10 @@ def test_bench_smoke(module, keys, tiny_models, tmp_path):
         assert [p["concurrency"] for p in report["scale"]] == [1, 4, 16, 64], report
         assert set(report["peak_rss_mb"]) == {"router", "model"}, report
         assert report["cache"]["hit_rate"] > 0, report  # a Zipf stream repeats itself
-        assert report["settings"]["model_config"] == extra[1] and report["settings"]["offline_device"] == "cpu", report
+        assert (
+            report["settings"]["model_config"] == extra[1]
+            and report["settings"]["offline_device"] == "cpu"
+        ), report
     else:
         assert len(report["patches"]) == 9 and report["failed_requests"] == 0, report
         assert report["replicas_restarted_elsewhere"] == 0, report

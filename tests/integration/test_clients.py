@@ -48,15 +48,21 @@ def test_tritonclient_http(deployed, binary):
         inputs = [triton.InferInput("user", [1], "BYTES"), triton.InferInput("items", [3], "BYTES")]
         inputs[0].set_data_from_numpy(USERS, binary_data=binary)
         inputs[1].set_data_from_numpy(ITEMS, binary_data=binary)
-        outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("scores", "ranking")]
+        outputs = [
+            triton.InferRequestedOutput(n, binary_data=binary) for n in ("scores", "ranking")
+        ]
         for version in ("v1", "v2"):
-            result = client.infer(APP, inputs, model_version=version, outputs=outputs, request_id="t-1")
+            result = client.infer(
+                APP, inputs, model_version=version, outputs=outputs, request_id="t-1"
+            )
             response = result.get_response()
             assert response["model_version"] == version and response["id"] == "t-1"
             scores = result.as_numpy("scores")
             assert scores.shape == (1, 3) and scores.dtype == np.float32
             np.testing.assert_allclose(scores.ravel(), _direct_scores(deployed, version), rtol=1e-6)
-            assert result.as_numpy("ranking").tolist() == [list(np.argsort(-scores[0], kind="stable"))]
+            assert result.as_numpy("ranking").tolist() == [
+                list(np.argsort(-scores[0], kind="stable"))
+            ]
         # No outputs named: tritonclient asks for every output in binary (binary_data_output).
         result = client.infer(APP, inputs)
         assert result.as_numpy("scores").shape == (1, 3)

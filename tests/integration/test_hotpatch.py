@@ -20,7 +20,9 @@ from tests.support.waiting import wait_for_condition
 
 pytestmark = pytest.mark.integration
 
-PROBE = infer_body(["likes space opera films"], ["a space opera", "a cooking show", "a jazz record"])
+PROBE = infer_body(
+    ["likes space opera films"], ["a space opera", "a cooking show", "a jazz record"]
+)
 
 
 def _digest(directory) -> str:

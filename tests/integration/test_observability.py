@@ -207,7 +207,10 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
         headers = {"authorization": f"Bearer {TOKEN}"}
 
         def rolled_back():
-            return cluster.client.get("/admin/rollout", headers=headers).json()["phase"] == "rolled_back"
+            return (
+                cluster.client.get("/admin/rollout", headers=headers).json()["phase"]
+                == "rolled_back"
+            )
 
         wait_for_condition(rolled_back, 90, message="the controller's rollback")
         wait_for_condition(lambda: prometheus.firing("RolloutAutomaticRollback"), 60, interval_s=1.0,
@@ -227,7 +230,9 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
             return not last
 
         try:
-            wait_for_condition(all_present, 90, interval_s=1.0, message="every metric in Prometheus")
+            wait_for_condition(
+                all_present, 90, interval_s=1.0, message="every metric in Prometheus"
+            )
         except AssertionError:
             raise AssertionError(f"metrics missing from Prometheus: {sorted(last)}") from None
 
@@ -241,7 +246,9 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
         assert prometheus.firing("RolloutAutomaticRollback")
     assert traffic.errors == []  # no transport error (every HTTP status is in `statuses`)
     assert traffic.statuses.count(200) > 100
-    assert 500 not in traffic.statuses and 503 not in traffic.statuses  # the fallback hid v2's faults
+    assert (
+        500 not in traffic.statuses and 503 not in traffic.statuses
+    )  # the fallback hid v2's faults
 
     # Counters carry the fixed tags we defined, and Serve's own tags beside them.
     series = prometheus.query("ray_rollout_requests_total")
@@ -249,7 +256,9 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
     assert {"weighted", "sticky", "pinned", "cache", "unrouted"} <= decisions, decisions
     assert all({"model", "version", "decision", "outcome", "deployment", "application"} <= set(s["metric"])
                for s in series)  # fmt: skip
-    errors = {s["metric"]["error_type"] for s in prometheus.query("ray_rollout_request_errors_total")}
+    errors = {
+        s["metric"]["error_type"] for s in prometheus.query("ray_rollout_request_errors_total")
+    }
     assert "invalid_input" in errors
     assert prometheus.query('ray_rollout_fallbacks_total{version="v2",reason="error"}')
     assert prometheus.query('ray_rollout_rollbacks_total{version="v2"} >= 1')
@@ -267,7 +276,14 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
                 records.append(json.loads(line))
     assert len(records) > 100
     for r in records[-200:]:
-        assert {"request_id", "model", "model_version", "routing_decision", "status", "latency_ms"} <= set(r), r
+        assert {
+            "request_id",
+            "model",
+            "model_version",
+            "routing_decision",
+            "status",
+            "latency_ms",
+        } <= set(r), r
         assert "payload" not in r  # payloads are opt-in
     assert {"weighted", "sticky", "pinned", "cache"} <= {r["routing_decision"] for r in records}
     assert any(r.get("fallback_from") == "v2" for r in records)

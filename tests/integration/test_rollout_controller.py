@@ -39,7 +39,9 @@ def rollout_app(cluster, tiny_models, tmp_path_factory):
         model_config(tmp, tmp, "v3", tiny_models["b"], faults={"error_rate": 1.0}),
     ]
     config = serve_config(versions, {"v1": 100})
-    config["applications"][0]["runtime_env"] = {"env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}}
+    config["applications"][0]["runtime_env"] = {
+        "env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}
+    }
     forget_rollouts()
     cluster.serve_deploy(config, tmp)
     cluster.wait_running()
@@ -96,7 +98,9 @@ def test_canary_steps_to_full_and_succeeds(rollout_app):
             assert status["phase"] not in ("paused", "rolled_back"), status  # fail with the reason
             return status["phase"] == "succeeded" and status
 
-        status = wait_for_condition(done, timeout_s=90, interval_s=0.25, message="canary to succeed")
+        status = wait_for_condition(
+            done, timeout_s=90, interval_s=0.25, message="canary to succeed"
+        )
     assert load.errors == [] and load.sent > 50
     assert {20.0, 50.0, 100.0} <= seen_weights, seen_weights
     assert status["stable"] == "v2" and status["weights"] == {"v2": 100.0, "v1": 0.0}
@@ -168,7 +172,9 @@ def test_manual_commands_and_controller_restart_resume_the_same_step(rollout_app
     assert admin(cluster, "GET", "").json()["phase"] == "paused"
     assert admin(cluster, "POST", "/resume").status_code == 200
     r = admin(cluster, "POST", "/abort")
-    assert r.status_code == 200 and r.json()["phase"] == "aborted" and r.json()["weights"]["v2"] == 0
+    assert (
+        r.status_code == 200 and r.json()["phase"] == "aborted" and r.json()["weights"]["v2"] == 0
+    )
     wait_for_condition(lambda: cluster.router_status()["weights"].get("v2") == 0, timeout_s=10,
                        message="router back on v1")  # fmt: skip
     assert admin(cluster, "POST", "/start").status_code == 200  # the declared plan, again
@@ -284,7 +290,9 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
     cluster = rollout_app[0]
     declare(rollout_app, None)
     url = f"/v2/models/{APP}/feedback"
-    answer = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-1"})
+    answer = cluster.client.post(
+        f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-1"}
+    )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "fb-1"
     # Right after the answer (before the router's push reaches the controller) it counts.
     first = cluster.client.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
@@ -294,14 +302,21 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
     again = cluster.client.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert again.json()["counted"] is False
-    unknown = cluster.client.post(url, json={"request_id": "never-served", "outcome": "click", "value": True})
+    unknown = cluster.client.post(
+        url, json={"request_id": "never-served", "outcome": "click", "value": True}
+    )
     assert unknown.status_code == 404 and "unknown" in unknown.json()["error"]
-    other = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-k"})
+    other = cluster.client.post(
+        f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-k"}
+    )
     assert other.status_code == 200
     for body, field in (
         ({"request_id": "fb-1", "outcome": "click"}, "body.value"),
         ({"request_id": "fb-1", "outcome": "Bad Name", "value": 1}, "body.outcome"),
-        ({"request_id": "fb-k", "outcome": "click", "value": 4.5}, "is binary"),  # click was true/false
+        (
+            {"request_id": "fb-k", "outcome": "click", "value": 4.5},
+            "is binary",
+        ),  # click was true/false
     ):
         bad = cluster.client.post(url, json=body)
         assert bad.status_code == 400 and field in bad.json()["error"], bad.text
@@ -322,16 +337,22 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
         declare(rollout_app, None, feedback={"ttl_s": 5})
         wait_for_condition(lambda: admin(cluster, "GET", "").json()["feedback"]["ttl_s"] == 5,
                            timeout_s=30, message="the feedback TTL applied")  # fmt: skip
-        late = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-2"})
+        late = cluster.client.post(
+            f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-2"}
+        )
         assert late.status_code == 200
         codes = []
 
         def expired():
-            r = cluster.client.post(url, json={"request_id": "fb-2", "outcome": "rating", "value": 5})
+            r = cluster.client.post(
+                url, json={"request_id": "fb-2", "outcome": "rating", "value": 5}
+            )
             codes.append(r.status_code)
             return r.status_code == 410 and r
 
-        gone = wait_for_condition(expired, timeout_s=30, interval_s=0.2, message="410 for an expired id")
+        gone = wait_for_condition(
+            expired, timeout_s=30, interval_s=0.2, message="410 for an expired id"
+        )
         assert "feedback is taken for 5s" in gone.json()["error"]
         assert set(codes) <= {200, 410}  # counted once, then duplicates, then 410
     finally:

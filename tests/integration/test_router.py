@@ -29,9 +29,16 @@ def router_app(cluster, tiny_models, tmp_path_factory):
         model_config(tmp, tmp, "v2", tiny_models["b"], faults={"error_rate": 1.0}),
         model_config(tmp, tmp, "v3", tiny_models["b"], hyperparameters={"temperature": 0.5}),
         # Slow and narrow: one request at a time, two queued per caller, 2 s each.
-        model_config(tmp, tmp, "v4", tiny_models["a"], faults={"added_latency_ms": 2000},
-                     max_ongoing_requests=1, max_queued_requests=2,
-                     batching={"max_batch_size": 1, "batch_wait_timeout_s": 0}),  # fmt: skip
+        model_config(
+            tmp,
+            tmp,
+            "v4",
+            tiny_models["a"],
+            faults={"added_latency_ms": 2000},
+            max_ongoing_requests=1,
+            max_queued_requests=2,
+            batching={"max_batch_size": 1, "batch_wait_timeout_s": 0},
+        ),  # fmt: skip
     ]
     config = serve_config(versions, {"v1": 100})
     cluster.serve_deploy(config, tmp)
@@ -53,7 +60,9 @@ def set_traffic(router_app, **user_config) -> dict:
     )  # fmt: skip
 
 
-def load(url: str, n_clients: int, per_client: int, headers=None, during=None) -> list[httpx.Response]:
+def load(
+    url: str, n_clients: int, per_client: int, headers=None, during=None
+) -> list[httpx.Response]:
     """`n_clients` threads, each sending `per_client` requests; `during()` runs mid-load."""
     responses: list[httpx.Response] = []
     lock = threading.Lock()
@@ -109,8 +118,14 @@ def test_pinned_requests_do_not_fall_back_unless_asked(router_app):
 
 def test_failing_shadow_never_changes_primary_and_healthy_shadow_reports_agreement(router_app):
     cluster = router_app[0]
-    expected = cluster.client.post(f"/v2/models/{APP}/versions/v1/infer", json=BODY).json()["outputs"]
-    set_traffic(router_app, weights={"v1": 100}, shadow={"version": "v2", "percent": 100, "max_in_flight": 4})
+    expected = cluster.client.post(f"/v2/models/{APP}/versions/v1/infer", json=BODY).json()[
+        "outputs"
+    ]
+    set_traffic(
+        router_app,
+        weights={"v1": 100},
+        shadow={"version": "v2", "percent": 100, "max_in_flight": 4},
+    )
     responses = load(cluster.url, n_clients=8, per_client=20)
     assert failures(responses) == []
     assert all(r.headers["x-model-version"] == "v1" for r in responses)
@@ -121,7 +136,11 @@ def test_failing_shadow_never_changes_primary_and_healthy_shadow_reports_agreeme
     )  # fmt: skip
     assert stats["completed"] == 0 and stats["sent"] + stats["dropped"] == 160
 
-    set_traffic(router_app, weights={"v1": 100}, shadow={"version": "v3", "percent": 100, "max_in_flight": 4})
+    set_traffic(
+        router_app,
+        weights={"v1": 100},
+        shadow={"version": "v3", "percent": 100, "max_in_flight": 4},
+    )
     assert failures(load(cluster.url, n_clients=4, per_client=10)) == []
     stats = wait_for_condition(
         lambda: (s := cluster.router_status()["shadow_stats"].get("v3")) and s["completed"] > 0 and s,
@@ -135,7 +154,11 @@ def test_killing_a_replica_of_the_chosen_version_mid_load_fails_no_request(route
     import ray
 
     cluster = router_app[0]
-    set_traffic(router_app, weights={"v1": 50, "v3": 50}, breaker={"consecutive_failures": 3, "cooldown_s": 2})
+    set_traffic(
+        router_app,
+        weights={"v1": 50, "v3": 50},
+        breaker={"consecutive_failures": 3, "cooldown_s": 2},
+    )
     victim = cluster.replica_info(f"{APP}-v3")
 
     def kill() -> None:
@@ -158,12 +181,16 @@ def test_sticky_user_keeps_one_version(router_app):
     for user in ("alice", "bob", "carol", "dave"):
         seen = Counter()
         for _ in range(100):
-            r = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-user-id": user})
+            r = cluster.client.post(
+                f"/v2/models/{APP}/infer", json=BODY, headers={"x-user-id": user}
+            )
             assert r.status_code == 200 and r.headers["x-routing-decision"] == "sticky"
             seen[r.headers["x-model-version"]] += 1
         assert len(seen) == 1, (user, seen)
     # The routing key may also come as a request parameter; same user, same version.
-    by_header = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-user-id": "erin"})
+    by_header = cluster.client.post(
+        f"/v2/models/{APP}/infer", json=BODY, headers={"x-user-id": "erin"}
+    )
     by_param = cluster.client.post(
         f"/v2/models/{APP}/infer", json=infer_body(USERS, ITEMS, parameters={"user_id": "erin"})
     )
@@ -203,7 +230,10 @@ def test_cache_serves_identical_answers_and_forgets_them_after_a_hot_patch(route
 
     def patched_answer():
         r = cluster.client.post(path, json=BODY)
-        return r.json()["outputs"][0]["data"] == pytest.approx([2 * s for s in old_scores], rel=1e-4) and r
+        return (
+            r.json()["outputs"][0]["data"] == pytest.approx([2 * s for s in old_scores], rel=1e-4)
+            and r
+        )
 
     # Within the router's health poll (1 s) of the patch, the old cached answer is gone.
     r = wait_for_condition(patched_answer, timeout_s=10, interval_s=0.2, message="patched answer")
@@ -222,7 +252,9 @@ def test_deadline_from_header_gives_504(router_app):
     assert r.status_code == 504 and "did not answer within" in r.json()["error"], r.text
     budget = float(r.json()["error"].rsplit("within ", 1)[1].rstrip("s"))
     assert budget <= 0.5  # the client's deadline, not the table's 30 s
-    bad = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-timeout-s": "soon"})
+    bad = cluster.client.post(
+        f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-timeout-s": "soon"}
+    )
     assert bad.status_code == 400 and "x-request-timeout-s" in bad.json()["error"]
 
 

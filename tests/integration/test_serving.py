@@ -41,7 +41,10 @@ def test_model_metadata(deployed):
     assert meta["versions"] == ["v1", "v2"]
     assert meta["platform"] == "ray-rollout/recommender"
     assert [i["name"] for i in meta["inputs"]] == ["user", "items"]
-    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"scores": "FP32", "ranking": "INT64"}
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
+        "scores": "FP32",
+        "ranking": "INT64",
+    }
     version = deployed.client.get(f"/v2/models/{APP}/versions/v2").json()
     assert version["parameters"] == {"version": "v2"}
 
@@ -62,7 +65,9 @@ def test_unknown_model_or_version_infer_is_404(deployed):
     assert r.status_code == 404 and "'nope'" in r.json()["error"]
     r = deployed.client.post(f"/v2/models/{APP}/versions/v9/infer", json=body)
     assert r.status_code == 404 and "'v9'" in r.json()["error"]
-    r = deployed.client.post(f"/v2/models/{APP}/infer", json=body, headers={"x-model-version": "v9"})
+    r = deployed.client.post(
+        f"/v2/models/{APP}/infer", json=body, headers={"x-model-version": "v9"}
+    )
     assert r.status_code == 404 and "'v9'" in r.json()["error"]
 
 
@@ -103,7 +108,9 @@ def test_pinning_by_path_and_header(deployed):
             assert r.status_code == 200 and r.headers["x-model-version"] == version
             assert r.headers["x-routing-decision"] == "pinned"
         by_path[version] = r.json()["outputs"][0]["data"]
-        r = deployed.client.post(f"/v2/models/{APP}/infer", json=body, headers={"x-model-version": version})
+        r = deployed.client.post(
+            f"/v2/models/{APP}/infer", json=body, headers={"x-model-version": version}
+        )
         assert r.headers["x-model-version"] == version
         assert r.json()["outputs"][0]["data"] == by_path[version]
     # Different weights and temperature: the two versions really are different models.
@@ -112,7 +119,9 @@ def test_pinning_by_path_and_header(deployed):
 
 def test_request_id_passed_through_or_created(deployed):
     body = infer_body(USERS, ITEMS)
-    r = deployed.client.post(f"/v2/models/{APP}/infer", json=body, headers={"x-request-id": "abc-123"})
+    r = deployed.client.post(
+        f"/v2/models/{APP}/infer", json=body, headers={"x-request-id": "abc-123"}
+    )
     assert r.headers["x-request-id"] == "abc-123"
     r = deployed.client.post(f"/v2/models/{APP}/infer", json=body)
     assert len(r.headers["x-request-id"]) >= 16
@@ -124,7 +133,8 @@ def test_top_k_parameter(deployed):
     outputs = {o["name"]: o for o in r.json()["outputs"]}
     assert outputs["ranking"]["shape"] == [1, 2]
     bad = deployed.client.post(
-        f"/v2/models/{APP}/versions/v1/infer", json=infer_body(USERS, ITEMS, parameters={"top_k": 0})
+        f"/v2/models/{APP}/versions/v1/infer",
+        json=infer_body(USERS, ITEMS, parameters={"top_k": 0}),
     )
     assert bad.status_code == 400 and "top_k" in bad.json()["error"]
 

@@ -80,7 +80,9 @@ def multinode():
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
         )
         # One proxy, on the head: proxies on several "nodes" of one machine would share a port.
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
+        serve.start(
+            proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port}
+        )
         wait_for_condition(
             lambda: httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code == 200,
             timeout_s=60, message="Ray dashboard",

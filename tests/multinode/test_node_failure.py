@@ -30,13 +30,21 @@ TOKEN = "multinode-admin-token-0123456789"
 BODY = {
     "inputs": [
         {"name": "user", "datatype": "BYTES", "shape": [1], "data": ["user loves science fiction"]},
-        {"name": "items", "datatype": "BYTES", "shape": [2], "data": ["space opera", "cooking show"]},
+        {
+            "name": "items",
+            "datatype": "BYTES",
+            "shape": [2],
+            "data": ["space opera", "cooking show"],
+        },
     ]
 }
 # Each version: two replicas, at most one per node, half a GPU each, so either GPU worker can
 # die and every version still has a live replica on the other.
 GPU_VERSION = {"num_cpus": 0.5, "num_gpus": 0.5, "torch_threads": 1}
-REPLICAS = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}, "max_replicas_per_node": 1}
+REPLICAS = {
+    "autoscaling_config": {"min_replicas": 2, "max_replicas": 2},
+    "max_replicas_per_node": 1,
+}
 # Lenient gates: this test is about the platform surviving a node, not about judging v2.
 GATES = {"min_requests": 10, "fail_fast_min_requests": 10, "max_error_rate": 0.25,
          "max_error_rate_increase": 0.25, "max_p99_latency_ratio": None, "fail_fast_error_rate": 0.5}  # fmt: skip
@@ -157,7 +165,11 @@ def test_gpu_versions_land_only_on_gpu_workers(app):
         assert len({r["node"] for r in found}) == 2, found  # one per GPU worker
     # The router (no GPU) may run anywhere; every replica honoured the region label selector.
     assert placed["Router"]
-    labelled = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Labels", {}).get("region") == REGION}
+    labelled = {
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"] and n.get("Labels", {}).get("region") == REGION
+    }
     assert all(r["node"] in labelled for rs in placed.values() for r in rs), placed
     # Fake GPUs: replicas hold a GPU but torch sees no CUDA, so they serve on the CPU.
     r = httpx.post(f"{multinode.url}/v2/models/{APP}/versions/v2/infer", json=BODY, timeout=30)

@@ -26,7 +26,9 @@ class Cluster:
 
     def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess:
         """Run the real `serve deploy` CLI on `config` (written as YAML)."""
-        return serve_deploy(config, tmp_path, http_port=self.http_port, dashboard_port=self.dashboard_port)
+        return serve_deploy(
+            config, tmp_path, http_port=self.http_port, dashboard_port=self.dashboard_port
+        )
 
     def app_status(self, name: str = APP):
         from ray import serve

@@ -37,7 +37,9 @@ def free_port() -> int:
     itself (outside the ephemeral range and Ray's worker ports); never the same one twice in a
     process."""
     highest = _ephemeral_low() - 1
-    candidates = random.Random().sample(range(_LOWEST, highest + 1), k=min(200, max(0, highest + 1 - _LOWEST)))
+    candidates = random.Random().sample(
+        range(_LOWEST, highest + 1), k=min(200, max(0, highest + 1 - _LOWEST))
+    )
     for port in candidates:
         if port in _handed_out:
             continue
@@ -66,7 +68,9 @@ def wait_for_condition(predicate: Callable[[], Any], timeout_s: float = 60, inte
         except Exception as exc:  # keep polling; report the last error if we time out
             last_error = exc
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {message}; last error: {last_error!r}")
+    raise AssertionError(
+        f"timed out after {timeout_s}s waiting for {message}; last error: {last_error!r}"
+    )
 
 
 def serve_deploy(config: dict[str, Any], tmp_path: Path, *, http_port: int,
@@ -101,7 +105,9 @@ def handle_call(deployment: str, app: str, method: str, *args: Any, timeout_s: f
     with _handle_loop_lock:
         if _handle_loop is None:
             _handle_loop = asyncio.new_event_loop()
-            threading.Thread(target=_handle_loop.run_forever, name="serve-handle-calls", daemon=True).start()
+            threading.Thread(
+                target=_handle_loop.run_forever, name="serve-handle-calls", daemon=True
+            ).start()
 
     async def call() -> Any:
         from ray import serve
@@ -113,7 +119,9 @@ def handle_call(deployment: str, app: str, method: str, *args: Any, timeout_s: f
         try:
             return await getattr(handle, method).remote(*args)
         except Exception:
-            _handles.pop(key, None)  # e.g. the app was deleted and deployed again: a new handle next time
+            _handles.pop(
+                key, None
+            )  # e.g. the app was deleted and deployed again: a new handle next time
             raise
 
     return asyncio.run_coroutine_threadsafe(call(), _handle_loop).result(timeout=timeout_s)

@@ -115,15 +115,16 @@ def test_wilson_interval_matches_published_values(successes, n, low, high):
 
 
 def test_one_arm_interval_edges_and_levels():
-    assert confidence_interval(B(0, 0)) .low == 0.0 and confidence_interval(B(0, 0)).high == 1.0
+    assert confidence_interval(B(0, 0)).low == 0.0 and confidence_interval(B(0, 0)).high == 1.0
     wide, narrow = confidence_interval(B(8, 10), 0.99), confidence_interval(B(8, 10), 0.90)
     assert wide.low < narrow.low < 0.8 < narrow.high < wide.high
 
     values = [4.0, 5.0, 3.0, 5.0, 4.0, 2.0]
     interval = confidence_interval(ArmStats.from_values(CONTINUOUS, values))
     half = Z95 * np.std(values, ddof=1) / math.sqrt(len(values))
-    assert (interval.low, interval.high) == pytest.approx((np.mean(values) - half,
-                                                            np.mean(values) + half))
+    assert (interval.low, interval.high) == pytest.approx(
+        (np.mean(values) - half, np.mean(values) + half)
+    )
     one = confidence_interval(ArmStats.from_values(CONTINUOUS, [3.0]))
     assert (one.estimate, one.low, one.high) == (3.0, -math.inf, math.inf)
     with pytest.raises(ValueError, match="level"):
@@ -267,6 +268,7 @@ def test_evaluate_and_evaluate_paths_agree():
         test = SequentialTest(scale=scale, mde=0.05 if scale == "relative" else 0.005,
                               min_samples_per_arm=1000)  # fmt: skip
         paths = test.evaluate_paths(kind, candidate, control)
+
         def arm(columns, e, t, kind=kind):
             n, total, squares = (a[e, t] for a in columns)
             return ArmStats(kind, int(n), float(total), float(squares))
@@ -322,9 +324,7 @@ def test_aa_false_promotions_stay_within_alpha_despite_peeking(scale, mde):
 
 
 @pytest.mark.parametrize(("p_candidate", "expected"), [(0.103, 1), (0.097, -1)])
-def test_three_percent_lift_or_drop_is_found_within_twice_the_fixed_sample(
-    p_candidate, expected
-):
+def test_three_percent_lift_or_drop_is_found_within_twice_the_fixed_sample(p_candidate, expected):
     """A true +3% (or -3%) relative change on a 10% baseline, 200 experiments, a look every
     2,000 samples per arm, tau = mde = 3%: the test calls it in at least 80% of runs within
     twice the fixed-horizon sample size at 80% power (2 x 159,066 per arm). The setting: an
@@ -495,19 +495,33 @@ def test_gates_build_their_test_and_judge_its_verdicts():
     assert (test.alpha, test.effective_tau, test.scale) == (0.05, 0.03, "relative")
     verdict = test.evaluate(B(13_000, 100_000), B(10_000, 100_000))
     assert gate.judge(verdict) is Conclusion.BETTER
-    assert NonInferiorityGate(outcome="conversion", margin=0.02, mde=0.03).judge(verdict) is Conclusion.BETTER
+    assert (
+        NonInferiorityGate(outcome="conversion", margin=0.02, mde=0.03).judge(verdict)
+        is Conclusion.BETTER
+    )
     loser = test.evaluate(B(9_000, 100_000), B(10_000, 100_000))
     assert gate.judge(loser) is Conclusion.WORSE
-    assert NonInferiorityGate(outcome="conversion", margin=0.02, mde=0.03).judge(loser) is Conclusion.WORSE
-    assert NonInferiorityGate(outcome="conversion", margin=0.15, mde=0.03).judge(loser) is Conclusion.BETTER
+    assert (
+        NonInferiorityGate(outcome="conversion", margin=0.02, mde=0.03).judge(loser)
+        is Conclusion.WORSE
+    )
+    assert (
+        NonInferiorityGate(outcome="conversion", margin=0.15, mde=0.03).judge(loser)
+        is Conclusion.BETTER
+    )
     with pytest.raises(ValueError, match="another test"):
         ImprovementGate(outcome="conversion", confidence=0.99, mde=0.03).judge(verdict)
 
 
 def test_gate_configs_are_strict():
     with pytest.raises(ValidationError, match="margin"):
-        NonInferiorityGate(outcome="conversion", margin=1.0)  # relative: a lift cannot fall below -100%
-    assert NonInferiorityGate(outcome="conversion", margin=1.0, scale="absolute", mde=0.5).margin == 1.0
+        NonInferiorityGate(
+            outcome="conversion", margin=1.0
+        )  # relative: a lift cannot fall below -100%
+    assert (
+        NonInferiorityGate(outcome="conversion", margin=1.0, scale="absolute", mde=0.5).margin
+        == 1.0
+    )
     with pytest.raises(ValidationError):
         ImprovementGate(outcome="conversion", min_lift=-0.01)
     with pytest.raises(ValidationError):

@@ -74,13 +74,17 @@ def test_flush_serve_logs_writes_what_a_buffering_handler_holds():
     logger.propagate = False
     logger.setLevel(logging.INFO)
     # What Serve installs under RAY_SERVE_THROUGHPUT_OPTIMIZED=1: 1,000 records held back.
-    buffered = logging.handlers.MemoryHandler(capacity=1000, target=Target(), flushLevel=logging.ERROR)
+    buffered = logging.handlers.MemoryHandler(
+        capacity=1000, target=Target(), flushLevel=logging.ERROR
+    )
     logger.addHandler(buffered)
     try:
         logger.info("rolled_back")
         assert written == []  # held back: without a flush the event waits for 999 more records
         flush_serve_logs("test.serve.buffered")
         assert written == ["rolled_back"]
-        flush_serve_logs("test.serve.nothing-configured")  # a logger without handlers: nothing to do
+        flush_serve_logs(
+            "test.serve.nothing-configured"
+        )  # a logger without handlers: nothing to do
     finally:
         logger.removeHandler(buffered)

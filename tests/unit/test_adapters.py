@@ -34,7 +34,9 @@ def test_tiny_tokenizer_knows_the_words(recommender):
     ids = recommender.encoder.tokenizer("a space opera")["input_ids"]
     assert recommender.encoder.tokenizer.unk_token_id not in ids
     # different texts of the same length must not embed identically
-    (result,) = recommender.predict([{"user": texts("jazz music"), "items": texts("news sports", "jazz music")}], [{}])
+    (result,) = recommender.predict(
+        [{"user": texts("jazz music"), "items": texts("news sports", "jazz music")}], [{}]
+    )
     assert abs(result["scores"][0, 0] - result["scores"][0, 1]) > 1e-3
 
 
@@ -362,7 +364,9 @@ def test_embedding_prefix_changes_vectors(embedder, tiny_bert):
     (plain,) = embedder.predict([EMBED_BATCH[0]], [{}])
     (with_prefix,) = prefixed.predict([EMBED_BATCH[0]], [{}])
     assert not np.allclose(plain["embedding"], with_prefix["embedding"], atol=ATOL)
-    (explicit,) = embedder.predict([{"text": texts("query: hello world", "query: a space opera")}], [{}])
+    (explicit,) = embedder.predict(
+        [{"text": texts("query: hello world", "query: a space opera")}], [{}]
+    )
     np.testing.assert_allclose(with_prefix["embedding"], explicit["embedding"], atol=ATOL, rtol=0)
 
 
@@ -424,7 +428,9 @@ def test_recommender_best_line_scores_each_item_by_its_best_clause(tiny_bert):
         (True, True, 0, "cpu"),  # num_gpus: 0 on a GPU node: Ray 2.60 leaves CUDA visible to it
     ],
 )
-def test_encoder_uses_a_gpu_only_where_ray_assigned_one(cuda_available, in_ray_actor, assigned_gpus, device):
+def test_encoder_uses_a_gpu_only_where_ray_assigned_one(
+    cuda_available, in_ray_actor, assigned_gpus, device
+):
     from app.adapters.encoder import pick_device
 
     assert pick_device(cuda_available, in_ray_actor, assigned_gpus) == device

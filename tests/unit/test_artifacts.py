@@ -62,7 +62,10 @@ def test_resolve_relative_dir_with_dotdot(tmp_path):
 
 def test_resolve_absolute_dir_ignores_base_dir(tmp_path):
     (tmp_path / "abs").mkdir()
-    assert resolve_artifact(str(tmp_path / "abs"), Path("/nonexistent")) == (tmp_path / "abs").resolve()
+    assert (
+        resolve_artifact(str(tmp_path / "abs"), Path("/nonexistent"))
+        == (tmp_path / "abs").resolve()
+    )
 
 
 def test_resolve_home_relative(tmp_path, monkeypatch):
@@ -73,7 +76,10 @@ def test_resolve_home_relative(tmp_path, monkeypatch):
 
 def test_resolve_missing_dir(tmp_path):
     with pytest.raises(
-        ArtifactError, match=re.escape(f"artifact 'missing/enc': {tmp_path / 'missing' / 'enc'} is not a directory")
+        ArtifactError,
+        match=re.escape(
+            f"artifact 'missing/enc': {tmp_path / 'missing' / 'enc'} is not a directory"
+        ),
     ):
         resolve_artifact("missing/enc", tmp_path)
 
@@ -87,7 +93,9 @@ def test_resolve_file_is_not_a_directory(tmp_path):
 def test_resolve_package_not_installed(tmp_path):
     with pytest.raises(
         ArtifactError,
-        match=re.escape("artifact 'package:no_such_model_pkg_xyz': Python package 'no_such_model_pkg_xyz' is not installed"),
+        match=re.escape(
+            "artifact 'package:no_such_model_pkg_xyz': Python package 'no_such_model_pkg_xyz' is not installed"
+        ),
     ):
         resolve_artifact("package:no_such_model_pkg_xyz", tmp_path)
 
@@ -104,14 +112,18 @@ def test_resolve_package_whose_path_is_not_a_directory(tmp_path, monkeypatch):
     name = temp_module(
         tmp_path, monkeypatch, f"def get_model_path():\n    return {str(target)!r}\n"
     )
-    with pytest.raises(ArtifactError, match=re.escape(f"artifact 'package:{name}': {target} is not a directory")):
+    with pytest.raises(
+        ArtifactError, match=re.escape(f"artifact 'package:{name}': {target} is not a directory")
+    ):
         resolve_artifact(f"package:{name}", tmp_path)
 
 
 def test_resolve_package_uses_get_model_path_not_base_dir(tmp_path, monkeypatch):
     target = tmp_path / "shipped"
     target.mkdir()
-    name = temp_module(tmp_path, monkeypatch, f"def get_model_path():\n    return {str(target)!r}\n")
+    name = temp_module(
+        tmp_path, monkeypatch, f"def get_model_path():\n    return {str(target)!r}\n"
+    )
     assert resolve_artifact(f"package:{name}", Path("/nonexistent")) == target.resolve()
 
 
@@ -136,7 +148,9 @@ def test_resolve_malformed_package_name_is_an_artifact_error(tmp_path, artifact)
 
 
 def test_verify_single_digest_ok(tmp_path):
-    make_artifact(tmp_path, {"model.safetensors": b"weights", "config.json": b"{}", "vocab.txt": b"a"})
+    make_artifact(
+        tmp_path, {"model.safetensors": b"weights", "config.json": b"{}", "vocab.txt": b"a"}
+    )
     assert verify_artifact(tmp_path, sha(b"weights")) == {"model.safetensors": sha(b"weights")}
 
 
@@ -171,7 +185,9 @@ def test_verify_mapping_mismatch(tmp_path):
     make_artifact(tmp_path, {"a.bin": b"1", "b.pt": b"2"})
     with pytest.raises(
         ArtifactError,
-        match=re.escape(f"{tmp_path / 'b.pt'}: sha256 mismatch: expected {sha(b'3')}, found {sha(b'2')}"),
+        match=re.escape(
+            f"{tmp_path / 'b.pt'}: sha256 mismatch: expected {sha(b'3')}, found {sha(b'2')}"
+        ),
     ):
         verify_artifact(tmp_path, {"a.bin": sha(b"1"), "b.pt": sha(b"3")})
 
@@ -180,7 +196,9 @@ def test_verify_declared_file_missing(tmp_path):
     make_artifact(tmp_path, {"a.bin": b"1"})
     with pytest.raises(
         ArtifactError,
-        match=re.escape(f"{tmp_path}: weights files declared in sha256 are missing: ['gone.safetensors']"),
+        match=re.escape(
+            f"{tmp_path}: weights files declared in sha256 are missing: ['gone.safetensors']"
+        ),
     ):
         verify_artifact(tmp_path, {"a.bin": sha(b"1"), "gone.safetensors": sha(b"x")})
 
@@ -188,7 +206,8 @@ def test_verify_declared_file_missing(tmp_path):
 def test_verify_unlisted_file(tmp_path):
     make_artifact(tmp_path, {"a.bin": b"1", "extra.ckpt": b"2"})
     with pytest.raises(
-        ArtifactError, match=re.escape(f"{tmp_path}: weights files not covered by sha256: ['extra.ckpt']")
+        ArtifactError,
+        match=re.escape(f"{tmp_path}: weights files not covered by sha256: ['extra.ckpt']"),
     ):
         verify_artifact(tmp_path, {"a.bin": sha(b"1")})
 

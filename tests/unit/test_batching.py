@@ -131,7 +131,9 @@ def test_a_wrong_number_of_results_fails_the_batch():
         return await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
 
     results = run(scenario())
-    assert all(isinstance(r, RuntimeError) and "1 results for 2 requests" in str(r) for r in results)
+    assert all(
+        isinstance(r, RuntimeError) and "1 results for 2 requests" in str(r) for r in results
+    )
 
 
 def test_a_cancelled_request_is_left_out_of_its_batch():

@@ -96,7 +96,10 @@ def test_cpu_split_divides_each_process_cpu_by_the_requests_of_its_blocks():
 
     a = block(10, {"router": 1.0, "model": 5.0}, {"router": 1.1, "model": 5.5})
     b = block(30, {"router": 2.0, "model": 9.0}, {"router": 2.3, "model": 10.5})
-    assert cpu_ms_per_request([a, b]) == {"router": 10.0, "model": 50.0}  # (0.1 + 0.3) s / 40, (0.5 + 1.5) s / 40
+    assert cpu_ms_per_request([a, b]) == {
+        "router": 10.0,
+        "model": 50.0,
+    }  # (0.1 + 0.3) s / 40, (0.5 + 1.5) s / 40
 
 
 def _bench_args(**overrides):
@@ -133,8 +136,13 @@ def test_bench_model_config_keeps_a_relative_artifact_pointing_home(tmp_path):
     (home / "mine.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
     out.mkdir()
-    copied = yaml.safe_load(Path(model_config(out, _bench_args(model_config=home / "mine.yaml")).source).read_text())
-    assert (copied["name"], copied["version"]) == ("recommender", "v1")  # what the bench's apps route to
+    copied = yaml.safe_load(
+        Path(model_config(out, _bench_args(model_config=home / "mine.yaml")).source).read_text()
+    )
+    assert (copied["name"], copied["version"]) == (
+        "recommender",
+        "v1",
+    )  # what the bench's apps route to
     assert copied["artifact"] == str((home / "weights").resolve())
 
 
@@ -148,7 +156,9 @@ def test_bench_refuses_a_model_config_of_another_adapter(tmp_path):
     data["adapter"] = "embedding"
     data["hyperparameters"] = {}
     (tmp_path / "emb.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="adapter is 'embedding'.* need the 'recommender' adapter"):
+    with pytest.raises(
+        ConfigError, match="adapter is 'embedding'.* need the 'recommender' adapter"
+    ):
         model_config(tmp_path, _bench_args(model_config=tmp_path / "emb.yaml"))
 
 
@@ -173,6 +183,8 @@ def test_free_port_stays_out_of_the_ranges_ray_takes_ports_from():
     ports = [free_port() for _ in range(20)]
     assert len(set(ports)) == 20  # never the same port twice in a process
     for port in ports:
-        assert 20_000 <= port < _ephemeral_low()  # above Ray's worker ports, below the kernel's ephemeral range
+        assert (
+            20_000 <= port < _ephemeral_low()
+        )  # above Ray's worker ports, below the kernel's ephemeral range
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # and free

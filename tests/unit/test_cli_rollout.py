@@ -40,20 +40,52 @@ def make_status(phase: str = "progressing", **changes: Any) -> dict[str, Any]:
         "time_in_step_s": 42.0,
         "generation": 7,
         "verdicts": [
-            {"gate": "min_requests", "status": "passed", "value": 130.0, "threshold": 100.0,
-             "reason": "130 of 100 candidate requests in this step"},
-            {"gate": "max_error_rate", "status": "failed", "value": 0.2, "threshold": 0.05,
-             "reason": "candidate error rate 0.2000 (26/130) > 0.05"},
-            {"gate": "max_p99_latency_ratio", "status": "pending", "value": None,
-             "threshold": 1.5, "reason": "no candidate p99"},
-            {"gate": "min_shadow_agreement", "status": "skipped", "value": None,
-             "threshold": 0.8, "reason": "no shadow"},
+            {
+                "gate": "min_requests",
+                "status": "passed",
+                "value": 130.0,
+                "threshold": 100.0,
+                "reason": "130 of 100 candidate requests in this step",
+            },
+            {
+                "gate": "max_error_rate",
+                "status": "failed",
+                "value": 0.2,
+                "threshold": 0.05,
+                "reason": "candidate error rate 0.2000 (26/130) > 0.05",
+            },
+            {
+                "gate": "max_p99_latency_ratio",
+                "status": "pending",
+                "value": None,
+                "threshold": 1.5,
+                "reason": "no candidate p99",
+            },
+            {
+                "gate": "min_shadow_agreement",
+                "status": "skipped",
+                "value": None,
+                "threshold": 0.8,
+                "reason": "no shadow",
+            },
         ],  # fmt: skip
         "versions": {
-            "v1": {"requests": 390, "errors": 1, "error_rate": 0.00256, "rps": 13.0,
-                   "p50_ms": 12.5, "p99_ms": 48.25},
-            "v2": {"requests": 130, "errors": 26, "error_rate": 0.2, "rps": 4.33,
-                   "p50_ms": None, "p99_ms": None},
+            "v1": {
+                "requests": 390,
+                "errors": 1,
+                "error_rate": 0.00256,
+                "rps": 13.0,
+                "p50_ms": 12.5,
+                "p99_ms": 48.25,
+            },
+            "v2": {
+                "requests": 130,
+                "errors": 26,
+                "error_rate": 0.2,
+                "rps": 4.33,
+                "p50_ms": None,
+                "p99_ms": None,
+            },
         },  # fmt: skip
         "plan_digest": "3f2a1b9c",
         "updated_at": 1_700_000_000.0,
@@ -508,7 +540,9 @@ def test_status_shows_feedback_and_the_ab_verdict_with_its_interval():
     }  # fmt: skip
     text = render_status(status)
     assert "A/B verdict" in text and "Feedback" in text
-    line = next(x for x in text.splitlines() if x.strip().startswith("improvement") and "BETTER" in x)
+    line = next(
+        x for x in text.splitlines() if x.strip().startswith("improvement") and "BETTER" in x
+    )
     assert "lift +24.1%" in line and "[+8.3%, +41.0%] (95% always-valid)" in line
     assert any("NOT YET KNOWN" in x for x in text.splitlines())
     v1 = next(x for x in text.splitlines() if x.strip().startswith("click") and " v1 " in x)

@@ -31,7 +31,9 @@ def start_commands(config: dict) -> list[str]:
 
 
 def test_the_regions_the_issue_asks_for_exist():
-    providers = [(c["provider"]["type"], c["provider"].get("region")) for c in map(load_launcher, LAUNCHERS)]
+    providers = [
+        (c["provider"]["type"], c["provider"].get("region")) for c in map(load_launcher, LAUNCHERS)
+    ]
     aws = {region for kind, region in providers if kind == "aws"}
     assert len(aws) >= 2 and any(kind == "gcp" for kind, _ in providers), providers
     assert any(kind == "local" for kind, _ in providers), "an on-prem recipe (local provider)"
@@ -67,7 +69,9 @@ def test_token_auth_is_on_everywhere(path):
     for command in commands:
         assert "RAY_AUTH_MODE=token" in command, command
     # Every node gets the token generated on the operator's machine.
-    assert any(remote.endswith("/.ray/auth_token") for remote in config["file_mounts"]), config["file_mounts"]
+    assert any(remote.endswith("/.ray/auth_token") for remote in config["file_mounts"]), config[
+        "file_mounts"
+    ]
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
@@ -93,7 +97,9 @@ def test_setup_installs_the_project_at_the_pinned_version(path):
     tags = re.findall(r"checkout --quiet --detach (\S+)", setup)
     assert tags == [f"v{project_version()}"], tags  # the tag of pyproject.toml's version
     assert "pip install --python ~/venv/bin/python -e ~/ray-rollout" in setup
-    makefile_torch = re.search(r"^TORCH\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    makefile_torch = re.search(r"^TORCH\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(
+        1
+    )
     assert setup.count(makefile_torch) == 2, "the Makefile's torch pin, CUDA and CPU builds"
     assert "download.pytorch.org/whl/cpu" in setup
     # Per-node-type setup would replace the common one; none of ours does.
@@ -159,7 +165,9 @@ def test_every_version_fits_a_node_type_in_its_region(path):
 
 def us_east() -> tuple[dict, dict]:
     overlay = load_overlay(ROOT / "configs/regions/us-east-1.yaml")
-    return render(load_yaml(ROOT / "serve_config.yaml"), overlay), load_launcher(ROOT / "cluster/aws-us-east-1.yaml")
+    return render(load_yaml(ROOT / "serve_config.yaml"), overlay), load_launcher(
+        ROOT / "cluster/aws-us-east-1.yaml"
+    )
 
 
 def test_a_version_wanting_two_gpus_fits_nowhere():
@@ -174,7 +182,9 @@ def test_a_config_for_another_region_fits_no_node():
     document, _ = us_east()
     eu = load_launcher(ROOT / "cluster/aws-eu-west-1.yaml")
     errors = check_fit(replica_demands(document), eu, "aws-eu-west-1.yaml").errors
-    assert errors and all("label region='eu-west-1', needs 'us-east-1'" in e for e in errors), errors
+    assert errors and all("label region='eu-west-1', needs 'us-east-1'" in e for e in errors), (
+        errors
+    )
 
 
 def test_max_replicas_beyond_max_workers_is_an_error():
@@ -183,7 +193,9 @@ def test_max_replicas_beyond_max_workers_is_an_error():
         if deployment["name"] == "recommender-v1":
             deployment["autoscaling_config"]["max_replicas"] = 10  # 10 + 2 GPU replicas > 6 nodes
     errors = check_fit(replica_demands(document), launcher, "aws-us-east-1.yaml").errors
-    assert len(errors) == 1 and "at max_replicas" in errors[0] and "recommender-v1" in errors[0], errors
+    assert len(errors) == 1 and "at max_replicas" in errors[0] and "recommender-v1" in errors[0], (
+        errors
+    )
 
 
 def test_a_serve_ray_actor_options_override_replaces_the_builders():

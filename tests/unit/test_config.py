@@ -215,7 +215,9 @@ def test_model_config_max_ongoing_below_batch_size():
 
 @pytest.mark.parametrize("name", ["Recommender", "-rec", "rec-", "", "a" * 65, "re c"])
 def test_model_config_name_pattern(name):
-    assert "here: name: String should match pattern" in errors_of(ModelConfig, model_fields(name=name))
+    assert "here: name: String should match pattern" in errors_of(
+        ModelConfig, model_fields(name=name)
+    )
 
 
 def test_model_config_nested_bounds():
@@ -253,8 +255,11 @@ def test_app_args_validation():
     assert "here: routers: Extra inputs are not permitted" in errors_of(
         AppArgs, {"model": "rec", "versions": ["a.yaml"], "routers": 2}
     )
-    assert "here: router.max_body_bytes: Input should be greater than or equal to 1024" in errors_of(
-        AppArgs, {"model": "rec", "versions": ["a.yaml"], "router": {"max_body_bytes": 10}}
+    assert (
+        "here: router.max_body_bytes: Input should be greater than or equal to 1024"
+        in errors_of(
+            AppArgs, {"model": "rec", "versions": ["a.yaml"], "router": {"max_body_bytes": 10}}
+        )
     )
     assert "here: router.model_transport: Input should be 'grpc' or 'actor'" in errors_of(
         AppArgs, {"model": "rec", "versions": ["a.yaml"], "router": {"model_transport": "http"}}
@@ -298,7 +303,10 @@ def test_load_model_config_names_file_and_dotted_field(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_model_config(path)
     lines = str(info.value).splitlines()
-    assert f"{path}: autoscaling: max_replicas (1) must be greater than or equal to min_replicas (2)" in lines
+    assert (
+        f"{path}: autoscaling: max_replicas (1) must be greater than or equal to min_replicas (2)"
+        in lines
+    )
     assert f"{path}: batching.max_batch_size: Input should be greater than or equal to 1" in lines
     assert f"{path}: resources.num_gpu: Extra inputs are not permitted" in lines
     assert len(lines) == 3
@@ -330,10 +338,14 @@ def test_load_model_config_invalid_yaml(tmp_path):
         load_model_config(path)
 
 
-@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("", "NoneType"), ("42\n", "int")])
+@pytest.mark.parametrize(
+    ("text", "kind"), [("- a\n- b\n", "list"), ("", "NoneType"), ("42\n", "int")]
+)
 def test_load_model_config_not_a_mapping(tmp_path, text, kind):
     path = write(tmp_path / "odd.yaml", text)
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: must be a mapping of fields, got {kind}")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{path}: must be a mapping of fields, got {kind}")
+    ):
         load_model_config(path)
 
 
@@ -360,7 +372,9 @@ def test_load_models_duplicate_version(tmp_path):
 
 def test_load_models_propagates_file_errors(tmp_path):
     write(tmp_path / "a.yaml", model_fields())
-    args = AppArgs(model="recommender", versions=["a.yaml", "missing.yaml"], config_root=str(tmp_path))
+    args = AppArgs(
+        model="recommender", versions=["a.yaml", "missing.yaml"], config_root=str(tmp_path)
+    )
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'missing.yaml'}: cannot read")):
         args.load_models()
 

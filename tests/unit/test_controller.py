@@ -26,7 +26,9 @@ KEY = "recommender/recommender/rollout-state"
 
 
 def controller(store: InMemoryStore, clock: FakeClock, versions=("v1", "v2")) -> ControllerCore:
-    return ControllerCore("recommender", list(versions), app_name="recommender", store=store, clock=clock)
+    return ControllerCore(
+        "recommender", list(versions), app_name="recommender", store=store, clock=clock
+    )
 
 
 def run(coroutine):

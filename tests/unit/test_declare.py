@@ -31,7 +31,10 @@ def test_every_shipped_plan_is_valid_and_validates_in_the_repo_config(path, tmp_
     report = validate_serve_config(out, load_models=False)
     assert report.errors == []
     controller = config["applications"][0]["deployments"][-1]
-    assert controller["name"] == "RolloutController" and controller["user_config"]["plan"]["candidate"] == "v2"
+    assert (
+        controller["name"] == "RolloutController"
+        and controller["user_config"]["plan"]["candidate"] == "v2"
+    )
     assert controller["user_config"]["tick_interval_s"] == 0.25  # kept from the repo config
 
 
@@ -39,7 +42,9 @@ def test_declare_none_and_bad_plans(tmp_path):
     config = declare_plan(repo_config(), None)
     assert config["applications"][0]["deployments"][-1]["user_config"]["plan"] is None
     bad = tmp_path / "bad.yaml"
-    bad.write_text("strategy: canary\ncandidate: v1\nstable: v1\ncanary: {steps: [{set_weight: 5}]}\n")
+    bad.write_text(
+        "strategy: canary\ncandidate: v1\nstable: v1\ncanary: {steps: [{set_weight: 5}]}\n"
+    )
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_plan(bad)
     with pytest.raises(ConfigError, match="no builder application named 'nope'"):
@@ -66,7 +71,10 @@ def test_cli_declare_prints_or_writes(tmp_path, capsys):
     assert printed["applications"][0]["deployments"][-1]["user_config"]["plan"]["stable"] == "v1"
     out = tmp_path / "declared.yaml"
     assert main(["declare", "none", "--config", str(config), "-o", str(out)]) == 0
-    assert yaml.safe_load(out.read_text())["applications"][0]["deployments"][-1]["user_config"]["plan"] is None
+    assert (
+        yaml.safe_load(out.read_text())["applications"][0]["deployments"][-1]["user_config"]["plan"]
+        is None
+    )
     assert main(["declare", str(tmp_path / "missing.yaml"), "--config", str(config)]) == 1
 
 
@@ -75,7 +83,9 @@ def test_apply_override_takes_traffic_and_keeps_protection():
                          fallbacks={"v3": None}, request_timeout_s=12,
                          shadow={"version": "v3", "percent": 5})  # fmt: skip
     assert apply_override(base, None) is base
-    out = apply_override(base, {"weights": {"v1": 75.0, "v2": 25.0}, "stable": "v1", "shadow": "declared"})
+    out = apply_override(
+        base, {"weights": {"v1": 75.0, "v2": 25.0}, "stable": "v1", "shadow": "declared"}
+    )
     assert out.weights == {"v1": 75.0, "v2": 25.0, "v3": 0.0}
     assert out.request_timeout_s == 12 and out.fallbacks == {"v3": None}
     assert out.shadow == base.shadow
@@ -83,7 +93,9 @@ def test_apply_override_takes_traffic_and_keeps_protection():
                                        "shadow": {"version": "v2", "percent": 50.0}})  # fmt: skip
     assert blue_green.shadow.version == "v2" and blue_green.shadow.percent == 50.0
     assert blue_green.shadow.max_in_flight == base.shadow.max_in_flight
-    done = apply_override(base, {"weights": {"v2": 100.0, "v1": 0.0}, "stable": "v2", "shadow": None})
+    done = apply_override(
+        base, {"weights": {"v2": 100.0, "v1": 0.0}, "stable": "v2", "shadow": None}
+    )
     assert done.stable == "v2" and done.shadow is None and done.weights["v2"] == 100.0
     with pytest.raises(ValueError):
         apply_override(base, {"weights": {"v1": 50.0}, "stable": "v1"})  # not 100 in all

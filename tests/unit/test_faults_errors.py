@@ -74,7 +74,9 @@ def test_latency_rate_fraction_and_delay_in_seconds():
 
 
 def test_latency_rate_one_delays_every_request():
-    _, delayed, delays = fault_rates(FaultInjection(added_latency_ms=40))  # latency_rate defaults to 1
+    _, delayed, delays = fault_rates(
+        FaultInjection(added_latency_ms=40)
+    )  # latency_rate defaults to 1
     assert delayed == 1.0
     assert delays == {0.04}
 
@@ -223,9 +225,13 @@ def test_user_module_class_path(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, name, raising=False)
     cls = adapter_class(f"{name}:EchoAdapter")
     assert issubclass(cls, ModelAdapter) and cls.task == "echo"
-    with pytest.raises(ValueError, match=re.escape(f"adapter '{name}:NotAnAdapter' is not a ModelAdapter subclass")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"adapter '{name}:NotAnAdapter' is not a ModelAdapter subclass")
+    ):
         adapter_class(f"{name}:NotAnAdapter")
-    with pytest.raises(ValueError, match=re.escape(f"adapter '{name}:factory' is not a ModelAdapter subclass")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"adapter '{name}:factory' is not a ModelAdapter subclass")
+    ):
         adapter_class(f"{name}:factory")
 
 
@@ -233,7 +239,9 @@ def test_user_module_class_path(tmp_path, monkeypatch):
 def test_unknown_adapter_name(name):
     with pytest.raises(
         ValueError,
-        match=re.escape(f"unknown adapter {name!r}; registered: ['recommender', 'text-embedding'], or give module:Class"),
+        match=re.escape(
+            f"unknown adapter {name!r}; registered: ['recommender', 'text-embedding'], or give module:Class"
+        ),
     ):
         adapter_class(name)
 
@@ -248,7 +256,9 @@ def test_adapter_that_cannot_be_imported(name):
 
 @pytest.mark.parametrize("name", ["json:JSONDecoder", "json:dumps", "app.errors:InvalidInput"])
 def test_non_adapter_classes_rejected(name):
-    with pytest.raises(ValueError, match=re.escape(f"adapter {name!r} is not a ModelAdapter subclass")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"adapter {name!r} is not a ModelAdapter subclass")
+    ):
         adapter_class(name)
 
 
@@ -259,7 +269,9 @@ def items(n: int) -> dict[str, np.ndarray]:
     return {"items": np.array([f"item {i}" for i in range(n)], dtype=object)}
 
 
-@pytest.mark.parametrize("parameters", [{}, {"top_k": None}, {"top_k": 1}, {"top_k": 3}, {"top_k": 50}])
+@pytest.mark.parametrize(
+    "parameters", [{}, {"top_k": None}, {"top_k": 1}, {"top_k": 3}, {"top_k": 50}]
+)
 def test_check_parameters_accepts_valid_top_k(parameters):
     RecommenderAdapter.check_parameters(items(3), parameters)
 
@@ -267,7 +279,8 @@ def test_check_parameters_accepts_valid_top_k(parameters):
 @pytest.mark.parametrize("value", [0, -1, True, False, 2.0, "2", [2]])
 def test_check_parameters_rejects_bad_top_k(value):
     with pytest.raises(
-        InvalidInput, match=re.escape(f"parameter 'top_k' must be a positive integer, got {value!r}")
+        InvalidInput,
+        match=re.escape(f"parameter 'top_k' must be a positive integer, got {value!r}"),
     ) as info:
         RecommenderAdapter.check_parameters(items(3), {"top_k": value})
     assert http_status(info.value) == 400

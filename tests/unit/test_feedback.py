@@ -143,7 +143,9 @@ def test_outcome_names_are_bounded():
 # -- FeedbackDesk: the controller's accounting, pure ------------------------------------------
 
 
-def _item(request_id: str, value: float = 1.0, outcome: str = "click", kind: str = "binary") -> dict:
+def _item(
+    request_id: str, value: float = 1.0, outcome: str = "click", kind: str = "binary"
+) -> dict:
     return {"request_id": request_id, "outcome": outcome, "value": value, "kind": kind}
 
 

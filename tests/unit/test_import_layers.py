@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PRIVATE_RAY = ("ray._private", "ray.experimental.internal_kv", "ray.autoscaler._private", "ray.serve._private")
+PRIVATE_RAY = (
+    "ray._private",
+    "ray.experimental.internal_kv",
+    "ray.autoscaler._private",
+    "ray.serve._private",
+)
 PRIVATE_NAMES = {"_get_global_client", "_internal_kv_get", "_internal_kv_put", "_internal_kv_del"}
 
 
@@ -64,7 +69,9 @@ def test_only_ray_compat_touches_private_ray_apis():
                 offenders.append(f"{_rel(path)}:{line} imports {module} {sorted(names)}")
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and any(k.arg == "_by_reference" for k in node.keywords):
-                offenders.append(f"{_rel(path)}:{node.lineno} sets the handle's _by_reference option")
+                offenders.append(
+                    f"{_rel(path)}:{node.lineno} sets the handle's _by_reference option"
+                )
     assert not offenders, offenders
 
 
@@ -72,7 +79,10 @@ def test_only_ray_compat_touches_private_ray_apis():
     ("folder", "forbidden"),
     [
         ("app/rollout", ("app.serving", "deployments")),
-        ("app/config", ("app.serving", "app.rollout", "app.observability", "app.ops", "deployments")),
+        (
+            "app/config",
+            ("app.serving", "app.rollout", "app.observability", "app.ops", "deployments"),
+        ),
         ("app/serving", ("app.rollout", "app.ops", "deployments")),
         ("app/observability", ("app.rollout", "app.serving", "app.ops", "deployments")),
         ("app/adapters", ("app.rollout", "app.serving", "app.ops", "deployments")),

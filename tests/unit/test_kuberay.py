@@ -24,7 +24,19 @@ def test_committed_manifest_matches_its_sources():
         "cluster/kuberay/rayservice.yaml drifted from serve_config.yaml + configs/regions/"
         f"{REGION}.yaml: run `make kuberay`"
     )
-    assert main(["kuberay", str(ROOT / "serve_config.yaml"), "--region", REGION, "--check", str(MANIFEST)]) == 0
+    assert (
+        main(
+            [
+                "kuberay",
+                str(ROOT / "serve_config.yaml"),
+                "--region",
+                REGION,
+                "--check",
+                str(MANIFEST),
+            ]
+        )
+        == 0
+    )
 
 
 def test_check_fails_with_a_diff_when_the_serve_config_changes(tmp_path, capsys):
@@ -48,7 +60,9 @@ def test_serve_config_v2_is_the_regions_serve_config():
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
     served = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(served)
-    expected = render(load_yaml(ROOT / "serve_config.yaml"), load_overlay(ROOT / f"configs/regions/{REGION}.yaml"))
+    expected = render(
+        load_yaml(ROOT / "serve_config.yaml"), load_overlay(ROOT / f"configs/regions/{REGION}.yaml")
+    )
     env = expected["applications"][0]["runtime_env"]["env_vars"]
     env["ROLLOUT_ADMIN_TOKEN_FILE"] = "/etc/ray-rollout/admin_token"  # the Secret's mount
     assert served == expected
@@ -60,7 +74,9 @@ def test_ray_cluster_mirrors_the_regions_launcher_file():
     head = spec["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP"  # the dashboard never leaves the cluster network
     assert head["rayStartParams"]["num-gpus"] == "0"
-    launcher_types = {t.name: t for t in node_types(load_launcher(ROOT / "cluster/aws-us-east-1.yaml"))}
+    launcher_types = {
+        t.name: t for t in node_types(load_launcher(ROOT / "cluster/aws-us-east-1.yaml"))
+    }
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert set(groups) == {n for n, t in launcher_types.items() if not t.head}
     version = project_version()
@@ -68,7 +84,10 @@ def test_ray_cluster_mirrors_the_regions_launcher_file():
         t = launcher_types[name]
         params = group["rayStartParams"]
         assert (group["minReplicas"], group["maxReplicas"]) == (t.min_workers, t.max_workers)
-        assert float(params["num-cpus"]) == t.resources["CPU"] and float(params["num-gpus"]) == t.resources["GPU"]
+        assert (
+            float(params["num-cpus"]) == t.resources["CPU"]
+            and float(params["num-gpus"]) == t.resources["GPU"]
+        )
         assert params["labels"] == f"region={REGION}"
         (container,) = group["template"]["spec"]["containers"]
         gpu = t.resources["GPU"] > 0

@@ -74,7 +74,9 @@ def test_every_metric_has_model_and_no_tag_serve_reserves():
 def test_histograms_have_increasing_bounds_and_others_none():
     for spec in METRICS.values():
         if spec.kind == "histogram":
-            assert spec.boundaries and list(spec.boundaries) == sorted(set(spec.boundaries)), spec.name
+            assert spec.boundaries and list(spec.boundaries) == sorted(set(spec.boundaries)), (
+                spec.name
+            )
         else:
             assert spec.boundaries is None, spec.name
 
@@ -92,7 +94,9 @@ def test_exported_names_follow_rays_export():
 def test_the_module_docstring_lists_every_metric():
     import app.observability.metrics
 
-    listed = set(re.findall(r"^\s{4}(rollout_[a-z0-9_]+)\s", app.observability.metrics.__doc__, re.M))
+    listed = set(
+        re.findall(r"^\s{4}(rollout_[a-z0-9_]+)\s", app.observability.metrics.__doc__, re.M)
+    )
     assert listed == set(METRICS)
 
 
@@ -173,7 +177,9 @@ def test_router_gauges_send_shadow_deltas_once(metrics, factory):
     gauges.update(shadow={"v2": shadow}, **common)
     shadow.completed, shadow.sums = 6, {"top_k_overlap": 3.0 + 2 * 0.5}
     gauges.update(shadow={"v2": shadow}, **common)
-    compared = [c[1] for c in factory.calls("rollout_shadow_requests") if c[2]["outcome"] == "compared"]
+    compared = [
+        c[1] for c in factory.calls("rollout_shadow_requests") if c[2]["outcome"] == "compared"
+    ]
     assert compared == [4, 2]  # running totals 4 then 6: sent as 4 and 2
     assert [c[1] for c in factory.calls("rollout_shadow_agreement")] == [0.75, 0.5]
     failed = [c[1] for c in factory.calls("rollout_shadow_requests") if c[2]["outcome"] == "failed"]
@@ -206,7 +212,9 @@ def test_controller_metrics_count_a_rollback_and_its_time(metrics, factory):
     assert factory.calls("rollout_time_to_rollback_s") == [
         ("observe", 0.75, {"model": "rec", "version": "v2"})
     ]
-    assert [c[2]["gate"] for c in factory.calls("rollout_gate_failures")] == ["fail_fast_error_rate"]
+    assert [c[2]["gate"] for c in factory.calls("rollout_gate_failures")] == [
+        "fail_fast_error_rate"
+    ]
     assert [c[2]["phase"] for c in factory.calls("rollout_transitions")] == ["rolled_back"]
 
 
@@ -224,7 +232,11 @@ def test_controller_metrics_do_not_count_steps_or_aborts_as_rollbacks(metrics, f
 def test_names_in_promql_finds_series_rules_and_alerts_not_label_values():
     expr = ('sum by (version) (rate(ray_rollout_requests_total{model="ray_fake",x=\'a:b:c\'}[5m]))'
             ' / rollout:requests:rate1m or ALERTS{alertstate="firing"} > bool 0')  # fmt: skip
-    assert names_in_promql(expr) == {"ray_rollout_requests_total", "rollout:requests:rate1m", "ALERTS"}
+    assert names_in_promql(expr) == {
+        "ray_rollout_requests_total",
+        "rollout:requests:rate1m",
+        "ALERTS",
+    }
 
 
 def test_every_fallback_reason_the_dispatcher_gives_is_a_valid_tag():

@@ -31,7 +31,9 @@ def _promtool() -> str:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([_promtool(), *args], capture_output=True, text=True, timeout=60, cwd=PROM)
+    return subprocess.run(
+        [_promtool(), *args], capture_output=True, text=True, timeout=60, cwd=PROM
+    )
 
 
 def _rules() -> list[dict]:
@@ -46,7 +48,11 @@ def _recorded() -> set[str]:
 def dashboard_exprs(dashboard: dict) -> list[str]:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     exprs += [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
-    exprs += [v["definition"] for v in dashboard.get("templating", {}).get("list", []) if "definition" in v]
+    exprs += [
+        v["definition"]
+        for v in dashboard.get("templating", {}).get("list", [])
+        if "definition" in v
+    ]
     return exprs
 
 
@@ -70,8 +76,18 @@ def test_every_alert_has_a_firing_unit_test():
     alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
     assert len(alerts) >= 6
     tests = yaml.safe_load((PROM / "tests" / "alerts_test.yml").read_text())["tests"]
-    fired = {case["alertname"] for t in tests for case in t.get("alert_rule_test", []) if case["exp_alerts"]}
-    quiet = {case["alertname"] for t in tests for case in t.get("alert_rule_test", []) if not case["exp_alerts"]}
+    fired = {
+        case["alertname"]
+        for t in tests
+        for case in t.get("alert_rule_test", [])
+        if case["exp_alerts"]
+    }
+    quiet = {
+        case["alertname"]
+        for t in tests
+        for case in t.get("alert_rule_test", [])
+        if not case["exp_alerts"]
+    }
     assert alerts - fired == set(), "alerts with no test that makes them fire"
     assert alerts - quiet == set(), "alerts with no test that they stay quiet"
 
@@ -85,7 +101,12 @@ def test_rules_name_only_metrics_we_export_or_record():
 
 def test_scrape_config_uses_rays_service_discovery_file():
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
-    files = [f for job in config["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]]
+    files = [
+        f
+        for job in config["scrape_configs"]
+        for sd in job.get("file_sd_configs", [])
+        for f in sd["files"]
+    ]
     assert files and all(f.endswith("prom_metrics_service_discovery.json") for f in files)
     assert sorted(config["rule_files"]) == sorted(p.name for p in RULE_FILES)
 

@@ -18,7 +18,12 @@ def vector(*values):
 
 
 def test_parse_scalar_and_single_series():
-    assert parse_query_response({"status": "success", "data": {"resultType": "scalar", "result": [1, "2.5"]}}) == 2.5
+    assert (
+        parse_query_response(
+            {"status": "success", "data": {"resultType": "scalar", "result": [1, "2.5"]}}
+        )
+        == 2.5
+    )
     assert parse_query_response(vector(0.125)) == 0.125
     assert parse_query_response(vector("+Inf")) == float("inf")
 
@@ -31,7 +36,10 @@ def test_parse_scalar_and_single_series():
         (vector(1, 2), "2 series; wrap it in sum"),
         (vector("NaN"), "NaN"),
         ({"status": "success", "data": {"resultType": "matrix", "result": []}}, "matrix"),
-        ({"status": "success", "data": {"resultType": "vector", "result": [{"value": [1]}]}}, "unreadable"),
+        (
+            {"status": "success", "data": {"resultType": "vector", "result": [{"value": [1]}]}},
+            "unreadable",
+        ),
         ([], "not a success"),
     ],
 )
@@ -49,7 +57,9 @@ def fake_prometheus():
         def do_GET(self):  # noqa: N802
             url = urlparse(self.path)
             seen.append(parse_qs(url.query).get("query", [""])[0])
-            payload = json.dumps(answer["body"]).encode() if url.path == "/api/v1/query" else b"nope"
+            payload = (
+                json.dumps(answer["body"]).encode() if url.path == "/api/v1/query" else b"nope"
+            )
             self.send_response(answer["status"] if url.path == "/api/v1/query" else 404)
             self.end_headers()
             self.wfile.write(payload)

@@ -53,7 +53,9 @@ def parse(document, *, inputs=INPUTS, outputs=OUTPUTS, binary: bytes = b"", head
         head = json.dumps(document, separators=(",", ":")).encode()
     if binary and header_length is None:
         header_length = str(len(head))
-    return parse_infer_request(head + binary, header_length=header_length, inputs=inputs, outputs=outputs)
+    return parse_infer_request(
+        head + binary, header_length=header_length, inputs=inputs, outputs=outputs
+    )
 
 
 def with_input(name: str, **changes) -> dict:
@@ -268,7 +270,9 @@ def test_missing_input():
 
 
 def test_unknown_field_in_input():
-    invalid(with_input("user", contents=["x"]), re.escape("input 'user': unknown field(s) ['contents']"))
+    invalid(
+        with_input("user", contents=["x"]), re.escape("input 'user': unknown field(s) ['contents']")
+    )
 
 
 @pytest.mark.parametrize("datatype", ["FP64", "fp32", None])
@@ -286,7 +290,10 @@ def test_shape_not_a_list_of_nonnegative_ints(shape):
 
 
 def test_wrong_shape_rank():
-    error = invalid(with_input("emb", shape=[6]), re.escape("input 'emb': shape [6] has 1 dimensions, expected 2"))
+    error = invalid(
+        with_input("emb", shape=[6]),
+        re.escape("input 'emb': shape [6] has 1 dimensions, expected 2"),
+    )
     assert "[-1, 3]" in error.message
 
 
@@ -333,10 +340,15 @@ def test_element_count_does_not_match_shape(data, count):
 
 
 def test_data_holding_objects():
-    invalid(with_input("emb", data=[1, 2, 3, {"x": 4}, 5, 6]), "input 'emb': data must hold values or lists")
+    invalid(
+        with_input("emb", data=[1, 2, 3, {"x": 4}, 5, 6]),
+        "input 'emb': data must hold values or lists",
+    )
 
 
-@pytest.mark.parametrize(("bad", "kind"), [(3, "int"), (None, "NoneType"), (True, "bool"), (1.5, "float")])
+@pytest.mark.parametrize(
+    ("bad", "kind"), [(3, "int"), (None, "NoneType"), (True, "bool"), (1.5, "float")]
+)
 def test_bytes_element_not_a_string(bad, kind):
     invalid(
         with_input("items", data=["ok", bad]),
@@ -395,7 +407,11 @@ def test_int_out_of_range_for_int8(value):
 
 def test_int64_extremes_are_accepted():
     request = parse(
-        {"inputs": [{"name": "ids", "datatype": "INT64", "shape": [2], "data": [-(2**63), 2**63 - 1]}]},
+        {
+            "inputs": [
+                {"name": "ids", "datatype": "INT64", "shape": [2], "data": [-(2**63), 2**63 - 1]}
+            ]
+        },
         inputs=(IDS,),
     )
     assert request.inputs["ids"].dtype == np.int64
@@ -405,7 +421,9 @@ def test_int64_extremes_are_accepted():
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_finite_floats(literal):
     body = (
-        '{"inputs":[{"name":"emb","datatype":"FP32","shape":[1,3],"data":[1.0,' + literal + ',2.0]}]}'
+        '{"inputs":[{"name":"emb","datatype":"FP32","shape":[1,3],"data":[1.0,'
+        + literal
+        + ",2.0]}]}"
     ).encode()
     invalid(body, re.escape("input 'emb' (FP32): values must be finite"), inputs=(EMB,))
 
@@ -413,7 +431,11 @@ def test_non_finite_floats(literal):
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_float_overflowing_fp32_is_non_finite():
     invalid(
-        {"inputs": [{"name": "emb", "datatype": "FP32", "shape": [1, 3], "data": [1.0, 1e39, 2.0]}]},
+        {
+            "inputs": [
+                {"name": "emb", "datatype": "FP32", "shape": [1, 3], "data": [1.0, 1e39, 2.0]}
+            ]
+        },
         re.escape("input 'emb' (FP32): values must be finite"),
         inputs=(EMB,),
     )
@@ -449,7 +471,10 @@ def test_bad_request_parameters(parameters, match):
 
 
 def test_bad_input_parameters():
-    invalid(with_input("user", parameters="binary"), re.escape("input 'user': parameters must be an object"))
+    invalid(
+        with_input("user", parameters="binary"),
+        re.escape("input 'user': parameters must be an object"),
+    )
     invalid(
         with_input("user", parameters={"p": [1]}),
         re.escape("input 'user': parameter 'p' must be a string, number or boolean"),
@@ -541,70 +566,98 @@ def test_binary_request_built_by_tritonclient():
 def test_binary_fp32_size_does_not_match_shape():
     emb = np.zeros(5, dtype=np.float32).tobytes()  # shape [2, 3] needs 24 bytes
     body, length = binary_request([("emb", "FP32", [2, 3], emb, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'emb': binary_data_size is 20 bytes but shape needs 24 (6 x 4)")):
+    with pytest.raises(
+        InvalidInput,
+        match=re.escape("input 'emb': binary_data_size is 20 bytes but shape needs 24 (6 x 4)"),
+    ):
         parse_infer_request(body, header_length=length, inputs=(EMB,), outputs=OUTPUTS)
 
 
 def test_binary_int64_overlong():
     ids = np.arange(3, dtype=np.int64).tobytes() + b"\x00" * 8
     body, length = binary_request([("ids", "INT64", [3], ids, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'ids': binary_data_size is 32 bytes but shape needs 24 (3 x 8)")):
+    with pytest.raises(
+        InvalidInput,
+        match=re.escape("input 'ids': binary_data_size is 32 bytes but shape needs 24 (3 x 8)"),
+    ):
         parse_infer_request(body, header_length=length, inputs=(IDS,), outputs=OUTPUTS)
 
 
 def test_binary_bytes_truncated_before_element():
     chunk = bytes_chunk(["one"])  # shape says 2 elements
     body, length = binary_request([("user", "BYTES", [2], chunk, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'user': binary BYTES data ends before element 1")):
+    with pytest.raises(
+        InvalidInput, match=re.escape("input 'user': binary BYTES data ends before element 1")
+    ):
         parse_infer_request(body, header_length=length, inputs=(USER,), outputs=OUTPUTS)
 
 
 def test_binary_bytes_truncated_length_prefix():
     chunk = bytes_chunk(["one"]) + b"\x02\x00"  # half a length prefix for element 1
     body, length = binary_request([("user", "BYTES", [2], chunk, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'user': binary BYTES data ends before element 1")):
+    with pytest.raises(
+        InvalidInput, match=re.escape("input 'user': binary BYTES data ends before element 1")
+    ):
         parse_infer_request(body, header_length=length, inputs=(USER,), outputs=OUTPUTS)
 
 
 def test_binary_bytes_element_runs_past_data():
     chunk = bytes_chunk(["one"]) + struct.pack("<I", 10) + b"abc"
     body, length = binary_request([("user", "BYTES", [2], chunk, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'user': binary BYTES element 1 runs past its data")):
+    with pytest.raises(
+        InvalidInput, match=re.escape("input 'user': binary BYTES element 1 runs past its data")
+    ):
         parse_infer_request(body, header_length=length, inputs=(USER,), outputs=OUTPUTS)
 
 
 def test_binary_bytes_overlong():
     chunk = bytes_chunk(["one", "two", "three"])  # shape says 2 elements
     body, length = binary_request([("user", "BYTES", [2], chunk, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'user': binary BYTES data has 9 bytes after 2 elements")):
+    with pytest.raises(
+        InvalidInput,
+        match=re.escape("input 'user': binary BYTES data has 9 bytes after 2 elements"),
+    ):
         parse_infer_request(body, header_length=length, inputs=(USER,), outputs=OUTPUTS)
 
 
 def test_binary_bytes_not_utf8():
     chunk = bytes_chunk(["ok"]) + struct.pack("<I", 2) + b"\xff\xfe"
     body, length = binary_request([("user", "BYTES", [2], chunk, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'user': binary BYTES element 1 is not valid UTF-8")):
+    with pytest.raises(
+        InvalidInput, match=re.escape("input 'user': binary BYTES element 1 is not valid UTF-8")
+    ):
         parse_infer_request(body, header_length=length, inputs=(USER,), outputs=OUTPUTS)
 
 
 def test_binary_data_size_runs_past_body():
     emb = np.zeros(6, dtype=np.float32).tobytes()
     body, length = binary_request([("emb", "FP32", [2, 3], emb, True)])
-    with pytest.raises(InvalidInput, match=re.escape("input 'emb': binary_data_size (24) runs past the binary data (20 bytes left)")):
+    with pytest.raises(
+        InvalidInput,
+        match=re.escape(
+            "input 'emb': binary_data_size (24) runs past the binary data (20 bytes left)"
+        ),
+    ):
         parse_infer_request(body[:-4], header_length=length, inputs=(EMB,), outputs=OUTPUTS)
 
 
 def test_unclaimed_trailing_binary_bytes():
     emb = np.zeros(6, dtype=np.float32).tobytes()
     body, length = binary_request([("emb", "FP32", [2, 3], emb, True)])
-    with pytest.raises(InvalidInput, match=re.escape("5 bytes of binary data are not claimed by any input")):
+    with pytest.raises(
+        InvalidInput, match=re.escape("5 bytes of binary data are not claimed by any input")
+    ):
         parse_infer_request(body + b"extra", header_length=length, inputs=(EMB,), outputs=OUTPUTS)
 
 
 def test_binary_bytes_with_json_only_request():
     head = json.dumps({"inputs": [valid_inputs()[0]]}).encode()
-    with pytest.raises(InvalidInput, match=re.escape("3 bytes of binary data are not claimed by any input")):
-        parse_infer_request(head + b"abc", header_length=str(len(head)), inputs=(USER,), outputs=OUTPUTS)
+    with pytest.raises(
+        InvalidInput, match=re.escape("3 bytes of binary data are not claimed by any input")
+    ):
+        parse_infer_request(
+            head + b"abc", header_length=str(len(head)), inputs=(USER,), outputs=OUTPUTS
+        )
 
 
 def test_both_data_and_binary_data_size():
@@ -647,12 +700,16 @@ def test_bad_header_length(header, match):
 def test_header_length_cutting_the_json_short():
     body, length = binary_request([("user", "BYTES", [1], bytes_chunk(["a"]), True)])
     with pytest.raises(InvalidInput, match="request body is not valid JSON"):
-        parse_infer_request(body, header_length=str(int(length) - 1), inputs=(USER,), outputs=OUTPUTS)
+        parse_infer_request(
+            body, header_length=str(int(length) - 1), inputs=(USER,), outputs=OUTPUTS
+        )
 
 
 def test_header_length_equal_to_body_is_a_plain_json_request():
     head = json.dumps({"inputs": valid_inputs()}).encode()
-    request = parse_infer_request(head, header_length=str(len(head)), inputs=INPUTS, outputs=OUTPUTS)
+    request = parse_infer_request(
+        head, header_length=str(len(head)), inputs=INPUTS, outputs=OUTPUTS
+    )
     assert request.inputs["items"].tolist() == ["space opera", "cooking"]
 
 
@@ -672,7 +729,10 @@ def test_unknown_output_is_400():
     [
         ({"name": "scores"}, "outputs must be a list"),
         (["scores"], re.escape("outputs[0] must be an object with a name")),
-        ([{"name": "scores"}, {"nam": "ranking"}], re.escape("outputs[1] must be an object with a name")),
+        (
+            [{"name": "scores"}, {"nam": "ranking"}],
+            re.escape("outputs[1] must be an object with a name"),
+        ),
     ],
 )
 def test_malformed_outputs(outputs, match):
@@ -705,7 +765,10 @@ def test_binary_data_false_overrides_binary_data_output():
         {
             "inputs": valid_inputs(),
             "parameters": {"binary_data_output": True},
-            "outputs": [{"name": "scores", "parameters": {"binary_data": False}}, {"name": "labels"}],
+            "outputs": [
+                {"name": "scores", "parameters": {"binary_data": False}},
+                {"name": "labels"},
+            ],
         }
     )
     assert request.outputs == ("scores", "labels")
@@ -732,9 +795,19 @@ def test_encode_json_response():
     assert document["id"] == "r-9"
     assert [t["name"] for t in document["outputs"]] == ["scores", "ranking", "labels"]
     scores, ranking, labels = document["outputs"]
-    assert scores == {"name": "scores", "datatype": "FP32", "shape": [1, 3], "data": [0.5, -1.25, 3.0]}
+    assert scores == {
+        "name": "scores",
+        "datatype": "FP32",
+        "shape": [1, 3],
+        "data": [0.5, -1.25, 3.0],
+    }
     assert ranking == {"name": "ranking", "datatype": "INT64", "shape": [1, 3], "data": [2, 0, 1]}
-    assert labels == {"name": "labels", "datatype": "BYTES", "shape": [3], "data": ["héllo", "", "world"]}
+    assert labels == {
+        "name": "labels",
+        "datatype": "BYTES",
+        "shape": [3],
+        "data": ["héllo", "", "world"],
+    }
 
 
 def test_encode_json_response_without_id_and_only_requested_outputs():
@@ -775,7 +848,9 @@ def test_encode_binary_response_decodes_back():
 
 
 def test_encode_mixed_binary_and_json_response():
-    request = InferRequest(id="x", inputs={}, outputs=("labels", "scores"), binary_outputs=frozenset({"scores"}))
+    request = InferRequest(
+        id="x", inputs={}, outputs=("labels", "scores"), binary_outputs=frozenset({"scores"})
+    )
     body, headers = encode_infer_response(
         model="m", version="v1", request=request, result=result_tensors(), outputs=OUTPUTS
     )
@@ -787,9 +862,19 @@ def test_encode_mixed_binary_and_json_response():
 
 
 def test_encode_casts_to_the_declared_dtype():
-    request = InferRequest(id=None, inputs={}, outputs=("scores", "ranking"), binary_outputs=frozenset({"scores", "ranking"}))
-    result = {"scores": np.array([[1.0, 2.0]], dtype=np.float64), "ranking": np.array([[1, 0]], dtype=np.int32)}
-    body, headers = encode_infer_response(model="m", version="v1", request=request, result=result, outputs=OUTPUTS)
+    request = InferRequest(
+        id=None,
+        inputs={},
+        outputs=("scores", "ranking"),
+        binary_outputs=frozenset({"scores", "ranking"}),
+    )
+    result = {
+        "scores": np.array([[1.0, 2.0]], dtype=np.float64),
+        "ranking": np.array([[1, 0]], dtype=np.int32),
+    }
+    body, headers = encode_infer_response(
+        model="m", version="v1", request=request, result=result, outputs=OUTPUTS
+    )
     _, arrays = decode_response(body, headers)
     assert arrays["scores"].dtype == np.float32 and arrays["scores"].tolist() == [[1.0, 2.0]]
     assert arrays["ranking"].dtype == np.int64 and arrays["ranking"].tolist() == [[1, 0]]
@@ -797,10 +882,16 @@ def test_encode_casts_to_the_declared_dtype():
 
 def test_binary_response_parsed_by_tritonclient():
     httpclient = pytest.importorskip("tritonclient.http")
-    request = InferRequest(id="t", inputs={}, binary_outputs=frozenset({"scores", "ranking", "labels"}))
+    request = InferRequest(
+        id="t", inputs={}, binary_outputs=frozenset({"scores", "ranking", "labels"})
+    )
     result = result_tensors()
-    body, headers = encode_infer_response(model="m", version="v1", request=request, result=result, outputs=OUTPUTS)
-    parsed = httpclient.InferResult.from_response_body(body, header_length=int(headers[INFERENCE_HEADER]))
+    body, headers = encode_infer_response(
+        model="m", version="v1", request=request, result=result, outputs=OUTPUTS
+    )
+    parsed = httpclient.InferResult.from_response_body(
+        body, header_length=int(headers[INFERENCE_HEADER])
+    )
     np.testing.assert_array_equal(parsed.as_numpy("scores"), result["scores"])
     np.testing.assert_array_equal(parsed.as_numpy("ranking"), result["ranking"])
     assert [b.decode() for b in parsed.as_numpy("labels").tolist()] == ["héllo", "", "world"]
@@ -817,7 +908,10 @@ def test_round_trip_request_to_response():
             ("items", "BYTES", [2], bytes_chunk(items), True),
             ("emb", "FP32", [2, 3], emb.tobytes(), True),
         ],
-        outputs=[{"name": "labels", "parameters": {"binary_data": True}}, {"name": "scores", "parameters": {"binary_data": True}}],
+        outputs=[
+            {"name": "labels", "parameters": {"binary_data": True}},
+            {"name": "scores", "parameters": {"binary_data": True}},
+        ],
         request_id="rt",
     )
     request = parse_infer_request(body, header_length=length, inputs=INPUTS, outputs=OUTPUTS)

@@ -234,10 +234,15 @@ def test_every_tick_is_repeatable_and_a_fixed_point(strategy):
 
 FAILURE_PLANS = {
     "canary": lambda: canary(
-        {"set_weight": 5}, {"analysis_s": 1}, {"pause_s": 1},
-        {"set_weight": 25}, {"pause_s": None},
-        {"set_weight": 50}, {"analysis_s": 1},
-        {"set_weight": 100}, {"analysis_s": 1},
+        {"set_weight": 5},
+        {"analysis_s": 1},
+        {"pause_s": 1},
+        {"set_weight": 25},
+        {"pause_s": None},
+        {"set_weight": 50},
+        {"analysis_s": 1},
+        {"set_weight": 100},
+        {"analysis_s": 1},
     ),  # fmt: skip
     "blue_green": lambda: plan("blue_green"),
     "linear": lambda: plan("linear", bake_s=0.5),
@@ -565,9 +570,7 @@ def test_promote_does_not_override_a_failing_gate():
     state = started(plan())
     promoted = apply_command(state, Command.PROMOTE, T0 + 1)
     assert promoted.candidate_weight == 10.0
-    assert step(promoted, BROKEN(promoted, T0 + 1.25), T0 + 1.25).state.phase is (
-        Phase.ROLLED_BACK
-    )
+    assert step(promoted, BROKEN(promoted, T0 + 1.25), T0 + 1.25).state.phase is (Phase.ROLLED_BACK)
 
 
 def test_promote_full_goes_straight_to_100():
@@ -646,7 +649,11 @@ def test_abort_during_blue_green_scale_down_switches_back():
     [
         (lambda s: s, Command.PROMOTE, "cannot promote: the rollout is idle"),
         (lambda s: s, Command.PAUSE, "cannot pause: the rollout is idle"),
-        (lambda s: tick(s, FakeClock(T0, tick_s=TICK)).state, Command.RESUME, "rollout is progressing"),
+        (
+            lambda s: tick(s, FakeClock(T0, tick_s=TICK)).state,
+            Command.RESUME,
+            "rollout is progressing",
+        ),
         (
             lambda s: apply_command(tick(s, FakeClock(T0, tick_s=TICK)).state, Command.PAUSE, T0),
             Command.PAUSE,

@@ -41,7 +41,9 @@ def plan(gates: dict, steps: list | None = None) -> RolloutPlan:
 class Feedback:
     """Conversions per version at true rates; `rate_per_s` outcomes/s split by weight."""
 
-    def __init__(self, cand_rate: float, stable_rate: float, rate_per_s: float = 2000, seed: int = 1):
+    def __init__(
+        self, cand_rate: float, stable_rate: float, rate_per_s: float = 2000, seed: int = 1
+    ):
         self.rates = {CAND: cand_rate, STABLE: stable_rate}
         self.rate_per_s = rate_per_s
         self.rng = random.Random(seed)
@@ -149,7 +151,11 @@ def test_lift_state_survives_persistence_and_intervals_only_narrow():
         # What the controller stores and a restarted replica reads back.
         state = RolloutState.from_dict(json.loads(json.dumps(state.to_dict())))
         reading = state.lift.get("improvement")
-        if reading and reading["difference_low"] is not None and reading["difference_high"] is not None:
+        if (
+            reading
+            and reading["difference_low"] is not None
+            and reading["difference_high"] is not None
+        ):
             widths.append(reading["difference_high"] - reading["difference_low"])
     assert len(widths) > 10
     assert all(b <= a + 1e-12 for a, b in zip(widths, widths[1:]))

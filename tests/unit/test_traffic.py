@@ -21,7 +21,9 @@ def table(weights: dict[str, float], stable: str | None = None) -> TrafficTable:
     return TrafficTable.from_config(config, weights, generation=1)
 
 
-def shares(tab: TrafficTable, *, versions, available, seed: int = 1234) -> tuple[dict[str, float], Counter]:
+def shares(
+    tab: TrafficTable, *, versions, available, seed: int = 1234
+) -> tuple[dict[str, float], Counter]:
     rng = random.Random(seed)
     counts: Counter = Counter()
     decisions: Counter = Counter()
@@ -129,7 +131,9 @@ def test_pin_does_not_consume_randomness():
 
 def test_pin_to_unknown_version():
     tab = table({"v1": 100})
-    with pytest.raises(ModelNotFound, match=re.escape("version 'v9' not found; versions: ['v1', 'v2']")) as info:
+    with pytest.raises(
+        ModelNotFound, match=re.escape("version 'v9' not found; versions: ['v1', 'v2']")
+    ) as info:
         tab.choose(random.Random(0), versions={"v2", "v1"}, available={"v1", "v2"}, pin="v9")
     assert http_status(info.value) == 404
 
@@ -164,7 +168,9 @@ def test_draw_maps_onto_cumulative_weights(draw, version):
     )
 
 
-@pytest.mark.parametrize(("draw", "version"), [(0.0, "v2"), (0.5999, "v2"), (0.6, "v3"), (0.9999, "v3")])
+@pytest.mark.parametrize(
+    ("draw", "version"), [(0.0, "v2"), (0.5999, "v2"), (0.6, "v3"), (0.9999, "v3")]
+)
 def test_draw_maps_onto_renormalized_weights(draw, version):
     tab = table({"v1": 50, "v2": 30, "v3": 20})
     route = tab.choose(FixedRandom(draw), versions={"v1", "v2", "v3"}, available={"v2", "v3"})

@@ -121,7 +121,9 @@ def test_load_models_smoke_tests_each_version(tmp_path, tiny_bert):
     shutil.copytree(tiny_bert, tmp_path / "models" / "tiny")
     digest = weights_digest(tmp_path / "models" / "tiny")
     write_model_config(tmp_path, "v1", sha256=digest)
-    write_model_config(tmp_path, "v2", sha256=digest, hyperparameters={"query_prefix": "a user who "})
+    write_model_config(
+        tmp_path, "v2", sha256=digest, hyperparameters={"query_prefix": "a user who "}
+    )
     path = write_serve_config(
         tmp_path, builder_app(tmp_path, deployments=[router({"v1": 50, "v2": 50})])
     )
@@ -456,7 +458,9 @@ def test_smoke_test_uses_the_override_hyperparameters(tmp_path, tiny_bert):
     shutil.copytree(tiny_bert, tmp_path / "models" / "tiny")
     digest = weights_digest(tmp_path / "models" / "tiny")
     write_model_config(tmp_path, "v1", sha256=digest)
-    deployments = [{"name": "recommender-v1", "user_config": {"hyperparameters": {"temperature": 0.5}}}]
+    deployments = [
+        {"name": "recommender-v1", "user_config": {"hyperparameters": {"temperature": 0.5}}}
+    ]
     path = write_serve_config(
         tmp_path, builder_app(tmp_path, versions=["configs/v1.yaml"], deployments=deployments)
     )

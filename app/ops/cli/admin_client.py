@@ -15,9 +15,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 ADMIN_PATH = "/admin/rollout"
 # Command name on the command line -> the last path segment of its POST.
 COMMAND_PATHS = {name: command_path(name) for name in OPERATOR_COMMANDS}
-UNAUTHORIZED = (
-    f"unauthorized: set {TOKEN_ENV} (or {TOKEN_FILE_ENV}) to the router's admin token"
-)
+UNAUTHORIZED = f"unauthorized: set {TOKEN_ENV} (or {TOKEN_FILE_ENV}) to the router's admin token"
 ADMIN_OFF = "the admin API is off: the router has no admin token configured"
 
 

@@ -105,8 +105,14 @@ def add_region_commands(commands: argparse._SubParsersAction) -> None:
     )
     kuberay.add_argument("config", nargs="?", default="serve_config.yaml")
     kuberay.add_argument("--region", required=True, help="region overlay that sizes the cluster")
-    kuberay.add_argument("--image", default=DEFAULT_IMAGE, help=f"image repository (default {DEFAULT_IMAGE})")
+    kuberay.add_argument(
+        "--image", default=DEFAULT_IMAGE, help=f"image repository (default {DEFAULT_IMAGE})"
+    )
     out = kuberay.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", default=None, help="write here (default: stdout)")
-    out.add_argument("--check", metavar="FILE", help="exit 1 (with a diff) if FILE differs from what would be generated")
+    out.add_argument(
+        "--check",
+        metavar="FILE",
+        help="exit 1 (with a diff) if FILE differs from what would be generated",
+    )
     kuberay.set_defaults(func=_kuberay)

@@ -149,8 +149,16 @@ def render_status(status: Mapping[str, Any], now: float | None = None) -> str:
     if now is not None and updated is not None:
         field("Updated", f"{_duration(now - updated)} ago")
 
-    weights = cast("Mapping[str, Any]", status.get("weights")) if isinstance(status.get("weights"), Mapping) else {}
-    versions = cast("Mapping[str, Any]", status.get("versions")) if isinstance(status.get("versions"), Mapping) else {}
+    weights = (
+        cast("Mapping[str, Any]", status.get("weights"))
+        if isinstance(status.get("weights"), Mapping)
+        else {}
+    )
+    versions = (
+        cast("Mapping[str, Any]", status.get("versions"))
+        if isinstance(status.get("versions"), Mapping)
+        else {}
+    )
     order = _ordered_versions(status, weights, versions)
 
     if weights:
@@ -229,7 +237,9 @@ def _render_ab(status: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]])
             scale = v.get("scale")
             interval = "-"
             if v.get("low") is not None or v.get("high") is not None:
-                interval = f"[{_lift_text(v.get('low'), scale)}, {_lift_text(v.get('high'), scale)}]"
+                interval = (
+                    f"[{_lift_text(v.get('low'), scale)}, {_lift_text(v.get('high'), scale)}]"
+                )
             confidence = _number(v.get("confidence"))
             rows.append([
                 str(v.get("gate")), str(v.get("outcome", "-")),
@@ -266,7 +276,11 @@ def render_history(events: Sequence[Mapping[str, Any]]) -> str:
             _percent(event.get("weight")),
             str(event.get("reason", "")),
         ])  # fmt: skip
-        gates = cast("Mapping[str, Any]", event.get("gates")) if isinstance(event.get("gates"), Mapping) else {}
+        gates = (
+            cast("Mapping[str, Any]", event.get("gates"))
+            if isinstance(event.get("gates"), Mapping)
+            else {}
+        )
         failures.append([
             f"    {GATE_SYMBOLS['failed']} {gate}: "
             f"{_gate_reading(gate, reading.get('value'), reading.get('threshold'))}"

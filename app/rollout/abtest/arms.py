@@ -1,10 +1,10 @@
 """One arm of an A/B test: outcome sums that merge by addition, and fixed-horizon intervals.
 
-    ArmStats(kind, n, sum, sum_sq)          sums, so router replicas merge them by addition
-    confidence_interval(arm, level)         Wilson (binary) or normal (continuous), one arm
-    difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
-                                            (delta method); fixed-horizon, NOT safe to peek at
-    required_sample_size(...)               fixed-horizon planning figure (two proportions)
+ArmStats(kind, n, sum, sum_sq)          sums, so router replicas merge them by addition
+confidence_interval(arm, level)         Wilson (binary) or normal (continuous), one arm
+difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
+                                        (delta method); fixed-horizon, NOT safe to peek at
+required_sample_size(...)               fixed-horizon planning figure (two proportions)
 """
 
 from __future__ import annotations

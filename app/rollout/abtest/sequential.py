@@ -186,8 +186,7 @@ class SequentialTest(FiniteStrictModel):
         default=0.05,
         gt=0,
         description=(
-            "Smallest lift worth detecting, on `scale` (0.05 relative = 5%); tau when tau is "
-            "null."
+            "Smallest lift worth detecting, on `scale` (0.05 relative = 5%); tau when tau is null."
         ),
     )
     tau: float | None = Field(
@@ -238,7 +237,9 @@ class SequentialTest(FiniteStrictModel):
             lift = difference
         else:
             control_mean = cast(float, ms)  # not None whenever difference is not None
-            lift = difference / control_mean if difference is not None and control_mean > 0 else None
+            lift = (
+                difference / control_mean if difference is not None and control_mean > 0 else None
+            )
         decision = _conclude(low, high, 0.0)
         return Verdict(
             decision=decision,
