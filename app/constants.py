@@ -8,6 +8,10 @@ propagation speed against controller load, not to fix a bug.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
 
 __all__ = [
     "ADMIN_CALL_TIMEOUT_S",
@@ -27,24 +31,23 @@ __all__ = [
 ]
 
 
-def _env_float(name: str, default: float) -> float:
+def _env(name: str, default: T, parse: Callable[[str], T]) -> T:
+    """`RAY_ROLLOUT_<name>` parsed, or `default`; a value that is not positive is refused."""
     raw = os.environ.get(f"RAY_ROLLOUT_{name}")
     if raw is None:
         return default
-    value = float(raw)
+    value = parse(raw)
     if not value > 0:
-        raise ValueError(f"RAY_ROLLOUT_{name} ({raw}) must be a positive number")
+        raise ValueError(f"RAY_ROLLOUT_{name} ({raw}) must be positive")
     return value
+
+
+def _env_float(name: str, default: float) -> float:
+    return _env(name, default, float)
 
 
 def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(f"RAY_ROLLOUT_{name}")
-    if raw is None:
-        return default
-    value = int(raw)
-    if value < 1:
-        raise ValueError(f"RAY_ROLLOUT_{name} ({raw}) must be a positive integer")
-    return value
+    return _env(name, default, int)
 
 
 # The GCS key-value namespace the controller persists rollout state and outcomes in.

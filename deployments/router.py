@@ -1,7 +1,12 @@
 """`Router`: the ingress. Open Inference Protocol V2 over HTTP, traffic split across versions.
 
 Decisions (which version, is the request valid) come from `app/`; this module holds the HTTP
-surface, the deployment handles and the loop that refreshes which versions are serving.
+surface and the deployment handles. The background loops (health poll, controller follower,
+stats push, gauges) live in `router_sync.py`.
+
+Why one module of ~680 lines: it is one FastAPI class whose routes share the replica's state
+(traffic table, handles, cache, breakers); each route is short, and `_infer` is the request
+path read top to bottom (pin, table, key, choose, dispatch, answer).
 """
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at run time.

@@ -101,10 +101,6 @@ class AppArgs(StrictModel):
             )
         return self
 
-    def resources_for(self, config: ModelConfig) -> Resources:
-        """The replica resources `config`'s version gets in this app."""
-        return self.version_resources.get(config.version, config.resources)
-
     def label_selector(self) -> dict[str, str] | None:
         """Ray's label_selector that pins every replica to this app's region (None: anywhere)."""
         return {REGION_LABEL: self.region} if self.region else None

@@ -56,6 +56,10 @@ Choices worth knowing (each one is the reason for some code below):
   pushes. Pass the previous rollout's generation to `start` to keep it monotonic.
 * **`now` is epoch seconds** (time.time() in the controller): the persisted state carries
   absolute times, and a controller replica restarted on another node must agree with them.
+
+Why one module of ~630 lines: the state, the commands and the reconcile function change
+together (a new step kind touches all three), and most of it is this docstring and the
+phase table; the plan schema (`plan.py`) and the gate judges (`gates.py`) are apart.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
+
 from app.rollout.machine import OPERATOR_COMMANDS, command_path
 from app.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
@@ -32,13 +34,7 @@ class AdminClient:
     """A thin client for the router's admin API; one connection, reused across a --watch."""
 
     def __init__(self, url: str, token: str | None, timeout_s: float) -> None:
-        try:
-            import httpx
-        except ImportError as exc:  # httpx is only pulled in by the test extra today
-            raise AdminError(
-                "the rollout control commands need httpx: pip install httpx", 2
-            ) from exc
-        self._httpx = httpx
+        self._httpx = httpx  # a main dependency; kept on the instance for _call's except clauses
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         headers = {"accept": "application/json"}
