@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                      v3_app)  # fmt: skip
                 digest = RolloutPlan.model_validate(plan).digest()
                 step("plan", lambda s: setattr(s, "plan", plan),
-                     lambda: app.serving.auth()["plan_digest"] == digest, None)  # fmt: skip
+                     lambda: app.admin()["plan_digest"] == digest, None)  # fmt: skip
             except Exception as exc:
                 failure = f"{type(exc).__name__}: {exc}"
                 log(f"change failed: {failure}")

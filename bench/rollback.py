@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             model_config(tmp, "v2", faulty, faults={"error_rate": 1.0}),
         ]
         app.start(tmp, versions, router={"stable": STABLE, "weights": {STABLE: 100}})
-        config, client, admin = app.config, app.client, app.serving.auth
+        config, client, admin = app.config, app.client, app.admin
 
         def deploy(plan: dict[str, Any] | None) -> None:
             app.deploy(with_plan(config, plan))
