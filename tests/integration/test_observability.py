@@ -108,10 +108,11 @@ def prometheus(cluster, tmp_path_factory):
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     port = free_port()
     log = tmp / "prometheus.log"
+    log_file = log.open("w")
     process = subprocess.Popen(
         [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
+        stdout=log_file, stderr=subprocess.STDOUT,
     )  # fmt: skip
     server = Prometheus(f"http://127.0.0.1:{port}", process, log)
     try:
@@ -125,6 +126,7 @@ def prometheus(cluster, tmp_path_factory):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+        log_file.close()
 
 
 class Traffic(Load):
