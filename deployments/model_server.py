@@ -66,7 +66,7 @@ class ModelServer:
         self.load_s = 0.0
         self.metrics = Metrics(config.name)
         self._gauges_at = float("-inf")
-        # Not @serve.batch: see app/batching.py for why (batches of ~1 under load in 2.60).
+        # Not @serve.batch: see app/serving/batching.py for why (batches of ~1 under load in 2.60).
         self.batcher: Batcher[tuple[Tensors, dict[str, Any]], tuple[Tensors, str]] = Batcher(
             self._predict_batch, max_batch_size=config.batching.max_batch_size,
             batch_wait_timeout_s=config.batching.batch_wait_timeout_s,

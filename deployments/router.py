@@ -192,7 +192,7 @@ class Router:
         # another digest (computed before a hot patch) are never served.
         self.target_config: dict[str, str] = {}
         self.rng = random.Random()
-        # Metrics (app/metrics.py): recorded where the gates' stats are, plus a periodic pass.
+        # Metrics (app/observability/metrics.py): recorded where the gates' stats are, plus a periodic pass.
         self.metrics = Metrics(model)
         self.gauges = RouterGauges(self.metrics)
         self.stats = MeteredStats(self.metrics)

@@ -68,7 +68,7 @@ class Autoscaling(StrictModel):
 
 
 class Batching(StrictModel):
-    """Dynamic batching inside each replica (app/batching.py: a batch forms when the model is
+    """Dynamic batching inside each replica (app/serving/batching.py: a batch forms when the model is
     free); hot-patchable."""
 
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="Requests per batch.")

@@ -127,11 +127,11 @@ class RouterSettings(StrictModel):
     )
     access_log: AccessLogSettings = Field(
         default_factory=AccessLogSettings,
-        description="One structured log record per inference (app/access_log.py).",
+        description="One structured log record per inference (app/observability/access_log.py).",
     )
     drift: DriftSettings = Field(
         default_factory=DriftSettings,
-        description="Output score drift per version against the stable version (app/drift.py).",
+        description="Output score drift per version against the stable version (app/observability/drift.py).",
     )
     model_transport: Literal["grpc", "actor"] = Field(
         default="grpc",

@@ -93,7 +93,7 @@ def validate_serve_config(
 ) -> Report:
     """Check `path`, or with `overlay` (configs/regions/<region>.yaml) the region's config:
     the overlay merged onto `path`, checked like any serve config, then every replica against
-    the node types of the overlay's cluster launcher files (app/placement.py)."""
+    the node types of the overlay's cluster launcher files (app/ops/placement.py)."""
     report = Report()
     region = None
     try:

@@ -16,7 +16,7 @@ coroutine (a Serve handle in production, a fake in unit tests) and decides, per 
    awaited on the request path; its agreement with the primary answer is accumulated per
    shadow version.
 
-Response caching is separate (`app/cache.py`): the router consults it before dispatching.
+Response caching is separate (`app/serving/cache.py`): the router consults it before dispatching.
 """
 
 from __future__ import annotations

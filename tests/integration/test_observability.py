@@ -10,7 +10,7 @@ One module, one story (about 1-2 minutes):
    0s (promtool's unit tests cover the durations), scrape and evaluation every second.
 3. RolloutCanaryErrorRateAboveStable fires for v2.
 4. Declare a canary plan for v2: the controller rolls it back; RolloutAutomaticRollback fires.
-5. Every metric named in the rules and dashboards, and every metric in app/metrics.py, exists
+5. Every metric named in the rules and dashboards, and every metric in app/observability/metrics.py, exists
    in Prometheus, and every dashboard query runs and returns data.
 6. The router's JSON access log has one record per request with version and decision, no
    payloads; the controller logged the rollback as a structured event.

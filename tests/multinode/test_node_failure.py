@@ -1,7 +1,7 @@
 """Placement and node failure on a real multi-node Ray cluster (see conftest.py).
 
 The app is deployed the way a region is: a base serve config plus a region overlay
-(`args.region`, `version_resources` with `num_gpus`), rendered by app/overlay.py and handed to
+(`args.region`, `version_resources` with `num_gpus`), rendered by app/ops/overlay.py and handed to
 the real `serve deploy`. Then, under steady client load and in the middle of a canary rollout,
 a GPU worker node is killed outright; a replacement joins (what the autoscaler does).
 """

@@ -1,4 +1,4 @@
-"""app/batching.py: batches form when the model is free; plain asyncio, no Ray."""
+"""app/serving/batching.py: batches form when the model is free; plain asyncio, no Ray."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@
 
 Rollout control talks to the router's admin API over HTTP (`--url`, default $ROLLOUT_URL or
 http://127.0.0.1:8000) with a bearer token (`--token`, default $ROLLOUT_ADMIN_TOKEN or the
-file named by $ROLLOUT_ADMIN_TOKEN_FILE; see app/admin.py):
+file named by $ROLLOUT_ADMIN_TOKEN_FILE; see app/serving/auth.py):
 
     rollout status [--watch] [--json] [--interval S]   GET  /admin/rollout
     rollout start | pause | resume | abort             POST /admin/rollout/<command>

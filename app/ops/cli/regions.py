@@ -1,5 +1,5 @@
 """The `rollout` subcommands for regions: `render`, `kuberay`, and which configs `validate`
-checks (`--region`, `--all-regions`). Region overlays: app/overlay.py."""
+checks (`--region`, `--all-regions`). Region overlays: app/ops/overlay.py."""
 
 from __future__ import annotations
 
