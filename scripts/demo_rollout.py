@@ -28,7 +28,10 @@ from app.config import FaultInjection, load_model_config
 from app.ops.cli.render import TERMINAL_PHASES
 from app.ops.declare import declare_plan, load_plan
 from app.serving.auth import load_admin_token
-from bench.world import WORSE_V2, World
+
+# bench/ runs from the checkout (it is not installed): make it importable from scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.world import WORSE_V2, World  # noqa: E402
 
 TERMINAL = TERMINAL_PHASES
 
