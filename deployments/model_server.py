@@ -184,10 +184,12 @@ class ModelServer:
             return await self.batcher.submit((inputs, parameters))
         except ServingError:
             raise
-        except Exception as exc:  # the model broke on a checked request: a 500, not a crash
+        except Exception:  # the model broke on a checked request: a 500, not a crash
             logger.exception("%s: inference failed", self.name)
+            # The exception's text (library internals, sizes, paths) goes to the log, not to the
+            # client.
             raise ModelFailure(
-                f"{self.name}: inference failed: {type(exc).__name__}: {exc}"
+                f"{self.name}: inference failed (details in the replica's log)"
             ) from None
 
     async def _predict_batch(
@@ -253,5 +255,6 @@ class ModelServer:
                 "batch_wait_timeout_s": self.batcher.batch_wait_timeout_s,
                 "batches": self.batcher.batches,
                 "last_batch_size": self.batcher.last_batch_size,
+                "isolated_batches": self.batcher.isolated,
             },
         }

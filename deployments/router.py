@@ -84,6 +84,7 @@ from app.serving.protocol import (
     model_metadata,
 )
 from app.serving.traffic import TrafficTable, apply_override
+from app.unicode import printable
 from deployments.router_sync import RouterSync
 
 logger = logging.getLogger("ray.serve")
@@ -96,6 +97,16 @@ _ACTOR_LOST = ray_compat.actor_error_class()
 api = FastAPI(title="ray-rollout router", docs_url=None, redoc_url=None)
 
 
+def _error_body(request: Request, message: str) -> dict[str, str]:
+    """`{"error": ..., "request_id": ...}`: the message made printable (a client's string may
+    be echoed in it), and the id that finds the request in the logs."""
+    body = {"error": printable(message)}
+    request_id = request.headers.get("x-request-id")
+    if request_id:
+        body["request_id"] = printable(request_id)
+    return body
+
+
 def _error_response(request: Request, error: ServingError) -> JSONResponse:
     headers = {}
     version = getattr(request.state, "version", None)
@@ -105,7 +116,9 @@ def _error_response(request: Request, error: ServingError) -> JSONResponse:
         headers["retry-after"] = str(max(1, round(error.retry_after_s)))
     if isinstance(error, Unauthorized):
         headers["www-authenticate"] = "Bearer"
-    return JSONResponse({"error": error.message}, status_code=http_status(error), headers=headers)
+    return JSONResponse(
+        _error_body(request, error.message), status_code=http_status(error), headers=headers
+    )
 
 
 @api.exception_handler(ServingError)
@@ -115,12 +128,22 @@ async def _serving_error(request: Request, error: ServingError) -> JSONResponse:
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+    return JSONResponse(_error_body(request, str(error.detail)), status_code=error.status_code)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     return _error_response(request, InvalidInput(f"invalid request: {error.errors()}"))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    """Anything else is a bug: a JSON 500 that says nothing of the internals (they go to the
+    log, with the request id), never Starlette's plain-text page."""
+    logger.error("Router: internal error on %s %s (request id %s)", request.method,
+                 printable(request.url.path), request.headers.get("x-request-id"),
+                 exc_info=error)  # fmt: skip
+    return JSONResponse(_error_body(request, "internal error"), status_code=500)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -307,7 +330,11 @@ class Router:
     @api.get("/v2/models/{model}")
     async def metadata(self, model: str) -> dict[str, Any]:
         self._check_model(model)
-        return self._metadata(self.table.stable if self.table else next(iter(self.handles)))
+        if self.table is not None:
+            return self._metadata(self.table.stable)
+        if not self.handles:  # version_apps: no version application answered yet
+            raise Unavailable("no version of this model is deployed yet", retry_after_s=1.0)
+        return self._metadata(next(iter(self.handles)))
 
     @api.get("/v2/models/{model}/ready")
     async def model_ready(self, model: str) -> Response:
@@ -680,9 +707,11 @@ class Router:
                 raise LoadShed(
                     f"version {version!r} is overloaded: {name}", retry_after_s=1.0
                 ) from None
-            if isinstance(
-                cause, _ACTOR_LOST
-            ):  # RayActorError, ActorDiedError, ActorUnavailableError
+            # RayActorError, ActorDiedError, ActorUnavailableError: the replica died or is gone.
+            if isinstance(cause, _ACTOR_LOST):
                 raise ReplicaLost(f"version {version!r} lost a replica: {name}") from None
             logger.exception("Router: call to %s failed", version)
-            raise ModelFailure(f"version {version!r} failed: {name}: {cause}") from None
+            # Ray's error text can carry node addresses and actor ids: it goes to the log only.
+            raise ModelFailure(
+                f"version {version!r} failed ({name}; details in the router's log)"
+            ) from None

@@ -36,6 +36,7 @@ from pydantic import Field
 from app.config import NAME_PATTERN, StrictModel
 from app.errors import Gone, InvalidInput, ModelNotFound, ServingError, http_status
 from app.rollout.abtest import ArmStats, OutcomeKind, confidence_interval
+from app.unicode import is_unicode
 
 __all__ = [
     "FeedbackDesk",
@@ -105,6 +106,8 @@ def _item(data: Any, where: str) -> FeedbackItem:
         )
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidInput(f"{where}.request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    if not is_unicode(request_id):
+        raise InvalidInput(f"{where}.request_id is not valid Unicode (it holds a lone surrogate)")
     outcome = data.get("outcome")
     if not isinstance(outcome, str) or not _NAME.fullmatch(outcome):
         raise InvalidInput(

@@ -14,8 +14,11 @@ free to run it. Everything that queued during the previous forward pass goes int
 for a running batch never waits again. One batch runs at a time (a replica has one model).
 
 A request whose caller gave up (its future cancelled) before its batch formed is dropped from
-the batch. If the batch function raises, every request of that batch gets the exception; the
-batcher goes on with the next batch. Ray-free: tests drive it with plain asyncio.
+the batch. If the batch function raises, the batch's requests are run again one at a time, so
+the exception reaches only the request that caused it (one malformed input must not fail the
+fifteen well-formed ones batched with it); the others get their answers, at the cost of one
+extra forward pass each, paid only when a batch fails. The batcher then goes on with the next
+batch. Ray-free: tests drive it with plain asyncio.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Batcher(Generic[Item, Result]):
         self._worker: asyncio.Task[None] | None = None
         self.batches = 0  # batches run, for tests and info()
         self.last_batch_size = 0
+        self.isolated = 0  # failed batches whose requests were re-run one at a time
 
     def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         """Hot patch: the next batch formed uses these."""
@@ -110,20 +114,50 @@ class Batcher(Generic[Item, Result]):
         self.last_batch_size = len(batch)
         try:
             results = await self._run([item for item, _ in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(
-                    f"the batch function returned {len(results)} results for {len(batch)} requests"
-                )
         except asyncio.CancelledError:
-            for _, future in batch:
-                if not future.done():
-                    future.cancel()
+            self._cancel(batch)
             raise
-        except Exception as exc:  # every caller of this batch gets it; the loop goes on
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._settle(batch, exc)
+                return
+            # Which request broke it? Run each alone: only the culprit gets the exception.
+            self.isolated += 1
+            for item, future in batch:
+                if future.done():  # its caller gave up meanwhile
+                    continue
+                try:
+                    alone = await self._run([item])
+                except asyncio.CancelledError:
+                    self._cancel(batch)
+                    raise
+                except Exception as single:
+                    self._settle([(item, future)], single)
+                    continue
+                self._deliver([(item, future)], alone)
+            return
+        self._deliver(batch, results)
+
+    def _deliver(
+        self, batch: list[tuple[Item, asyncio.Future[Result]]], results: list[Result]
+    ) -> None:
+        if len(results) != len(batch):  # the batch function is broken: no answer can be trusted
+            self._settle(batch, RuntimeError(
+                f"the batch function returned {len(results)} results for {len(batch)} requests"
+            ))  # fmt: skip
             return
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+    @staticmethod
+    def _settle(batch: list[tuple[Item, asyncio.Future[Result]]], exc: BaseException) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+
+    @staticmethod
+    def _cancel(batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.cancel()

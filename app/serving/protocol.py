@@ -19,6 +19,7 @@ import numpy as np
 
 from app.adapters.base import NUMPY_DTYPES, Tensors, TensorSpec
 from app.errors import InvalidInput
+from app.unicode import is_unicode
 
 __all__ = [
     "INFERENCE_HEADER",
@@ -55,6 +56,11 @@ class InferRequest:
 
 def _fail(message: str) -> InvalidInput:
     return InvalidInput(message)
+
+
+def _check_text(text: str, where: str) -> None:
+    if not is_unicode(text):
+        raise _fail(f"{where} is not valid Unicode (it holds a lone UTF-16 surrogate)")
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -100,6 +106,7 @@ def _json_tensor(flat: list[Any], spec: TensorSpec, where: str) -> np.ndarray:
                 raise _fail(
                     f"{where} (BYTES): element {i} is {type(item).__name__}, expected a string"
                 )
+            _check_text(item, f"{where} (BYTES): element {i}")
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
         return array
@@ -195,8 +202,11 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _fail(f"{where}: parameters must be an object")
     for key, value in raw.items():
+        _check_text(key, f"{where}: a parameter name")
         if not isinstance(value, (str, int, float, bool)):
             raise _fail(f"{where}: parameter {key!r} must be a string, number or boolean")
+        if isinstance(value, str):
+            _check_text(value, f"{where}: parameter {key!r}")
     return raw
 
 
@@ -217,9 +227,13 @@ def decode_body(body: bytes, *, header_length: str | None) -> RawRequest:
         document = json.loads(head)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int-digit limits
         raise _fail(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # json's C decoder recurses once per nested array or object
+        raise _fail("request body is nested too deeply to be a V2 request") from None
     if not isinstance(document, dict):
         raise _fail("request body must be a JSON object with an 'inputs' list")
     unknown = sorted(set(document) - _REQUEST_FIELDS)
+    for name in unknown:
+        _check_text(name, "a request field name")
     if unknown:
         raise _fail(
             f"unknown request field(s) {unknown}; expected {', '.join(sorted(_REQUEST_FIELDS))}"
@@ -227,6 +241,8 @@ def decode_body(body: bytes, *, header_length: str | None) -> RawRequest:
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _fail("id must be a string")
+    if request_id is not None:
+        _check_text(request_id, "id")
     parameters = _parameters(document.get("parameters"), "request")
     return RawRequest(document=document, binary=binary, parameters=parameters)
 
@@ -269,6 +285,7 @@ def check_request(
             raise _fail(f"inputs[{index}].name must be a string")
         where = f"input '{name}'"
         if name not in specs:
+            _check_text(name, f"inputs[{index}].name")
             raise _fail(f"unexpected {where}; the model takes: {', '.join(specs)}")
         if name in tensors:
             raise _fail(f"{where} is given twice")
@@ -324,9 +341,12 @@ def check_request(
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise _fail(f"outputs[{index}] must be an object with a name")
             if raw["name"] not in output_names:
+                _check_text(raw["name"], f"outputs[{index}].name")
                 raise _fail(
                     f"unknown output '{raw['name']}'; the model has: {', '.join(output_names)}"
                 )
+            if raw["name"] in requested:  # each copy would be encoded again: a 1,000x answer
+                raise _fail(f"outputs[{index}]: output '{raw['name']}' is requested twice")
             requested.append(raw["name"])
             out_params = _parameters(raw.get("parameters"), f"output '{raw['name']}'")
             if out_params.get("binary_data") is True:

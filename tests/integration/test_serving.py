@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.support.serving import APP, infer_body, model_config, serve_config
@@ -156,14 +158,40 @@ BAD_INPUTS = [
     (_bad({"inputs": [{**GOOD["inputs"][0], "data": [7]}, GOOD["inputs"][1]]}), 400, "expected a string"),
     (_bad({"inputs": GOOD["inputs"], "outputs": [{"name": "nope"}]}), 400, "unknown output 'nope'"),
     (_bad({"inputs": [{**GOOD["inputs"][1], "shape": [1025], "data": ["x"] * 1025}, GOOD["inputs"][0]]}), 400, "between 1 and 1024"),
+    # Hostile bodies (issue 17): a lone surrogate in a BYTES element, in the id, deep nesting,
+    # a repeated output name. Each a 400 naming the field, never a 500.
+    (_bad({"inputs": [GOOD["inputs"][0], {**GOOD["inputs"][1], "data": ["ok", "x\ud800", "y"]}]}), 400, "input 'items' (BYTES): element 1 is not valid Unicode"),
+    (_bad({"inputs": GOOD["inputs"], "id": "\udfff"}), 400, "id is not valid Unicode"),
+    (b'{"inputs":' + b"[" * 200_000 + b"]" * 200_000 + b"}", 400, "nested too deeply"),
+    (_bad({"inputs": GOOD["inputs"], "outputs": [{"name": "scores"}, {"name": "scores"}]}), 400, "output 'scores' is requested twice"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("body,status,needle", BAD_INPUTS)
 def test_bad_input_is_a_clear_4xx(deployed, body, status, needle):
-    r = deployed.client.post(f"/v2/models/{APP}/infer", content=body)
+    r = deployed.client.post(
+        f"/v2/models/{APP}/infer", content=body, headers={"x-request-id": "bad-input-1"}
+    )
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
+    assert r.json()["request_id"] == "bad-input-1"  # every error body names its request
+
+
+def test_one_poison_request_beside_fifteen_good_ones_costs_them_nothing(deployed):
+    """Sixteen concurrent requests to one version (one dynamic batch's worth), one of them with
+    a lone surrogate: the poison is a 400 at the router and the fifteen get their answers."""
+    poison = _bad(
+        {"inputs": [GOOD["inputs"][0], {**GOOD["inputs"][1], "data": ["a", "\ud800", "b"]}]}
+    )
+    good = json.dumps(GOOD).encode()
+    bodies = [poison if i == 7 else good for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(
+            lambda b: httpx.post(f"{deployed.url}/v2/models/{APP}/versions/v2/infer", content=b, timeout=60).status_code,
+            bodies,
+        ))  # fmt: skip
+    assert statuses[7] == 400
+    assert statuses[:7] + statuses[8:] == [200] * 15, statuses
 
 
 def test_body_over_limit_is_413_and_nothing_crashes(deployed):

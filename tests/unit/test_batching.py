@@ -109,17 +109,34 @@ def test_the_timeout_counts_from_the_oldest_arrival():
     assert results == [10, 20] and model.batches == [[1], [2]]
 
 
-def test_an_exception_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
+def test_an_exception_fails_only_the_request_that_caused_it_and_the_next_batch_runs():
+    # One poison request among three: the batch is re-run one request at a time, so the two
+    # well-formed requests are answered and only the culprit gets the exception.
     async def scenario():
         model = Model(seconds=0.01, fail_on=2)
         batcher = Batcher(model, max_batch_size=3, batch_wait_timeout_s=0.0)
         first = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
         second = await batcher.submit(7)
-        return first, second
+        return first, second, model, batcher
 
-    first, second = run(scenario())
-    assert all(isinstance(r, ValueError) and "bad item 2" in str(r) for r in first)
+    first, second, model, batcher = run(scenario())
+    assert first[:2] == [0, 10]
+    assert isinstance(first[2], ValueError) and "bad item 2" in str(first[2])
     assert second == 70
+    assert model.batches == [[0, 1, 2], [0], [1], [2], [7]]
+    assert batcher.isolated == 1
+
+
+def test_one_poison_request_among_sixteen_fails_alone():
+    async def scenario():
+        model = Model(seconds=0.01, fail_on=5)
+        batcher = Batcher(model, max_batch_size=16, batch_wait_timeout_s=0.05)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(16)), return_exceptions=True)
+
+    results = run(scenario())
+    failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    assert failed == [5]
+    assert [r for i, r in enumerate(results) if i != 5] == [i * 10 for i in range(16) if i != 5]
 
 
 def test_a_wrong_number_of_results_fails_the_batch():
