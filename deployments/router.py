@@ -210,7 +210,8 @@ class Router:
         self.seen_generation = 0  # the controller's last generation, applied or refused
         self.table: TrafficTable | None = None
         self.rejected: dict[str, Any] | None = None
-        self.available: frozenset[str] = frozenset(handles)
+        self.available: frozenset[str] = frozenset(handles)  # a replica is RUNNING
+        self.waitable: frozenset[str] = frozenset(handles)  # Serve is (re)starting replicas
         # Digest of each version's target user_config, from Serve: cache answers stamped with
         # another digest (computed before a hot patch) are never served.
         self.target_config: dict[str, str] = {}
@@ -570,7 +571,7 @@ class Router:
             raw.parameters.get(settings.routing_key_parameter), settings.routing_key_parameter
         )
         route = table.choose(self.rng, versions=self.handles.keys(), available=self.available,
-                             pin=pin, key=key)  # fmt: skip
+                             pin=pin, key=key, waitable=self.waitable)  # fmt: skip
         request.state.version = route.version
         request.state.decision = route.decision.value
         request.state.body = body  # a reference, for the access log's opt-in payload sampling

@@ -89,6 +89,7 @@ class RouterSync:
             router.score_outputs[version] = score_output(adapter.outputs)
             router.dispatcher.add_version(version, adapter)
             router.available = router.available | {version}
+            router.waitable = router.waitable | {version}
             logger.info("Router: found version %s (application %s)", version, name)
 
     def ensure_running(self) -> None:
@@ -202,6 +203,11 @@ class RouterSync:
                     if deployment is not None:
                         found[version] = deployment
                 router.available = frozenset(v for v, d in found.items() if _routable(d))
+                # Serve brings these back by itself (it replaces lost replicas): a request
+                # for one waits on its handle rather than failing (DEPLOY_FAILED does not heal).
+                router.waitable = frozenset(
+                    v for v, d in found.items() if d.get("status") != "DEPLOY_FAILED"
+                )
                 router.target_config = {
                     v: config_hash(d["deployment_config"].get("user_config"))
                     for v, d in found.items()

@@ -154,6 +154,12 @@ class Dispatcher:
         ):
             fallback = None  # nowhere to go, or a model with other tensors
         share = 0.5 if fallback else 1.0
+        if fallback is not None and version not in available:
+            # The chosen version has no running replica (a pin to a version that is restarting):
+            # the fallback answers now rather than after half the deadline.
+            return await self._fall_back(
+                version, fallback, "unavailable", inputs, parameters, deadline, client_deadline
+            )
         try:
             try:
                 outputs, config = await self._attempt(version, inputs, parameters, deadline,
@@ -175,8 +181,15 @@ class Dispatcher:
         except ServingError as error:
             if fallback is None or self._clock() >= deadline:
                 raise
-            reason = _reason(error)
             logger.warning("falling back from %s to %s: %s", version, fallback, error.message)
+            return await self._fall_back(
+                version, fallback, _reason(error), inputs, parameters, deadline, client_deadline
+            )
+
+    async def _fall_back(
+        self, version: str, fallback: str, reason: str, inputs: Tensors,
+        parameters: dict[str, Any], deadline: float, client_deadline: bool,
+    ) -> Served:  # fmt: skip
         self.fallbacks += 1
         outputs, config = await self._attempt(fallback, inputs, parameters, deadline, share=1.0,
                                               client_deadline=client_deadline)  # fmt: skip

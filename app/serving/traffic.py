@@ -79,12 +79,32 @@ class TrafficTable:
         available: Collection[str],
         pin: str | None = None,
         key: str | None = None,
+        waitable: Collection[str] = (),
     ) -> Route:
         """Pick the version for one request.
 
         `versions`: every version the app serves; `available`: those with a running replica;
-        `key`: the routing key (user id), if the request has one.
+        `waitable`: those Serve is bringing back (replicas restarting): when no available
+        version can take the request, it goes to a waitable one, whose handle queues it until
+        a replica is up, within the request's deadline, as a plain Serve deployment does
+        (Unavailable, a 503, only when none is waitable either). `key`: the routing key (user
+        id), if the request has one.
         """
+        try:
+            return self._choose(rng, versions, available, pin, key)
+        except Unavailable:
+            if not waitable:
+                raise
+            return self._choose(rng, versions, waitable, pin, key)
+
+    def _choose(
+        self,
+        rng: random.Random,
+        versions: Collection[str],
+        available: Collection[str],
+        pin: str | None,
+        key: str | None,
+    ) -> Route:
         if pin is not None:
             if pin not in versions:
                 raise ModelNotFound(f"version {pin!r} not found; versions: {sorted(versions)}")

@@ -175,6 +175,42 @@ def test_killing_a_replica_of_the_chosen_version_mid_load_fails_no_request(route
     )  # fmt: skip
 
 
+def test_killing_every_replica_of_the_only_version_fails_no_request(router_app):
+    """The version that carries 100% of traffic, with nowhere to fall back, loses every replica
+    under load: requests wait on its handle for the replacement, within their deadline, as a
+    plain Serve deployment's clients do (before: 503 as soon as the health poll saw no replica)."""
+    import ray
+
+    cluster = router_app[0]
+    set_traffic(router_app, stable="v3", weights={"v3": 100}, request_timeout_s=60)
+    victim = cluster.replica_info(f"{APP}-v3")
+    during_outage: list[httpx.Response] = []
+
+    def kill() -> None:
+        time.sleep(1.0)
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+        # Once the router's health poll sees no running replica of v3, requests that arrive
+        # find none: these are the ones that used to get 503.
+        wait_for_condition(
+            lambda: not cluster.router_status()["versions"]["v3"]["available"],
+            timeout_s=30, interval_s=0.1, message="the router to see v3 with no running replica",
+        )  # fmt: skip
+        with httpx.Client(base_url=cluster.url, timeout=90) as c:
+            for i in range(4):
+                during_outage.append(c.post(f"/v2/models/{APP}/infer", json=BODY,
+                                            headers={"x-request-id": f"outage-{i}"}))  # fmt: skip
+
+    responses = load(cluster.url, n_clients=8, per_client=30, during=kill)
+    assert failures(during_outage) == [] and len(during_outage) == 4
+    assert failures(responses) == []
+    assert len(responses) == 240
+    assert {r.headers["x-model-version"] for r in responses + during_outage} == {"v3"}
+    wait_for_condition(
+        lambda: cluster.replica_info(f"{APP}-v3")["replica"] != victim["replica"],
+        timeout_s=90, message="a new v3 replica",
+    )  # fmt: skip
+
+
 def test_sticky_user_keeps_one_version(router_app):
     cluster = router_app[0]
     set_traffic(router_app, weights={"v1": 50, "v3": 50})

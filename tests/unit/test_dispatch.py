@@ -772,3 +772,25 @@ def test_lost_replicas_do_not_open_the_breaker():
     assert d.breakers["v1"].state is BreakerState.CLOSED
     assert serve(d, table(), "v1").version == "v1"  # not refused by an open breaker
     assert d.replica_retries == 2
+
+
+def test_a_pin_with_allow_fallback_to_a_restarting_version_falls_back_at_once():
+    # v2 has no running replica (restarting): waiting half the deadline for it would only delay
+    # the answer the fallback can give now.
+    d, call, _ = make()
+    served = serve(d, table(), "v2", Decision.PINNED, allow_fallback=True,
+                   available=frozenset({"v1", "v3"}))  # fmt: skip
+    assert call.versions() == ["v1"]
+    assert (served.version, served.fell_back_from, served.fallback_reason) == (
+        "v1",
+        "v2",
+        "unavailable",
+    )
+
+
+def test_a_pin_without_allow_fallback_to_a_restarting_version_waits_on_it():
+    d, call, _ = make()
+    served = serve(d, table(), "v2", Decision.PINNED, allow_fallback=False,
+                   available=frozenset({"v1", "v3"}))  # fmt: skip
+    assert call.versions() == ["v2"] and served.version == "v2"
+    assert call.calls[0][1] == pytest.approx(10.0)  # the whole deadline to wait for a replica

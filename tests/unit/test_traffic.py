@@ -207,3 +207,38 @@ def test_table_is_immutable():
     tab = table({"v1": 100})
     with pytest.raises(AttributeError):
         tab.stable = "v2"  # type: ignore[misc]
+
+
+# -- versions whose replicas are restarting (issue 17: replica loss costs nothing) -------------
+
+
+def test_with_no_running_replica_a_request_waits_on_a_version_serve_is_bringing_back():
+    tab = table({"v1": 100})
+    rng = random.Random(0)
+    with pytest.raises(Unavailable):  # nothing running, nothing coming back: 503
+        tab.choose(rng, versions={"v1"}, available=set())
+    route = tab.choose(rng, versions={"v1"}, available=set(), waitable={"v1"})
+    assert route == Route("v1", Decision.WEIGHTED)
+    sticky = tab.choose(rng, versions={"v1"}, available=set(), waitable={"v1"}, key="alice")
+    assert sticky.version == "v1"
+
+
+def test_a_pin_to_a_restarting_version_waits_for_it():
+    tab = table({"v1": 90, "v2": 10})
+    rng = random.Random(0)
+    route = tab.choose(
+        rng, versions={"v1", "v2"}, available={"v1"}, pin="v2", waitable={"v1", "v2"}
+    )
+    assert route == Route("v2", Decision.PINNED)
+    with pytest.raises(Unavailable, match="'v2' has no running replica"):
+        tab.choose(rng, versions={"v1", "v2"}, available={"v1"}, pin="v2", waitable={"v1"})
+
+
+def test_a_running_version_is_still_preferred_over_a_restarting_one():
+    tab = table({"v1": 50, "v2": 50})
+    rng = random.Random(0)
+    chosen = {
+        tab.choose(rng, versions={"v1", "v2"}, available={"v1"}, waitable={"v1", "v2"}).version
+        for _ in range(50)
+    }
+    assert chosen == {"v1"}
