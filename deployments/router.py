@@ -83,7 +83,7 @@ from app.serving.protocol import (
     encode_infer_response,
     model_metadata,
 )
-from app.serving.traffic import TrafficTable, apply_override
+from app.serving.traffic import Decision, Route, TrafficTable, apply_override
 from app.unicode import printable
 from deployments.router_sync import RouterSync
 
@@ -219,7 +219,8 @@ class Router:
         # Metrics (app/observability/metrics.py): recorded where the gates' stats are, plus a periodic pass.
         self.metrics = Metrics(model)
         self.gauges = RouterGauges(self.metrics)
-        self.stats = MeteredStats(self.metrics)
+        self.stats = MeteredStats(self.metrics)  # gate evidence, pushed to the controller
+        self.pinned: dict[str, dict[str, int]] = {}  # pinned requests per version: shown only
         self.scores = ScoreWindow(settings.drift)
         self.score_outputs = {v: score_output(a.outputs) for v, a in self.adapters.items()}
         self.log_rng = random.Random()
@@ -388,6 +389,7 @@ class Router:
                 for v, c in self.configs.items()
             },
             "fallbacks": self.dispatcher.fallbacks,
+            "pinned": self.pinned,
             "replica_retries": self.dispatcher.replica_retries,
             "shadow_stats": {v: st.snapshot() for v, st in self.dispatcher.shadow_stats.items()},
             "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
@@ -603,18 +605,18 @@ class Router:
             raise
         except DeadlineExceeded:
             if not client_deadline:  # a client's own short deadline is not the version's fault
-                self.stats.record(route.version, False, (time.monotonic() - started) * 1000)
+                self._evidence(route, route.version, False, (time.monotonic() - started) * 1000)
             raise
         except ServingError:
-            self.stats.record(route.version, False, (time.monotonic() - started) * 1000)
+            self._evidence(route, route.version, False, (time.monotonic() - started) * 1000)
             raise
         elapsed_ms = (time.monotonic() - started) * 1000
         if served.fell_back_from is not None and not (
             served.fallback_reason == "shed"
             or (client_deadline and served.fallback_reason == "timeout")
         ):  # the client saw no error; the rollout must
-            self.stats.record(served.fell_back_from, False, elapsed_ms)
-        self.stats.record(served.version, True, elapsed_ms)
+            self._evidence(route, served.fell_back_from, False, elapsed_ms)
+        self._evidence(route, served.version, True, elapsed_ms)
         request.state.version = served.version
         output = self.score_outputs.get(served.version)
         if output is not None and output in served.outputs and self.settings.drift.enabled:
@@ -637,6 +639,18 @@ class Router:
         return self._answered(request, self._respond(
             model, served.version, served.decision.value, parsed, served.outputs, extra
         ))  # fmt: skip
+
+    def _evidence(self, route: Route, version: str, ok: bool, latency_ms: float) -> None:
+        """Gate evidence comes only from traffic the router chose (sticky, weighted, stable,
+        and their fallbacks). A pinned request is the client's choice: counting it would let
+        any client pad a failing canary with successes, or sink a good one, so it is counted
+        apart (`/status` "pinned") and never reaches the controller."""
+        if route.decision is Decision.PINNED:
+            counts = self.pinned.setdefault(version, {"requests": 0, "errors": 0})
+            counts["requests"] += 1
+            counts["errors"] += 0 if ok else 1
+            return
+        self.stats.record(version, ok, latency_ms)
 
     def _answered(self, request: Request, response: Response) -> Response:
         """Remember who answered this request id and how it was chosen, for feedback (pushed

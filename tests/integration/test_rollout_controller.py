@@ -85,6 +85,27 @@ def test_admin_api_needs_the_bearer_token(rollout_app):
     assert r.status_code == 409 and "no rollout" in r.json()["error"]
 
 
+def test_pinned_requests_are_served_but_never_gate_evidence(rollout_app):
+    """A client that pins the candidate chose its version: its requests (here 30 to v2, by path
+    and by header) are answered and counted apart, and the controller's window for v2 stays
+    empty, so pinned successes cannot pad a failing canary nor pinned failures sink a good one."""
+    cluster = rollout_app[0]
+    declare(rollout_app, _plan("v2", [{"set_weight": 10}, {"pause_s": None}]))
+    wait_for_condition(lambda: admin(cluster, "GET", "").json()["phase"] == "paused",
+                       timeout_s=30, message="the canary waiting for promote")  # fmt: skip
+    for _ in range(15):
+        by_path = cluster.client.post(f"/v2/models/{APP}/versions/v2/infer", json=BODY)
+        by_header = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY,
+                                        headers={"x-model-version": "v2"})  # fmt: skip
+        assert by_path.status_code == by_header.status_code == 200
+        assert by_header.headers["x-routing-decision"] == "pinned"
+    time.sleep(1.5)  # several stats pushes (every 250 ms)
+    status = admin(cluster, "GET", "").json()
+    assert status["versions"]["v2"]["requests"] == 0, status["versions"]
+    assert cluster.router_status()["pinned"]["v2"]["requests"] == 30
+    assert admin(cluster, "POST", "/abort").status_code == 200
+
+
 def test_canary_steps_to_full_and_succeeds(rollout_app):
     cluster = rollout_app[0]
     steps = [{"set_weight": 20}, {"analysis_s": 3}, {"set_weight": 50}, {"analysis_s": 3}]
