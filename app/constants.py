@@ -20,6 +20,7 @@ __all__ = [
     "DESCRIBE_TIMEOUT_S",
     "GAUGE_INTERVAL_S",
     "KV_NAMESPACE",
+    "KV_TIMEOUT_S",
     "LONG_POLL_TIMEOUT_S",
     "MAX_SHADOW_REPORTS",
     "PROMETHEUS_MIN_INTERVAL_S",
@@ -63,6 +64,8 @@ REPORT_TIMEOUT_S = _env_float("REPORT_TIMEOUT_S", 2.0)
 LONG_POLL_TIMEOUT_S = _env_float("LONG_POLL_TIMEOUT_S", 10.0)
 # How long a router waits before asking an unreachable controller again.
 CONTROLLER_RETRY_S = _env_float("CONTROLLER_RETRY_S", 1.0)
+# A write to (or read from) the rollout store (Ray's GCS) that takes longer is abandoned.
+KV_TIMEOUT_S = _env_float("KV_TIMEOUT_S", 2.0)
 # Admin API calls the router forwards to the controller (status, history, commands, feedback).
 ADMIN_CALL_TIMEOUT_S = _env_float("ADMIN_CALL_TIMEOUT_S", 10.0)
 # version_apps: how long a router waits for a version's replica to describe its model.

@@ -24,12 +24,13 @@ from app import ray_compat
 from app.constants import (
     DEFAULT_TICK_INTERVAL_S,
     GAUGE_INTERVAL_S,
+    KV_TIMEOUT_S,
     LONG_POLL_TIMEOUT_S,
     MAX_SHADOW_REPORTS,
     PROMETHEUS_MIN_INTERVAL_S,
     RATE_WINDOW_S,
 )
-from app.errors import CommandRefused
+from app.errors import CommandRefused, Unavailable
 from app.messages import (
     FeedbackHint,
     ServedAnswer,
@@ -115,6 +116,11 @@ class ControllerCore:
         self.verdicts: tuple[GateVerdict, ...] = ()
         self.message: str | None = None
         self._published = asyncio.Event()
+        # What routers were last told (traffic_key of the published state): traffic is published
+        # only once the state that asks for it is stored, so a restart never undoes it.
+        self._published_key: tuple[Any, ...] | None = None
+        # Ticks, commands and declarations change the state one at a time (each awaits storage).
+        self._lock = asyncio.Lock()
         self._ticker: asyncio.Task | None = None
         self._dirty = False  # the state in memory is newer than the stored one
         # Feedback: who answered each request id (pushed by routers), and the outcomes per
@@ -138,6 +144,7 @@ class ControllerCore:
                     state = dataclasses.replace(state, step_started_at=now, hold_excluded_s=0.0,
                                                 paused_at=paused_at)  # fmt: skip
                 self.state = state
+                self._published_key = traffic_key(state)  # stored, and so already published
                 self.generation = self.state.generation
                 self.declared = self.state.plan.digest()
                 logger.info("RolloutController: resumed %s at step %d (%s, candidate %.1f%%)",
@@ -155,7 +162,11 @@ class ControllerCore:
         (and shown in status) and the live rollout goes on: it never touches traffic.
 
         Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
-        would race the tick; on the event loop (no await inside) it runs between ticks."""
+        would race the tick; on the event loop, under the state lock, it runs between ticks."""
+        async with self._lock:
+            await self._reconfigure(user_config)
+
+    async def _reconfigure(self, user_config: dict[str, Any]) -> None:
         try:
             declared = ControllerUserConfig.model_validate(user_config)
             declared.check_versions(self._deployed_versions() if declared.plan else [])
@@ -171,8 +182,8 @@ class ControllerCore:
             # No plan declared: routers follow their own declared traffic again.
             self.declared = None
             if self.state is not None and not self.state.phase.terminal:
-                self._set(apply_command(self.state, Command.ABORT, self.clock(),
-                                        reason="plan removed from the config"))  # fmt: skip
+                await self._set(apply_command(self.state, Command.ABORT, self.clock(),
+                                              reason="plan removed from the config"))  # fmt: skip
             if self.override is not None:
                 self.override = None
                 self._wake_routers()
@@ -180,7 +191,7 @@ class ControllerCore:
         if self.declared != plan.digest():
             self.declared = plan.digest()
             self._reset_outcomes()
-            self._set(RolloutState.start(plan, self.clock(), generation=self.generation + 1))
+            await self._set(RolloutState.start(plan, self.clock(), generation=self.generation + 1))
             self.message = f"started plan {plan.digest()}"
         elif self.override is None and self.state is not None:
             self._publish(self.state)  # a restarted replica resumes steering the same rollout
@@ -205,7 +216,7 @@ class ControllerCore:
         while True:
             try:
                 await self._query_prometheus()
-                self.tick(self.clock())
+                await self.tick(self.clock())
             except Exception:
                 logger.exception("RolloutController: tick failed")
             await asyncio.sleep(self.tick_interval_s)
@@ -249,8 +260,12 @@ class ControllerCore:
             outcomes=outcomes,
         )
 
-    def tick(self, now: float) -> None:
-        self._persist()
+    async def tick(self, now: float) -> None:
+        async with self._lock:
+            await self._tick(now)
+
+    async def _tick(self, now: float) -> None:
+        await self._persist()  # retries a failed write, and publishes what it stores
         self._refresh_gauges(now)
         if self.state is None or self.state.phase.terminal:
             self._sample(now, force=False)  # the baseline before, and the aftermath after
@@ -258,7 +273,7 @@ class ControllerCore:
         decision = step(self.state, self.observation(now), now)
         self.verdicts = decision.verdicts
         if decision.state != self.state:
-            self._set(decision.state)  # logs the decision's events
+            await self._set(decision.state)  # logs the decision's events
         self._sample(now, force=bool(decision.events))
 
     def _sample(self, now: float, *, force: bool) -> None:
@@ -272,15 +287,16 @@ class ControllerCore:
                              verdicts=[{"gate": v.gate, "status": v.status.value}
                                        for v in self.verdicts] if live else [])  # fmt: skip
 
-    def _set(self, state: RolloutState) -> None:
+    async def _set(self, state: RolloutState) -> None:
+        """Take `state`: store it, then publish its traffic. Persist before publish: traffic the
+        store does not hold could be undone by a restart (a rollback re-run as a canary). If the
+        write fails the state stays dirty, and every tick tries again and publishes then."""
         before = self.state
         self.state = state
         self.generation = max(self.generation, state.generation)
-        if before is None or traffic_key(before) != traffic_key(state):
-            self._publish(state)  # first: traffic must not wait on storage
         self._dirty = True
-        self._persist()
         self._observe_change(before, state)
+        await self._persist()
 
     def _refresh_gauges(self, now: float) -> None:
         """Re-send the phase, step and weight gauges about once a second, terminal phases too:
@@ -319,25 +335,38 @@ class ControllerCore:
         except Exception:  # observability must never break the controller
             logger.exception("RolloutController: recording rollout metrics failed")
 
-    def _persist(self) -> None:
-        """Store the state; on failure keep it dirty and let the next tick try again."""
+    async def _persist(self) -> None:
+        """Store what changed (off the event loop, with a timeout), then publish the traffic
+        of a stored state that routers have not been told. A failure leaves it dirty."""
         if self.desk.dirty:
             try:
-                self.store.put(
+                await self._put(
                     self.kv_key + OUTCOMES_SUFFIX, json.dumps(self.desk.to_dict()).encode()
                 )
                 self.desk.dirty = False
             except Exception:
                 logger.exception("RolloutController: could not persist the outcomes; will retry")
-        if not self._dirty or self.state is None:
+        if self.state is None:
             return
-        try:
-            self.store.put(self.kv_key, json.dumps(self.state.to_dict()).encode())
-            self._dirty = False
-        except Exception:
-            logger.exception("RolloutController: could not persist the rollout state; will retry")
+        if self._dirty:
+            try:
+                await self._put(self.kv_key, json.dumps(self.state.to_dict()).encode())
+                self._dirty = False
+            except Exception:
+                logger.exception(
+                    "RolloutController: could not persist the rollout state; will retry"
+                )
+                return
+        if self._published_key != traffic_key(self.state):
+            self._publish(self.state)
+
+    async def _put(self, key: str, value: bytes) -> None:
+        # The store blocks (a GCS RPC): in a thread, bounded, so a slow or restarting GCS
+        # never freezes the long-polls, stats reports and commands on this loop.
+        await asyncio.wait_for(asyncio.to_thread(self.store.put, key, value), KV_TIMEOUT_S)
 
     def _publish(self, state: RolloutState) -> None:
+        self._published_key = traffic_key(state)
         self.generation += 1
         self.override = {"generation": self.generation, **rollout_override(state)}
         self._wake_routers()
@@ -401,7 +430,19 @@ class ControllerCore:
 
     async def command(self, name: str) -> dict[str, Any]:
         """An operator command (`Command` values: start, promote, promote_full, pause, resume,
-        abort; the admin API's dashed spelling is accepted). CommandRefused (409): not now."""
+        abort; the admin API's dashed spelling is accepted). CommandRefused (409): not now;
+        Unavailable (503): accepted in memory but not stored, so not answered as done."""
+        async with self._lock:
+            await self._command(name)
+            if self._dirty:  # in memory, not stored: not yet applied to traffic either
+                raise Unavailable(
+                    f"{command_path(name.replace('-', '_'))} is not stored yet (the rollout store is "
+                    "unavailable): it is applied once a write succeeds; check `rollout status`",
+                    retry_after_s=1.0,
+                )
+            return self._status()
+
+    async def _command(self, name: str) -> None:
         now = self.clock()
         name = name.replace("-", "_")
         if name not in OPERATOR_COMMANDS:
@@ -414,7 +455,9 @@ class ControllerCore:
             if not self.state.phase.terminal:
                 raise CommandRefused(f"a rollout is already {self.state.phase.value}")
             self._reset_outcomes()
-            self._set(RolloutState.start(self.state.plan, now, generation=self.generation + 1))
+            await self._set(
+                RolloutState.start(self.state.plan, now, generation=self.generation + 1)
+            )
         else:
             if self.state is None:
                 raise CommandRefused("no rollout: no plan is declared")
@@ -423,9 +466,8 @@ class ControllerCore:
                                         reason=f"rollout {command_path(name)}")  # fmt: skip
             except ValueError as exc:  # the state machine's refusal, with its reason
                 raise CommandRefused(str(exc)) from None
-            self._set(changed)
-        self.tick(now)
-        return self._status()
+            await self._set(changed)
+        await self._tick(now)
 
     async def status(self) -> dict[str, Any]:
         # Async so it runs on the event loop: the stats window is not thread-safe.

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from app.errors import CommandRefused, http_status
+from app.errors import CommandRefused, Unavailable, http_status
 from deployments.controller import OUTCOMES_SUFFIX, ControllerCore
 from deployments.store import InMemoryStore
 from tests.support.fakes import FakeClock
@@ -37,7 +37,7 @@ def run(coroutine):
 
 async def declared(core: ControllerCore, user_config=DECLARED) -> ControllerCore:
     await core.reconfigure(user_config)
-    core.tick(core.clock())
+    await core.tick(core.clock())
     return core
 
 
@@ -60,7 +60,7 @@ def test_a_restarted_controller_resumes_the_same_rollout_and_outcomes():
     results = run(first.feedback([{"request_id": "req-1", "outcome": "click", "value": 1.0,
                                    "kind": "binary"}], {}))  # fmt: skip
     assert results[0]["counted"] is True
-    first.tick(clock())  # persists the book
+    run(first.tick(clock()))  # persists the book
     assert OUTCOMES_SUFFIX.lstrip("/") in "".join(store.data)
 
     clock.advance(5)
@@ -121,15 +121,40 @@ def test_promote_full_spelled_either_way():
         assert run(core.command(spelling))["phase"] in ("promoting", "succeeded")
 
 
-def test_a_failed_write_stays_dirty_and_is_retried_on_the_next_tick():
+def test_a_change_is_stored_before_routers_hear_of_it_and_a_command_not_stored_is_a_503():
+    # Persist, then publish: traffic the store does not hold could be undone by a restart.
     store, clock = InMemoryStore(), FakeClock()
     core = run(declared(controller(store, clock)))
+    canary = dict(core.override)
     store.fail_puts = True
-    run(core.command("abort"))
-    assert json.loads(store.data[KEY])["phase"] != "aborted"  # not stored yet
+    with pytest.raises(Unavailable, match="abort is not stored yet") as refused:
+        run(core.command("abort"))
+    assert http_status(refused.value) == 503
+    assert core.state.phase.value == "aborted"  # decided, in memory
+    assert core.override == canary  # routers not told: the store does not hold it
+    assert json.loads(store.data[KEY])["phase"] == "progressing"
+    run(core.tick(clock()))  # still failing: still not published
+    assert core.override == canary
     store.fail_puts = False
-    core.tick(clock())
+    run(core.tick(clock()))  # stored, then published
     assert json.loads(store.data[KEY])["phase"] == "aborted"
+    assert core.override["weights"] == {"v1": 100.0, "v2": 0.0}
+    assert core.override["generation"] == canary["generation"] + 1
+
+
+def test_a_restart_after_a_failed_write_does_not_undo_what_routers_were_told():
+    # The restarted controller resumes what the store holds, which is all routers ever saw.
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(declared(controller(store, clock)))
+    published = core.override["weights"]
+    store.fail_puts = True
+    with pytest.raises(Unavailable):
+        run(core.command("abort"))
+    store.fail_puts = False
+    restarted = controller(store, clock)
+    run(restarted.reconfigure(DECLARED))
+    assert restarted.state.phase.value == "progressing"
+    assert restarted.override["weights"] == published
 
 
 def test_removing_the_plan_aborts_and_hands_traffic_back_to_the_routers():
