@@ -74,6 +74,7 @@ class PrometheusReading(NamedTuple):
     value: float | None
     available: bool
     reason: str
+    errors: int = 0  # queries in a row that gave no reading
 
 
 class ControllerCore:
@@ -105,6 +106,7 @@ class ControllerCore:
         self.prometheus_url: str | None = None
         self.prometheus = PrometheusReading(None, False, "no Prometheus configured")
         self._prometheus_at = 0.0  # monotonic time of the last query
+        self._prometheus_task: asyncio.Task[None] | None = None
         self._gauges_at = 0.0  # when the gauges were last re-sent
         self.tick_interval_s = DEFAULT_TICK_INTERVAL_S
         self.state: RolloutState | None = None
@@ -215,7 +217,12 @@ class ControllerCore:
     async def _tick_loop(self) -> None:
         while True:
             try:
-                await self._query_prometheus()
+                # The query runs beside the tick, never in front of it: a slow Prometheus must
+                # not delay a rollback. The tick judges the last reading.
+                if self._prometheus_task is None or self._prometheus_task.done():
+                    self._prometheus_task = asyncio.get_running_loop().create_task(
+                        self._query_prometheus()
+                    )
                 await self.tick(self.clock())
             except Exception:
                 logger.exception("RolloutController: tick failed")
@@ -230,7 +237,9 @@ class ControllerCore:
         ):  # query set: state is not None
             return
         if self.prometheus_url is None:
-            self.prometheus = PrometheusReading(None, False, "no prometheus_url configured")
+            self.prometheus = PrometheusReading(
+                None, False, "no prometheus_url configured", self.prometheus.errors + 1
+            )
             return
         if time.monotonic() - self._prometheus_at < PROMETHEUS_MIN_INTERVAL_S:
             return
@@ -239,7 +248,7 @@ class ControllerCore:
             value = await asyncio.to_thread(query_scalar, self.prometheus_url, query)
             self.prometheus = PrometheusReading(value, True, "")
         except PrometheusUnavailable as exc:
-            self.prometheus = PrometheusReading(None, False, str(exc))
+            self.prometheus = PrometheusReading(None, False, str(exc), self.prometheus.errors + 1)
 
     def observation(self, now: float) -> Observation:
         """What the gates judge: everything since the current step's window started."""
@@ -250,13 +259,14 @@ class ControllerCore:
         for at, version, n, total in self.shadow_reports:
             if version == candidate and since <= at <= now:
                 compared, overlap = compared + n, overlap + total
-        value, available, _ = self.prometheus
+        reading = self.prometheus
         outcomes = self.desk.arms((candidate, self.state.plan.stable))
         return Observation(
             stats=self.window.observe(since, now),
             shadow_agreement=overlap / compared if compared else None,
-            prometheus_value=value,
-            prometheus_available=available,
+            prometheus_value=reading.value,
+            prometheus_available=reading.available,
+            prometheus_errors=reading.errors,
             outcomes=outcomes,
         )
 

@@ -29,7 +29,8 @@ class Observation:
     stats: Mapping[str, VersionStats] = field(default_factory=dict)
     shadow_agreement: float | None = None  # mean top-k overlap of shadow vs primary answers
     prometheus_value: float | None = None  # the value of gates.prometheus_query
-    prometheus_available: bool = False  # False: not queried or unreachable -> gate skipped
+    prometheus_available: bool = False  # False: not queried or unreachable: prometheus_on_error
+    prometheus_errors: int = 0  # queries in a row that gave no reading
     # Feedback outcomes since the rollout started (not per step: the sequential test runs over
     # the whole experiment): outcome name -> version -> ArmStats.
     outcomes: Mapping[str, Mapping[str, ArmStats]] = field(default_factory=dict)
@@ -150,10 +151,20 @@ def _judge_shadow(gates, cand, base, obs):
 def _judge_prometheus(gates, cand, base, obs):
     threshold = gates.prometheus_max
     if not obs.prometheus_available:
-        return GateVerdict(
-            "prometheus_max", GateStatus.SKIPPED, None, threshold,
-            f"prometheus unavailable; {gates.prometheus_query!r} not evaluated",
-        )  # fmt: skip
+        # Fail closed by default (Argo Rollouts' consecutiveErrorLimit): an unreadable metric
+        # is not a passing one.
+        unread = f"prometheus unavailable; {gates.prometheus_query!r} not evaluated"
+        on_error, errors = gates.prometheus_on_error, obs.prometheus_errors
+        if on_error == "skip":
+            return GateVerdict("prometheus_max", GateStatus.SKIPPED, None, threshold, unread)
+        if errors < gates.prometheus_error_limit:
+            reason = f"{unread} ({errors} of {gates.prometheus_error_limit} failed queries before prometheus_on_error: {on_error})"
+            return GateVerdict("prometheus_max", GateStatus.PENDING, None, threshold, reason)
+        if on_error == "fail":
+            reason = f"{unread} in {errors} queries in a row (prometheus_on_error: fail)"
+            return GateVerdict("prometheus_max", GateStatus.FAILED, None, threshold, reason)
+        reason = f"{unread} in {errors} queries in a row (prometheus_on_error: pause: no analysis passes without it)"
+        return GateVerdict("prometheus_max", GateStatus.PENDING, None, threshold, reason)
     value = obs.prometheus_value
     if value is None or math.isnan(value):
         return GateVerdict(

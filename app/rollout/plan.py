@@ -68,12 +68,26 @@ class Gates(FiniteStrictModel):
         min_length=1,
         description=(
             "A PromQL query the controller evaluates; its value must stay at or below "
-            "prometheus_max. If Prometheus is unavailable the gate is skipped, not failed."
+            "prometheus_max. What an unavailable reading does: prometheus_on_error."
         ),
     )
     prometheus_max: float | None = Field(
         default=None, description="Highest acceptable value of prometheus_query."
     )
+    prometheus_on_error: Literal["pause", "fail", "skip"] = Field(
+        default="pause",
+        description=(
+            "When prometheus_error_limit queries in a row gave no reading (unreachable, an "
+            "error, no series, NaN or an infinite value): 'pause' keeps the gate pending, so "
+            "no analysis can pass on it and one that ends without it pauses (inconclusive); "
+            "'fail' fails the gate (a rollback); 'skip' skips it at once (fails open)."
+        ),
+    )
+    prometheus_error_limit: int = Field(
+        default=3, ge=1,
+        description="Failed queries in a row before prometheus_on_error applies; until then "
+        "the gate is pending.",
+    )  # fmt: skip
     fail_fast_error_rate: float | None = Field(
         default=0.5,
         gt=0,

@@ -44,8 +44,8 @@ def parse_query_response(document: Any) -> float:
         value = float(sample[1])
     except (TypeError, ValueError, IndexError):
         raise PrometheusUnavailable(f"unreadable sample {sample!r}") from None
-    if math.isnan(value):
-        raise PrometheusUnavailable("query returned NaN")
+    if not math.isfinite(value):  # NaN, or +-Inf (a ratio over zero): no reading to judge
+        raise PrometheusUnavailable(f"query returned {value}")
     return value
 
 

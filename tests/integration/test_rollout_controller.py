@@ -232,7 +232,7 @@ def test_blue_green_previews_on_shadow_traffic_then_switches(rollout_app):
     assert router["weights"]["v2"] == 100 and router["shadow"] is None
 
 
-def test_prometheus_gate_rolls_back_on_a_bad_reading_and_is_skipped_when_unreachable(rollout_app):
+def test_prometheus_gate_rolls_back_on_a_bad_reading_and_holds_when_unreachable(rollout_app):
     import json
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -283,6 +283,14 @@ def test_prometheus_gate_rolls_back_on_a_bad_reading_and_is_skipped_when_unreach
         timeout_s=30, message="Prometheus unreachable",
     )  # fmt: skip
     assert status["phase"] == "progressing" and status["prometheus"]["available"] is False
+    # Fail closed (F12): an unreadable metric keeps the gate pending, so the analysis cannot
+    # pass on it; it was "skipped" (and the analysis passed) before.
+    verdict = wait_for_condition(
+        lambda: next((v for v in admin(cluster, "GET", "").json()["verdicts"]
+                      if v["gate"] == "prometheus_max" and "queries in a row" in v["reason"]), None),
+        timeout_s=30, message="the Prometheus gate past its error limit",
+    )  # fmt: skip
+    assert verdict["status"] == "pending" and "prometheus_on_error: pause" in verdict["reason"]
     assert admin(cluster, "POST", "/abort").status_code == 200
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -455,10 +456,11 @@ def test_analysis_that_ends_pending_pauses_as_inconclusive_and_resume_retries():
     assert decisions[-1].events[0].time_s == resumed_at + 2
 
 
-def test_prometheus_gate_skipped_when_unavailable():
+def test_prometheus_gate_skipped_when_unavailable_only_if_declared_so():
     rollout_plan = canary(
         {"set_weight": 5}, {"analysis_s": 1}, {"set_weight": 10}, {"pause_s": 600},
-        gates={"prometheus_query": "sum(rate(gpu_oom_total[1m]))", "prometheus_max": 1.0},
+        gates={"prometheus_query": "sum(rate(gpu_oom_total[1m]))", "prometheus_max": 1.0,
+               "prometheus_on_error": "skip"},
     )  # fmt: skip
     clock = FakeClock(T0, tick_s=TICK)
     decisions = run(RolloutState.start(rollout_plan, clock.now), clock, 5)
@@ -466,6 +468,37 @@ def test_prometheus_gate_skipped_when_unavailable():
     assert verdict.status is GateStatus.SKIPPED
     assert "prometheus unavailable" in verdict.reason
     assert weights(decisions) == [5.0] * 4 + [10.0]  # skipped does not hold the analysis
+
+
+def test_an_unreachable_prometheus_fails_closed_by_default_the_analysis_pauses():
+    # F12: an unreadable metric is not a passing one. Pending until the error limit, then
+    # (prometheus_on_error: pause) still pending: the analysis ends inconclusive and pauses.
+    rollout_plan = canary(
+        {"set_weight": 5}, {"analysis_s": 1}, {"set_weight": 10},
+        gates={"prometheus_query": "q", "prometheus_max": 1.0},
+    )  # fmt: skip
+    state, clock = RolloutState.start(rollout_plan, T0), FakeClock(T0, tick_s=TICK)
+    unreachable = world()
+    for errors in range(12):
+        seen = replace(unreachable(state, clock.now), prometheus_errors=errors)
+        decision = step(state, seen, clock.now)
+        state = decision.state
+        clock.advance()
+    assert gate(decision, "prometheus_max").status is GateStatus.PENDING
+    assert "prometheus_on_error: pause" in gate(decision, "prometheus_max").reason
+    assert state.phase is Phase.PAUSED and state.candidate_weight == 5.0
+
+
+def test_prometheus_on_error_fail_rolls_back_after_the_error_limit():
+    rollout_plan = plan(gates={"prometheus_query": "q", "prometheus_max": 1.0,
+                               "prometheus_on_error": "fail", "prometheus_error_limit": 2})  # fmt: skip
+    state = started(rollout_plan)
+    seen = observation(VersionStats(500, 0, 10, 50), prometheus_available=False)
+    first = step(state, replace(seen, prometheus_errors=1), T0 + 1)
+    assert gate(first, "prometheus_max").status is GateStatus.PENDING
+    second = step(first.state, replace(seen, prometheus_errors=2), T0 + 2)
+    assert gate(second, "prometheus_max").status is GateStatus.FAILED
+    assert second.state.phase is Phase.ROLLED_BACK
 
 
 @pytest.mark.parametrize(
