@@ -197,7 +197,8 @@ class Router:
         self.version_apps = version_apps
         own_app = serve.get_replica_context().app_name
         self.apps = {c.version: own_app for c in configs}  # version -> the app that runs it
-        self._pending: dict[str, Any] | None = None  # an update waiting for its versions
+        # version_apps: an update waiting for its versions, with its delivery number
+        self._pending: tuple[int, dict[str, Any]] | None = None
         self._reconfigures = 0  # version_apps: which update is the newest
         self._missing: dict[str, float] = {}  # version_apps: pins that found no app, and when
         self.adapters: dict[str, type[ModelAdapter]] = {
@@ -243,11 +244,26 @@ class Router:
         would race the controller follower and the cache on the event loop; here it runs on the
         loop, between requests. It awaits only in version_apps mode, to find versions it has not
         seen yet; the newest update wins over one still waiting."""
+        self._reconfigures += 1
+        await self._apply_declared(user_config, self._reconfigures)
+
+    async def retry_pending(self) -> None:
+        """version_apps: the health poll retries the update that waits for its versions, as the
+        update it was: if Serve delivered a newer one meanwhile, the newer one wins (F7)."""
+        if self._pending is not None:
+            mine, user_config = self._pending
+            if mine != self._reconfigures:  # superseded: the newer update handles itself
+                self._pending = None
+                return
+            await self._apply_declared(user_config, mine)
+
+    async def _apply_declared(self, user_config: dict[str, Any], mine: int) -> None:
+        """Apply update number `mine` (the count of Serve's deliveries when it arrived)."""
+        if mine != self._reconfigures:
+            return  # a newer update was delivered since: it wins, this one is dropped
         try:
             config = TrafficConfig.model_validate(user_config)
             if self.version_apps:
-                self._reconfigures += 1
-                mine = self._reconfigures
                 try:
                     await self.sync.resolve_versions(config.versions_used())
                     if mine != self._reconfigures:
@@ -258,7 +274,7 @@ class Router:
                     # A version's application may still be deploying (one `serve deploy` starts
                     # them all): keep the current table (none: 503s) and let the health poll
                     # retry this one until its versions answer or another update replaces it.
-                    self._pending = user_config
+                    self._pending = (mine, user_config)
                     self.rejected = {"user_config": user_config, "error": str(exc), "pending": True}
                     logger.warning("Router: traffic update waits for its versions: %s", exc)
                     self.sync.ensure_running()

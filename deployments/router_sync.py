@@ -192,8 +192,7 @@ class RouterSync:
         router = self.router
         while True:
             try:
-                if router._pending is not None:  # version_apps: a first table still waiting
-                    await router.reconfigure(router._pending)
+                await router.retry_pending()  # version_apps: an update still waiting
                 details = await asyncio.to_thread(ray_compat.serve_details)
                 applications = details.get("applications", {})
                 found = {}  # version -> its deployment's details, where Serve has it
