@@ -399,6 +399,12 @@ def test_improvement_gate_promotes_a_candidate_that_wins_on_feedback(rollout_app
                  gates={**FAST_GATES, "min_requests": 5, "improvement": gate})  # fmt: skip
     with FeedbackLoad(cluster.url, {"v1": 0.3, "v2": 0.6, "v3": 0.0}) as load:
         declare(rollout_app, plan)
+        # `serve deploy` returns before the controller applies the declaration: until then the
+        # status still shows the previous rollout's ending.
+        wait_for_condition(
+            lambda: admin(cluster, "GET", "").json()["phase"] == "progressing",
+            timeout_s=60, interval_s=0.1, message="the lift-gated rollout to start",
+        )  # fmt: skip
 
         def ended():  # returns (not raises) on a wrong ending, so the test fails at once
             status = admin(cluster, "GET", "").json()
