@@ -38,6 +38,7 @@ from app.config import (
 )
 from app.constants import ADMIN_CALL_TIMEOUT_S, RECENT_REQUEST_IDS, SERVED_BACKLOG
 from app.errors import (
+    ConfigError,
     DeadlineExceeded,
     Gone,
     InvalidInput,
@@ -94,7 +95,9 @@ _VERSION_NAME = re.compile(NAME_PATTERN)
 _BACKPRESSURE = ray_compat.backpressure_error_class()
 _ACTOR_LOST = ray_compat.actor_error_class()
 
-api = FastAPI(title="ray-rollout router", docs_url=None, redoc_url=None)
+# No /docs, /redoc or /openapi.json on the inference port: the API, admin routes included, is
+# documented in docs/http-api.md, not published to every client.
+api = FastAPI(title="ray-rollout router", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def _error_body(request: Request, message: str) -> dict[str, str]:
@@ -205,7 +208,14 @@ class Router:
             c.version: adapter_class(c.adapter) for c in configs
         }
         self.controller = controller
-        self.admin_token = load_admin_token()  # None: the admin API is off
+        # None: the admin API is off. A broken token config (an unreadable file, a short token)
+        # turns it off loudly (the log, /status, a 503 per admin call) but never stops inference.
+        self.admin_error: str | None = None
+        try:
+            self.admin_token = load_admin_token()
+        except ConfigError as exc:
+            self.admin_token, self.admin_error = None, str(exc)
+            logger.error("Router: the admin API is OFF, its token config is broken: %s", exc)
         self.declared: TrafficConfig | None = None  # this router's user_config
         self.override: dict[str, Any] | None = None  # the rollout controller's traffic
         self.seen_generation = 0  # the controller's last generation, applied or refused
@@ -411,11 +421,19 @@ class Router:
             "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
             "model_transport": self.settings.model_transport,
             "rejected_update": self.rejected,
+            "admin_api": "broken token config"
+            if self.admin_error
+            else ("on" if self.admin_token and self.controller else "off"),
         }
 
     # -- admin API (rollout control; bearer token) ------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
+        if self.admin_error is not None:
+            raise Unavailable(
+                "the admin API is unavailable: the router's admin token config is broken "
+                "(the router's log says how)"
+            )
         if self.admin_token is None or self.controller is None:
             raise ModelNotFound("the admin API is off: the router has no admin token configured")
         if not check_bearer(request.headers.get("authorization"), self.admin_token):

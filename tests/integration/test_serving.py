@@ -22,9 +22,30 @@ def deployed(cluster, tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
     v1 = model_config(tmp, tmp, "v1", tiny_models["a"])
     v2 = model_config(tmp, tmp, "v2", tiny_models["b"], hyperparameters={"temperature": 0.5})
-    cluster.serve_deploy(serve_config([v1, v2], {"v1": 50, "v2": 50}), tmp)
+    config = serve_config([v1, v2], {"v1": 50, "v2": 50})
+    # A typo in the admin token's path (F10): the admin API must go off, inference stay up.
+    config["applications"][0]["runtime_env"] = {
+        "env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(tmp / "no-such-token-file")}
+    }
+    cluster.serve_deploy(config, tmp)
     cluster.wait_running()
     return cluster
+
+
+def test_a_broken_admin_token_config_turns_the_admin_api_off_not_inference(deployed):
+    c = deployed.client
+    assert c.get("/status").json()["admin_api"] == "broken token config"
+    r = c.post("/admin/rollout/abort", headers={"authorization": "Bearer " + "x" * 32})
+    assert r.status_code == 503 and "admin token config is broken" in r.json()["error"]
+    assert "no-such-token-file" not in r.text  # the path is for the log, not for clients
+    body = infer_body(USERS, ITEMS)
+    assert c.post(f"/v2/models/{APP}/infer", json=body).status_code == 200
+
+
+def test_the_api_schema_is_not_published_on_the_inference_port(deployed):
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        r = deployed.client.get(path)
+        assert r.status_code == 404 and "error" in r.json(), path
 
 
 def test_server_and_health_endpoints(deployed):
