@@ -26,6 +26,8 @@ __all__ = [
     "PROMETHEUS_MIN_INTERVAL_S",
     "RATE_WINDOW_S",
     "RECENT_REQUEST_IDS",
+    "REPLICA_RETRIES",
+    "REPLICA_RETRY_PAUSE_S",
     "REPORT_TIMEOUT_S",
     "SERVED_BACKLOG",
     "STATS_PUSH_INTERVAL_S",
@@ -76,6 +78,12 @@ GAUGE_INTERVAL_S = _env_float("GAUGE_INTERVAL_S", 1.0)
 PROMETHEUS_MIN_INTERVAL_S = _env_float("PROMETHEUS_MIN_INTERVAL_S", 1.0)
 # `rps` in the controller's status is the request rate over this window.
 RATE_WINDOW_S = _env_float("RATE_WINDOW_S", 10.0)
+
+# A request whose replica died under it (and that has no fallback) is retried this many times,
+# pausing REPLICA_RETRY_PAUSE_S, then twice that, ..., never past its deadline: Serve's handle
+# can pick the dead replica again until it hears of the death.
+REPLICA_RETRIES = _env_int("REPLICA_RETRIES", 4)
+REPLICA_RETRY_PAUSE_S = _env_float("REPLICA_RETRY_PAUSE_S", 0.1)
 
 # Answered request ids a router keeps for its next push (a controller that is away must not
 # grow it without end; the newest are kept).

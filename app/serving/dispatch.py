@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.adapters import ModelAdapter, Tensors
+from app.constants import REPLICA_RETRIES, REPLICA_RETRY_PAUSE_S
 from app.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -166,15 +167,16 @@ class Dispatcher:
                                                       share=share, client_deadline=client_deadline)  # fmt: skip
             except ReplicaLost as lost:
                 # The replica died under the request (a lost node) and nothing else could take
-                # it (the stable version, or `fallbacks: null`): Serve has dropped the replica,
-                # so one retry reaches another replica of the same version, or waits within
-                # the deadline for its replacement. With a fallback, falling back is quicker.
-                if fallback is not None or self._clock() >= deadline:
+                # it (the stable version, or `fallbacks: null`): retry the same version, which
+                # reaches another replica or waits within the deadline for the replacement.
+                # Serve's handle may still pick the dead replica until it hears of the death
+                # (about a second), so a few retries with growing pauses, never past the
+                # deadline. With a fallback, falling back is quicker.
+                if fallback is not None:
                     raise
-                self.replica_retries += 1
-                logger.warning("retrying %s on another replica: %s", version, lost.message)
-                outputs, config = await self._attempt(version, inputs, parameters, deadline,
-                                                      share=share, client_deadline=client_deadline)  # fmt: skip
+                outputs, config = await self._retry_lost(
+                    version, lost, inputs, parameters, deadline, share, client_deadline
+                )
             return Served(version, route.decision, outputs, config)
         except InvalidInput:
             raise
@@ -194,6 +196,25 @@ class Dispatcher:
         outputs, config = await self._attempt(fallback, inputs, parameters, deadline, share=1.0,
                                               client_deadline=client_deadline)  # fmt: skip
         return Served(fallback, Decision.FALLBACK, outputs, config, version, reason)
+
+    async def _retry_lost(
+        self, version: str, lost: ReplicaLost, inputs: Tensors, parameters: dict[str, Any],
+        deadline: float, share: float, client_deadline: bool,
+    ) -> tuple[Tensors, str]:  # fmt: skip
+        pause_s = REPLICA_RETRY_PAUSE_S
+        for _ in range(REPLICA_RETRIES):
+            if self._clock() + pause_s >= deadline:
+                break
+            self.replica_retries += 1
+            logger.warning("retrying %s on another replica: %s", version, lost.message)
+            await asyncio.sleep(pause_s)
+            pause_s *= 2
+            try:
+                return await self._attempt(version, inputs, parameters, deadline, share=share,
+                                           client_deadline=client_deadline)  # fmt: skip
+            except ReplicaLost as again:
+                lost = again
+        raise lost
 
     async def _attempt(
         self, version: str, inputs: Tensors, parameters: dict[str, Any], deadline: float,
