@@ -23,6 +23,8 @@ __all__ = [
     "KV_TIMEOUT_S",
     "LONG_POLL_TIMEOUT_S",
     "MAX_SHADOW_REPORTS",
+    "OFF_LOOP_PARSE_BYTES",
+    "PARSE_SLOTS",
     "PROMETHEUS_MIN_INTERVAL_S",
     "RATE_WINDOW_S",
     "RECENT_REQUEST_IDS",
@@ -92,3 +94,8 @@ SERVED_BACKLOG = _env_int("SERVED_BACKLOG", 200_000)
 RECENT_REQUEST_IDS = _env_int("RECENT_REQUEST_IDS", 50_000)
 # Shadow comparison reports the controller keeps.
 MAX_SHADOW_REPORTS = _env_int("MAX_SHADOW_REPORTS", 100_000)
+# A request body this large or larger is parsed in a worker thread, not on the router's event
+# loop, and at most PARSE_SLOTS such bodies are parsed at once per router replica (a parsed JSON
+# body takes ~20x its size in memory).
+OFF_LOOP_PARSE_BYTES = _env_int("OFF_LOOP_PARSE_BYTES", 256 * 1024)
+PARSE_SLOTS = _env_int("PARSE_SLOTS", 2)

@@ -13,7 +13,8 @@ ServingError
 │   └── InjectedFault     500  a fault injected on purpose (rollback rehearsals)
 ├── Unavailable           503  no replica of the chosen version can serve (Retry-After)
 │   ├── ReplicaLost       503  the replica died mid-request (lost node); retried once
-│   └── LoadShed          503  the version's queue is full (Serve's max_queued_requests)
+│   ├── LoadShed          503  the version's queue is full (Serve's max_queued_requests)
+│   └── Fenced            503  a rollout controller replica superseded by a newer one
 └── DeadlineExceeded      504  the request's deadline passed
 
 ConfigError                    a config file or field is wrong (CLI / builder, never HTTP)
@@ -28,15 +29,18 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "DeadlineExceeded",
+    "Fenced",
     "Gone",
     "InjectedFault",
     "InvalidInput",
     "LoadShed",
     "ModelFailure",
     "ModelNotFound",
+    "OverBudget",
     "Overloaded",
     "PayloadTooLarge",
     "ReplicaLost",
+    "RequestTimeout",
     "ServingError",
     "Unauthorized",
     "Unavailable",
@@ -65,6 +69,15 @@ def _rebuild(cls: type[ServingError], message: str, retry_after_s: float | None)
 
 class InvalidInput(ServingError):
     """400: the request does not match the protocol or the model's declared inputs."""
+
+
+class OverBudget(InvalidInput):
+    """413: the request is over the model's declared budget (`limits` in its model config:
+    texts, characters, encoder texts, tokens). The client's to fix, never the version's fault."""
+
+
+class RequestTimeout(ServingError):
+    """408: the request body did not arrive within the request's deadline (a slow upload)."""
 
 
 class ModelNotFound(ServingError):
@@ -123,6 +136,13 @@ class LoadShed(Unavailable):
     so it neither opens breakers nor counts against a rollout."""
 
 
+class Fenced(Unavailable):
+    """503: this rollout controller replica has been superseded: a newer one claimed the
+    controller epoch (Serve starts the new replica of an updated controller while the old one
+    drains). It no longer ticks, publishes, stores or takes commands; retry, and the newer
+    replica answers. The message names both epochs."""
+
+
 class DeadlineExceeded(ServingError):
     """504: the request ran past its deadline."""
 
@@ -138,6 +158,8 @@ class ArtifactError(RuntimeError):
 # The one table from error type to HTTP status. Subclasses inherit their parent's row.
 _STATUS: dict[type[ServingError], int] = {
     InvalidInput: 400,
+    OverBudget: 413,
+    RequestTimeout: 408,
     Unauthorized: 401,
     ModelNotFound: 404,
     Conflict: 409,

@@ -88,7 +88,16 @@ def build_app(args: dict[str, Any]):
         name=ROUTER_DEPLOYMENT,
         num_replicas=app_args.router_replicas,
         max_ongoing_requests=app_args.router_max_ongoing_requests,
-        ray_actor_options={"num_cpus": app_args.router_num_cpus, **placement},
+        max_queued_requests=app_args.router_max_queued_requests,
+        ray_actor_options={
+            "num_cpus": app_args.router_num_cpus,
+            **(
+                {"memory": app_args.router_memory_mb * 1024 * 1024}
+                if app_args.router_memory_mb is not None
+                else {}
+            ),
+            **placement,
+        },
     )
     if not app_args.version_apps:
         # Until serve_config.yaml gives the Router a user_config, all traffic goes to the first.

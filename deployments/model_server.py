@@ -43,6 +43,13 @@ logger = logging.getLogger("ray.serve")
 Weights = tuple[str, Any]  # (artifact, sha256) as declared
 
 
+def _smoke(adapter: ModelAdapter) -> None:
+    """One inference of the adapter's own example (load check and health check)."""
+    (result,) = adapter.predict([adapter.example()], [{}])
+    if isinstance(result, Exception):
+        raise result
+
+
 @serve.deployment
 class ModelServer:
     def __init__(self, config: ModelConfig) -> None:
@@ -61,6 +68,7 @@ class ModelServer:
         self.swaps = 0
         self.refused: dict[str, Any] | None = None
         self._model_lock = asyncio.Lock()
+        self._batch_started = time.monotonic()  # when the running (or last) batch took the model
         self._load_lock = asyncio.Lock()  # one first load, however many callers wait for it
         self.config_hash = config_hash(config.user_config().model_dump(mode="json"))
         self.load_s = 0.0
@@ -80,9 +88,8 @@ class ModelServer:
         adapter = self.adapter_cls(
             directory, hyperparameters, threads=self.config.resources.threads()
         )
-        adapter.predict(
-            [adapter.example()], [{}]
-        )  # smoke inference: a model that cannot answer is refused
+        adapter.max_tokens = self.config.limits.max_tokens
+        _smoke(adapter)  # a model that cannot answer its own example is refused
         return adapter, directory, digests, time.perf_counter() - started
 
     async def _ensure_loaded(self, weights: Weights | None = None, hyperparameters=None) -> None:
@@ -194,7 +201,7 @@ class ModelServer:
 
     async def _predict_batch(
         self, requests: list[tuple[Tensors, dict[str, Any]]]
-    ) -> list[tuple[Tensors, str]]:
+    ) -> list[tuple[Tensors, str] | Exception]:
         # The forward pass runs off the event loop so new requests keep queueing for the next
         # batch (formed when this one is done); the lock keeps a hot patch (and the health
         # check, which shares the tokenizer) out of it.
@@ -202,12 +209,14 @@ class ModelServer:
         self._refresh_gauges()
         async with self._model_lock:
             config = self.config_hash
+            self._batch_started = time.monotonic()
             outputs = await asyncio.to_thread(  # loaded: _infer awaits _ensure_loaded first
                 cast(ModelAdapter, self.adapter).predict,
                 [r[0] for r in requests],
                 [r[1] for r in requests],
             )
-        return [(out, config) for out in outputs]
+        # A request the model refused (InvalidInput in its place) fails alone, with a 400.
+        return [out if isinstance(out, Exception) else (out, config) for out in outputs]
 
     def _refresh_gauges(self) -> None:
         # Ray's metrics agent drops a gauge not re-sent within two export intervals, so the
@@ -218,11 +227,21 @@ class ModelServer:
             self.metrics.set("rollout_model_load_s", self.load_s, version=self.config.version)
 
     async def check_health(self) -> None:
+        """Healthy when the model answers its example, or, while a batch holds the model, when
+        that batch shows progress (it started, or its adapter beat, within
+        health_check_timeout_s). A health check never waits behind a long batch: Serve would
+        take the wait for a hang and kill a replica that is working (F4)."""
         await self._ensure_loaded()
         self._refresh_gauges()
+        adapter = cast(ModelAdapter, self.adapter)  # loaded by _ensure_loaded above
+        if self._model_lock.locked():
+            quiet_s = time.monotonic() - max(self._batch_started, adapter.heartbeat)
+            if quiet_s > self.config.health_check_timeout_s:
+                raise RuntimeError(f"{self.name}: the running batch shows no progress for "
+                                   f"{quiet_s:.0f}s")  # fmt: skip
+            return
         async with self._model_lock:
-            adapter = cast(ModelAdapter, self.adapter)  # loaded by _ensure_loaded above
-            await asyncio.to_thread(adapter.predict, [adapter.example()], [{}])
+            await asyncio.to_thread(_smoke, adapter)
 
     async def describe(self) -> dict[str, Any]:
         """This version's model config (what a router in version_apps mode needs to route and

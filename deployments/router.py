@@ -36,7 +36,13 @@ from app.config import (
     RouterSettings,
     TrafficConfig,
 )
-from app.constants import ADMIN_CALL_TIMEOUT_S, RECENT_REQUEST_IDS, SERVED_BACKLOG
+from app.constants import (
+    ADMIN_CALL_TIMEOUT_S,
+    OFF_LOOP_PARSE_BYTES,
+    PARSE_SLOTS,
+    RECENT_REQUEST_IDS,
+    SERVED_BACKLOG,
+)
 from app.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -47,6 +53,7 @@ from app.errors import (
     ModelNotFound,
     PayloadTooLarge,
     ReplicaLost,
+    RequestTimeout,
     ServingError,
     Unauthorized,
     Unavailable,
@@ -75,6 +82,7 @@ from app.rollout.feedback import (
     parse_feedback,
 )
 from app.serving.auth import check_bearer, load_admin_token
+from app.serving.budget import body_limit, check_budget
 from app.serving.cache import CacheSettings, ResponseCache, cache_key
 from app.serving.dispatch import Dispatcher
 from app.serving.protocol import (
@@ -149,17 +157,30 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(_error_body(request, "internal error"), status_code=500)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, deadline: float | None = None) -> bytes:
+    """The body, refused (413) as soon as it passes `limit` bytes and (408) if it has not all
+    arrived by `deadline` (time.monotonic()): a slow or endless upload holds a router slot no
+    longer than a request may run. Chunks go into one buffer, however many there are."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    body = bytearray()
+
+    async def collect() -> None:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            body.extend(chunk)
+
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within the request's deadline ({len(body)} bytes "
+            "read)"
+        ) from None
+    return bytes(body)
 
 
 ADMIN_COMMANDS = tuple(command_path(name) for name in OPERATOR_COMMANDS)
@@ -244,6 +265,8 @@ class Router:
         # `recent` answers for ids whose push has not reached the controller yet.
         self.served: deque[ServedAnswer] = deque(maxlen=SERVED_BACKLOG)
         self.recent = RequestLedger(max_entries=RECENT_REQUEST_IDS, ttl_s=FeedbackSettings().ttl_s)
+        self._body_limits: dict[str, int] = {}  # per version, from its model config's limits
+        self._parse_slots = asyncio.Semaphore(PARSE_SLOTS)
 
     # -- traffic ---------------------------------------------------------------------------
 
@@ -420,6 +443,7 @@ class Router:
             "shadow_stats": {v: st.snapshot() for v, st in self.dispatcher.shadow_stats.items()},
             "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
             "model_transport": self.settings.model_transport,
+            "body_limit_bytes": self._body_limit(),
             "rejected_update": self.rejected,
             "admin_api": "broken token config"
             if self.admin_error
@@ -601,8 +625,8 @@ class Router:
         client_deadline = timeout_s < table.config.request_timeout_s
         deadline = time.monotonic() + timeout_s
         settings = self.settings
-        body = await _read_body(request, settings.max_body_bytes)
-        raw = decode_body(body, header_length=request.headers.get(INFERENCE_HEADER))
+        body = await _read_body(request, self._body_limit(), deadline)
+        raw = await self._decode(body, request.headers.get(INFERENCE_HEADER))
         key = request.headers.get(settings.routing_key_header) or _key_parameter(
             raw.parameters.get(settings.routing_key_parameter), settings.routing_key_parameter
         )
@@ -615,6 +639,7 @@ class Router:
         parsed = check_request(raw, adapter.inputs, adapter.outputs,
                                drop_parameters={settings.routing_key_parameter})  # fmt: skip
         adapter.check_parameters(parsed.inputs, parsed.parameters)
+        check_budget(parsed.inputs, self.configs[route.version].limits, adapter)
 
         key_for_cache, key_config = self._cache_key(route.version, parsed, request)
         if key_for_cache is not None:
@@ -673,6 +698,28 @@ class Router:
         return self._answered(request, self._respond(
             model, served.version, served.decision.value, parsed, served.outputs, extra
         ))  # fmt: skip
+
+    def _body_limit(self) -> int:
+        """The largest infer body this router reads: what a request within the limits of any
+        of its versions can take (app/serving/budget.py), capped by `max_body_bytes`."""
+        limits = [self._body_limits.get(v) for v in self.configs]
+        if None in limits:
+            self._body_limits = {
+                v: min(self.settings.max_body_bytes,
+                       body_limit(c.limits, self.adapters[c.version].inputs))
+                for v, c in self.configs.items()
+            }  # fmt: skip
+            limits = list(self._body_limits.values())
+        return max((n for n in limits if n is not None), default=self.settings.max_body_bytes)
+
+    async def _decode(self, body: bytes, header_length: str | None):
+        """`decode_body`, off the event loop for a large body, with at most PARSE_SLOTS large
+        bodies parsed at once: a parsed JSON body takes ~20x its size in memory, so a burst of
+        large bodies must not multiply that by every request slot (F8)."""
+        if len(body) < OFF_LOOP_PARSE_BYTES:
+            return decode_body(body, header_length=header_length)
+        async with self._parse_slots:
+            return await asyncio.to_thread(decode_body, body, header_length=header_length)
 
     def _evidence(self, route: Route, version: str, ok: bool, latency_ms: float) -> None:
         """Gate evidence comes only from traffic the router chose (sticky, weighted, stable,

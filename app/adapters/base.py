@@ -11,12 +11,16 @@ To plug in another model, subclass `ModelAdapter` and name it in a model config 
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import InvalidInput
 
 __all__ = ["Datatype", "ModelAdapter", "Tensors", "TensorSpec", "NUMPY_DTYPES"]
 
@@ -75,6 +79,15 @@ class ModelAdapter(ABC):
         self.artifact_dir = artifact_dir
         self.hyperparameters = hyperparameters
         self.threads = threads
+        # The model config's `limits.max_tokens` (set by the replica; None: no token budget).
+        self.max_tokens: int | None = None
+        # time.monotonic() of the last sign of progress inside `predict` (see `beat`).
+        self.heartbeat = time.monotonic()
+
+    def beat(self) -> None:
+        """Call from a long `predict` (after each micro-batch): the replica's health check
+        passes while a batch runs, as long as it beats (deployments/model_server.py)."""
+        self.heartbeat = time.monotonic()
 
     @classmethod
     def parse_hyperparameters(cls, values: dict[str, Any]) -> BaseModel:
@@ -86,6 +99,16 @@ class ModelAdapter(ABC):
         """Reject request parameters this model cannot take by raising `InvalidInput`.
 
         Runs in the router, before the request reaches a replica."""
+
+    @classmethod
+    def encoder_texts(cls, inputs: Tensors) -> int:
+        """How many texts serving `inputs` makes the model encode, at most over every
+        hyperparameter setting (checked against the model config's `limits.max_encoder_texts`
+        in the router). Default: one per BYTES element."""
+        return sum(
+            inputs[spec.name].size for spec in cls.inputs
+            if spec.datatype == "BYTES" and spec.name in inputs
+        )  # fmt: skip
 
     @classmethod
     def agreement(cls, primary: Tensors, shadow: Tensors) -> dict[str, float]:
@@ -106,10 +129,16 @@ class ModelAdapter(ABC):
         self.hyperparameters = hyperparameters
 
     @abstractmethod
-    def predict(self, batch: list[Tensors], parameters: list[dict[str, Any]]) -> list[Tensors]:
+    def predict(
+        self, batch: list[Tensors], parameters: list[dict[str, Any]]
+    ) -> Sequence[Tensors | InvalidInput]:
         """Serve a batch: one dict of input arrays (and of parameters) per request, one dict of
-        output arrays per request, in the same order. Raise `InvalidInput` for a request the
-        model cannot take."""
+        output arrays per request, in the same order.
+
+        A request the model cannot take gets an `InvalidInput` in its place (a 400 for that
+        request alone; the others are answered). Raising fails the whole call; the batcher
+        then re-runs the batch's requests one by one, so the exception reaches only the
+        request that caused it, at the cost of an extra forward pass each."""
 
     @abstractmethod
     def example(self) -> Tensors:

@@ -8,7 +8,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.adapters.base import ModelAdapter, Tensors, TensorSpec
-from app.adapters.encoder import TextEncoder
+from app.adapters.encoder import TextEncoder, TokenBook
+from app.errors import InvalidInput
 
 __all__ = ["EmbeddingAdapter"]
 
@@ -31,19 +32,28 @@ class EmbeddingAdapter(ModelAdapter):
     def __init__(self, artifact_dir, hyperparameters, *, threads: int = 1) -> None:
         super().__init__(artifact_dir, hyperparameters, threads=threads)
         self.encoder = TextEncoder(artifact_dir, threads=threads)
+        self.encoder.on_progress = self.beat  # after each micro-batch
 
-    def predict(self, batch: list[Tensors], parameters: list[dict[str, Any]]) -> list[Tensors]:
+    def predict(
+        self, batch: list[Tensors], parameters: list[dict[str, Any]]
+    ) -> list[Tensors | InvalidInput]:
         hp: EmbeddingHyperparameters = self.hyperparameters  # type: ignore[assignment]
-        texts = [hp.prefix + str(t) for request in batch for t in request["text"]]
-        vectors = self.encoder.encode(
-            texts, pooling=hp.pooling, normalize=hp.normalize, max_length=hp.max_length
-        )
-        out, start = [], 0
+        tokens = TokenBook(self.encoder, hp.max_length, self.max_tokens)
+        prepared: list[list[str] | InvalidInput] = []
         for request in batch:
-            n = len(request["text"])
-            out.append({"embedding": vectors[start : start + n].astype(np.float32)})
-            start += n
-        return out
+            texts = [hp.prefix + str(t) for t in request["text"]]
+            try:  # a request the tokenizer refuses, or over budget, fails alone (400)
+                tokens.admit({"text": texts})
+            except InvalidInput as exc:
+                prepared.append(exc)
+                continue
+            prepared.append(texts)
+        vectors = tokens.embed(pooling=hp.pooling, normalize=hp.normalize)
+        return [
+            entry if isinstance(entry, InvalidInput)
+            else {"embedding": vectors[[tokens.row[t] for t in entry]]}
+            for entry in prepared
+        ]  # fmt: skip
 
     def example(self) -> Tensors:
         return {"text": np.array(["hello world"], dtype=object)}

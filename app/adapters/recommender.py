@@ -10,7 +10,9 @@ matching clause, so one line about a taste is not diluted by lines about the res
 In the demo world (bench/world.py) that rule puts an item of the user's hidden favourite genre
 first 85% of the time against 52% for `whole` (2,000 slates, `rollout bench world`).
 
-A dynamic batch is encoded in one forward pass over the distinct texts of all its requests.
+A dynamic batch is encoded over the distinct texts of all its requests, in micro-batches
+(app/adapters/encoder.py). Each request is tokenized on its own first: one the tokenizer refuses,
+or one over the model's token budget (`limits.max_tokens`), fails alone with a 400.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.adapters.base import ModelAdapter, Tensors, TensorSpec
-from app.adapters.encoder import TextEncoder
+from app.adapters.encoder import TextEncoder, TokenBook
 from app.errors import InvalidInput
 
 __all__ = ["RecommenderAdapter"]
@@ -77,10 +79,17 @@ class RecommenderAdapter(ModelAdapter):
     def __init__(self, artifact_dir, hyperparameters, *, threads: int = 1) -> None:
         super().__init__(artifact_dir, hyperparameters, threads=threads)
         self.encoder = TextEncoder(artifact_dir, threads=threads)
+        self.encoder.on_progress = self.beat  # after each micro-batch
 
     @classmethod
     def check_parameters(cls, inputs: Tensors, parameters: dict[str, Any]) -> None:
         _top_k(parameters, len(inputs["items"]))
+
+    @classmethod
+    def encoder_texts(cls, inputs: Tensors) -> int:
+        """Every clause of every profile (as `best_line` encodes them; `whole` encodes fewer),
+        plus the items: one short request must not become 150,000 encoder texts (F4)."""
+        return sum(len(_clauses(str(t))) for t in inputs["user"].flat) + inputs["items"].size
 
     @classmethod
     def agreement(cls, primary: Tensors, shadow: Tensors) -> dict[str, float]:
@@ -93,30 +102,39 @@ class RecommenderAdapter(ModelAdapter):
             result["top_k_overlap"] = float(np.mean(overlaps))
         return result
 
-    def predict(self, batch: list[Tensors], parameters: list[dict[str, Any]]) -> list[Tensors]:
+    def predict(
+        self, batch: list[Tensors], parameters: list[dict[str, Any]]
+    ) -> list[Tensors | InvalidInput]:
         hp: RecommenderHyperparameters = self.hyperparameters  # type: ignore[assignment]
         # Each user is a list of texts: the whole profile, or its clauses (best_line).
         split = hp.profile_scoring == "best_line"
-        users = [
-            [[hp.query_prefix + c for c in (_clauses(str(t)) if split else [str(t)])]
-             for t in request["user"]]
-            for request in batch
-        ]  # fmt: skip
-        items = [[hp.item_prefix + str(t) for t in request["items"]] for request in batch]
-        texts = (t for group in users for user in group for t in user)
-        distinct = list(dict.fromkeys([*texts, *(t for group in items for t in group)]))
-        vectors = self.encoder.encode(
-            distinct, pooling=hp.pooling, normalize=hp.normalize, max_length=hp.max_length
-        )
-        row = {text: i for i, text in enumerate(distinct)}
-        results: list[Tensors] = []
-        for user_texts, item_texts, params in zip(users, items, parameters):
-            m = vectors[[row[t] for t in item_texts]]
+        tokens = TokenBook(self.encoder, hp.max_length, self.max_tokens)
+        prepared: list[tuple[list[list[str]], list[str], int] | InvalidInput] = []
+        for request, params in zip(batch, parameters):
+            # A request the model cannot take (a text the tokenizer refuses, too many tokens, a
+            # bad top_k) fails alone, with a 400; the rest of the batch is served.
+            try:
+                users = [[hp.query_prefix + c for c in (_clauses(str(t)) if split else [str(t)])]
+                         for t in request["user"]]  # fmt: skip
+                items = [hp.item_prefix + str(t) for t in request["items"]]
+                k = _top_k(params, len(items))
+                tokens.admit({"user": [t for user in users for t in user], "items": items})
+            except InvalidInput as exc:
+                prepared.append(exc)
+                continue
+            prepared.append((users, items, k))
+        vectors = tokens.embed(pooling=hp.pooling, normalize=hp.normalize)
+        results: list[Tensors | InvalidInput] = []
+        for entry in prepared:
+            if isinstance(entry, InvalidInput):
+                results.append(entry)
+                continue
+            users, items, k = entry
+            m = vectors[[tokens.row[t] for t in items]]
             similarity = np.stack(
-                [(vectors[[row[t] for t in user]] @ m.T).max(axis=0) for user in user_texts]
+                [(vectors[[tokens.row[t] for t in user]] @ m.T).max(axis=0) for user in users]
             )
             scores = (similarity / hp.temperature).astype(np.float32)
-            k = _top_k(params, len(item_texts))
             ranking = np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
             results.append({"scores": scores, "ranking": ranking})
         return results

@@ -44,6 +44,7 @@ from app.config.model import (
     FaultInjection,
     ModelConfig,
     ModelUserConfig,
+    RequestLimits,
     Resources,
     WeightsPatch,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "FiniteStrictModel",
     "ModelConfig",
     "ModelUserConfig",
+    "RequestLimits",
     "Resources",
     "RouterSettings",
     "ShadowRule",

@@ -59,6 +59,20 @@ class AppArgs(StrictModel):
         description="Requests one router replica works on at once (Serve's default, 5, starves "
         "the model replicas behind it: the router mostly waits on them).",
     )
+    router_max_queued_requests: int = Field(
+        default=200,
+        ge=-1,
+        description="Requests each proxy may queue for a router replica beyond the ones it "
+        "works on; more get a 503 with Retry-After at once (-1: unbounded, which lets an "
+        "overload grow the proxies' memory and every client's latency without end).",
+    )
+    router_memory_mb: int | None = Field(
+        default=1024,
+        ge=64,
+        description="Memory reserved per router replica, in MiB (Ray's `memory`): request bodies "
+        "it holds (router_max_ongoing_requests x the body limit) and the large bodies it parses "
+        "(about 20x their size, PARSE_SLOTS at once). null: no reservation.",
+    )
     region: str | None = Field(
         default=None,
         pattern=LABEL_VALUE_PATTERN,

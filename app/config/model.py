@@ -91,6 +91,42 @@ class FaultInjection(StrictModel):
     )
 
 
+class RequestLimits(StrictModel):
+    """One request's budget on this model, checked before the model runs: the router refuses a
+    request over a text, character or encoder-text limit (413 naming the limit) before it
+    reaches a replica; the replica counts tokens after tokenizing the request on its own and
+    refuses it alone (413) before the forward pass. The router's body limit for the model is
+    derived from these (app/serving/budget.py), so a request that fits them always fits the
+    body limit, in JSON or binary form."""
+
+    max_text_bytes: int = Field(
+        default=8192, ge=1, le=1 << 20, description="UTF-8 bytes of one BYTES element."
+    )
+    max_total_text_bytes: int = Field(
+        default=256 * 1024, ge=1, le=64 << 20,
+        description="UTF-8 bytes of all BYTES elements of one request together.",
+    )  # fmt: skip
+    max_encoder_texts: int = Field(
+        default=2048, ge=1, le=1_000_000,
+        description="Texts the model encodes for one request (the recommender counts every "
+        "clause of every profile, as `profile_scoring: best_line` encodes them, plus the items).",
+    )  # fmt: skip
+    max_tokens: int | None = Field(
+        default=16384, ge=1,
+        description="Tokens of one request after tokenization (null: no limit); checked by "
+        "the replica, before the forward pass.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _total_holds_one(self) -> RequestLimits:
+        if self.max_total_text_bytes < self.max_text_bytes:
+            raise ValueError(
+                f"max_total_text_bytes ({self.max_total_text_bytes}) must be at least "
+                f"max_text_bytes ({self.max_text_bytes})"
+            )
+        return self
+
+
 def _check_digests(value: str | dict[str, str]) -> str | dict[str, str]:
 
     digests = value.values() if isinstance(value, dict) else [value]
@@ -165,9 +201,15 @@ class ModelConfig(StrictModel):
         default=32, ge=1, le=10_000, description="Requests a replica works on at once."
     )
     max_queued_requests: int = Field(
-        default=-1,
+        default=64,
         ge=-1,
-        description="Requests each caller may queue for this version (-1: unbounded).",
+        description="Requests each caller (each Router replica) may queue for this version "
+        "beyond what its replicas work on; more are shed with a 503 and Retry-After "
+        "(-1: unbounded, which lets an overload grow memory and latency without end).",
+    )
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits,
+        description="One request's budget (texts, characters, encoder texts, tokens).",
     )
     batching: Batching = Field(default_factory=Batching)
     faults: FaultInjection = Field(default_factory=FaultInjection)

@@ -218,6 +218,8 @@ _ERROR_TYPES = {
     "InvalidInput": "invalid_input",
     "ModelNotFound": "not_found",
     "PayloadTooLarge": "too_large",
+    "OverBudget": "too_large",
+    "RequestTimeout": "timeout",
     "LoadShed": "overloaded",
     "Overloaded": "overloaded",
     "Gone": "not_found",

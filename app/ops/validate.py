@@ -68,7 +68,10 @@ def smoke_test(
     )
     adapter = cls(directory, params, threads=config.resources.threads())
     loaded = time.perf_counter()
+    adapter.max_tokens = config.limits.max_tokens
     (result,) = adapter.predict([adapter.example()], [{}])
+    if isinstance(result, Exception):
+        raise ArtifactError(f"smoke inference refused the adapter's own example: {result}")
     for spec in cls.outputs:
         if spec.name not in result:
             raise ArtifactError(f"smoke inference returned no output {spec.name!r}")
@@ -145,7 +148,9 @@ def validate_serve_config(
                 f"{where}: import_path is not {BUILDER}; only Serve's schema checked"
             )
             continue
-        _validate_application(application, where, report, load_models, progress, version_apps)
+        _validate_application(application, where, report, load_models, progress, version_apps,
+                              proxy_timeout_s=(document.get("http_options") or {}).get(
+                                  "request_timeout_s"))  # fmt: skip
     if region is not None and report.ok:
         _validate_region_clusters(document, region, report)
     return report
@@ -271,6 +276,8 @@ def _validate_application(
     load_models: bool,
     progress: Callable[[str], None],
     version_apps: dict[str, list[ModelConfig]] | None = None,
+    *,
+    proxy_timeout_s: float | None = None,
 ) -> None:
     try:
         args, configs = load_app_args(application.get("args") or {})
@@ -312,7 +319,9 @@ def _validate_application(
             _validate_plan(user_config, versions, f"{field_path}.user_config", report)
         elif name == ROUTER_DEPLOYMENT:
             try:
-                TrafficConfig.model_validate(user_config).check_versions(versions)
+                table = TrafficConfig.model_validate(user_config)
+                table.check_versions(versions)
+                _check_proxy_timeout(table, proxy_timeout_s, f"{field_path}.user_config", report)
             except ValidationError as exc:
                 report.errors.append(format_validation_error(exc, f"{field_path}.user_config"))
             except ValueError as exc:
@@ -327,6 +336,25 @@ def _validate_application(
         return
     for config in configs:
         _smoke(config, overrides.get(config.deployment_name), where, report, progress)
+
+
+def _check_proxy_timeout(
+    table: TrafficConfig, proxy_timeout_s: float | None, where: str, report: Report
+) -> None:
+    """The proxy's deadline (http_options.request_timeout_s) must leave the router its own: a
+    proxy that gives up first answers 408 before the router's fallback or its 504 can."""
+    if proxy_timeout_s is None:
+        report.notes.append(
+            f"{where}.request_timeout_s: http_options.request_timeout_s is not set, so the "
+            "proxies queue requests without a deadline; set it a little above "
+            f"{table.request_timeout_s:g}s"
+        )
+    elif proxy_timeout_s < table.request_timeout_s:
+        report.errors.append(
+            f"{where}.request_timeout_s: {table.request_timeout_s:g}s is longer than "
+            f"http_options.request_timeout_s ({proxy_timeout_s:g}s): the proxy would cut every "
+            "slow request off before the router's fallback or deadline answers"
+        )
 
 
 def _validate_plan(user_config: Any, versions: list[str], where: str, report: Report) -> None:

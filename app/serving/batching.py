@@ -18,7 +18,9 @@ the batch. If the batch function raises, the batch's requests are run again one 
 the exception reaches only the request that caused it (one malformed input must not fail the
 fifteen well-formed ones batched with it); the others get their answers, at the cost of one
 extra forward pass each, paid only when a batch fails. The batcher then goes on with the next
-batch. Ray-free: tests drive it with plain asyncio.
+batch. A batch function can also fail one request without raising: an exception in that
+request's place in the results fails only its caller. Ray-free: tests drive it with plain
+asyncio.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 __all__ = ["Batcher"]
@@ -40,7 +42,7 @@ class Batcher(Generic[Item, Result]):
 
     def __init__(
         self,
-        run: Callable[[list[Item]], Awaitable[list[Result]]],
+        run: Callable[[list[Item]], Awaitable[Sequence[Result | Exception]]],
         *,
         max_batch_size: int,
         batch_wait_timeout_s: float,
@@ -139,7 +141,9 @@ class Batcher(Generic[Item, Result]):
         self._deliver(batch, results)
 
     def _deliver(
-        self, batch: list[tuple[Item, asyncio.Future[Result]]], results: list[Result]
+        self,
+        batch: list[tuple[Item, asyncio.Future[Result]]],
+        results: Sequence[Result | Exception],
     ) -> None:
         if len(results) != len(batch):  # the batch function is broken: no answer can be trusted
             self._settle(batch, RuntimeError(
@@ -147,7 +151,11 @@ class Batcher(Generic[Item, Result]):
             ))  # fmt: skip
             return
         for (_, future), result in zip(batch, results):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(result, Exception):  # that request's own error (e.g. its bad input)
+                future.set_exception(result)
+            else:
                 future.set_result(result)
 
     @staticmethod

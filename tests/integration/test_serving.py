@@ -226,3 +226,111 @@ def test_body_over_limit_is_413_and_nothing_crashes(deployed):
     assert r.status_code == 200
     after = {d: deployed.replica_info(f"{APP}-{d}")["replica"] for d in ("v1", "v2")}
     assert before == after  # same replicas: bad input crashed nothing
+
+
+# -- admission and budgets (issue 17 items 2, 4 and 5) ----------------------------------------
+
+
+def _padded(body: bytes, size: int) -> bytes:
+    """`body` (a JSON object) padded with JSON whitespace to exactly `size` bytes."""
+    assert body.endswith(b"}") and len(body) <= size
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def _binary_body(users: list[str], items: list[str]) -> tuple[bytes, bytes]:
+    """(JSON header, binary data) of a V2 request with both inputs in binary form."""
+
+    def pack(values: list[str]) -> bytes:
+        out = b""
+        for text in values:
+            data = text.encode()
+            out += len(data).to_bytes(4, "little") + data
+        return out
+
+    data = [pack(users), pack(items)]
+    header = json.dumps({"inputs": [
+        {"name": "user", "datatype": "BYTES", "shape": [len(users)],
+         "parameters": {"binary_data_size": len(data[0])}},
+        {"name": "items", "datatype": "BYTES", "shape": [len(items)],
+         "parameters": {"binary_data_size": len(data[1])}},
+    ]}).encode()  # fmt: skip
+    return header, data[0] + data[1]
+
+
+def test_body_size_limit_just_under_at_and_over_the_boundary_json_and_binary(deployed):
+    """Triton's http_input_size_limit_test, both sides of the limit: the limit comes from the
+    model's declared request budget (/status body_limit_bytes), far below the old 8 MiB."""
+    limit = deployed.router_status()["body_limit_bytes"]
+    assert limit < 2 * 1024 * 1024
+    url = f"/v2/models/{APP}/versions/v1/infer"
+    good = json.dumps(GOOD).encode()
+    for size in (limit - 1, limit):
+        r = deployed.client.post(url, content=_padded(good, size))
+        assert r.status_code == 200, (size, r.text[:200])
+    r = deployed.client.post(url, content=_padded(good, limit + 1))
+    assert r.status_code == 413 and f"limit is {limit}" in r.json()["error"]
+    # The same without a content-length (chunked): refused while reading, past the limit.
+    over = _padded(good, limit + 1)
+    r = deployed.client.post(url, content=(over[i : i + 65536] for i in range(0, len(over), 65536)))
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+    header, data = _binary_body(USERS, ITEMS)
+    for size, status in ((limit - 1, 200), (limit, 200), (limit + 1, 413)):
+        padded = _padded(header, size - len(data))
+        r = deployed.client.post(url, content=padded + data,
+                                 headers={"inference-header-content-length": str(len(padded))})  # fmt: skip
+        assert r.status_code == status, (size, r.text[:200])
+
+
+def test_a_body_sent_in_very_many_tiny_chunks_is_served(deployed):
+    """Triton's http_request_many_chunks: a body in one-byte chunks is read into one buffer
+    and answered; the router stays healthy."""
+    body = _padded(json.dumps(GOOD).encode(), 20_000)
+    r = deployed.client.post(
+        f"/v2/models/{APP}/infer", content=(body[i : i + 1] for i in range(len(body)))
+    )
+    assert r.status_code == 200, r.text[:200]
+    feedback = b'{"request_id": "never-served", "outcome": "click", "value": true}'
+    r = deployed.client.post(
+        f"/v2/models/{APP}/feedback", content=(feedback[i : i + 1] for i in range(len(feedback)))
+    )
+    assert r.status_code in (404, 503) and "error" in r.json()  # read whole, then judged
+
+
+def test_a_slow_upload_gets_a_408_within_its_deadline(deployed):
+    """A body that has not arrived by the request's deadline is refused (408), so a slow or
+    stalled upload holds a router slot no longer than a request may run."""
+    import time
+
+    body = json.dumps(GOOD).encode()
+
+    def trickle():
+        yield body[:10]
+        time.sleep(3)
+        yield body[10:]
+
+    started = time.monotonic()
+    r = deployed.client.post(f"/v2/models/{APP}/infer", content=trickle(),
+                             headers={"x-request-timeout-s": "1"})  # fmt: skip
+    assert r.status_code == 408, r.text[:200]
+    assert "did not arrive" in r.json()["error"]
+    assert time.monotonic() - started < 3 + 2
+
+
+def test_requests_over_the_models_budget_are_413s_naming_the_limit(deployed):
+    """F4: one short request must not become an unbounded forward pass. Too many clauses is
+    refused by the router before dispatch; too many tokens by the replica before its forward
+    pass; both are the client's (413), counted against no breaker."""
+    url = f"/v2/models/{APP}/versions/v2/infer"
+    many_clauses = infer_body([", ".join(["x"] * 2100)], ITEMS)
+    r = deployed.client.post(url, json=many_clauses)
+    assert r.status_code == 413, r.text
+    assert "limits.max_encoder_texts is 2048" in r.json()["error"]
+    long_item = "item " + "word " * 30
+    many_tokens = infer_body(USERS, [f"{long_item} {i}" for i in range(600)])
+    for _ in range(8):  # more than the breaker's consecutive_failures
+        r = deployed.client.post(url, json=many_tokens)
+        assert r.status_code == 413, r.text[:300]
+        assert "limits.max_tokens is 16384" in r.json()["error"]
+    assert deployed.router_status()["versions"]["v2"]["breaker"]["state"] == "closed"
+    assert deployed.client.post(url, json=GOOD).status_code == 200

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from app.adapters import NUMPY_DTYPES, ModelAdapter, adapter_class
 from app.adapters.embedding import EmbeddingAdapter
+from app.adapters.encoder import micro_batches
 from app.adapters.recommender import RecommenderAdapter
-from app.errors import InvalidInput
+from app.errors import InvalidInput, OverBudget, http_status
 from tests.support.tiny_models import build_tiny_bert
 
 ATOL = 1e-5
@@ -192,8 +195,8 @@ def test_recommender_rejects_bad_top_k(recommender, top_k):
     request = BATCH[0]
     with pytest.raises(InvalidInput, match="top_k"):
         RecommenderAdapter.check_parameters(request, {"top_k": top_k})
-    with pytest.raises(InvalidInput, match="top_k"):
-        recommender.predict([request], [{"top_k": top_k}])
+    (result,) = recommender.predict([request], [{"top_k": top_k}])
+    assert isinstance(result, InvalidInput) and "top_k" in result.message
 
 
 def test_recommender_check_parameters_accepts_valid(recommender):
@@ -440,3 +443,70 @@ def test_encoder_outside_ray_runs_where_torch_says(recommender):
     import torch
 
     assert recommender.encoder.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- per-request refusal
+
+
+def test_a_text_the_tokenizer_refuses_fails_only_its_own_request(recommender, embedder):
+    """F1 inside the model: a lone surrogate (validation would stop it; an adapter must not rely
+    on that) makes the tokenizer raise. Only its request gets an InvalidInput (a 400 naming the
+    input); the rest of the batch is encoded and answered as if alone. Before, the whole
+    predict raised and every request of the batch failed."""
+    poison = {"user": texts("likes jazz"), "items": texts("a space opera", "\ud800")}
+    results = recommender.predict([BATCH[0], poison, BATCH[2]], [{}, {}, {}])
+    assert isinstance(results[1], InvalidInput) and "'items'" in results[1].message
+    for request, result in ((BATCH[0], results[0]), (BATCH[2], results[2])):
+        (alone,) = recommender.predict([request], [{}])
+        np.testing.assert_allclose(result["scores"], alone["scores"], atol=ATOL, rtol=0)
+    embedded = embedder.predict([EMBED_BATCH[0], {"text": texts("\udfff")}], [{}, {}])
+    assert isinstance(embedded[1], InvalidInput) and "'text'" in embedded[1].message
+    assert embedded[0]["embedding"].shape == (2, embedder.encoder.dimension)
+
+
+def test_a_request_over_the_token_budget_fails_alone_with_413(tiny_bert):
+    adapter = make(RecommenderAdapter, tiny_bert)
+    (small,) = adapter.predict([BATCH[1]], [{}])
+    tokens = sum(len(ids) for ids in adapter.encoder.tokenize(
+        [*BATCH[1]["user"], *BATCH[1]["items"]], max_length=128))  # fmt: skip
+    adapter.max_tokens = tokens
+    big = {"user": texts("likes jazz"), "items": texts(*(f"item number {i}" for i in range(40)))}
+    results = adapter.predict([big, BATCH[1]], [{}, {}])
+    assert isinstance(results[0], OverBudget) and "limits.max_tokens" in results[0].message
+    assert http_status(results[0]) == 413
+    np.testing.assert_allclose(results[1]["scores"], small["scores"], atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+
+@given(
+    lengths=st.lists(st.integers(1, 600), max_size=300),
+    max_texts=st.integers(1, 64),
+    max_tokens=st.integers(1, 5000),
+)
+def test_micro_batches_cover_every_text_once_within_bounds(lengths, max_texts, max_tokens):
+    batches = micro_batches(lengths, max_texts, max_tokens)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert 1 <= len(b) <= max_texts
+        if len(b) > 1:  # a text longer than the token bound goes alone
+            assert len(b) * max(lengths[i] for i in b) <= max_tokens
+
+
+def test_micro_batched_embeddings_match_one_pass(embedder):
+    encoder = embedder.encoder
+    sentences = [f"item {i} " + "word " * (i % 13) for i in range(50)]
+    ids = encoder.tokenize(sentences, max_length=64)
+    beats = []
+    encoder.on_progress = lambda: beats.append(1)
+    try:
+        one_pass = encoder.embed(ids, pooling="mean", normalize=True, micro_batch_texts=10_000,
+                                 micro_batch_tokens=10**9)  # fmt: skip
+        beats.clear()
+        micro = encoder.embed(ids, pooling="mean", normalize=True, micro_batch_texts=7,
+                              micro_batch_tokens=60)  # fmt: skip
+    finally:
+        encoder.on_progress = embedder.beat
+    np.testing.assert_allclose(micro, one_pass, atol=ATOL, rtol=0)
+    assert len(beats) == len(micro_batches([len(t) for t in ids], 7, 60)) > 7

@@ -125,7 +125,9 @@ def test_load_models_smoke_tests_each_version(tmp_path, tiny_bert):
         tmp_path, "v2", sha256=digest, hyperparameters={"query_prefix": "a user who "}
     )
     path = write_serve_config(
-        tmp_path, builder_app(tmp_path, deployments=[router({"v1": 50, "v2": 50})])
+        tmp_path,
+        builder_app(tmp_path, deployments=[router({"v1": 50, "v2": 50})]),
+        http_options={"request_timeout_s": 35},
     )
     progress: list[str] = []
     report = validate_serve_config(path, load_models=True, progress=progress.append)
@@ -678,3 +680,64 @@ def test_version_app_with_a_route_or_alone_is_an_error(tmp_path):
 def test_repo_version_apps_example_is_valid_without_loading():
     report = validate_serve_config(REPO / "serve_config.version-apps.yaml", load_models=False)
     assert report.errors == []
+
+
+# ----------------------------------------------------------------------------- admission control
+
+
+def test_a_proxy_deadline_shorter_than_the_routers_is_refused(tmp_path):
+    two_versions(tmp_path)
+    table = {**router({"v1": 100})["user_config"], "request_timeout_s": 30}
+    app = builder_app(tmp_path, deployments=[{"name": "Router", "user_config": table}])
+    short = write_serve_config(tmp_path, app, http_options={"request_timeout_s": 10})
+    report = validate_serve_config(short, load_models=False)
+    assert errors_with(report, "request_timeout_s", "30s is longer than", "(10s)")
+    missing = write_serve_config(tmp_path, app)
+    report = validate_serve_config(missing, load_models=False)
+    assert report.ok and any("http_options.request_timeout_s is not set" in n for n in report.notes)
+
+
+def _shipped_serve_configs() -> dict[str, dict[str, Any]]:
+    """Every serve config the project ships: the two layouts, each region overlay rendered on
+    serve_config.yaml, and the KubeRay manifest's serveConfigV2."""
+    from app.ops.overlay import load_overlay, render
+
+    base = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    shipped = {
+        "serve_config.yaml": base,
+        "serve_config.version-apps.yaml": yaml.safe_load(
+            (REPO / "serve_config.version-apps.yaml").read_text()
+        ),
+    }
+    for overlay in sorted((REPO / "configs" / "regions").glob("*.yaml")):
+        shipped[f"{overlay.name} on serve_config.yaml"] = render(base, load_overlay(overlay))
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    shipped["rayservice.yaml"] = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    return shipped
+
+
+@pytest.mark.parametrize("name", sorted(_shipped_serve_configs()))
+def test_admission_control_is_on_in_every_shipped_config(name):
+    """F9: every shipped config bounds how long a request waits in a proxy (above the Router's
+    own deadline) and how many wait for a Router replica and for each version."""
+    from app.config import AppArgs, TrafficConfig, load_model_config
+
+    document = _shipped_serve_configs()[name]
+    proxy_timeout = (document.get("http_options") or {}).get("request_timeout_s")
+    assert proxy_timeout is not None, f"{name}: no http_options.request_timeout_s"
+    for application in document["applications"]:
+        args = application.get("args") or {}
+        if application["import_path"] == "app.builder:build_app":
+            app_args = AppArgs.model_validate(args)
+            assert app_args.router_max_queued_requests > 0 and app_args.router_memory_mb
+            for deployment in application.get("deployments") or []:
+                if deployment["name"] == "Router":
+                    table = TrafficConfig.model_validate(deployment["user_config"])
+                    assert proxy_timeout >= table.request_timeout_s, name
+            files = app_args.versions
+        else:
+            files = [args["config"]]
+        for file in files:
+            config = load_model_config(REPO / file)
+            assert config.max_queued_requests > 0, f"{name}: {file} queues without bound"
+            assert config.limits.max_tokens is not None, f"{name}: {file} has no token budget"
