@@ -26,7 +26,7 @@ import yaml
 
 from app.config import FaultInjection, load_model_config
 from app.ops.cli.render import TERMINAL_PHASES
-from app.ops.declare import declare_plan, load_plan
+from app.ops.declare import declare_plan, load_plan, patch_version
 from app.serving.auth import load_admin_token
 
 # bench/ runs from the checkout (it is not installed): make it importable from scripts/.
@@ -132,19 +132,13 @@ def main() -> int:
     config = yaml.safe_load(Path(args.config).read_text())
     plan = load_plan(Path(args.plan))
     declared = declare_plan(config, None)
-    app = declared["applications"][0]
+    v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
     if args.faulty:  # v2 as its model config declares it, but failing half its requests
-        v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
-        faulty = v2.model_copy(update={"faults": FaultInjection(error_rate=0.5)})
-        app["deployments"].append(
-            {"name": "recommender-v2", "user_config": faulty.model_dump(mode="json")}
-        )
+        v2 = v2.model_copy(update={"faults": FaultInjection(error_rate=0.5)})
     if args.worse:  # v2 with a "latency fix" that makes its rankings worse (hot patch)
-        v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
-        worse = v2.model_copy(update={"hyperparameters": {**v2.hyperparameters, **WORSE_V2}})
-        app["deployments"].append(
-            {"name": "recommender-v2", "user_config": worse.model_dump(mode="json")}
-        )
+        v2 = v2.model_copy(update={"hyperparameters": {**v2.hyperparameters, **WORSE_V2}})
+    # Always declared, so a rehearsal after another starts from v2 as this run wants it.
+    patch_version(declared, "recommender-v2", v2.model_dump(mode="json"))
     state = Path(".ray-demo")
     state.mkdir(exist_ok=True)
     # Reset first (no plan: routers follow serve_config.yaml's own split; v2's faults as

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from app.config import CONTROLLER_DEPLOYMENT, format_validation_error, load_yaml
 from app.errors import ConfigError
 
-__all__ = ["declare_plan", "load_plan"]
+__all__ = ["declare_plan", "load_plan", "patch_version"]
 
 
 def load_plan(path: Path) -> dict[str, Any] | None:
@@ -57,3 +57,27 @@ def declare_plan(
     user_config["plan"] = plan
     entry["user_config"] = user_config
     return config
+
+
+def patch_version(
+    serve_config: dict[str, Any], deployment: str, user_config: dict[str, Any]
+) -> None:
+    """Set version `deployment`'s (`<model>-<version>`) hot patch in `serve_config`, in place:
+    in the version's own application (one application per version, serve_config.yaml), or in
+    the builder app that runs it (serve_config.single-app.yaml)."""
+    applications = serve_config.get("applications", [])
+    owner = next(
+        (a for a in applications
+         if a.get("name") == deployment and a.get("import_path") == "app.builder:build_version"),
+        None,
+    ) or next(
+        (a for a in applications if a.get("import_path") == "app.builder:build_app"), None
+    )  # fmt: skip
+    if owner is None:
+        raise ConfigError(f"no application runs {deployment!r}")
+    deployments = owner.setdefault("deployments", [])
+    entry = next((d for d in deployments if d.get("name") == deployment), None)
+    if entry is None:
+        entry = {"name": deployment}
+        deployments.append(entry)
+    entry["user_config"] = user_config

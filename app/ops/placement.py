@@ -39,9 +39,11 @@ __all__ = [
     "load_launcher",
     "node_types",
     "replica_demands",
+    "rolling_headroom",
 ]
 
 BUILDER = "app.builder:build_app"
+VERSION_BUILDER = "app.builder:build_version"
 MIB = 1024 * 1024
 
 
@@ -189,20 +191,17 @@ def _actor_demand(options: dict[str, Any]) -> dict[str, float]:
 def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
     from app.config import load_app_args
 
-    app_name = application.get("name", "default")
     args, configs = load_app_args(application.get("args") or {})
-    selector = args.label_selector()
     from deployments.controller import (
         RolloutController,  # its decorator holds its options
     )
 
     controller_options = dict(RolloutController.ray_actor_options or {})  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
+    router_options: dict[str, Any] = {"num_cpus": args.router_num_cpus}
+    if args.router_memory_mb is not None:
+        router_options["memory"] = args.router_memory_mb * MIB
     base: dict[str, tuple[dict[str, Any], int, int]] = {
-        ROUTER_DEPLOYMENT: (
-            {"num_cpus": args.router_num_cpus},
-            args.router_replicas,
-            args.router_replicas,
-        ),
+        ROUTER_DEPLOYMENT: (router_options, args.router_replicas, args.router_replicas),
         CONTROLLER_DEPLOYMENT: (controller_options, 1, 1),
     }
     for config in configs:
@@ -211,6 +210,32 @@ def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
             config.autoscaling.min_replicas,
             config.autoscaling.max_replicas,
         )
+    return _with_overrides(application, base, args.label_selector())
+
+
+def _demands_for_version_app(application: dict[str, Any]) -> list[Demand]:
+    """One version as an application of its own (`app.builder:build_version`)."""
+    from app.config import load_version_args
+
+    args, config = load_version_args(application.get("args") or {})
+    base = {
+        config.deployment_name: (
+            config.resources.ray_actor_options(),
+            config.autoscaling.min_replicas,
+            config.autoscaling.max_replicas,
+        )
+    }
+    return _with_overrides(application, base, args.label_selector())
+
+
+def _with_overrides(
+    application: dict[str, Any],
+    base: dict[str, tuple[dict[str, Any], int, int]],
+    selector: dict[str, str] | None,
+) -> list[Demand]:
+    """The builder's options for each deployment, then the config's overrides, as Serve
+    applies them."""
+    app_name = application.get("name", "default")
     overrides = {
         d.get("name"): d for d in application.get("deployments") or [] if isinstance(d, dict)
     }
@@ -239,15 +264,28 @@ def _demands_for_app(application: dict[str, Any]) -> list[Demand]:
 
 
 def replica_demands(document: dict[str, Any]) -> list[Demand]:
-    """What every deployment of every `app.builder:build_app` application asks Ray for, as
-    Serve will build it: the builder's options, then the config's per-deployment overrides
-    (`ray_actor_options` replaces the whole dict, as Serve does; `autoscaling_config` sets a
-    version's counts, `num_replicas` the router's). Raises ConfigError when args are invalid."""
+    """What every deployment of every `app.builder:build_app` and `app.builder:build_version`
+    application asks Ray for, as Serve will build it: the builder's options, then the config's
+    per-deployment overrides (`ray_actor_options` replaces the whole dict, as Serve does;
+    `autoscaling_config` sets a version's counts, `num_replicas` the router's). Raises
+    ConfigError when args are invalid."""
     demands: list[Demand] = []
     for application in document.get("applications") or []:
-        if isinstance(application, dict) and application.get("import_path") == BUILDER:
+        if not isinstance(application, dict):
+            continue
+        if application.get("import_path") == BUILDER:
             demands += _demands_for_app(application)
+        elif application.get("import_path") == VERSION_BUILDER:
+            demands += _demands_for_version_app(application)
     return demands
+
+
+def rolling_headroom(demand: Demand) -> int:
+    """Extra replicas of `demand` alive at once while Serve replaces it (a code, artifact or
+    resources change): up to `rollout_size` old replicas still stopping while as many new ones
+    start, rollout_size = max(1, int(20% of the target)) in Ray 2.60
+    (deployment_state._rollout_size)."""
+    return max(1, int(0.2 * demand.max_replicas))
 
 
 # ----------------------------------------------------------------------------- the fit
@@ -305,6 +343,19 @@ def check_fit(demands: list[Demand], config: dict[str, Any], where: str) -> FitR
             f"with every node type at max_workers ({', '.join(names)}); raise max_workers or "
             "lower max_replicas"
         )
+        return report
+    # A rolling update of any one deployment at max scale needs room for its extra replicas.
+    for demand in demands:
+        extra = rolling_headroom(demand)
+        if _pack(at_max + [demand] * extra, _instances(types, "max_workers")):
+            report.errors.append(
+                f"{where}: a rolling update of {demand.app}/{demand.deployment} at max_replicas "
+                f"needs room for {extra} more of its replicas (old ones stop while new ones "
+                "start), and there is none with every node type at max_workers; raise "
+                "max_workers or lower max_replicas"
+            )
+    if report.errors:
+        return report
     at_min = [d for d in demands for _ in range(d.min_replicas)]
     if _pack(at_min, _instances(types, "min_workers")):
         report.notes.append(
@@ -313,6 +364,7 @@ def check_fit(demands: list[Demand], config: dict[str, Any], where: str) -> FitR
         )
     gpu = [t.name for t in types if t.resources.get("GPU", 0) > 0]
     report.notes.append(
-        f"{where}: {len(at_max)} replicas at max scale fit; GPU node types: {gpu or 'none'}"
+        f"{where}: {len(at_max)} replicas at max scale fit, with room for a rolling update of "
+        f"any one deployment; GPU node types: {gpu or 'none'}"
     )
     return report

@@ -4,13 +4,23 @@ traffic and hyperparameter updates, a version whose checksum fails, and fault in
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter
 
 import pytest
 import yaml
 
 from app.config import project_root
-from tests.support.serving import APP, infer_body, model_config, serve_config
+from app.ops.declare import patch_version
+from tests.support.configs import router_app, set_config_root
+from tests.support.loadgen import Load
+from tests.support.serving import (
+    APP,
+    infer_body,
+    model_config,
+    serve_config,
+    version_apps_config,
+)
 from tests.support.waiting import wait_for_condition
 
 pytestmark = pytest.mark.integration
@@ -22,12 +32,11 @@ ITEMS = ["an epic space opera among the stars", "a cooking show about italian pa
 def _repo_config() -> dict:
     config = yaml.safe_load((project_root() / "serve_config.yaml").read_text())
     # Relative paths in the repo's config start from the checkout, wherever the test runs.
-    config["applications"][0]["args"]["config_root"] = str(project_root())
-    return config
+    return set_config_root(config, str(project_root()))
 
 
 def _router_user_config(config: dict) -> dict:
-    deployments = config["applications"][0]["deployments"]
+    deployments = router_app(config)["deployments"]
     return next(d for d in deployments if d["name"] == "Router")["user_config"]
 
 
@@ -42,7 +51,7 @@ def repo_app(cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     config = _repo_config()
     cluster.serve_deploy(config, tmp)
-    cluster.wait_running()
+    cluster.wait_all_running()
     return cluster, config, tmp
 
 
@@ -74,7 +83,7 @@ def test_traffic_and_hyperparameters_change_in_place(repo_app):
     updated = copy.deepcopy(config)
     _router_user_config(updated)["weights"] = {"v1": 0, "v2": 100}
     hot = {"hyperparameters": {"profile_scoring": "best_line", "temperature": 0.5}}
-    updated["applications"][0]["deployments"].append({"name": f"{APP}-v2", "user_config": hot})
+    patch_version(updated, f"{APP}-v2", hot)  # in v2's own application
     cluster.serve_deploy(updated, tmp)
 
     status = wait_for_condition(
@@ -86,7 +95,7 @@ def test_traffic_and_hyperparameters_change_in_place(repo_app):
         lambda: cluster.replica_info(f"{APP}-v2")["hyperparameters"]["temperature"] == 0.5,
         timeout_s=60, message="v2 hot patch",
     )  # fmt: skip
-    cluster.wait_running()
+    cluster.wait_all_running()
     for _ in range(20):
         r = cluster.client.post(f"/v2/models/{APP}/infer", json=infer_body(USER, ITEMS))
         assert r.headers["x-model-version"] == "v2"
@@ -160,3 +169,68 @@ def test_fault_injection_fails_requests_with_500(broken_app):
     # The replica survives its injected faults.
     info = cluster.replica_info(f"{APP}-v2")
     assert info["faults"]["error_rate"] == 1.0
+
+
+# -- the default layout: adding and retiring versions is routine (issue 17 item 6) -------------
+
+
+def _replica_ids(cluster) -> dict[str, set[str]]:
+    """Every running replica's id, per deployment, across all applications."""
+    from app import ray_compat
+
+    return {
+        name: {r["replica_id"] for r in d["replicas"] if r["state"] == "RUNNING"}
+        for app in ray_compat.serve_details()["applications"].values()
+        for name, d in app["deployments"].items()
+    }
+
+
+def test_adding_and_retiring_versions_under_load_restarts_nothing_else(
+    cluster, tiny_models, tmp_path_factory
+):
+    """With one application per version (serve_config.yaml), adding v3 at weight 0, moving
+    traffic, and retiring v1 (weight 0, then its application dropped) under steady load fails
+    no request and restarts no other replica: the Router, the controller and the versions that
+    stay keep their replicas. In the single-application layout the same change replaced all
+    five replicas and failed 374 of 8,455 requests (issue 17)."""
+    tmp = tmp_path_factory.mktemp("layout")
+    paths = {v: model_config(tmp, tmp, v, tiny_models["ab"[i % 2]]) for i, v in
+             enumerate(("v1", "v2", "v3"))}  # fmt: skip
+    cluster.serve_deploy(version_apps_config({v: paths[v] for v in ("v1", "v2")},
+                                             {"v1": 50, "v2": 50}), tmp)  # fmt: skip
+    cluster.wait_all_running()
+    before = _replica_ids(cluster)
+    assert before["Router"] and before["recommender-v1"] and before["recommender-v2"]
+
+    def call(client, rng, index):
+        r = client.post(f"/v2/models/{APP}/infer", json=infer_body(USER, ITEMS),
+                        headers={"x-user-id": f"user-{index}-{rng.randrange(100)}"})  # fmt: skip
+        return None if r.status_code == 200 else f"{r.status_code} {r.text[:200]}"
+
+    with Load(cluster.url, call, clients=6) as load:
+        # 1. add v3 at weight 0
+        cluster.serve_deploy(version_apps_config(paths, {"v1": 50, "v2": 50, "v3": 0}), tmp)
+        wait_for_condition(lambda: "v3" in cluster.router_status()["weights"], timeout_s=120,
+                           message="router to take v3")  # fmt: skip
+        cluster.wait_all_running()
+        # 2. v1 to weight 0, v2 stable
+        cluster.serve_deploy(
+            version_apps_config(paths, {"v1": 0, "v2": 90, "v3": 10}, stable="v2"), tmp
+        )
+        wait_for_condition(lambda: cluster.router_status()["weights"].get("v1") == 0,
+                           timeout_s=60, message="v1 at weight 0")  # fmt: skip
+        # 3. retire v1: its application dropped
+        rest = {v: paths[v] for v in ("v2", "v3")}
+        cluster.serve_deploy(version_apps_config(rest, {"v2": 90, "v3": 10}, stable="v2"), tmp)
+        wait_for_condition(lambda: "v1" not in cluster.router_status()["weights"],
+                           timeout_s=60, message="router to drop v1")  # fmt: skip
+        wait_for_condition(lambda: f"{APP}-v1" not in _replica_ids(cluster), timeout_s=120,
+                           message="v1's application gone")  # fmt: skip
+        served_before_end = load.sent
+        time.sleep(3)  # a little load after the last change
+    after = _replica_ids(cluster)
+    assert load.errors == [], load.errors[:5]
+    assert load.sent > served_before_end > 50
+    for deployment in ("Router", "RolloutController", "recommender-v2"):
+        assert after[deployment] == before[deployment], deployment  # never restarted
+    assert after["recommender-v3"]

@@ -48,7 +48,25 @@ class Cluster:
         return self.client.get("/status").json()
 
     def replica_info(self, deployment: str) -> dict[str, Any]:
-        return handle_call(deployment, APP, "info")
+        """`info()` of one replica of `deployment`: in its own application (one application
+        per version) or in the router's app (the single-application layout)."""
+        from ray import serve
+
+        app = deployment if deployment in serve.status().applications else APP
+        return handle_call(deployment, app, "info")
+
+    def wait_all_running(self, timeout_s: float = 180) -> None:
+        """Every application RUNNING (the router app and each version app)."""
+        from ray import serve
+
+        def running():
+            apps = serve.status().applications
+            failed = {n: a.message for n, a in apps.items() if a.status == "DEPLOY_FAILED"}
+            if failed:
+                raise AssertionError(f"failed to deploy: {failed}")
+            return bool(apps) and all(a.status == "RUNNING" for a in apps.values())
+
+        wait_for_condition(running, timeout_s, message="every app RUNNING")
 
 
 def forget_rollouts(app: str = APP, model: str = APP) -> None:
@@ -63,6 +81,31 @@ def model_config(
 ) -> Path:
     """Write `<directory>/<version>.yaml` for a tiny artifact; return its path."""
     return write_model_config(directory, version, artifact, **overrides)
+
+
+def version_apps_config(
+    versions: dict[str, Path], weights: dict[str, float], stable: str = "v1", **router: Any
+) -> dict[str, Any]:
+    """The repo's layout (serve_config.yaml): each version an application of its own, and the
+    router app in version_apps mode."""
+    return {
+        "applications": [
+            *(
+                {"name": f"{APP}-{version}", "route_prefix": None,
+                 "import_path": "app.builder:build_version", "args": {"config": str(path)}}
+                for version, path in versions.items()
+            ),
+            {
+                "name": APP,
+                "route_prefix": "/",
+                "import_path": "app.builder:build_app",
+                "args": {"model": APP, "version_apps": True, "router": router},
+                "deployments": [
+                    {"name": "Router", "user_config": {"stable": stable, "weights": weights}},
+                ],
+            },
+        ]
+    }  # fmt: skip
 
 
 def serve_config(versions: list[Path], weights: dict[str, float], stable: str = "v1",

@@ -12,8 +12,9 @@ from app.serving.batching import Batcher
 class Model:
     """A batch function that takes `seconds` per batch and records the batches it saw."""
 
-    def __init__(self, seconds: float = 0.0, fail_on: object = None) -> None:
-        self.seconds, self.fail_on = seconds, fail_on
+    def __init__(self, seconds: float = 0.0, fail_on: object = None,
+                 hold: asyncio.Event | None = None) -> None:  # fmt: skip
+        self.seconds, self.fail_on, self.hold = seconds, fail_on, hold
         self.batches: list[list[int]] = []
         self.running = 0
         self.most_running = 0
@@ -24,6 +25,8 @@ class Model:
         self.most_running = max(self.most_running, self.running)
         try:
             await asyncio.sleep(self.seconds)
+            if self.hold is not None and len(self.batches) == 1:
+                await self.hold.wait()  # the first forward pass lasts until the test says so
             if self.fail_on in items:
                 raise ValueError(f"bad item {self.fail_on}")
             return [i * 10 for i in items]
@@ -38,14 +41,17 @@ def run(coro):
 def test_requests_queued_during_a_forward_pass_form_the_next_batch():
     # @serve.batch (2.60) would cut these into batches of one, each waiting its turn.
     async def scenario():
-        model = Model(seconds=0.05)
+        done_arriving = asyncio.Event()
+        model = Model(hold=done_arriving)
         batcher = Batcher(model, max_batch_size=16, batch_wait_timeout_s=0.001)
         first = asyncio.create_task(batcher.submit(0))
-        await asyncio.sleep(0.01)  # the first batch (of one) is running
+        while not model.batches:  # the first batch (of one) is running
+            await asyncio.sleep(0.001)
         rest = []
         for i in range(1, 11):  # arrive one by one, further apart than the wait timeout
             rest.append(asyncio.create_task(batcher.submit(i)))
             await asyncio.sleep(0.002)
+        done_arriving.set()  # (no timing: the first pass runs until all ten have queued)
         results = await asyncio.gather(first, *rest)
         return model, results
 

@@ -14,6 +14,7 @@ from app.config import load_yaml, project_root
 from app.ops.kuberay import project_version
 from app.ops.overlay import load_overlay, region_overlays, render
 from app.ops.placement import check_fit, launcher_errors, load_launcher, node_types, replica_demands
+from tests.support.configs import router_app, version_app
 
 ROOT = project_root()
 LAUNCHERS = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -172,9 +173,9 @@ def us_east() -> tuple[dict, dict]:
 
 def test_a_version_wanting_two_gpus_fits_nowhere():
     document, launcher = us_east()
-    document["applications"][0]["args"]["version_resources"]["v2"]["num_gpus"] = 2
+    version_app(document, "recommender-v2")["args"]["resources"]["num_gpus"] = 2
     errors = check_fit(replica_demands(document), launcher, "aws-us-east-1.yaml").errors
-    assert len(errors) == 1 and "recommender/recommender-v2" in errors[0], errors
+    assert len(errors) == 1 and "recommender-v2/recommender-v2" in errors[0], errors
     assert "fits no node type" in errors[0] and "gpu-worker: GPU 1 < 2" in errors[0]
 
 
@@ -189,9 +190,9 @@ def test_a_config_for_another_region_fits_no_node():
 
 def test_max_replicas_beyond_max_workers_is_an_error():
     document, launcher = us_east()
-    for deployment in document["applications"][0]["deployments"]:
+    for deployment in version_app(document, "recommender-v1")["deployments"]:
         if deployment["name"] == "recommender-v1":
-            deployment["autoscaling_config"]["max_replicas"] = 10  # 10 + 2 GPU replicas > 6 nodes
+            deployment["autoscaling_config"]["max_replicas"] = 10  # 10 + 2 GPU replicas > 7 nodes
     errors = check_fit(replica_demands(document), launcher, "aws-us-east-1.yaml").errors
     assert len(errors) == 1 and "at max_replicas" in errors[0] and "recommender-v1" in errors[0], (
         errors
@@ -200,10 +201,36 @@ def test_max_replicas_beyond_max_workers_is_an_error():
 
 def test_a_serve_ray_actor_options_override_replaces_the_builders():
     document, launcher = us_east()
-    document["applications"][0]["deployments"].append(
+    router_app(document)["deployments"].append(
         {"name": "Router", "ray_actor_options": {"num_cpus": 8}}  # Serve replaces the whole dict
     )
     demands = {d.deployment: d for d in replica_demands(document)}
     assert demands["Router"].resources["CPU"] == 8 and demands["Router"].selector is None
     errors = check_fit(list(demands.values()), launcher, "aws-us-east-1.yaml").errors
     assert any("recommender/Router" in e and "CPU 4 < 8" in e for e in errors), errors
+
+
+def test_the_fit_leaves_room_for_a_rolling_update():
+    """Serve replaces a deployment's replicas a batch at a time (max(1, 20%) of the target):
+    old ones still stopping while new ones start. A cluster with exactly max_replicas GPU
+    workers can never finish that update at max scale, so the fit check refuses it."""
+    document, launcher = us_east()
+    for node_type in launcher["available_node_types"].values():
+        if node_type.get("resources", {}).get("GPU"):
+            node_type["max_workers"] -= 1  # exactly v1 max 4 + v2 max 2
+    errors = check_fit(replica_demands(document), launcher, "aws-us-east-1.yaml").errors
+    assert errors and all("a rolling update of" in e for e in errors), errors
+    assert any("recommender-v1/recommender-v1" in e for e in errors)
+
+
+def test_version_apps_and_the_router_memory_are_demands():
+    document, _ = us_east()
+    demands = {d.deployment: d for d in replica_demands(document)}
+    assert demands["recommender-v1"].app == "recommender-v1"
+    assert demands["recommender-v1"].resources["GPU"] == 1
+    assert (demands["recommender-v1"].min_replicas, demands["recommender-v1"].max_replicas) == (
+        2,
+        4,
+    )
+    assert demands["recommender-v1"].selector == {"region": "us-east-1"}
+    assert demands["Router"].resources["memory"] == 1024 * 1024 * 1024

@@ -12,6 +12,7 @@ from app.ops.cli import main
 from app.ops.declare import declare_plan, load_plan
 from app.ops.validate import validate_serve_config
 from app.serving.traffic import apply_override
+from tests.support.configs import router_app, set_config_root
 
 ROOT = project_root()
 PLANS = sorted((ROOT / "configs" / "rollouts").glob("*.yaml"))
@@ -19,8 +20,7 @@ PLANS = sorted((ROOT / "configs" / "rollouts").glob("*.yaml"))
 
 def repo_config() -> dict:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"]["config_root"] = str(ROOT)
-    return config
+    return set_config_root(config, str(ROOT))
 
 
 @pytest.mark.parametrize("path", PLANS, ids=lambda p: p.name)
@@ -30,7 +30,7 @@ def test_every_shipped_plan_is_valid_and_validates_in_the_repo_config(path, tmp_
     out.write_text(yaml.safe_dump(config))
     report = validate_serve_config(out, load_models=False)
     assert report.errors == []
-    controller = config["applications"][0]["deployments"][-1]
+    controller = router_app(config)["deployments"][-1]
     assert (
         controller["name"] == "RolloutController"
         and controller["user_config"]["plan"]["candidate"] == "v2"
@@ -40,7 +40,7 @@ def test_every_shipped_plan_is_valid_and_validates_in_the_repo_config(path, tmp_
 
 def test_declare_none_and_bad_plans(tmp_path):
     config = declare_plan(repo_config(), None)
-    assert config["applications"][0]["deployments"][-1]["user_config"]["plan"] is None
+    assert router_app(config)["deployments"][-1]["user_config"]["plan"] is None
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "strategy: canary\ncandidate: v1\nstable: v1\ncanary: {steps: [{set_weight: 5}]}\n"
@@ -55,7 +55,7 @@ def test_validate_reports_plan_errors_with_their_field(tmp_path):
     plan = yaml.safe_load(PLANS[0].read_text())
     plan["candidate"] = "v9"
     config = declare_plan(repo_config(), plan)
-    config["applications"][0]["deployments"][-1]["user_config"]["tick_interval_s"] = 0
+    router_app(config)["deployments"][-1]["user_config"]["tick_interval_s"] = 0
     out = tmp_path / "serve_config.yaml"
     out.write_text(yaml.safe_dump(config))
     errors = validate_serve_config(out, load_models=False).errors
@@ -68,11 +68,11 @@ def test_cli_declare_prints_or_writes(tmp_path, capsys):
     config.write_text(yaml.safe_dump(repo_config()))
     assert main(["declare", str(PLANS[0]), "--config", str(config)]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["applications"][0]["deployments"][-1]["user_config"]["plan"]["stable"] == "v1"
+    assert router_app(printed)["deployments"][-1]["user_config"]["plan"]["stable"] == "v1"
     out = tmp_path / "declared.yaml"
     assert main(["declare", "none", "--config", str(config), "-o", str(out)]) == 0
     assert (
-        yaml.safe_load(out.read_text())["applications"][0]["deployments"][-1]["user_config"]["plan"]
+        router_app(yaml.safe_load(out.read_text()))["deployments"][-1]["user_config"]["plan"]
         is None
     )
     assert main(["declare", str(tmp_path / "missing.yaml"), "--config", str(config)]) == 1

@@ -12,6 +12,7 @@ from app.ops.cli import main
 from app.ops.kuberay import generate, manifest_text, project_version
 from app.ops.overlay import load_overlay, render
 from app.ops.placement import load_launcher, node_types
+from tests.support.configs import router_app
 
 ROOT = project_root()
 MANIFEST = ROOT / "cluster/kuberay/rayservice.yaml"
@@ -41,7 +42,7 @@ def test_committed_manifest_matches_its_sources():
 
 def test_check_fails_with_a_diff_when_the_serve_config_changes(tmp_path, capsys):
     changed = load_yaml(ROOT / "serve_config.yaml")
-    changed["applications"][0]["deployments"][0]["user_config"]["request_timeout_s"] = 12
+    router_app(changed)["deployments"][0]["user_config"]["request_timeout_s"] = 12
     config = tmp_path / "serve_config.yaml"
     config.write_text(yaml.safe_dump(changed, sort_keys=False))
     stale = tmp_path / "rayservice.yaml"
@@ -63,7 +64,7 @@ def test_serve_config_v2_is_the_regions_serve_config():
     expected = render(
         load_yaml(ROOT / "serve_config.yaml"), load_overlay(ROOT / f"configs/regions/{REGION}.yaml")
     )
-    env = expected["applications"][0]["runtime_env"]["env_vars"]
+    env = router_app(expected)["runtime_env"]["env_vars"]
     env["ROLLOUT_ADMIN_TOKEN_FILE"] = "/etc/ray-rollout/admin_token"  # the Secret's mount
     assert served == expected
 

@@ -677,8 +677,8 @@ def test_version_app_with_a_route_or_alone_is_an_error(tmp_path):
     assert errors_with(report, "args.version_apps", "no application in this file runs a version")
 
 
-def test_repo_version_apps_example_is_valid_without_loading():
-    report = validate_serve_config(REPO / "serve_config.version-apps.yaml", load_models=False)
+def test_repo_single_app_config_is_valid_without_loading():
+    report = validate_serve_config(REPO / "serve_config.single-app.yaml", load_models=False)
     assert report.errors == []
 
 
@@ -705,8 +705,8 @@ def _shipped_serve_configs() -> dict[str, dict[str, Any]]:
     base = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     shipped = {
         "serve_config.yaml": base,
-        "serve_config.version-apps.yaml": yaml.safe_load(
-            (REPO / "serve_config.version-apps.yaml").read_text()
+        "serve_config.single-app.yaml": yaml.safe_load(
+            (REPO / "serve_config.single-app.yaml").read_text()
         ),
     }
     for overlay in sorted((REPO / "configs" / "regions").glob("*.yaml")):
@@ -741,3 +741,15 @@ def test_admission_control_is_on_in_every_shipped_config(name):
             config = load_model_config(REPO / file)
             assert config.max_queued_requests > 0, f"{name}: {file} queues without bound"
             assert config.limits.max_tokens is not None, f"{name}: {file} has no token budget"
+
+
+def test_the_default_layout_is_one_application_per_version():
+    """serve_config.yaml (what `make demo`, the region overlays and the KubeRay manifest use)
+    runs each version as an application of its own, so adding or retiring one restarts
+    nothing else (tests/integration/test_deploy.py measures it under load)."""
+    document = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    builders = [a["import_path"] for a in document["applications"]]
+    assert builders.count("app.builder:build_app") == 1
+    assert builders.count("app.builder:build_version") >= 2
+    (router,) = [a for a in document["applications"] if a["import_path"] == "app.builder:build_app"]
+    assert router["args"]["version_apps"] is True
