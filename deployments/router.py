@@ -51,6 +51,7 @@ from app.errors import (
     LoadShed,
     ModelFailure,
     ModelNotFound,
+    OverBudget,
     PayloadTooLarge,
     ReplicaLost,
     RequestTimeout,
@@ -749,6 +750,13 @@ class Router:
             model=model, version=version, request=parsed, result=outputs,
             outputs=self.adapters[version].outputs,
         )  # fmt: skip
+        cap = self.configs[version].limits.max_response_bytes
+        if len(content) > cap:
+            raise OverBudget(
+                f"the response would be {len(content)} bytes; this model's "
+                f"limits.max_response_bytes is {cap} (ask for fewer outputs, a smaller top_k, "
+                "or binary outputs)"
+            )
         headers.update({"x-model-version": version, "x-routing-decision": decision, **extra})
         return Response(content=content, headers=headers)
 

@@ -111,6 +111,11 @@ class RequestLimits(StrictModel):
         description="Texts the model encodes for one request (the recommender counts every "
         "clause of every profile, as `profile_scoring: best_line` encodes them, plus the items).",
     )  # fmt: skip
+    max_response_bytes: int = Field(
+        default=8 << 20, ge=1024, le=1 << 30,
+        description="Largest response body; a bigger one is a 413 (ask for fewer outputs, a "
+        "smaller top_k, or binary outputs).",
+    )  # fmt: skip
     max_tokens: int | None = Field(
         default=16384, ge=1,
         description="Tokens of one request after tokenization (null: no limit); checked by "

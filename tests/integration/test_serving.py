@@ -21,7 +21,8 @@ ITEMS = ["space opera", "cooking show", "jazz music"]
 def deployed(cluster, tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
     v1 = model_config(tmp, tmp, "v1", tiny_models["a"])
-    v2 = model_config(tmp, tmp, "v2", tiny_models["b"], hyperparameters={"temperature": 0.5})
+    v2 = model_config(tmp, tmp, "v2", tiny_models["b"], hyperparameters={"temperature": 0.5},
+                      limits={"max_response_bytes": 200_000})  # fmt: skip
     config = serve_config([v1, v2], {"v1": 50, "v2": 50})
     # A typo in the admin token's path (F10): the admin API must go off, inference stay up.
     config["applications"][0]["runtime_env"] = {
@@ -334,3 +335,18 @@ def test_requests_over_the_models_budget_are_413s_naming_the_limit(deployed):
         assert "limits.max_tokens is 16384" in r.json()["error"]
     assert deployed.router_status()["versions"]["v2"]["breaker"]["state"] == "closed"
     assert deployed.client.post(url, json=GOOD).status_code == 200
+
+
+def test_a_response_over_the_models_cap_is_a_413_naming_it(deployed):
+    """v2's `limits.max_response_bytes` is 200,000 here. 64 users x 200 items: ~250 KB as JSON
+    (refused, naming the limit), 153,600 bytes in binary form (served)."""
+    body = infer_body([f"user {i} likes films" for i in range(64)],
+                      [f"item {i}" for i in range(200)])  # fmt: skip
+    url = f"/v2/models/{APP}/versions/v2/infer"
+    r = deployed.client.post(url, json=body)
+    assert r.status_code == 413, r.text[:200]
+    assert "limits.max_response_bytes is 200000" in r.json()["error"]
+    binary = {**body, "outputs": [{"name": n, "parameters": {"binary_data": True}}
+                                  for n in ("scores", "ranking")]}  # fmt: skip
+    r = deployed.client.post(url, json=binary)
+    assert r.status_code == 200 and len(r.content) < 200_000
