@@ -32,6 +32,10 @@ class ServedAnswer(NamedTuple):
     version: str
     answered_at: float  # epoch seconds, the router's clock
     decision: str | None  # the routing decision ("sticky", "weighted", "pinned", ...)
+    # The unit of analysis of the A/B test: a hash of the routing key (the user), so that one
+    # user's correlated outcomes count as one unit; None for keyless traffic (the request is
+    # its own unit). Last and optional: 4-tuples from older routers read the same.
+    unit: str | None = None
 
 
 class FeedbackHint(NamedTuple):
@@ -42,6 +46,7 @@ class FeedbackHint(NamedTuple):
     answered_at: float
     decision: str | None
     counted: list[str]  # outcomes this router already saw counted for the id
+    unit: str | None = None  # the routing unit (hashed user key) it was answered for
 
 
 class TrafficOverride(TypedDict):

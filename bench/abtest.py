@@ -1,15 +1,30 @@
 """How the always-valid sequential test behaves when a rollout controller peeks at it.
 
     cd /work/main && .venv/bin/python -m bench.abtest [--json] [--experiments N] [--smoke]
+                                                      [--skip-correlated]
 
-Simulates A/B experiments on a 10% baseline conversion rate, with no Ray: per-look binomial
-counts from a seeded numpy Generator, run through `app.rollout.abtest.SequentialTest.evaluate_paths`
-(the kernel `evaluate` uses) with a look every 500 samples per arm. Three scenarios, each
-`--experiments` experiments (default 2,000, about 3 s; --smoke 30):
+Simulates A/B experiments on a 10% baseline conversion rate, with no Ray: per-look counts from
+a seeded numpy Generator, run through `app.rollout.abtest.SequentialTest.evaluate_paths` (the
+kernel `evaluate` uses) with a look every 500 samples per arm. Six scenarios, each
+`--experiments` experiments (default 2,000; --smoke 30):
 
 * A/A: both arms at 10%. Every 'better' is a false promotion.
 * lift: the candidate at 10.3% (+3% relative). 'better' is a detection.
 * drop: the candidate at 9.7% (-3% relative). 'worse' stops the rollout.
+
+  Each outcome comes from another user (keyless traffic: each request is its own unit), so
+  outcomes are independent. About 3 s.
+
+* correlated A/A, lift, drop: the same questions when users come back. Each arm has 20,000
+  users; a user's share of the traffic is exponential (a few heavy users) and their own click
+  rate is Beta(1, 9) (mean 10%, sd 9%), times 1.03 or 0.97 on a lifted or dropped candidate.
+  At the cap a user has 16 outcomes on average (up to a few hundred), and outcomes of one user
+  are correlated through their rate. Outcomes arrive as Poisson streams (500 per look per arm
+  on average) and are summed per unit cluster exactly as the feedback book does
+  (`UNIT_CLUSTERS` clusters of whole users, `UnitMoments`), so the test sees what it sees in
+  production. The same data are also judged as if every outcome were independent (the test
+  before it took units into account): `outcomes_as_independent`. About 1 minute per
+  scenario; `--skip-correlated` leaves them out.
 
 Test: alpha 0.05 (two-sided), relative lift, mde = tau = 3%, min_samples_per_arm 1000; the
 decision is the always-valid interval against 0 (`Verdict.decision`, i.e.
@@ -27,8 +42,9 @@ For contrast, the A/A data are also judged by a fixed-horizon 95% Wald interval 
 every look (`naive_peeking_false_promotion_rate`): the mistake the sequential test prevents.
 
 Prints one JSON object (stdout): aa_false_promotion_rate, lift_detection_rate,
-drop_stop_rate, median_samples_to_decision, and the details and parameters listed in
-bench/README.md; without --json, one JSON line per scenario comes first. Exit status 0.
+drop_stop_rate, median_samples_to_decision, `correlated` (the same for the correlated-users
+scenarios), and the details and parameters listed in docs/benchmarks.md; without --json, one
+JSON line per scenario comes first. Exit status 0.
 """
 
 from __future__ import annotations
@@ -43,6 +59,8 @@ from typing import Any
 import numpy as np
 
 from app.rollout.abtest import OutcomeKind, SequentialTest, required_sample_size
+from app.rollout.abtest.arms import _design_effect
+from app.rollout.feedback import UNIT_CLUSTERS
 from bench.common import cpu_count, log
 
 BASELINE = 0.10
@@ -52,6 +70,12 @@ PEEK_EVERY = 500
 MIN_SAMPLES = 1000
 SCENARIOS = {"aa": BASELINE, "lift": BASELINE * (1 + MDE), "drop": BASELINE * (1 - MDE)}
 Z95 = 1.959963984540054
+# The correlated-users scenarios: users per arm, the gamma shape of a user's share of the
+# traffic (1: exponential), and the Beta(a, b) of a user's own click rate (mean a / (a + b)).
+USERS_PER_ARM = 20_000
+ACTIVITY_SHAPE = 1.0
+RATE_BETA = (1.0, 9.0)
+CORRELATED = {"correlated_aa": 0.0, "correlated_lift": MDE, "correlated_drop": -MDE}
 
 
 def max_samples_per_arm() -> int:
@@ -70,6 +94,51 @@ def binary_paths(rng, p_candidate, p_control, experiments, peek_every, max_sampl
         s = np.cumsum(rng.binomial(peek_every, p, (experiments, looks)), axis=1).astype(float)
         arms.append((n, s, s))
     return arms[0], arms[1]
+
+
+def correlated_paths(
+    rng: np.random.Generator,
+    lift: float,
+    experiments: int,
+    peek_every: int,
+    looks: int,
+    users: int = USERS_PER_ARM,
+    clusters: int = UNIT_CLUSTERS,
+    chunk: int = 250,
+) -> tuple[np.ndarray, ...]:
+    """One arm of the correlated-users scenario: cumulative (n, sum, sum_sq, units,
+    unit_sum_sq, unit_cross, unit_n_sq) at every look, shape (experiments, looks).
+
+    Each user has a share of the traffic (gamma, ACTIVITY_SHAPE) and a click rate (Beta
+    RATE_BETA, times 1 + lift) and falls in one of `clusters` clusters (the hash of the feedback
+    book). A cluster's outcomes form a Poisson stream, its clicks one of rate sum(share x rate)
+    (exact for users who arrive as Poisson streams), `peek_every` outcomes per look on average."""
+    columns = np.empty((7, experiments, looks))
+    a, b = RATE_BETA
+    for start in range(0, experiments, chunk):
+        e = min(chunk, experiments - start)
+        share = rng.gamma(ACTIVITY_SHAPE, 1.0, (e, users))
+        rate = np.minimum(rng.beta(a, b, (e, users)) * (1 + lift), 1.0)
+        where = rng.integers(0, clusters, (e, users)) + clusters * np.arange(e)[:, None]
+        size = e * clusters
+        arrivals = np.bincount(where.ravel(), share.ravel(), size).reshape(e, clusters)
+        clicks = np.bincount(where.ravel(), (share * rate).ravel(), size).reshape(e, clusters)
+        scale = peek_every / arrivals.sum(axis=1, keepdims=True)
+        arrivals, clicks = arrivals * scale, clicks * scale
+        n = np.zeros((e, clusters))
+        s = np.zeros((e, clusters))
+        out = columns[:, start : start + e]
+        for t in range(looks):
+            hits = rng.poisson(clicks)
+            n += hits + rng.poisson(arrivals - clicks)
+            s += hits
+            total_n, total_s = n.sum(axis=1), s.sum(axis=1)
+            out[0, :, t], out[1, :, t], out[2, :, t] = total_n, total_s, total_s
+            out[3, :, t] = np.count_nonzero(n, axis=1)
+            out[4, :, t] = np.einsum("ij,ij->i", s, s)
+            out[5, :, t] = np.einsum("ij,ij->i", s, n)
+            out[6, :, t] = np.einsum("ij,ij->i", n, n)
+    return tuple(columns)
 
 
 def simulate(rng: np.random.Generator, p_candidate: float, experiments: int, looks: int):
@@ -119,8 +188,69 @@ def run_scenario(
     return result
 
 
+def run_correlated(
+    name: str, test: SequentialTest, rng: np.random.Generator, experiments: int, looks: int
+) -> dict[str, Any]:
+    lift = CORRELATED[name]
+    candidate = correlated_paths(rng, lift, experiments, PEEK_EVERY, looks)
+    control = correlated_paths(rng, 0.0, experiments, PEEK_EVERY, looks)
+    started = time.perf_counter()
+    code, index = test.evaluate_paths(OutcomeKind.BINARY, candidate, control).first_decision()
+    seconds = time.perf_counter() - started
+    # The same data with every outcome taken as independent (the test before units).
+    naive, _ = test.evaluate_paths(OutcomeKind.BINARY, candidate[:3], control[:3]).first_decision()
+    samples = (index + 1) * PEEK_EVERY
+    decided = code != 0
+    effect = _design_effect(*(c[:, -1] for c in control))
+    return {
+        "scenario": name,
+        "lift": lift,
+        "experiments": experiments,
+        "better": int(np.sum(code == 1)),
+        "worse": int(np.sum(code == -1)),
+        "undecided": int(np.sum(~decided)),
+        "median_samples_to_decision": int(np.median(samples[decided])) if decided.any() else None,
+        "outcomes_as_independent": {
+            "better": int(np.sum(naive == 1)),
+            "worse": int(np.sum(naive == -1)),
+        },
+        "median_design_effect_at_cap": round(float(np.median(effect)), 2),
+        "median_units_at_cap": int(np.median(control[3][:, -1])),
+        "evaluate_paths_s": round(seconds, 3),
+    }
+
+
 def rate(count: int, experiments: int) -> float:
     return round(count / experiments, 4)
+
+
+def correlated_summary(scenarios: dict[str, dict[str, Any]], experiments: int) -> dict[str, Any]:
+    aa, lift, drop = (scenarios[f"correlated_{k}"] for k in ("aa", "lift", "drop"))
+    independent = {
+        "aa_false_promotion_rate": rate(aa["outcomes_as_independent"]["better"], experiments),
+        "aa_false_stop_rate": rate(aa["outcomes_as_independent"]["worse"], experiments),
+        "lift_detection_rate": rate(lift["outcomes_as_independent"]["better"], experiments),
+        "drop_stop_rate": rate(drop["outcomes_as_independent"]["worse"], experiments),
+    }
+    return {
+        "aa_false_promotion_rate": rate(aa["better"], experiments),
+        "lift_detection_rate": rate(lift["better"], experiments),
+        "drop_stop_rate": rate(drop["worse"], experiments),
+        "aa_false_stop_rate": rate(aa["worse"], experiments),
+        "median_samples_to_decision": {
+            "lift": lift["median_samples_to_decision"],
+            "drop": drop["median_samples_to_decision"],
+        },
+        "wrong_direction": {"lift": lift["worse"], "drop": drop["better"]},
+        "outcomes_as_independent": independent,
+        "median_design_effect_at_cap": aa["median_design_effect_at_cap"],
+        "median_units_at_cap": aa["median_units_at_cap"],
+        "users_per_arm": USERS_PER_ARM,
+        "outcomes_per_user_at_cap": round(max_samples_per_arm() / USERS_PER_ARM, 1),
+        "activity_shape": ACTIVITY_SHAPE,
+        "rate_beta": list(RATE_BETA),
+        "unit_clusters": UNIT_CLUSTERS,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the JSON object on stdout (without it, one line per scenario first)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="30 experiments per scenario")
     parser.add_argument("--seed", type=int, default=0, help="numpy Generator seed (default 0)")
+    parser.add_argument("--skip-correlated", action="store_true",
+                        help="leave out the correlated-users scenarios (~1 min each)")  # fmt: skip
     args = parser.parse_args(argv)
     experiments = args.experiments or (30 if args.smoke else 2000)
     if experiments < 1:
@@ -142,11 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     test = SequentialTest(alpha=ALPHA, scale="relative", mde=MDE, min_samples_per_arm=MIN_SAMPLES)
     max_samples = max_samples_per_arm()
     looks = max_samples // PEEK_EVERY
-    streams = np.random.default_rng(args.seed).spawn(len(SCENARIOS))
+    streams = np.random.default_rng(args.seed).spawn(len(SCENARIOS) + len(CORRELATED))
     scenarios = {}
     for (name, _), rng in zip(SCENARIOS.items(), streams):
         log(f"{name}: {experiments} experiments x {looks} looks")
         scenarios[name] = run_scenario(name, test, rng, experiments, looks)
+    if not args.skip_correlated:
+        for name, rng in zip(CORRELATED, streams[len(SCENARIOS) :]):
+            log(f"{name}: {experiments} experiments x {looks} looks, {USERS_PER_ARM} users per arm")
+            scenarios[name] = run_correlated(name, test, rng, experiments, looks)
     aa, lift, drop = scenarios["aa"], scenarios["lift"], scenarios["drop"]
     result: dict[str, Any] = {
         "aa_false_promotion_rate": rate(aa["better"], experiments),
@@ -163,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "drop": drop["called_by_fixed_horizon_n"],
         },
         "wrong_direction": {"lift": lift["worse"], "drop": drop["better"]},
+        "correlated": None if args.skip_correlated else correlated_summary(scenarios, experiments),
         "fixed_horizon_samples": required_sample_size(BASELINE, MDE, alpha=ALPHA, power=0.8),
         "alpha": ALPHA,
         "tau": test.effective_tau,

@@ -5,12 +5,17 @@ pure state machine (`app.rollout.step`), persists the state in Ray's GCS key-val
 it changes, and publishes the traffic it asks for to routers waiting on `wait_for_traffic`
 (long-poll: a router learns of a change as soon as it is published). Routers never wait for
 the controller on the request path, and keep their last traffic when it is gone.
+
+Single-headed: a replica claims the controller epoch (`deployments.store.Fence`) when it
+starts and checks it before it writes; a replica that finds a newer claim stops (`Fenced`,
+503, to everything). Rollout timing runs on a steady clock (`ControllerCore.now`) and is
+persisted as elapsed seconds, refreshed every `CHECKPOINT_S`, so a restart resumes a hold
+where it was and a step of the wall clock moves nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -21,6 +26,7 @@ from typing import Any, NamedTuple, cast
 from ray import serve
 
 from app import ray_compat
+from app.config import version_app_name
 from app.constants import (
     DEFAULT_TICK_INTERVAL_S,
     GAUGE_INTERVAL_S,
@@ -30,7 +36,7 @@ from app.constants import (
     PROMETHEUS_MIN_INTERVAL_S,
     RATE_WINDOW_S,
 )
-from app.errors import CommandRefused, Unavailable
+from app.errors import CommandRefused, Fenced, Unavailable
 from app.messages import (
     FeedbackHint,
     ServedAnswer,
@@ -58,14 +64,26 @@ from app.rollout import (
 from app.rollout.feedback import (
     FeedbackDesk,
 )
-from app.rollout.plan import ControllerUserConfig
+from app.rollout.plan import ControllerUserConfig, RolloutPlan
 from app.rollout.prometheus import PrometheusUnavailable, query_scalar
 from app.rollout.timeline import Timeline
-from deployments.store import GcsStore, RolloutStore
+from deployments.store import Claim, Fence, GcsStore, RolloutStore
 
 logger = logging.getLogger("ray.serve")
 
 OUTCOMES_SUFFIX = "/outcomes"  # the outcome book's key: the state's key + this
+EPOCH_SUFFIX = "/epoch"  # the fence's key: the state's key + this
+# While a timer runs (a hold, a scale-down delay, the progress deadline) the stored state is
+# rewritten at least this often, so its timers are never older than this: a controller that
+# crashes every minute still advances a long hold.
+CHECKPOINT_S = 5.0
+# A replica with nothing to write still checks the fence this often, so a superseded one stops
+# ticking, answering long-polls and taking commands within about a second.
+FENCE_CHECK_S = 1.0
+# How often the candidate's replicas are looked up in Serve (for progress_deadline_s), and how
+# old a reading may be before it counts as unknown.
+READINESS_INTERVAL_S = 2.0
+READINESS_MAX_AGE_S = 30.0
 
 
 class PrometheusReading(NamedTuple):
@@ -75,6 +93,25 @@ class PrometheusReading(NamedTuple):
     available: bool
     reason: str
     errors: int = 0  # queries in a row that gave no reading
+
+
+class Readiness(NamedTuple):
+    """The last lookup of whether a version has a running replica (None: unknown)."""
+
+    version: str | None
+    ready: bool | None
+    at: float  # the controller's steady clock
+
+
+def deployment_ready(deployment: dict[str, Any] | None) -> bool:
+    """Whether one deployment's Serve details (`serve_details()`, a deployment entry) say it
+    can serve now: a RUNNING replica, or HEALTHY with none (autoscaled to zero replicas, which
+    Serve starts on the first request). Starting, failed, unhealthy or missing: not ready."""
+    if not deployment:
+        return False
+    if any(r.get("state") == "RUNNING" for r in deployment.get("replicas") or []):
+        return True
+    return deployment.get("status") == "HEALTHY"
 
 
 class ControllerCore:
@@ -89,14 +126,27 @@ class ControllerCore:
         app_name: str,
         store: RolloutStore,
         deployed_versions: Callable[[], list[str]] | None = None,
+        candidate_ready: Callable[[str], bool | None] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
+        self.app_name = app_name
         # None (version_apps): versions are applications of their own, checked by name in Serve.
         self.versions = None if versions is None else list(versions)
         self.store = store
+        # The wall clock: what feedback (stamped by routers' wall clocks) and status dates use.
         self.clock = clock
+        # Rollout timing uses now(): this replica's start on the wall clock, moved on by the
+        # monotonic one (F16), so stepping the wall clock neither ends nor stretches a hold.
+        self._monotonic = monotonic
+        self._wall0, self._mono0 = clock(), monotonic()
         self._deployed = deployed_versions
+        self._ready_lookup = candidate_ready  # blocking; run off the event loop
+        self.readiness = Readiness(None, None, float("-inf"))
+        self._readiness_asked_at = float("-inf")
+        self._readiness_lookup: asyncio.Future[bool | None] | None = None  # the one in flight
+        self._readiness_task: asyncio.Task[None] | None = None
         self.kv_key = f"{app_name}/{model}/rollout-state"
         self.window = StatsWindow()
         self.metrics = ControllerMetrics(Metrics(model))
@@ -128,33 +178,52 @@ class ControllerCore:
         # Feedback: who answered each request id (pushed by routers), and the outcomes per
         # version since the current rollout started (persisted beside the state).
         self.desk = FeedbackDesk(self.versions)
-        now = self.clock()
+        now = self.now()
+        # Claim the fence before reading: every write the replica before this one acknowledged
+        # was checked against the fence after it landed, so this read sees it.
+        self.fence = Fence(store, self.kv_key + EPOCH_SUFFIX)
+        self.fence.claim()
+        self.fenced: str | None = None  # why this replica stopped: a newer one claimed
+        self._fence_checked_at = self._saved_at = now
+        # State writes so far, and how many of them a fence check has followed: a command is
+        # answered as done only when its write has been followed by one.
+        self._state_writes = self._checked_writes = 0
         saved_book = self.store.get(self.kv_key + OUTCOMES_SUFFIX)
         if saved_book is not None:
             try:
                 self.desk.restore(json.loads(saved_book))
+                self.desk.dirty = True  # stored again under this replica's epoch
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("RolloutController: ignoring unreadable saved outcomes: %s", exc)
         saved = self.store.get(self.kv_key)
         if saved is not None:
             try:
-                state = RolloutState.from_dict(json.loads(saved))
-                if not state.phase.terminal:
-                    # The stats window lived in the old replica's memory: re-run the current
-                    # step's hold from now, on fresh evidence, rather than judge a sliver.
-                    paused_at = now if state.paused_at is not None else None
-                    state = dataclasses.replace(state, step_started_at=now, hold_excluded_s=0.0,
-                                                paused_at=paused_at)  # fmt: skip
-                self.state = state
-                self._published_key = traffic_key(state)  # stored, and so already published
+                data = json.loads(saved)
+                # Timers resume where the stored state left them (elapsed seconds, whatever
+                # this node's clock says); the stats window starts afresh (RolloutState.resume).
+                self.state = RolloutState.resume(data, now)
+                self._published_key = traffic_key(self.state)  # stored, and so already published
+                self._dirty = True  # stored again under this replica's epoch at the first tick
                 self.generation = self.state.generation
                 self.declared = self.state.plan.digest()
-                logger.info("RolloutController: resumed %s at step %d (%s, candidate %.1f%%)",
+                logger.info("RolloutController: epoch %d resumed %s at step %d (%s, candidate "
+                            "%.1f%%, %.1f s into the step; stored by epoch %s)", self.epoch,
                             self.state.plan.candidate, self.state.step_index,
-                            self.state.phase.value, self.state.candidate_weight)  # fmt: skip
+                            self.state.phase.value, self.state.candidate_weight,
+                            self.state.elapsed_s(now), data.get("epoch"))  # fmt: skip
                 flush_serve_logs()
-            except (ValueError, KeyError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 logger.error("RolloutController: ignoring unreadable saved state: %s", exc)
+
+    @property
+    def epoch(self) -> int:
+        """This replica's controller epoch: one more than the replica before it."""
+        return self.fence.epoch
+
+    def now(self) -> float:
+        """The controller's steady clock, what rollout timing runs on: epoch seconds at this
+        replica's start, moving with the monotonic clock since (never jumps)."""
+        return self._wall0 + (self._monotonic() - self._mono0)
 
     # -- declared state --------------------------------------------------------------------------
 
@@ -166,6 +235,9 @@ class ControllerCore:
         Async on purpose: Ray Serve 2.60 runs a sync `reconfigure` in a worker thread, where it
         would race the tick; on the event loop, under the state lock, it runs between ticks."""
         async with self._lock:
+            if self.fenced is not None:  # superseded: the newer replica takes declarations
+                logger.warning("RolloutController: ignoring a declaration: %s", self.fenced)
+                return
             await self._reconfigure(user_config)
 
     async def _reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -184,7 +256,7 @@ class ControllerCore:
             # No plan declared: routers follow their own declared traffic again.
             self.declared = None
             if self.state is not None and not self.state.phase.terminal:
-                await self._set(apply_command(self.state, Command.ABORT, self.clock(),
+                await self._set(apply_command(self.state, Command.ABORT, self.now(),
                                               reason="plan removed from the config"))  # fmt: skip
             if self.override is not None:
                 self.override = None
@@ -192,8 +264,8 @@ class ControllerCore:
             return
         if self.declared != plan.digest():
             self.declared = plan.digest()
-            self._reset_outcomes()
-            await self._set(RolloutState.start(plan, self.clock(), generation=self.generation + 1))
+            self._reset_outcomes(plan)
+            await self._set(RolloutState.start(plan, self.now(), generation=self.generation + 1))
             self.message = f"started plan {plan.digest()}"
         elif self.override is None and self.state is not None:
             self._publish(self.state)  # a restarted replica resumes steering the same rollout
@@ -208,22 +280,30 @@ class ControllerCore:
     # -- the loop ------------------------------------------------------------------------------
 
     def _ensure_ticker(self) -> None:
-        if self._ticker is None or self._ticker.done():
+        if self.fenced is None and (self._ticker is None or self._ticker.done()):
             self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def check_health(self) -> None:
+        """Unhealthy once superseded: if Serve still runs this replica as its only one (the
+        newer one is gone), it replaces it, and the replacement claims the fence again."""
+        self._refuse_if_fenced()
         self._ensure_ticker()
 
+    def _refuse_if_fenced(self) -> None:
+        if self.fenced is not None:
+            raise Fenced(self.fenced, retry_after_s=1.0)
+
     async def _tick_loop(self) -> None:
-        while True:
+        while self.fenced is None:  # a superseded replica stops ticking
             try:
-                # The query runs beside the tick, never in front of it: a slow Prometheus must
-                # not delay a rollback. The tick judges the last reading.
+                # The lookups run beside the tick, never in front of it: a slow Prometheus or
+                # Serve controller must not delay a rollback. The tick judges the last reading.
+                loop = asyncio.get_running_loop()
                 if self._prometheus_task is None or self._prometheus_task.done():
-                    self._prometheus_task = asyncio.get_running_loop().create_task(
-                        self._query_prometheus()
-                    )
-                await self.tick(self.clock())
+                    self._prometheus_task = loop.create_task(self._query_prometheus())
+                if self._readiness_task is None or self._readiness_task.done():
+                    self._readiness_task = loop.create_task(self.refresh_readiness())
+                await self.tick()
             except Exception:
                 logger.exception("RolloutController: tick failed")
             await asyncio.sleep(self.tick_interval_s)
@@ -250,6 +330,40 @@ class ControllerCore:
         except PrometheusUnavailable as exc:
             self.prometheus = PrometheusReading(None, False, str(exc), self.prometheus.errors + 1)
 
+    async def refresh_readiness(self) -> None:
+        """Look up whether the live rollout's candidate has a running replica (off the event
+        loop, at most every READINESS_INTERVAL_S), for the plan's progress_deadline_s."""
+        state = self.state
+        lookup = self._ready_lookup
+        if (
+            lookup is None
+            or state is None
+            or state.phase.terminal
+            or state.plan.progress_deadline_s is None
+            or self.now() - self._readiness_asked_at < READINESS_INTERVAL_S
+            # One lookup at a time: one that outlived its timeout (a Serve controller that
+            # does not answer) still holds a worker thread; the reading ages into unknown.
+            or (self._readiness_lookup is not None and not self._readiness_lookup.done())
+        ):
+            return
+        candidate = state.plan.candidate
+        self._readiness_asked_at = self.now()
+        self._readiness_lookup = asyncio.ensure_future(asyncio.to_thread(lookup, candidate))
+        # Retrieve the outcome of one that ends after its timeout (else asyncio logs it).
+        self._readiness_lookup.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._readiness_lookup), KV_TIMEOUT_S)
+        except Exception as exc:  # unknown: the deadline neither starts nor stops on it
+            logger.warning("RolloutController: could not look up %s's replicas: %s", candidate, exc)
+            ready = None
+        self.readiness = Readiness(candidate, ready, self.now())
+
+    def _candidate_ready(self, candidate: str, now: float) -> bool | None:
+        reading = self.readiness
+        if reading.version != candidate or now - reading.at > READINESS_MAX_AGE_S:
+            return None
+        return reading.ready
+
     def observation(self, now: float) -> Observation:
         """What the gates judge: everything since the current step's window started."""
         assert self.state is not None  # tick calls this only while a rollout runs
@@ -268,14 +382,18 @@ class ControllerCore:
             prometheus_available=reading.available,
             prometheus_errors=reading.errors,
             outcomes=outcomes,
+            candidate_ready=self._candidate_ready(candidate, now),
         )
 
-    async def tick(self, now: float) -> None:
+    async def tick(self, now: float | None = None) -> None:
+        """One reconcile tick at `now` on the steady clock (default: `self.now()`)."""
         async with self._lock:
-            await self._tick(now)
+            await self._tick(self.now() if now is None else now)
 
     async def _tick(self, now: float) -> None:
-        await self._persist()  # retries a failed write, and publishes what it stores
+        await self._persist()  # retries a failed write, checkpoints, checks the fence
+        if self.fenced is not None:
+            return
         self._refresh_gauges(now)
         if self.state is None or self.state.phase.terminal:
             self._sample(now, force=False)  # the baseline before, and the aftermath after
@@ -347,7 +465,23 @@ class ControllerCore:
 
     async def _persist(self) -> None:
         """Store what changed (off the event loop, with a timeout), then publish the traffic
-        of a stored state that routers have not been told. A failure leaves it dirty."""
+        of a stored state that routers have not been told. A failure leaves it dirty.
+
+        Every write comes after a fence check, and a publish after another: a replica
+        superseded while its write was on the way never tells routers about it. While a timer
+        runs the state is rewritten every CHECKPOINT_S even if unchanged, so its stored timers
+        (elapsed seconds) stay fresh for a replica that takes over."""
+        if self.fenced is not None:
+            return
+        now = self.now()
+        state = self.state
+        if state is not None and state.timer_running and now - self._saved_at >= CHECKPOINT_S:
+            self._dirty = True  # a checkpoint: the timers moved on
+        writes = self.desk.dirty or (self._dirty and state is not None)
+        if (writes or now - self._fence_checked_at >= FENCE_CHECK_S) and not (
+            await self._holds_fence()
+        ):
+            return
         if self.desk.dirty:
             try:
                 await self._put(
@@ -356,19 +490,55 @@ class ControllerCore:
                 self.desk.dirty = False
             except Exception:
                 logger.exception("RolloutController: could not persist the outcomes; will retry")
-        if self.state is None:
+        if state is None:
             return
         if self._dirty:
+            # Tagged with the epoch for people reading the store; the fence is what decides.
+            data = {**state.to_dict(now=now), "epoch": self.epoch}
             try:
-                await self._put(self.kv_key, json.dumps(self.state.to_dict()).encode())
+                await self._put(self.kv_key, json.dumps(data).encode())
                 self._dirty = False
+                self._saved_at = now
+                self._state_writes += 1
             except Exception:
                 logger.exception(
                     "RolloutController: could not persist the rollout state; will retry"
                 )
                 return
-        if self._published_key != traffic_key(self.state):
-            self._publish(self.state)
+        if self._published_key != traffic_key(state) and await self._holds_fence():
+            self._publish(state)
+
+    async def _holds_fence(self) -> bool:
+        """Whether this replica still holds the fence (one read, off the loop, bounded). A
+        newer claim fences it for good; a read that fails is no answer: False, not fenced, and
+        nothing is written or published on it (the next tick asks again)."""
+        try:
+            writes = self._state_writes
+            holder = await asyncio.wait_for(asyncio.to_thread(self.fence.holder), KV_TIMEOUT_S)
+        except Exception:
+            logger.exception("RolloutController: could not read the controller epoch; will retry")
+            return False
+        self._fence_checked_at = self.now()
+        if holder == self.fence.mine:
+            self._checked_writes = writes
+            return True
+        self._lose_fence(holder)
+        return False
+
+    def _lose_fence(self, holder: Claim | None) -> None:
+        if holder is None:
+            why = "lost its claim (the epoch key is gone or unreadable)"
+        elif holder.epoch == self.epoch:
+            why = f"was superseded by epoch {holder.epoch} (a replica that claimed at once)"
+        else:
+            why = f"was superseded by epoch {holder.epoch}"
+        self.fenced = (
+            f"this rollout controller replica (epoch {self.epoch}) {why}: it no longer "
+            "ticks, publishes or takes commands; retry, the current one answers"
+        )
+        logger.error("RolloutController: %s", self.fenced)
+        flush_serve_logs()
+        self._wake_routers()  # long-polls waiting here return now, and get Fenced
 
     async def _put(self, key: str, value: bytes) -> None:
         # The store blocks (a GCS RPC): in a thread, bounded, so a slow or restarting GCS
@@ -395,9 +565,10 @@ class ControllerCore:
     ) -> None:
         """Per-version counts since the router's last report, shadow comparisons and the
         request ids answered (for feedback). Tuples from older routers unpack the same."""
+        self._refuse_if_fenced()  # the newer replica judges: the router keeps its ids to resend
         self._ensure_ticker()
-        now = self.clock()
-        self.desk.record_served(served or (), now)
+        self.desk.record_served(served or (), self.clock())  # routers stamp answers in wall time
+        now = self.now()
         try:
             if stats:
                 self.window.add(stats, now)
@@ -414,7 +585,9 @@ class ControllerCore:
     ) -> TrafficOverride | None:
         """Long-poll: return the traffic override as soon as its generation differs from
         `known_generation` (the router's; 0 for none), else after `timeout_s`. None: no
-        rollout steers traffic, routers follow their declared user_config."""
+        rollout steers traffic, routers follow their declared user_config. Fenced (503) from a
+        superseded replica: the router keeps its traffic and asks again."""
+        self._refuse_if_fenced()
         self._ensure_ticker()
         current = self.override["generation"] if self.override else 0
         if current == known_generation:  # nothing new for this router: wait for a publish
@@ -422,18 +595,20 @@ class ControllerCore:
                 await asyncio.wait_for(self._published.wait(), timeout=timeout_s)
             except asyncio.TimeoutError:
                 pass
+            self._refuse_if_fenced()
         return cast("TrafficOverride | None", self.override)
 
     async def feedback(
         self, items: list[dict[str, Any]], hints: dict[str, FeedbackHint]
     ) -> list[dict[str, Any]]:
         """Count outcomes for answered requests (FeedbackDesk.count): one result per item."""
+        self._refuse_if_fenced()
         return self.desk.count(items, hints, self.clock())
 
-    def _reset_outcomes(self) -> None:
+    def _reset_outcomes(self, plan: RolloutPlan) -> None:
         """A new rollout is a new experiment: outcomes (and verdicts) from before it do not
-        count."""
-        self.desk.reset(self.clock())
+        count. Continuous outcomes are clipped to the bounds the plan's gates declare."""
+        self.desk.reset(self.clock(), plan.gates.outcome_bounds())
         self.verdicts = ()
 
     # -- operators ---------------------------------------------------------------------------------
@@ -441,19 +616,42 @@ class ControllerCore:
     async def command(self, name: str) -> dict[str, Any]:
         """An operator command (`Command` values: start, promote, promote_full, pause, resume,
         abort; the admin API's dashed spelling is accepted). CommandRefused (409): not now;
-        Unavailable (503): accepted in memory but not stored, so not answered as done."""
+        Unavailable (503): accepted in memory but not stored, so not answered as done; Fenced
+        (503): this replica was superseded, so the command may not be applied."""
+        path = command_path(name.replace("-", "_"))
+        self._refuse_if_fenced()
         async with self._lock:
+            self._refuse_if_fenced()
             await self._command(name)
+            # Answered as done only once stored *and* this replica still holds the fence after
+            # the write: then any replica that claims later reads it.
+            confirmed = (
+                self.fenced is None
+                and not self._dirty
+                and (self._checked_writes == self._state_writes or await self._holds_fence())
+            )
+            if self.fenced is not None:
+                # Its write may have landed before or after the newer replica read the store.
+                raise Fenced(
+                    f"{path} may not be applied: {self.fenced}; check `rollout status`",
+                    retry_after_s=1.0,
+                )
             if self._dirty:  # in memory, not stored: not yet applied to traffic either
                 raise Unavailable(
-                    f"{command_path(name.replace('-', '_'))} is not stored yet (the rollout store is "
-                    "unavailable): it is applied once a write succeeds; check `rollout status`",
+                    f"{path} is not stored yet (the rollout store is unavailable): it is "
+                    "applied once a write succeeds; check `rollout status`",
+                    retry_after_s=1.0,
+                )
+            if not confirmed:
+                raise Unavailable(
+                    f"{path} is stored but the controller epoch could not be read back to "
+                    "confirm it; check `rollout status`",
                     retry_after_s=1.0,
                 )
             return self._status()
 
     async def _command(self, name: str) -> None:
-        now = self.clock()
+        now = self.now()
         name = name.replace("-", "_")
         if name not in OPERATOR_COMMANDS:
             raise CommandRefused(f"unknown command {command_path(name)!r}")
@@ -464,7 +662,7 @@ class ControllerCore:
                 )
             if not self.state.phase.terminal:
                 raise CommandRefused(f"a rollout is already {self.state.phase.value}")
-            self._reset_outcomes()
+            self._reset_outcomes(self.state.plan)
             await self._set(
                 RolloutState.start(self.state.plan, now, generation=self.generation + 1)
             )
@@ -481,10 +679,11 @@ class ControllerCore:
 
     async def status(self) -> dict[str, Any]:
         # Async so it runs on the event loop: the stats window is not thread-safe.
+        self._refuse_if_fenced()  # its view is stale: the current replica answers
         return self._status()
 
     def _status(self) -> dict[str, Any]:
-        now = self.clock()
+        now = self.now()
         state = self.state
         versions = {}
         if state is not None:
@@ -524,8 +723,10 @@ class ControllerCore:
             "feedback": self.desk.status(),
             "versions": versions,
             "plan_digest": state.plan.digest() if state else None,
-            "updated_at": now,
+            "updated_at": self.clock(),
             "message": self.message,
+            "epoch": self.epoch,
+            "progress_deadline": self._deadline_status(now),
             "prometheus": None
             if self.prometheus_url is None
             else {
@@ -536,7 +737,20 @@ class ControllerCore:
             },
         }
 
+    def _deadline_status(self, now: float) -> dict[str, Any] | None:
+        """The progress deadline's clock, for status: None when no live plan has one."""
+        state = self.state
+        if state is None or state.phase.terminal or state.plan.progress_deadline_s is None:
+            return None
+        unready_s = state.unready_s(now)
+        return {
+            "deadline_s": state.plan.progress_deadline_s,
+            "candidate_ready": self._candidate_ready(state.plan.candidate, now),
+            "unready_s": None if unready_s is None else round(unready_s, 1),
+        }
+
     async def history(self) -> dict[str, Any]:
+        self._refuse_if_fenced()
         events = self.state.history if self.state else ()
         # The curves of this rollout: from 30 s before its first event (the baseline) to now.
         start = events[0].time_s - 30.0 if events else float("inf")
@@ -545,8 +759,8 @@ class ControllerCore:
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 class RolloutController(ControllerCore):
-    """The Serve deployment: ControllerCore with its state in Ray's GCS and the deployed
-    versions (version_apps mode) read from Serve."""
+    """The Serve deployment: ControllerCore with its state in Ray's GCS, and the deployed
+    versions (version_apps mode) and the candidate's replicas read from Serve."""
 
     def __init__(self, model: str, versions: list[str] | None) -> None:
         super().__init__(
@@ -555,7 +769,18 @@ class RolloutController(ControllerCore):
             app_name=serve.get_replica_context().app_name,
             store=GcsStore(),
             deployed_versions=self._serve_versions,
+            candidate_ready=self._serve_ready,
         )
+
+    def _serve_ready(self, version: str) -> bool:
+        """Whether `version`'s deployment has a running replica (blocking: a Serve controller
+        call). Its deployment is `<model>-<version>` in both modes; in version_apps mode it is
+        also its own application."""
+        name = version_app_name(self.model, version)
+        app = self.app_name if self.versions is not None else name
+        apps = ray_compat.serve_details().get("applications", {})
+        deployments = (apps.get(app) or {}).get("deployments") or {}
+        return deployment_ready(deployments.get(name))
 
     def _serve_versions(self) -> list[str]:
         prefix = f"{self.model}-"

@@ -11,12 +11,14 @@ path read top to bottom (pin, table, key, choose, dispatch, answer).
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 import asyncio
+import hashlib
 import json
 import logging
 import pickle
 import random
 import re
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -109,6 +111,37 @@ _ACTOR_LOST = ray_compat.actor_error_class()
 api = FastAPI(title="ray-rollout router", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+class _RequestIdMiddleware:
+    """An empty `x-request-id` is replaced by a fresh one, as a missing one is by Serve's proxy
+    (which only fills in an absent header), so every answer, error body, log record and
+    feedback record names the request (schemathesis found the empty case)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = scope.get("headers") or [] if scope["type"] == "http" else []
+        if not any(k == b"x-request-id" and not v.strip() for k, v in headers):
+            await self.app(scope, receive, send)
+            return
+        fresh = uuid.uuid4().hex.encode()
+        scope = dict(scope)
+        scope["headers"] = [(k, v) for k, v in headers if k != b"x-request-id"] + [
+            (b"x-request-id", fresh)
+        ]
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", fresh)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+api.add_middleware(_RequestIdMiddleware)
+
+
 def _error_body(request: Request, message: str) -> dict[str, str]:
     """`{"error": ..., "request_id": ...}`: the message made printable (a client's string may
     be echoed in it), and the id that finds the request in the logs."""
@@ -191,6 +224,16 @@ def _original(exc: BaseException) -> BaseException:
     """The exception a replica raised, unwrapped from Ray's RayTaskError if need be."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
+
+
+def routing_unit(key: str | None) -> str | None:
+    """The A/B test's unit of analysis for a routing key: a stable hash of the user (blake2b,
+    the same in every router replica), or None for keyless traffic (each request its own unit).
+    Sticky routing keeps one user on one version, so their outcomes are correlated and are
+    counted as one unit (app/rollout/abtest/arms.py)."""
+    if key is None:
+        return None
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def _key_parameter(value: Any, name: str) -> str | None:
@@ -520,7 +563,9 @@ class Router:
             entry = self.recent.entry(item.request_id, now)
             if entry is not None:
                 counted = self.recent.counted_outcomes(item.request_id)
-                hints[item.request_id] = FeedbackHint(*entry, counted)
+                hints[item.request_id] = FeedbackHint(
+                    *entry, counted, self.recent.unit(item.request_id)
+                )
         payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
         results: list[dict[str, Any]] = await self._ask_controller("feedback", payload, hints)
         for item, result in zip(items, results):
@@ -633,6 +678,7 @@ class Router:
         )
         route = table.choose(self.rng, versions=self.handles.keys(), available=self.available,
                              pin=pin, key=key, waitable=self.waitable)  # fmt: skip
+        request.state.unit = routing_unit(key)
         request.state.version = route.version
         request.state.decision = route.decision.value
         request.state.body = body  # a reference, for the access log's opt-in payload sampling
@@ -741,8 +787,9 @@ class Router:
         if request_id and len(request_id) <= MAX_REQUEST_ID_CHARS:
             version, now = response.headers["x-model-version"], time.time()
             decision = response.headers.get("x-routing-decision")
-            self.recent.record(request_id, version, now, now, decision)
-            self.served.append(ServedAnswer(request_id, version, now, decision))
+            unit = getattr(request.state, "unit", None)  # the A/B test's unit: the user
+            self.recent.record(request_id, version, now, now, decision, unit)
+            self.served.append(ServedAnswer(request_id, version, now, decision, unit))
         return response
 
     def _respond(self, model: str, version: str, decision: str, parsed, outputs, extra) -> Response:

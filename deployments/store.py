@@ -4,17 +4,21 @@ current experiment's outcome book, as bytes under string keys.
 `RolloutStore` is the interface (as Ray Serve's `KVStoreBase`); `GcsStore` keeps the values in
 Ray's GCS key-value store (with GCS fault tolerance backed by Redis in production, so they
 survive a head-node restart); `InMemoryStore` is its twin for unit tests of the controller's
-logic. Ray-free at import.
+logic. `Fence` is the epoch that keeps a superseded controller replica from writing. Ray-free
+at import.
 """
 
 from __future__ import annotations
 
 import abc
+import json
+import uuid
+from typing import NamedTuple
 
 from app import ray_compat
 from app.constants import KV_NAMESPACE
 
-__all__ = ["GcsStore", "InMemoryStore", "RolloutStore"]
+__all__ = ["Claim", "Fence", "GcsStore", "InMemoryStore", "RolloutStore"]
 
 
 class RolloutStore(abc.ABC):
@@ -56,3 +60,56 @@ class InMemoryStore(RolloutStore):
         if self.fail_puts:
             raise OSError("store unavailable (InMemoryStore.fail_puts)")
         self.data[key] = value
+
+
+class Claim(NamedTuple):
+    """Who holds the fence: an epoch (counts controller starts, for people) and the token of
+    the replica that took it (tells two claims of the same epoch apart)."""
+
+    epoch: int
+    token: str
+
+
+class Fence:
+    """The epoch under `key` that says which controller replica may write: the one that
+    claimed it last.
+
+    Serve updates a controller by starting a new replica while the old one drains (up to its
+    graceful_shutdown_timeout_s, with routers' long-polls keeping it busy), and both tick. So
+    each replica claims the fence when it starts, before it reads the state, and checks it
+    before every write: once another replica has claimed, the old one's check fails and it
+    stops writing, publishing and taking commands.
+
+    GCS KV has no compare-and-swap (`kv_put` only overwrites), so a claim is read, increment,
+    write, with a random token in the value: two replicas that start at the same instant may
+    both write epoch N, and the last write wins; the other sees a token not its own on its first
+    check, so at most one replica ever holds the fence. A check is a read before a write, not a
+    condition on it: a write already on its way when a newer replica claims can still land
+    (docs/rollouts.md says what that costs)."""
+
+    def __init__(self, store: RolloutStore, key: str, token: str | None = None) -> None:
+        self.store = store
+        self.key = key
+        self.mine = Claim(0, token or uuid.uuid4().hex)
+
+    @property
+    def epoch(self) -> int:
+        return self.mine.epoch
+
+    def claim(self) -> int:
+        """Take the next epoch (blocking: a read and a write); raises if the write fails."""
+        current = self.holder()
+        self.mine = Claim((current.epoch if current else 0) + 1, self.mine.token)
+        self.store.put(self.key, json.dumps(self.mine._asdict()).encode())
+        return self.mine.epoch
+
+    def holder(self) -> Claim | None:
+        """Who holds the fence now (blocking: one read); None if no one (or unreadable)."""
+        raw = self.store.get(self.key)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return Claim(int(data["epoch"]), str(data["token"]))
+        except (ValueError, KeyError, TypeError):
+            return None

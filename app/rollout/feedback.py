@@ -1,9 +1,11 @@
 """Feedback on answered requests: which version answered a request id, and outcomes per version.
 
     parse_feedback(body, max_items)    validate a POST body; InvalidInput names the field
-    RequestLedger(max_entries, ttl_s)  request id -> version that answered it; bounded, with TTL
+    RequestLedger(max_entries, ttl_s)  request id -> version that answered it (and the routing
+                                       unit); bounded, with TTL
     OutcomeBook                        outcome name -> version -> ArmStats, each (id, outcome)
-                                       counted once
+                                       counted once; continuous values clipped to the gates'
+                                       bounds; per-unit moments for a cluster-robust variance
 
 Where each piece runs. Router replicas keep a small local ledger of the ids they answered and
 push new records to the rollout controller with their stats (~250 ms). The controller keeps
@@ -20,10 +22,23 @@ or already dropped, is 404.
 Outcome kinds. A JSON boolean is a binary outcome (click, conversion); a number is continuous
 (rating, revenue). The first value of an outcome name fixes its kind for the book: a rating
 sent as `true` later is a 400, not silently mixed into another test.
+
+Bounds. A continuous outcome that a lift gate judges is declared with [min_value, max_value];
+the book clips (winsorises) each value to them and counts how many it clipped, so one value
+(a forged revenue of 1e6) cannot dominate the test. Undeclared outcomes are clipped to
++-MAX_ABS_OUTCOME only, which keeps every sum finite.
+
+Units. Under sticky routing one user's outcomes are correlated; the unit of analysis is the
+user. Routers send each answer's routing unit (a hash of its routing key; None for keyless
+traffic, which makes the request its own unit). The book keeps, per arm, the running total of
+each unit's cluster (`UNIT_CLUSTERS` of them, by a stable hash of the unit, so memory and the
+persisted book stay bounded whatever the number of users; grouping whole users into clusters
+keeps the variance cluster-robust) and the per-unit moments the sequential test needs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import OrderedDict
@@ -35,7 +50,13 @@ from pydantic import Field
 
 from app.config import NAME_PATTERN, StrictModel
 from app.errors import Gone, InvalidInput, ModelNotFound, ServingError, http_status
-from app.rollout.abtest import ArmStats, OutcomeKind, confidence_interval
+from app.rollout.abtest import (
+    MAX_ABS_OUTCOME,
+    ArmStats,
+    OutcomeKind,
+    UnitMoments,
+    confidence_interval,
+)
 from app.unicode import is_unicode
 
 __all__ = [
@@ -48,6 +69,8 @@ __all__ = [
     "MAX_ITEMS_PER_REQUEST",
     "MAX_REQUEST_ID_CHARS",
     "RANDOMISED_DECISIONS",
+    "UNIT_CLUSTERS",
+    "unit_cluster",
 ]
 
 MAX_REQUEST_ID_CHARS = 256
@@ -56,7 +79,20 @@ MAX_ITEMS_PER_REQUEST = 1000  # feedback items one POST may carry
 # Pinned answers (chosen by the client) and fallbacks (served by another version than the one
 # chosen) are answered and accepted, but not counted in an arm.
 RANDOMISED_DECISIONS = frozenset({"sticky", "weighted"})
+# Clusters per arm that routing units (users) are hashed into. Whole users per cluster keep
+# the variance cluster-robust (users in one cluster are independent of each other); 256 bound
+# the book's memory and its persisted size (~6 KB per arm) and still give the variance 255
+# degrees of freedom: the correlated-users scenario of bench/abtest.py, which simulates these
+# clusters, keeps its A/A false promotions within alpha (docs/benchmarks.md).
+UNIT_CLUSTERS = 256
 _NAME = re.compile(NAME_PATTERN)
+
+
+def unit_cluster(unit: str) -> int:
+    """The cluster (0 <= c < UNIT_CLUSTERS) of a routing unit; the same in every process (blake2b,
+    not the per-process salted hash())."""
+    digest = hashlib.blake2b(unit.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % UNIT_CLUSTERS
 
 
 class FeedbackSettings(StrictModel):
@@ -156,7 +192,8 @@ class RequestLedger:
     def __init__(self, max_entries: int, ttl_s: float) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
-        # id -> [version, answered at, outcomes counted (None: none yet), routing decision]
+        # id -> [version, answered at, outcomes counted (None: none yet), routing decision,
+        #        routing unit (None: keyless, the request is its own unit)]
         self._entries: OrderedDict[str, list[Any]] = OrderedDict()
         self.dropped = 0
 
@@ -171,11 +208,15 @@ class RequestLedger:
         self._trim(now)
 
     def record(self, request_id: str, version: str, answered_at: float, now: float,
-               decision: str | None = None) -> None:  # fmt: skip
-        """Remember who answered `request_id` (and how the router chose it). A repeated id
-        keeps its first record (and what was counted for it): an id is one answer."""
-        if request_id not in self._entries:
-            self._entries[request_id] = [version, answered_at, None, decision]
+               decision: str | None = None, unit: str | None = None) -> None:  # fmt: skip
+        """Remember who answered `request_id` (how the router chose it, and for whom). A
+        repeated id keeps its first record (and what was counted for it): an id is one
+        answer; only a unit the first record lacked (a router's hint) is filled in."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            self._entries[request_id] = [version, answered_at, None, decision, unit]
+        elif entry[4] is None and unit is not None:
+            entry[4] = unit
         self._trim(now)
 
     def _trim(self, now: float) -> None:
@@ -218,6 +259,11 @@ class RequestLedger:
         entry = self._entries[request_id]
         return entry[1], entry[3]
 
+    def unit(self, request_id: str) -> str | None:
+        """The routing unit an id was answered for; None if keyless or unknown."""
+        entry = self._entries.get(request_id)
+        return None if entry is None else entry[4]
+
     def counted(self, request_id: str, outcome: str) -> bool:
         """Whether `outcome` was already counted for `request_id` (False if unknown)."""
         entry = self._entries.get(request_id)
@@ -246,16 +292,93 @@ class RequestLedger:
         return True
 
 
-class OutcomeBook:
-    """Outcome name -> version -> ArmStats, since `reset`."""
+class _Tally:
+    """One arm as the book counts it: plain numbers updated in place (an ArmStats is built per
+    look), with the running total of each unit cluster so that the per-unit moments of
+    `UnitMoments` are updated in O(1) per outcome."""
+
+    __slots__ = ("clipped", "clusters", "cross", "n", "n_sq", "sum", "sum_sq", "unit_sum_sq",
+                 "units")  # fmt: skip
 
     def __init__(self) -> None:
-        self.kinds: dict[str, OutcomeKind] = {}
-        self.arms: dict[str, dict[str, ArmStats]] = {}
+        self.n, self.sum, self.sum_sq, self.clipped = 0, 0.0, 0.0, 0
+        self.units, self.unit_sum_sq, self.cross, self.n_sq = 0, 0.0, 0.0, 0.0
+        self.clusters: dict[int, list[float]] = {}  # cluster -> [outcomes, sum]
 
-    def reset(self) -> None:
+    def add(self, value: float, cluster: int | None) -> None:
+        """One outcome; `cluster` None: a unit of its own (a keyless answer)."""
+        self.n += 1
+        self.sum += value
+        self.sum_sq += value * value
+        before_n, before_sum = 0.0, 0.0
+        if cluster is not None:
+            total = self.clusters.setdefault(cluster, [0.0, 0.0])
+            before_n, before_sum = total
+            total[0], total[1] = before_n + 1, before_sum + value
+        # (S + x)^2 - S^2, (S + x)(m + 1) - S m, (m + 1)^2 - m^2 for a unit with m outcomes, sum S
+        self.units += before_n == 0
+        self.unit_sum_sq += value * (2 * before_sum + value)
+        self.cross += before_sum + value * (before_n + 1)
+        self.n_sq += 2 * before_n + 1
+
+    def arm(self, kind: OutcomeKind, bounds: tuple[float, float] | None) -> ArmStats:
+        units = UnitMoments(self.units, self.unit_sum_sq, self.cross, self.n_sq)
+        return ArmStats(kind, self.n, self.sum, self.sum_sq, units, self.clipped, bounds)
+
+    def to_dict(self, kind: OutcomeKind) -> dict[str, Any]:
+        return {
+            "kind": kind.value, "n": self.n, "sum": self.sum, "sum_sq": self.sum_sq,
+            "clipped": self.clipped,
+            "units": [self.units, self.unit_sum_sq, self.cross, self.n_sq],
+            "clusters": {str(c): total for c, total in self.clusters.items()},
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> _Tally:
+        """The inverse of `to_dict`; a book stored before units were kept reads as one unit
+        per outcome (its clusters unknown, so later outcomes start new units)."""
+        tally = cls()
+        tally.n, tally.sum, tally.sum_sq = int(data["n"]), float(data["sum"]), float(data["sum_sq"])
+        tally.clipped = int(data.get("clipped", 0))
+        units = data.get("units")
+        if units is None:
+            units = [tally.n, tally.sum_sq, tally.sum, tally.n]
+        tally.units, tally.unit_sum_sq = int(units[0]), float(units[1])
+        tally.cross, tally.n_sq = float(units[2]), float(units[3])
+        for cluster, (n, total) in (data.get("clusters") or {}).items():
+            if not 0 <= int(cluster) < UNIT_CLUSTERS:
+                raise ValueError(f"cluster {cluster} is not below {UNIT_CLUSTERS}")
+            tally.clusters[int(cluster)] = [float(n), float(total)]
+        return tally
+
+
+def _check_bounds(bounds: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, float]]:
+    checked = {}
+    for outcome, (low, high) in bounds.items():
+        low, high = float(low), float(high)
+        if not -MAX_ABS_OUTCOME <= low < high <= MAX_ABS_OUTCOME:
+            raise ValueError(
+                f"bounds of {outcome!r} ({low}, {high}) must be increasing and within "
+                f"+-{MAX_ABS_OUTCOME:g}"
+            )
+        checked[str(outcome)] = (low, high)
+    return checked
+
+
+class OutcomeBook:
+    """Outcome name -> version -> arm, since `reset`; continuous values clipped to `bounds`
+    (outcome -> (min_value, max_value), from the plan's lift gates) or else to
+    +-MAX_ABS_OUTCOME."""
+
+    def __init__(self, bounds: Mapping[str, Sequence[float]] | None = None) -> None:
+        self.kinds: dict[str, OutcomeKind] = {}
+        self.tallies: dict[str, dict[str, _Tally]] = {}
+        self.bounds = _check_bounds(bounds or {})
+
+    def reset(self, bounds: Mapping[str, Sequence[float]] | None = None) -> None:
+        self.bounds = _check_bounds(bounds or {})
         self.kinds.clear()
-        self.arms.clear()
+        self.tallies.clear()
 
     def check_kind(self, item: FeedbackItem, max_outcomes: int = 32) -> None:
         if item.outcome not in self.kinds and len(self.kinds) >= max_outcomes:
@@ -271,12 +394,26 @@ class OutcomeBook:
                 f"got {item.to_dict()['value']!r}"
             )
 
-    def add(self, item: FeedbackItem, version: str) -> None:
+    def add(self, item: FeedbackItem, version: str, unit: str | None = None) -> None:
+        """Count one outcome for `version`, answered for routing `unit` (None: keyless, the
+        answer is a unit of its own). Never raises for a value parse_feedback accepted."""
         self.check_kind(item)
         self.kinds[item.outcome] = item.kind
-        by_version = self.arms.setdefault(item.outcome, {})
-        arm = by_version.get(version) or ArmStats(item.kind)
-        by_version[version] = arm.add(item.value)
+        tally = self.tallies.setdefault(item.outcome, {}).get(version)
+        if tally is None:
+            tally = self.tallies[item.outcome][version] = _Tally()
+        value = item.value
+        if item.kind is OutcomeKind.CONTINUOUS:
+            low, high = self.bounds.get(item.outcome, (-MAX_ABS_OUTCOME, MAX_ABS_OUTCOME))
+            if not low <= value <= high:
+                value = min(max(value, low), high)
+                tally.clipped += 1
+        tally.add(value, None if unit is None else unit_cluster(unit))
+
+    def _bounds_of(self, outcome: str) -> tuple[float, float] | None:
+        if self.kinds.get(outcome) is not OutcomeKind.CONTINUOUS:
+            return None
+        return self.bounds.get(outcome)
 
     def arm(self, outcome: str, version: str) -> ArmStats | None:
         """That version's outcomes; an empty arm of the outcome's kind if the outcome has been
@@ -284,36 +421,54 @@ class OutcomeBook:
         kind = self.kinds.get(outcome)
         if kind is None:
             return None
-        return self.arms.get(outcome, {}).get(version) or ArmStats(kind)
+        tally = self.tallies.get(outcome, {}).get(version) or _Tally()
+        return tally.arm(kind, self._bounds_of(outcome))
+
+    @property
+    def arms(self) -> dict[str, dict[str, ArmStats]]:
+        """Every outcome's arms (outcome -> version -> ArmStats)."""
+        return {
+            outcome: {v: t.arm(self.kinds[outcome], self._bounds_of(outcome))
+                      for v, t in by_version.items()}
+            for outcome, by_version in self.tallies.items()
+        }  # fmt: skip
+
+    def clipped(self) -> dict[str, int]:
+        """Outcome -> values clipped to its bounds so far (outcomes with any)."""
+        counts = {o: sum(t.clipped for t in by_v.values()) for o, by_v in self.tallies.items()}
+        return {outcome: n for outcome, n in counts.items() if n}
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            outcome: {
-                version: {"kind": a.kind.value, "n": a.n, "sum": a.sum, "sum_sq": a.sum_sq}
-                for version, a in by_version.items()
-            }
-            for outcome, by_version in self.arms.items()
+            outcome: {v: t.to_dict(self.kinds[outcome]) for v, t in by_version.items()}
+            for outcome, by_version in self.tallies.items()
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OutcomeBook:
-        book = cls()
+    def from_dict(
+        cls, data: dict[str, Any], bounds: Mapping[str, Sequence[float]] | None = None
+    ) -> OutcomeBook:
+        book = cls(bounds)
         for outcome, by_version in data.items():
             for version, a in by_version.items():
-                arm = ArmStats(
-                    OutcomeKind(a["kind"]), int(a["n"]), float(a["sum"]), float(a["sum_sq"])
-                )
-                book.kinds[outcome] = arm.kind
-                book.arms.setdefault(outcome, {})[version] = arm
+                book.kinds[outcome] = OutcomeKind(a["kind"])
+                book.tallies.setdefault(outcome, {})[version] = _Tally.from_dict(a)
+                book.arm(outcome, version)  # validates what was read (ValueError)
         return book
 
     def summary(self, level: float = 0.95) -> dict[str, dict[str, dict[str, Any]]]:
-        """Per outcome and version: samples, mean and its fixed-horizon interval at `level`
-        (for display; the gates use the sequential test, which is safe to peek at)."""
+        """Per outcome and version: samples, units (users), mean and its fixed-horizon
+        interval at `level` (for display; the gates use the sequential test, which is safe to
+        peek at), and for a continuous outcome the values clipped to its bounds."""
         result: dict[str, dict[str, dict[str, Any]]] = {}
         for outcome, by_version in self.arms.items():
             for version, arm in by_version.items():
-                row: dict[str, Any] = {"kind": arm.kind.value, "n": arm.n, "mean": arm.mean}
+                row: dict[str, Any] = {"kind": arm.kind.value, "n": arm.n,
+                                       "units": arm.unit_count, "mean": arm.mean}  # fmt: skip
+                if arm.kind is OutcomeKind.CONTINUOUS:
+                    row["clipped"] = arm.clipped
+                    if arm.bounds is not None:
+                        row["min_value"], row["max_value"] = arm.bounds
                 if arm.n >= 2:
                     interval = confidence_interval(arm, level)
                     row.update(low=interval.low, high=interval.high, level=level)
@@ -345,17 +500,22 @@ class FeedbackDesk:
         self.settings = settings
         self.ledger.reconfigure(settings.max_request_ids, settings.ttl_s, now)
 
-    def reset(self, now: float) -> None:
-        """A new rollout is a new experiment: outcomes from before it do not count."""
-        self.book.reset()
+    def reset(self, now: float, bounds: Mapping[str, Sequence[float]] | None = None) -> None:
+        """A new rollout is a new experiment: outcomes from before it do not count. `bounds`:
+        outcome -> (min_value, max_value) its continuous values are clipped to, the plan's
+        `gates.outcome_bounds()`."""
+        self.book.reset(bounds)
         self.started_at = now
         self.dirty = True
 
     def record_served(self, served: Iterable[Sequence[Any]], now: float) -> None:
-        """Answers routers pushed: ServedAnswer tuples (id, version, answered at, decision)."""
-        for request_id, version, answered_at, *decision in served:
+        """Answers routers pushed: ServedAnswer tuples (id, version, answered at, decision,
+        unit); older routers' shorter tuples read as no decision and no unit."""
+        for request_id, version, answered_at, *rest in served:
+            decision = rest[0] if rest else None
+            unit = rest[1] if len(rest) > 1 and rest[1] is not None else None
             self.ledger.record(str(request_id), str(version), float(answered_at), now,
-                               decision[0] if decision else None)  # fmt: skip
+                               decision, None if unit is None else str(unit))  # fmt: skip
 
     def count(
         self, items: Iterable[Mapping[str, Any]], hints: Mapping[str, Sequence[Any]], now: float
@@ -384,8 +544,10 @@ class FeedbackDesk:
     def _take_hint(self, request_id: str, hint: Sequence[Any] | None, now: float) -> None:
         if hint is None or (self.versions is not None and hint[0] not in self.versions):
             return
+        unit = hint[4] if len(hint) > 4 and hint[4] is not None else None
         self.ledger.record(request_id, str(hint[0]), float(hint[1]), now,
-                           hint[2] if len(hint) > 2 else None)  # fmt: skip
+                           hint[2] if len(hint) > 2 else None,
+                           None if unit is None else str(unit))  # fmt: skip
         if len(hint) > 3 and request_id in self.ledger:
             self.ledger.mark_counted(request_id, [str(o) for o in hint[3]])
 
@@ -402,7 +564,7 @@ class FeedbackDesk:
             self.counts["excluded"] += 1
             return {"version": version, "counted": False, "excluded": excluded}
         if self.ledger.first_count(item.request_id, item.outcome):
-            self.book.add(item, version)
+            self.book.add(item, version, self.ledger.unit(item.request_id))
             self.dirty = True
             self.counts["counted"] += 1
             return {"version": version, "counted": True}
@@ -422,14 +584,22 @@ class FeedbackDesk:
             **self.counts,
             "request_ids_remembered": len(self.ledger),
             "ttl_s": self.settings.ttl_s,
+            # continuous values clipped to their declared bounds, per outcome
+            "clipped": self.book.clipped(),
+            "bounds": {o: list(b) for o, b in self.book.bounds.items()},
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """What survives a controller restart: the experiment's start and its outcome book."""
-        return {"started_at": self.started_at, "book": self.book.to_dict()}
+        """What survives a controller restart: the experiment's start, its outcome bounds and
+        its outcome book."""
+        return {
+            "started_at": self.started_at,
+            "bounds": {o: list(b) for o, b in self.book.bounds.items()},
+            "book": self.book.to_dict(),
+        }
 
     def restore(self, data: Mapping[str, Any]) -> None:
         """Load `to_dict`'s output; ValueError, KeyError or TypeError if it is unreadable."""
-        book = OutcomeBook.from_dict(data["book"])
+        book = OutcomeBook.from_dict(data["book"], data.get("bounds"))
         started_at = float(data["started_at"])
         self.book, self.started_at = book, started_at

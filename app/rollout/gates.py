@@ -34,6 +34,9 @@ class Observation:
     # Feedback outcomes since the rollout started (not per step: the sequential test runs over
     # the whole experiment): outcome name -> version -> ArmStats.
     outcomes: Mapping[str, Mapping[str, ArmStats]] = field(default_factory=dict)
+    # Whether the candidate has a running replica (Serve's view); None: not known (not looked
+    # up, or the lookup failed). Drives the plan's progress_deadline_s, not a gate.
+    candidate_ready: bool | None = None
 
     def for_version(self, version: str) -> VersionStats:
         return self.stats.get(version) or VersionStats()

@@ -54,16 +54,31 @@ Choices worth knowing (each one is the reason for some code below):
 * **`generation` counts traffic changes**: it goes up by one whenever the traffic this rollout
   asks for (weights, stable version, shadow percent) changes, so routers can drop stale
   pushes. Pass the previous rollout's generation to `start` to keep it monotonic.
-* **`now` is epoch seconds** (time.time() in the controller): the persisted state carries
-  absolute times, and a controller replica restarted on another node must agree with them.
+* **`now` is the controller's steady clock**: epoch seconds when its replica started, moving
+  on with the monotonic clock, so a step of the wall clock (NTP, an operator) neither ends nor
+  stretches a hold, and events still read as dates. Instants in a state mean something only
+  to the process that made them: what is persisted for another process is elapsed seconds
+  (`to_dict(now=...)`, `RolloutState.resume`), so a restarted controller resumes a hold where
+  it was, on whatever node and clock, and time with no controller watching does not count.
+* **A restart keeps the hold but not the evidence** (the stats window lived in the old
+  replica's memory): the window restarts at the restart, and an analysis whose time is up
+  with a gate still pending keeps holding until its window spans a whole hold, before it is
+  called inconclusive. So a restart costs at most one hold (what it always cost), and nothing
+  when the evidence since the restart already decides the gates.
+* **progress_deadline_s** (Flagger's progressDeadlineSeconds): a candidate observed with no
+  running replica for that long in a live phase rolls the rollout back. The clock starts when
+  it is first seen not ready, stops when it is seen ready, restarts on `resume` from a user
+  pause (which suspends it), and ignores readings that are unknown; it does not restart with
+  each step, so a plan of short timed pauses cannot carry a dead candidate to 100%.
 
-Why one module of ~630 lines: the state, the commands and the reconcile function change
+Why one module of ~750 lines: the state, the commands and the reconcile function change
 together (a new step kind touches all three), and most of it is this docstring and the
 phase table; the plan schema (`plan.py`) and the gate judges (`gates.py`) are apart.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -209,7 +224,7 @@ class RolloutState:
     phase: Phase
     step_index: int  # index into plan.expand(); len(...) once finished
     candidate_weight: float
-    step_started_at: float  # epoch s; also the start of the stats window
+    step_started_at: float  # the controller's clock; also the stats window's start (see below)
     paused_by_user: bool = False
     paused_at: float | None = None  # when the user paused (timer frozen since)
     hold_excluded_s: float = 0.0  # seconds since step_started_at that do not count toward it
@@ -217,6 +232,12 @@ class RolloutState:
     generation: int = 0
     # The lift gates' sequential tests, carried from tick to tick: gate -> Verdict.reading().
     lift: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Set only by `resume` (a controller restart): the stats window starts here, not at
+    # step_started_at, because the evidence before it was in the old process's memory.
+    evidence_since: float | None = None
+    # When the candidate was last seen going without a running replica (None: seen ready, or
+    # not seen at all): the progress deadline's clock.
+    unready_since: float | None = None
 
     @classmethod
     def start(cls, plan: RolloutPlan, now: float, *, generation: int = 0) -> RolloutState:
@@ -241,8 +262,9 @@ class RolloutState:
 
     @property
     def window_started_at(self) -> float:
-        """Where the stats passed to the next `step` must start."""
-        return self.step_started_at
+        """Where the stats passed to the next `step` must start: the step's start, or the
+        controller's restart if that came later."""
+        return self.step_started_at if self.evidence_since is None else self.evidence_since
 
     @property
     def stable_version(self) -> str:
@@ -278,8 +300,26 @@ class RolloutState:
             return max(0.0, current.delay_s - self.elapsed_s(now))
         return None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    @property
+    def timer_running(self) -> bool:
+        """Whether time moves this state on by itself: a timed step (hold, scale-down) in
+        progress, or the progress deadline's clock. Only then do stored timers go stale."""
+        if self.phase.terminal or self.paused_by_user:
+            return False
+        timed = isinstance(self.current_step, (Hold, ScaleDown)) and self.phase is not Phase.PAUSED
+        return timed or self.unready_since is not None
+
+    def unready_s(self, now: float) -> float | None:
+        """Seconds the candidate has gone without a running replica (None: it has one, or no
+        one knows)."""
+        return None if self.unready_since is None else max(0.0, now - self.unready_since)
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        """JSON-safe. `from_dict` gives back exactly this state, instants included; they mean
+        something only on the clock of the process that made them. With `now`, the timers are
+        also written as elapsed seconds at `now` (`timers`): what `resume` needs in another
+        process, so a controller persists with `now`."""
+        data = {
             "schema": STATE_SCHEMA,
             "plan": self.plan.model_dump(mode="json"),
             "phase": self.phase.value,
@@ -292,7 +332,15 @@ class RolloutState:
             "history": [event.to_dict() for event in self.history],
             "generation": self.generation,
             "lift": {name: dict(reading) for name, reading in self.lift.items()},
+            "evidence_since": self.evidence_since,
+            "unready_since": self.unready_since,
         }
+        if now is not None:
+            data["timers"] = {
+                "step_elapsed_s": self.elapsed_s(now),
+                "unready_s": self.unready_s(now),
+            }
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
@@ -312,7 +360,44 @@ class RolloutState:
             history=tuple(Event.from_dict(event) for event in data["history"]),
             generation=int(data["generation"]),
             lift={name: dict(reading) for name, reading in data.get("lift", {}).items()},
+            evidence_since=_optional_float(data.get("evidence_since")),
+            unready_since=_optional_float(data.get("unready_since")),
         )
+
+    @classmethod
+    def resume(cls, data: Mapping[str, Any], now: float) -> RolloutState:
+        """A state another process stored with `to_dict(now=...)`, its timers carried onto
+        this process's clock at `now`.
+
+        Durations travel as elapsed seconds, never as instants: the two processes' clocks need
+        not agree (another node, a stepped wall clock, another monotonic origin). The step's
+        hold resumes where the stored timers left it (a crash-looping controller still finishes
+        a long analysis), a user pause stays frozen, and the time between the write and `now`,
+        when no controller watched, does not count. The stats window starts at `now` (the
+        evidence was in the old process's memory). A state stored without timers (by a
+        controller from before they were written) restarts its step's timer, as that
+        controller did. ValueError when the timers are not finite non-negative numbers."""
+        state = cls.from_dict(data)
+        timers = data.get("timers") or {}
+        if not isinstance(timers, Mapping):
+            raise ValueError(f"timers ({timers!r}) must be a mapping")
+        elapsed = float(timers.get("step_elapsed_s", 0.0))
+        unready = _optional_float(timers.get("unready_s"))
+        for name, value in (("step_elapsed_s", elapsed), ("unready_s", unready)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"timers.{name} ({value}) must be a finite number >= 0")
+        return replace(
+            state,
+            step_started_at=now - elapsed,
+            hold_excluded_s=0.0,
+            paused_at=now if state.paused_at is not None else None,
+            evidence_since=now,
+            unready_since=None if unready is None else now - unready,
+        )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -385,6 +470,7 @@ def _next_step(
         state,
         step_index=state.step_index + 1,
         step_started_at=now,
+        evidence_since=None,
         hold_excluded_s=0.0,
         paused_at=None,
         paused_by_user=False,
@@ -470,6 +556,8 @@ def _run_steps(
             ]
             if undecided and s.elapsed_s(now) < duration_s + _lift_wait_s(s.plan.gates, undecided):
                 return s  # only lift gates are undecided and they may still take their time
+            if undecided and now - s.window_started_at < duration_s:
+                return s  # a restart cut the evidence short: not inconclusive before a full hold
             if undecided:
                 after = replace(s, phase=Phase.PAUSED, paused_by_user=False)
                 detail = "; ".join(f"{v.gate}: {v.reason}" for v in undecided)
@@ -491,6 +579,32 @@ def _lift_wait_s(gates: Gates, undecided: list[GateVerdict]) -> float:
         gate = getattr(gates, verdict.gate, None) if verdict.gate in LIFT_GATES else None
         waits.append(gate.max_wait_s if gate is not None else 0.0)
     return min(waits, default=0.0)
+
+
+def _track_readiness(state: RolloutState, ready: bool | None, now: float) -> RolloutState:
+    """Start the progress deadline's clock when the candidate is first seen without a running
+    replica, stop it when it is seen with one; an unknown reading changes nothing."""
+    if ready is True and state.unready_since is not None:
+        return replace(state, unready_since=None)
+    if ready is False and state.unready_since is None:
+        return replace(state, unready_since=now)
+    return state
+
+
+def _past_progress_deadline(state: RolloutState, ready: bool | None, now: float) -> str | None:
+    """Why the rollout is past its progress deadline, or None. Only on a reading that the
+    candidate is not ready (an unknown one is no evidence), and never during a user pause (an
+    operator is looking; `resume` restarts the clock)."""
+    deadline_s = state.plan.progress_deadline_s
+    unready_s = state.unready_s(now)
+    if deadline_s is None or ready is not False or unready_s is None or state.paused_by_user:
+        return None
+    if unready_s < deadline_s:
+        return None
+    return (
+        f"progress deadline exceeded: candidate {state.plan.candidate} has had no running "
+        f"replica for {unready_s:.0f}s (progress_deadline_s: {deadline_s:g})"
+    )
 
 
 def _decide(
@@ -525,7 +639,7 @@ def step(state: RolloutState, observation: Observation, now: float) -> Decision:
     s = state
     plan = s.plan
     if s.phase is Phase.IDLE:
-        s = replace(s, phase=Phase.PROGRESSING, step_started_at=now)
+        s = replace(s, phase=Phase.PROGRESSING, step_started_at=now, evidence_since=None)
         events.append(
             _event(
                 state,
@@ -542,10 +656,14 @@ def step(state: RolloutState, observation: Observation, now: float) -> Decision:
     if lift_verdicts:
         verdicts += lift_verdicts
         s = replace(s, lift=lift)
+    s = _track_readiness(s, observation.candidate_ready, now)
     failed = [v for v in verdicts if v.status is GateStatus.FAILED]
+    overdue = _past_progress_deadline(s, observation.candidate_ready, now)
     if failed:
         detail = "; ".join(f"gate {v.gate} failed: {v.reason}" for v in failed)
         s = _end(s, now, Phase.ROLLED_BACK, f"rolled back: {detail}", verdicts, events)
+    elif overdue is not None:
+        s = _end(s, now, Phase.ROLLED_BACK, f"rolled back: {overdue}", verdicts, events)
     elif s.phase is not Phase.PAUSED:
         s = _run_steps(s, now, verdicts, events)
     return _decide(state, s, verdicts, events)
@@ -616,6 +734,10 @@ def apply_command(
             paused_by_user=False,
             paused_at=None,
             hold_excluded_s=excluded,
+            # A user pause suspended the progress deadline: it starts again from now.
+            unready_since=now
+            if state.paused_by_user and state.unready_since is not None
+            else state.unready_since,
         )
         events.append(_event(state, s, now, note))
     else:
@@ -626,7 +748,9 @@ def apply_command(
             steps = s.plan.expand()
             switch = next(i for i, item in enumerate(steps) if isinstance(item, Switch))
             target = switch if s.step_index <= switch else len(steps)
-            s = replace(s, step_index=target, step_started_at=now, hold_excluded_s=0.0)
+            s = replace(
+                s, step_index=target, step_started_at=now, evidence_since=None, hold_excluded_s=0.0
+            )
             events.append(_event(state, s, now, note, step_index=state.step_index))
             s = _run_steps(s, now, None, events)
         else:

@@ -23,6 +23,7 @@ from app.constants import DEFAULT_TICK_INTERVAL_S
 from app.rollout.abtest import (
     ImprovementGate,
     NonInferiorityGate,
+    outcome_bounds,
 )
 from app.rollout.feedback import FeedbackSettings
 
@@ -137,6 +138,16 @@ class Gates(FiniteStrictModel):
                 "that does not wait for min_requests"
             )
         return self
+
+    @model_validator(mode="after")
+    def _lift_gates_agree_on_their_outcome(self) -> Gates:
+        self.outcome_bounds()  # ValueError when both judge one outcome with other bounds
+        return self
+
+    def outcome_bounds(self) -> dict[str, tuple[float, float]]:
+        """Outcome -> (min_value, max_value) of the lift gates' continuous outcomes: what the
+        feedback desk clips those outcomes to for this rollout (`FeedbackDesk.reset`)."""
+        return outcome_bounds((self.improvement, self.non_inferiority))
 
 
 class SetWeight(FiniteStrictModel):
@@ -305,6 +316,7 @@ class RolloutPlan(FiniteStrictModel):
             - pause_s: null         # wait for `rollout promote`
         gates: {min_requests: 200, max_error_rate: 0.02}
         auto_promote: true
+        progress_deadline_s: 600    # roll back a candidate with no running replica this long
     """
 
     strategy: Literal["canary", "blue_green", "linear"] = Field(
@@ -331,6 +343,18 @@ class RolloutPlan(FiniteStrictModel):
         description=(
             "Finish by itself after the last step (100%, candidate becomes stable); false "
             "waits for `rollout promote` after the last step."
+        ),
+    )
+    # 600 s as Flagger's progressDeadlineSeconds and a Kubernetes Deployment's default: long
+    # enough for a large model to load on a fresh GPU node, short enough that a candidate that
+    # can never start does not hold a rollout (and its pending gates) for hours.
+    progress_deadline_s: float | None = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Roll back when the candidate has had no running replica for this many seconds "
+            "while the rollout is live (user pauses excepted), as Flagger's "
+            "progressDeadlineSeconds; null: never."
         ),
     )
 

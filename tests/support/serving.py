@@ -72,7 +72,9 @@ class Cluster:
 def forget_rollouts(app: str = APP, model: str = APP) -> None:
     """Delete the rollout state an earlier test module left in GCS for this app: a controller
     deployed again resumes it (by design), and a module that starts from idle must not."""
-    for suffix in ("rollout-state", "rollout-state/outcomes"):
+    # Deleting the epoch key also fences a controller still running from that module: it
+    # finds its claim gone and stops writing (deployments/store.py, Fence).
+    for suffix in ("rollout-state", "rollout-state/outcomes", "rollout-state/epoch"):
         ray_compat.kv_delete(f"{app}/{model}/{suffix}", KV_NAMESPACE)
 
 

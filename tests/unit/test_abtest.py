@@ -550,3 +550,205 @@ def test_bench_smoke(capsys):
     assert expected <= set(report)
     assert report["experiments"] == 30 and report["max_samples"] == 318_500
     assert 0 <= report["aa_false_promotion_rate"] <= 1
+    correlated = report["correlated"]  # the correlated-users scenarios (issue 18 item 3)
+    assert {"aa_false_promotion_rate", "lift_detection_rate", "drop_stop_rate",
+            "outcomes_as_independent", "median_design_effect_at_cap"} <= set(correlated)  # fmt: skip
+    assert correlated["unit_clusters"] == 256 and correlated["users_per_arm"] == 20_000
+
+
+# -- units: one user's outcomes are correlated (issue 18 item 3) -----------------------------
+
+
+def _users(*outcomes_per_user: list[float], kind: OutcomeKind = BINARY) -> ArmStats:
+    """An arm from per-user outcome lists, with the per-unit moments the feedback book keeps."""
+    from app.rollout.abtest import UnitMoments
+
+    values = [x for user in outcomes_per_user for x in user]
+    sums = [sum(user) for user in outcomes_per_user]
+    counts = [len(user) for user in outcomes_per_user]
+    units = UnitMoments(
+        len(outcomes_per_user),
+        sum(s * s for s in sums),
+        sum(s * n for s, n in zip(sums, counts)),
+        float(sum(n * n for n in counts)),
+    )
+    return replace(ArmStats.from_values(kind, values), units=units)
+
+
+def test_unit_moments_give_a_cluster_robust_variance():
+    alone = ArmStats.from_values(BINARY, [1, 1, 1, 1, 0, 0, 0, 0])
+    assert alone.units is None and alone.unit_count == 8 and alone.design_effect == 1.0
+    # The same outcomes from two users, one who always clicks and one who never does: two
+    # units' worth of evidence, not eight. Robust: 2/1 * ((4 - 2)^2 + (0 - 2)^2) = 16;
+    # independent: 8/7 * 8 * 0.25 = 16/7.
+    two = _users([1, 1, 1, 1], [0, 0, 0, 0])
+    assert two.unit_count == 2 and two.design_effect == pytest.approx(7.0)
+    # One outcome per user is the independent case exactly.
+    assert _users([1], [0], [1], [0]).design_effect == 1.0
+    # A look where every outcome comes from one user has no usable variance.
+    assert _users([1, 0, 1]).design_effect == math.inf
+    # Moments of arms with disjoint users add; adding an outcome adds a unit of its own.
+    merged = two.merge(_users([1, 0]))
+    assert merged.units == _users([1, 1, 1, 1], [0, 0, 0, 0], [1, 0]).units
+    assert two.add(1).unit_count == 3 and two.add(1).units.n_sq == 33.0
+    # Fixed-horizon intervals use the effective sample size n / design effect.
+    wide, narrow = confidence_interval(two), confidence_interval(alone)
+    assert wide.low < narrow.low and wide.high > narrow.high
+    revenue = _users([10.0, 12.0], [3.0, 2.0], [7.0], kind=CONTINUOUS)
+    assert (
+        confidence_interval(revenue).high > confidence_interval(replace(revenue, units=None)).high
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: replace(_users([1, 1], [0]), units=replace(_users([1, 1], [0]).units, count=4)),
+         r"units.count \(4\) must be between 1 and n \(3\)"),
+        (lambda: replace(_users([1, 1], [0]), units=replace(_users([1, 1], [0]).units, n_sq=2)),
+         r"units.n_sq \(2\) must be between n \(3\) and n\^2"),
+        (lambda: replace(B(1, 3), clipped=4), r"clipped \(4\) must be between 0 and n"),
+        (lambda: replace(ArmStats(CONTINUOUS), bounds=(0.0, 1.0)).merge(ArmStats(CONTINUOUS)),
+         "cannot merge an arm clipped to"),
+    ],
+)  # fmt: skip
+def test_unit_moments_reject_impossible_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_few_heavy_users_no_longer_make_the_test_sure():
+    """Identical per-outcome data: as independent outcomes a +20% gap is 'better'; as the
+    outcomes of 60 users per arm (50 outcomes each, the user's rate shared by all their
+    outcomes) it is not yet known, and the reason names the units."""
+    rng = np.random.default_rng(8)
+    test = SequentialTest(mde=0.1, min_samples_per_arm=100)
+
+    def arm(rate: float) -> ArmStats:
+        rates = rng.beta(1, 9, 60) * rate / 0.1
+        return _users(*([float(x) for x in rng.random(50) < r] for r in rates))
+
+    candidate, control = arm(0.12), arm(0.10)
+    independent = test.evaluate(replace(candidate, units=None), replace(control, units=None))
+    by_user = test.evaluate(candidate, control)
+    width = by_user.difference_high - by_user.difference_low
+    assert width > 1.7 * (independent.difference_high - independent.difference_low)
+    assert "from 60/60 units" in by_user.reason
+    assert (by_user.candidate_units, by_user.control_units) == (60, 60)
+    # Too few users to estimate the spread between them: the look does not count yet.
+    few = test.evaluate(_users(*[[1.0, 0.0] * 50] * 5), _users(*[[0.0, 1.0] * 50] * 5))
+    assert few.looks == 0 and "waiting for 30 units (users) in each arm, 5/5 so far" in few.reason
+
+
+def test_correlated_users_keep_aa_false_calls_within_alpha():
+    """bench/abtest.py's correlated-users world, smaller: 300 A/A experiments, 2,000 users per
+    arm with heterogeneous click rates and about 25 outcomes each by the last of 100 looks.
+    Taken as independent outcomes the test calls a winner far more often than alpha (measured:
+    25% 'better' or 'worse'); per unit (the feedback book's clusters) it stays within alpha
+    (measured: none of 300)."""
+    from bench.abtest import correlated_paths
+
+    rng = np.random.default_rng(11)
+    experiments, alpha = 300, 0.05
+    candidate = correlated_paths(rng, 0.0, experiments, 500, 100, users=2000)
+    control = correlated_paths(rng, 0.0, experiments, 500, 100, users=2000)
+    test = SequentialTest(alpha=alpha, mde=0.05, min_samples_per_arm=1000)
+    bound = alpha + 2 * math.sqrt(alpha * (1 - alpha) / experiments)
+    robust, _ = test.evaluate_paths(BINARY, candidate, control).first_decision()
+    assert np.mean(robust != 0) <= bound
+    naive, _ = test.evaluate_paths(BINARY, candidate[:3], control[:3]).first_decision()
+    assert np.mean(naive != 0) > 2 * bound
+    # evaluate() on the same columns gives the same verdicts as the vectorized kernel.
+    from app.rollout.abtest import UnitMoments
+
+    def arm(columns, e, t):
+        n, s, ss, g, gss, gsn, gnn = (float(a[e, t]) for a in columns)
+        return ArmStats(BINARY, int(n), s, ss, UnitMoments(int(g), gss, gsn, gnn))
+
+    paths = test.evaluate_paths(BINARY, candidate, control)
+    verdict = None
+    for t in range(100):
+        verdict = test.evaluate(arm(candidate, 0, t), arm(control, 0, t), verdict)
+        assert verdict.low == pytest.approx(paths.low[0, t], rel=1e-9)
+        assert verdict.high == pytest.approx(paths.high[0, t], rel=1e-9)
+
+
+def test_verdict_readings_keep_units_and_read_older_ones():
+    verdict = SequentialTest(min_samples_per_arm=2).evaluate(_users([1, 0], [1]), B(1, 3))
+    reading = verdict.reading()
+    assert (reading["candidate_units"], reading["control_units"]) == (2, 3)
+    assert Verdict.from_reading(json.loads(json.dumps(reading))) == verdict
+    older = {k: v for k, v in reading.items() if "units" not in k and "clipped" not in k}
+    assert Verdict.from_reading(older).candidate_units is None
+
+
+# -- bounds: continuous outcomes are judged only clipped to the gate's bounds (F2) -----------
+
+
+def test_a_gate_judges_only_outcomes_of_its_kind_clipped_to_its_bounds():
+    rng = np.random.default_rng(4)
+    high = ArmStats.from_values(CONTINUOUS, rng.normal(56, 10, 400).clip(0, 100))
+    low = ArmStats.from_values(CONTINUOUS, rng.normal(50, 10, 400).clip(0, 100))
+    binary_gate = ImprovementGate(outcome="revenue", mde=0.1, min_samples_per_arm=100)
+    verdict = binary_gate.sequential_test().evaluate(high, low)
+    assert verdict.looks == 0 and binary_gate.judge(verdict) is Conclusion.NOT_YET_KNOWN
+    assert "the outcome is continuous, the gate declares binary" in verdict.reason
+    assert "min_value and max_value" in verdict.reason
+    gate = ImprovementGate(outcome="revenue", kind="continuous", min_value=0, max_value=100,
+                           mde=0.1, min_samples_per_arm=100)  # fmt: skip
+    test = gate.sequential_test()
+    unclipped = test.evaluate(high, low)  # a book that was not told the bounds
+    assert unclipped.looks == 0 and "values are not clipped" in unclipped.reason
+    clipped = test.evaluate(replace(high, bounds=(0.0, 100.0)), replace(low, bounds=(0.0, 100.0)))
+    assert clipped.looks == 1 and gate.judge(clipped) is Conclusion.BETTER
+
+
+def test_one_forged_value_cannot_stall_an_honest_verdict():
+    """F2: an honest 'better' on revenue (400 samples per arm) became 'not yet known' after
+    one forged value of 1e6, for the rest of the experiment. Clipped to the gate's declared
+    bounds, the forged value is one large order among 401."""
+    from app.rollout.feedback import FeedbackDesk
+
+    gate = ImprovementGate(outcome="revenue", kind="continuous", min_value=0, max_value=200,
+                           mde=0.1, min_samples_per_arm=100)  # fmt: skip
+    rng = np.random.default_rng(6)
+    desk = FeedbackDesk(["v1", "v2"])
+    desk.reset(now=0.0, bounds={"revenue": gate.bounds})
+    items, served = [], []
+    for version, mean in (("v2", 60.0), ("v1", 50.0)):
+        for i, value in enumerate(rng.normal(mean, 15.0, 400)):
+            served.append((f"{version}-{i}", version, 1.0, "weighted"))
+            items.append({"request_id": f"{version}-{i}", "outcome": "revenue",
+                          "value": float(value), "kind": "continuous"})  # fmt: skip
+    desk.record_served(served, now=1.0)
+    desk.count(items, {}, now=2.0)
+    test = gate.sequential_test()
+    honest = test.evaluate(*desk.arms(["v2", "v1"])["revenue"].values())
+    assert gate.judge(honest) is Conclusion.BETTER
+    desk.record_served([("forged", "v2", 1.0, "weighted")], now=3.0)
+    desk.count([{"request_id": "forged", "outcome": "revenue", "value": 1e6,
+                 "kind": "continuous"}], {}, now=3.0)  # fmt: skip
+    arms = desk.arms(["v2", "v1"])["revenue"]
+    assert arms["v2"].clipped == 1 and arms["v2"].n == 401
+    after = test.evaluate(arms["v2"], arms["v1"], honest)
+    assert gate.judge(after) is Conclusion.BETTER
+    assert "1/0 clipped to (0.0, 200.0)" in after.reason
+    # Unclipped, the same forged value wrecks the test: what the bounds prevent.
+    raw = replace(arms["v2"], sum=arms["v2"].sum - 200 + 1e6,
+                  sum_sq=arms["v2"].sum_sq - 200**2 + 1e12, bounds=None)  # fmt: skip
+    stalled = SequentialTest(mde=0.1, min_samples_per_arm=100).evaluate(raw, arms["v1"])
+    assert stalled.decision is Conclusion.NOT_YET_KNOWN
+
+
+def test_continuous_gates_need_bounds_and_binary_ones_take_none():
+    with pytest.raises(ValidationError, match=r"needs min_value \(None\) and max_value"):
+        ImprovementGate(outcome="revenue", kind="continuous", max_value=10)
+    with pytest.raises(ValidationError, match="apply to a continuous outcome only"):
+        NonInferiorityGate(outcome="click", margin=0.01, min_value=0, max_value=1)
+    with pytest.raises(ValidationError, match=r"max_value \(1.0\) must be greater than min_value"):
+        ImprovementGate(outcome="revenue", kind="continuous", min_value=1, max_value=1)
+    with pytest.raises(ValidationError, match="max_value"):
+        ImprovementGate(outcome="revenue", kind="continuous", min_value=0, max_value=1e13)
+    gate = ImprovementGate(outcome="revenue", kind="continuous", min_value=-5, max_value=500)
+    assert gate.bounds == (-5.0, 500.0) and gate.sequential_test().bounds == (-5.0, 500.0)
+    assert ImprovementGate(outcome="click").bounds is None

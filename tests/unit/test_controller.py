@@ -1,16 +1,27 @@
 """The RolloutController's logic without Ray: ControllerCore over an in-memory store and a fake
 clock. Declarations, persistence across a restart, refused declarations and commands, feedback
-accounting and a failing store, each as a Serve replica would see them."""
+accounting, a failing store, hold timers across restarts and clock steps, and the progress
+deadline, each as a Serve replica would see them. Fencing: test_controller_fencing.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 
+from app import ray_compat
 from app.errors import CommandRefused, Unavailable, http_status
-from deployments.controller import OUTCOMES_SUFFIX, ControllerCore
+from app.observability.stats import RouterStats
+from deployments.controller import (
+    CHECKPOINT_S,
+    OUTCOMES_SUFFIX,
+    ControllerCore,
+    RolloutController,
+    deployment_ready,
+)
 from deployments.store import InMemoryStore
 from tests.support.fakes import FakeClock
 
@@ -25,10 +36,11 @@ DECLARED = {"plan": PLAN, "tick_interval_s": 0.25}
 KEY = "recommender/recommender/rollout-state"
 
 
-def controller(store: InMemoryStore, clock: FakeClock, versions=("v1", "v2")) -> ControllerCore:
-    return ControllerCore(
-        "recommender", list(versions), app_name="recommender", store=store, clock=clock
-    )
+def controller(
+    store: InMemoryStore, clock: FakeClock, versions=("v1", "v2"), **options
+) -> ControllerCore:
+    return ControllerCore("recommender", list(versions), app_name="recommender", store=store,
+                          clock=clock, monotonic=clock.monotonic, **options)  # fmt: skip
 
 
 def run(coroutine):
@@ -37,7 +49,7 @@ def run(coroutine):
 
 async def declared(core: ControllerCore, user_config=DECLARED) -> ControllerCore:
     await core.reconfigure(user_config)
-    await core.tick(core.clock())
+    await core.tick()
     return core
 
 
@@ -60,7 +72,7 @@ def test_a_restarted_controller_resumes_the_same_rollout_and_outcomes():
     results = run(first.feedback([{"request_id": "req-1", "outcome": "click", "value": 1.0,
                                    "kind": "binary"}], {}))  # fmt: skip
     assert results[0]["counted"] is True
-    run(first.tick(clock()))  # persists the book
+    run(first.tick())  # persists the book
     assert OUTCOMES_SUFFIX.lstrip("/") in "".join(store.data)
 
     clock.advance(5)
@@ -133,10 +145,10 @@ def test_a_change_is_stored_before_routers_hear_of_it_and_a_command_not_stored_i
     assert core.state.phase.value == "aborted"  # decided, in memory
     assert core.override == canary  # routers not told: the store does not hold it
     assert json.loads(store.data[KEY])["phase"] == "progressing"
-    run(core.tick(clock()))  # still failing: still not published
+    run(core.tick())  # still failing: still not published
     assert core.override == canary
     store.fail_puts = False
-    run(core.tick(clock()))  # stored, then published
+    run(core.tick())  # stored, then published
     assert json.loads(store.data[KEY])["phase"] == "aborted"
     assert core.override["weights"] == {"v1": 100.0, "v2": 0.0}
     assert core.override["generation"] == canary["generation"] + 1
@@ -172,6 +184,187 @@ def test_version_apps_controller_asks_serve_for_the_deployed_versions():
         return ["v1", "v2"]
 
     core = ControllerCore("recommender", None, app_name="recommender", store=InMemoryStore(),
-                          deployed_versions=deployed, clock=FakeClock())  # fmt: skip
+                          deployed_versions=deployed, clock=(clock := FakeClock()),
+                          monotonic=clock.monotonic)  # fmt: skip
     run(core.reconfigure(DECLARED))
     assert asked and core.state is not None
+
+
+# -- timers: restarts and clock steps (issue 18 item 4, F6.5, F16) ---------------------------
+
+HOLD = {"strategy": "canary", "candidate": "v2", "stable": "v1",
+        "canary": {"steps": [{"set_weight": 10}, {"analysis_s": 120}, {"set_weight": 50},
+                              {"pause_s": None}]},
+        "gates": {"min_requests": 5}}  # fmt: skip
+
+
+def healthy_stats() -> dict:
+    stats = RouterStats()
+    for _ in range(10):
+        stats.record("v2", True, 10.0)
+        stats.record("v1", True, 10.0)
+    return stats.drain()
+
+
+def live(core: ControllerCore, clock: FakeClock, ticks: int, *, step_s: float = 1.0,
+         traffic: bool = True) -> list[tuple[str, float]]:  # fmt: skip
+    """`ticks` ticks `step_s` apart, each after the readiness lookup and (with `traffic`) a
+    healthy stats report, as the replica's loops run them: (phase, candidate weight) after each."""
+
+    async def ticking() -> list[tuple[str, float]]:
+        seen = []
+        for _ in range(ticks):
+            clock.advance(step_s)
+            if traffic:
+                await core.report(healthy_stats())
+            await core.refresh_readiness()
+            await core.tick()
+            seen.append((core.state.phase.value, core.state.candidate_weight))
+        return seen
+
+    return run(ticking())
+
+
+def test_a_restarted_controller_resumes_an_analysis_hold_where_it_was():
+    store, clock = InMemoryStore(), FakeClock()
+    first = run(declared(controller(store, clock), {"plan": HOLD}))
+    assert live(first, clock, 40)[-1] == ("progressing", 10.0)
+    # The replica dies; Serve starts another 30 s later, on a node whose wall clock is 500 s
+    # behind (and whose monotonic clock has another origin).
+    clock.advance(30)
+    clock.jump(-500)
+    clock.mono = 7.0
+    second = controller(store, clock)
+    run(second.reconfigure({"plan": HOLD}))
+    elapsed = second.state.elapsed_s(second.now())
+    assert 40 - CHECKPOINT_S <= elapsed <= 40  # the stored timer, not 0 (reset) nor 70
+    assert run(second.status())["time_in_step_s"] == pytest.approx(elapsed, abs=0.01)
+    weights = [weight for _, weight in live(second, clock, math.ceil(120 - elapsed))]
+    # the analysis passes when its 120 s are up, on the evidence since the restart
+    assert weights == [10.0] * (len(weights) - 1) + [50.0]
+
+
+def test_a_crash_looping_controller_still_finishes_a_long_analysis():
+    # Each replica lives 20 s, the next one starts 10 s later: a 300 s analysis restarted at
+    # every start would never end; resumed, it ends after about 300 / 15 lives.
+    long_hold = {**HOLD, "canary": {"steps": [{"set_weight": 10}, {"analysis_s": 300},
+                                              {"set_weight": 50}, {"pause_s": None}]}}  # fmt: skip
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(declared(controller(store, clock), {"plan": long_hold}))
+    lives = 1
+    while core.state.candidate_weight < 50.0 and lives < 40:
+        live(core, clock, 20)
+        if core.state.candidate_weight < 50.0:
+            clock.advance(10)
+            core = controller(store, clock)
+            run(core.reconfigure({"plan": long_hold}))
+            lives += 1
+    assert core.state.candidate_weight == 50.0
+    assert lives <= 300 / (20 - CHECKPOINT_S) + 1
+
+
+def test_the_stored_timers_are_refreshed_while_a_timer_runs_and_only_then():
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(declared(controller(store, clock), {"plan": HOLD}))
+    live(core, clock, 12)
+    assert json.loads(store.data[KEY])["timers"]["step_elapsed_s"] >= 12 - CHECKPOINT_S
+    # waiting for promote, nothing moves by itself: no rewrites (so a state an operator or a
+    # test deleted is not brought back by a replica that is only waiting)
+    waiting = {**HOLD, "canary": {"steps": [{"set_weight": 10}, {"pause_s": None}]}}
+    core = run(declared(controller(InMemoryStore(), clock), {"plan": waiting}))
+    assert core.state.phase.value == "paused"
+    del core.store.data[KEY]
+    live(core, clock, 3 * int(CHECKPOINT_S))
+    assert KEY not in core.store.data
+
+
+@pytest.mark.parametrize("jump_s", [3600.0, -3600.0])
+def test_a_wall_clock_step_neither_ends_nor_stretches_a_hold(jump_s):
+    # A 60 s pause ends after 60 s of real time, whatever the wall clock does meanwhile.
+    plan = {**HOLD, "canary": {"steps": [{"set_weight": 10}, {"pause_s": 60},
+                                         {"set_weight": 50}, {"pause_s": None}]}}  # fmt: skip
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(declared(controller(store, clock), {"plan": plan}))
+    live(core, clock, 10)
+    clock.jump(jump_s)
+    weights = [weight for _, weight in live(core, clock, 50)]
+    assert weights == [10.0] * 49 + [50.0]
+    assert core.state.history[-1].time_s == pytest.approx(core.state.history[0].time_s + 60)
+
+
+# -- progress deadline (issue 18 item 5) -----------------------------------------------------
+
+STUCK = {**HOLD, "progress_deadline_s": 120}
+
+
+def test_a_candidate_that_never_runs_is_rolled_back_at_the_progress_deadline():
+    ready = {"v2": False}
+    store, clock = InMemoryStore(), FakeClock()
+    core = controller(store, clock, candidate_ready=lambda version: ready[version])
+    run(declared(core, {"plan": STUCK}))
+    phases = [phase for phase, _ in live(core, clock, 70, step_s=2.0, traffic=False)]
+    # no candidate traffic: the analysis ends inconclusive (paused), and the deadline, 120 s
+    # after the candidate was first seen without a replica, rolls it back
+    assert "paused" in phases and phases[-1] == "rolled_back"
+    assert phases.index("rolled_back") in (59, 60)
+    reason = core.state.history[-1].reason
+    assert "progress deadline exceeded" in reason and "progress_deadline_s: 120" in reason
+    assert core.override["weights"] == {"v1": 100.0, "v2": 0.0}
+    assert json.loads(store.data[KEY])["phase"] == "rolled_back"
+
+
+def test_the_progress_deadline_waits_for_a_slow_start_and_ignores_unknown_readings():
+    ready: dict[str, bool | None] = {"v2": False}
+
+    def lookup(version: str) -> bool | None:
+        if ready[version] is None:
+            raise OSError("Serve controller unreachable")
+        return ready[version]
+
+    store, clock = InMemoryStore(), FakeClock()
+    core = controller(store, clock, candidate_ready=lookup)
+    run(declared(core, {"plan": STUCK}))
+    for seconds, value in ((100, False), (200, None), (100, True), (100, False)):
+        ready["v2"] = value
+        live(core, clock, seconds // 2, step_s=2.0, traffic=False)
+    # 100 s not ready, 200 s unknown, ready, then 100 s not ready again: never 120 s in a row
+    assert core.state.phase.value != "rolled_back"
+    assert run(core.status())["progress_deadline"]["unready_s"] == pytest.approx(98, abs=2)
+
+
+@pytest.mark.parametrize(
+    ("details", "ready"),
+    [
+        ({"status": "UPDATING", "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}]}, True),
+        ({"status": "HEALTHY", "replicas": []}, True),  # autoscaled to zero
+        ({"status": "UPDATING", "replicas": [{"state": "STARTING"}]}, False),
+        ({"status": "UPSCALING", "replicas": [{"state": "PENDING_ALLOCATION"}]}, False),
+        ({"status": "DEPLOY_FAILED", "replicas": []}, False),
+        ({"status": "UNHEALTHY", "replicas": [{"state": "STOPPING"}]}, False),
+        (None, False),  # the candidate's deployment is gone
+    ],
+)
+def test_which_serve_deployment_details_count_as_ready(details, ready):
+    assert deployment_ready(details) is ready
+
+
+@pytest.mark.parametrize("version_apps", [False, True])
+def test_the_serve_controller_finds_the_candidates_deployment_in_either_mode(
+    monkeypatch, version_apps
+):
+    running = {"status": "HEALTHY", "replicas": [{"state": "RUNNING"}]}
+    starting = {"status": "UPDATING", "replicas": [{"state": "STARTING"}]}
+    if version_apps:  # each version its own application <model>-<version>
+        apps = {"recommender": {"deployments": {}},
+                "recommender-v1": {"deployments": {"recommender-v1": running}},
+                "recommender-v2": {"deployments": {"recommender-v2": starting}}}  # fmt: skip
+    else:  # one application: the versions are deployments <model>-<version> in it
+        apps = {"recommender": {"deployments": {"recommender-v1": running,
+                                                "recommender-v2": starting}}}  # fmt: skip
+    monkeypatch.setattr(ray_compat, "serve_details", lambda: {"applications": apps})
+    replica = SimpleNamespace(model="recommender", app_name="recommender",
+                              versions=None if version_apps else ["v1", "v2"])  # fmt: skip
+    serve_ready = RolloutController.func_or_class._serve_ready
+    assert serve_ready(replica, "v1") is True
+    assert serve_ready(replica, "v2") is False
+    assert serve_ready(replica, "v3") is False

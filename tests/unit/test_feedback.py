@@ -194,3 +194,118 @@ def test_desk_persists_its_experiment_and_book():
     assert again.book.arm("revenue", "v2").sum == 3.5
     with pytest.raises((ValueError, KeyError, TypeError)):
         again.restore({"book": {}})
+
+
+# -- bounds: a continuous value cannot dominate the test or overflow (issue 18, F2) ----------
+
+
+def test_continuous_values_are_clipped_to_the_declared_bounds_and_counted():
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(["v1", "v2"])
+    desk.reset(now=0.0, bounds={"revenue": (0.0, 500.0)})
+    desk.record_served([(r, "v2", 1.0, "weighted") for r in "abcd"], now=1.0)
+    values = {"a": 120.0, "b": 1e6, "c": -40.0, "d": 500.0}  # 500 is within: not clipped
+    results = desk.count([_item(r, v, "revenue", "continuous") for r, v in values.items()], {},
+                         now=2.0)  # fmt: skip
+    assert all(r["counted"] for r in results)
+    arm = desk.book.arm("revenue", "v2")
+    assert (arm.n, arm.sum, arm.clipped, arm.bounds) == (4, 1120.0, 2, (0.0, 500.0))
+    assert arm.sum_sq == 120.0**2 + 500.0**2 + 500.0**2
+    assert desk.status()["clipped"] == {"revenue": 2}
+    assert desk.status()["bounds"] == {"revenue": [0.0, 500.0]}
+    row = desk.book.summary()["revenue"]["v2"]
+    assert (row["clipped"], row["min_value"], row["max_value"]) == (2, 0.0, 500.0)
+    # The bounds and the clipped counts survive a controller restart.
+    again = FeedbackDesk(["v1", "v2"])
+    again.restore(json_roundtrip(desk.to_dict()))
+    assert again.book.arm("revenue", "v2") == arm
+    again.record_served([("e", "v2", 3.0, "weighted")], now=3.0)
+    again.count([_item("e", 9e9, "revenue", "continuous")], {}, now=3.0)
+    assert again.book.arm("revenue", "v2").sum == 1620.0  # still clipped to 500
+    with pytest.raises(ValueError, match="bounds of 'revenue'"):
+        desk.reset(now=9.0, bounds={"revenue": (5.0, 5.0)})
+
+
+def test_a_huge_value_is_counted_clipped_not_lost_and_the_batch_goes_on():
+    """F2: `value: 1e200` made ArmStats raise after the id was marked counted (a 409, the item
+    lost, the rest of the batch skipped). Undeclared outcomes are clipped to +-1e12, so the
+    sums stay finite whatever comes."""
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(["v1", "v2"])
+    desk.reset(now=0.0)
+    desk.record_served([("a", "v2", 1.0, "weighted"), ("b", "v2", 1.0, "weighted")], now=1.0)
+    results = desk.count([_item("a", 1e200, "revenue", "continuous"),
+                          _item("b", -1e300, "revenue", "continuous")], {}, now=2.0)  # fmt: skip
+    assert [r["counted"] for r in results] == [True, True]
+    arm = desk.book.arm("revenue", "v2")
+    assert (arm.n, arm.sum, arm.sum_sq, arm.clipped) == (2, 0.0, 2e24, 2)
+    assert arm.bounds is None  # not a declared bound: only the safety limit applied
+
+
+def json_roundtrip(data):
+    import json
+
+    return json.loads(json.dumps(data))
+
+
+# -- units: one user's outcomes are one unit of analysis (issue 18 item 3) -------------------
+
+
+def test_the_routing_unit_of_each_answer_reaches_the_arms():
+    from app.messages import ServedAnswer
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(["v1", "v2"])
+    desk.reset(now=0.0)
+    served = [ServedAnswer(f"u1-{i}", "v2", 1.0, "sticky", "user-1") for i in range(3)]
+    served += [
+        ServedAnswer("u2-0", "v2", 1.0, "sticky", "user-2"),
+        ServedAnswer("k-0", "v2", 1.0, "weighted"),  # keyless: a unit of its own
+        ("old-router", "v2", 1.0, "weighted"),
+    ]  # a 4-tuple from an older router
+    desk.record_served(served, now=1.0)
+    ids = ["u1-0", "u1-1", "u1-2", "u2-0", "k-0", "old-router"]
+    desk.count([_item(r, 1.0 if r.startswith("u1") else 0.0) for r in ids], {}, now=2.0)
+    arm = desk.book.arm("click", "v2")
+    # user-1 (3 clicks), user-2, two keyless answers: 4 units
+    assert arm.n == 6 and arm.units is not None and arm.unit_count == 4
+    assert (arm.units.sum_sq, arm.units.cross, arm.units.n_sq) == (9.0, 9.0, 12.0)
+    assert arm.design_effect > 1.5  # user-1's clicks are one unit's, not three independent ones
+    row = desk.book.summary()["click"]["v2"]
+    assert row["units"] == 4
+    # Persisted and restored: later outcomes of the same user join the same unit.
+    again = FeedbackDesk(["v1", "v2"])
+    again.restore(json_roundtrip(desk.to_dict()))
+    assert again.book.arm("click", "v2") == arm
+    again.record_served([ServedAnswer("u1-3", "v2", 3.0, "sticky", "user-1")], now=3.0)
+    again.count([_item("u1-3")], {}, now=3.0)
+    assert again.book.arm("click", "v2").unit_count == 4
+    assert again.book.arm("click", "v2").units.n_sq == 16.0 + 1 + 1 + 1
+
+
+def test_a_hint_may_carry_the_unit_and_a_later_push_fills_a_missing_one():
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(["v1", "v2"])
+    desk.reset(now=0.0)
+    hint = ("v2", 1.0, "sticky", [], "user-9")  # FeedbackHint with a unit appended
+    desk.count([_item("h1")], {"h1": hint}, now=2.0)
+    assert desk.ledger.unit("h1") == "user-9"
+    desk.count([_item("h2")], {"h2": ("v2", 1.0, "sticky", [])}, now=2.0)  # no unit in the hint
+    assert desk.ledger.unit("h2") is None
+    desk.record_served([("h2", "v2", 1.0, "sticky", "user-9")], now=3.0)
+    assert desk.ledger.unit("h2") == "user-9"  # the push completes the record; the rest stays
+    assert desk.ledger.entry("h2", 3.0) == ("v2", 1.0, "sticky")
+
+
+def test_a_book_stored_before_units_reads_as_one_unit_per_outcome():
+    from app.rollout.feedback import FeedbackDesk
+
+    old = {"started_at": 5.0, "book": {"click": {
+        "v2": {"kind": "binary", "n": 10, "sum": 3.0, "sum_sq": 3.0}}}}  # fmt: skip
+    desk = FeedbackDesk(None)
+    desk.restore(old)
+    arm = desk.book.arm("click", "v2")
+    assert (arm.n, arm.sum, arm.unit_count, arm.design_effect, arm.clipped) == (10, 3.0, 10, 1.0, 0)

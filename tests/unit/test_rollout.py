@@ -784,6 +784,140 @@ def test_from_dict_refuses_an_unknown_schema():
         RolloutState.from_dict(data)
 
 
+# -- restarts: timers travel as elapsed seconds (issue 18 item 4, F6.5, F16) --------------
+
+ELSEWHERE = 42.0  # another process's clock: another node, another origin
+
+
+def test_resume_carries_the_timers_as_elapsed_seconds_onto_another_clock():
+    rollout_plan = canary({"set_weight": 5}, {"analysis_s": 60}, {"set_weight": 10})
+    state = started(rollout_plan)
+    data = json.loads(json.dumps(state.to_dict(now=T0 + 20), allow_nan=False))
+    assert data["timers"] == {"step_elapsed_s": 20.0, "unready_s": None}
+    resumed = RolloutState.resume(data, ELSEWHERE)
+    assert resumed.elapsed_s(ELSEWHERE) == pytest.approx(20.0)
+    assert resumed.remaining_s(ELSEWHERE + 5) == pytest.approx(35.0)
+    assert resumed.window_started_at == ELSEWHERE  # the evidence was in the old process
+    assert (resumed.step_index, resumed.candidate_weight) == (state.step_index, 5.0)
+    # a user pause stays frozen across the restart
+    paused = apply_command(state, Command.PAUSE, T0 + 20)
+    frozen = RolloutState.resume(paused.to_dict(now=T0 + 500), ELSEWHERE)
+    assert frozen.paused_by_user and frozen.elapsed_s(ELSEWHERE + 300) == pytest.approx(20.0)
+    thawed = apply_command(frozen, Command.RESUME, ELSEWHERE + 300)
+    assert thawed.remaining_s(ELSEWHERE + 310) == pytest.approx(30.0)
+    # a state stored by a controller from before the timers restarts its step, as it did
+    legacy = RolloutState.resume(state.to_dict(), ELSEWHERE)
+    assert legacy.elapsed_s(ELSEWHERE) == 0.0
+    with pytest.raises(ValueError, match="step_elapsed_s"):
+        RolloutState.resume(data | {"timers": {"step_elapsed_s": -1}}, ELSEWHERE)
+
+
+def test_an_analysis_resumed_after_a_restart_ends_on_time_when_the_new_evidence_decides():
+    rollout_plan = canary({"set_weight": 5}, {"analysis_s": 2}, {"set_weight": 10},
+                          {"pause_s": 600})  # fmt: skip
+    clock = FakeClock(T0, tick_s=TICK)
+    state = run(RolloutState.start(rollout_plan, clock.now), clock, 6)[-1].state
+    resumed = RolloutState.resume(state.to_dict(now=clock.now), ELSEWHERE)  # 1.5 s in
+    clock = FakeClock(ELSEWHERE, tick_s=TICK)
+    # 0.5 s left (not 2 s): 400 candidate requests/s since the restart decide the gates by then
+    assert weights(run(resumed, clock, 4)) == [5.0] * 2 + [10.0] * 2
+
+
+def test_an_analysis_cut_short_by_a_restart_is_not_inconclusive_before_a_full_window():
+    rollout_plan = canary({"set_weight": 5}, {"analysis_s": 2}, {"set_weight": 10},
+                          {"pause_s": 600})  # fmt: skip
+    clock = FakeClock(T0, tick_s=TICK)
+    state = run(RolloutState.start(rollout_plan, clock.now), clock, 6)[-1].state
+    resumed = RolloutState.resume(state.to_dict(now=clock.now), ELSEWHERE)
+    clock = FakeClock(ELSEWHERE, tick_s=TICK)
+    trickle: World = lambda s, now: observation(  # noqa: E731 - 20 requests/s: too few
+        VersionStats(int(20 * (now - s.window_started_at)), 0, 10, 50), VersionStats(4000, 0)
+    )
+    decisions = run(resumed, clock, 12, trickle)
+    # the hold's time is up after 0.5 s, but its window has 2 s only after 2 s: pending until
+    # then (not inconclusive on a sliver), then inconclusive as without a restart
+    assert phases(decisions) == [Phase.PROGRESSING] * 8 + [Phase.PAUSED] * 4
+    assert "analysis inconclusive: min_requests: 40 of 100" in decisions[8].events[0].reason
+
+
+# -- progress deadline (issue 18 item 5; Flagger's progressDeadlineSeconds) ------------------
+
+
+def readiness(*ready: bool | None, tick_s: float = 10.0, deadline_s: float | None = 60.0,
+              rollout_plan: RolloutPlan | None = None) -> list[Decision]:  # fmt: skip
+    """Tick every tick_s with the candidate's readiness given per tick."""
+    rollout_plan = rollout_plan or canary({"set_weight": 5}, {"pause_s": 600},
+                                          progress_deadline_s=deadline_s)  # fmt: skip
+    clock = FakeClock(T0, tick_s=tick_s)
+    state = RolloutState.start(rollout_plan, clock.now)
+    decisions = []
+    for value in ready:
+        decisions.append(step(state, Observation(candidate_ready=value), clock.now))
+        state = decisions[-1].state
+        clock.advance()
+    return decisions
+
+
+def test_a_candidate_without_a_running_replica_is_rolled_back_at_the_deadline():
+    decisions = readiness(*[False] * 8)
+    assert phases(decisions) == [Phase.PROGRESSING] * 6 + [Phase.ROLLED_BACK] * 2
+    rolled_back = decisions[6]
+    assert rolled_back.weights == {CAND: 0.0, STABLE: 100.0} and rolled_back.traffic_changed
+    assert rolled_back.events[0].reason == (
+        "rolled back: progress deadline exceeded: candidate v2 has had no running replica for "
+        "60s (progress_deadline_s: 60)"
+    )
+
+
+def test_the_deadline_clock_stops_when_the_candidate_runs_and_ignores_unknowns():
+    # not ready 50 s, ready, not ready 50 s, unknown for 100 s: never 60 s seen not ready
+    decisions = readiness(*[False] * 6, True, *[False] * 6, *[None] * 10)
+    assert Phase.ROLLED_BACK not in phases(decisions)
+    # ... but the next reading that says not ready finds it overdue (unknowns do not stop it)
+    decisions = readiness(*[False] * 6, True, *[False] * 6, *[None] * 10, False)
+    assert phases(decisions)[-1] is Phase.ROLLED_BACK
+    assert readiness(*[None] * 20)[-1].state.unready_since is None
+    assert Phase.ROLLED_BACK not in phases(readiness(*[False] * 20, deadline_s=None))
+
+
+def test_the_deadline_is_not_restarted_by_each_step():
+    # short timed pauses must not carry a candidate that never runs to 100%
+    steps = [{"set_weight": w} if i % 2 == 0 else {"pause_s": 20}
+             for i, w in enumerate([5, 0, 10, 0, 25, 0, 50, 0, 100])]  # fmt: skip
+    rollout_plan = canary(*steps, progress_deadline_s=60)
+    decisions = readiness(*[False] * 12, rollout_plan=rollout_plan)
+    assert phases(decisions)[6] is Phase.ROLLED_BACK
+    assert max(weights(decisions)) < 100.0
+
+
+def test_a_user_pause_suspends_the_deadline_and_resume_restarts_it():
+    decisions = readiness(*[False] * 3)  # 20 s of the 60 s deadline
+    paused = apply_command(decisions[-1].state, Command.PAUSE, T0 + 25)
+    clock = FakeClock(T0 + 30, tick_s=10.0)
+    held = run(paused, clock, 10, lambda s, now: Observation(candidate_ready=False))
+    assert phases(held) == [Phase.PAUSED] * 10  # 100 s paused, not rolled back
+    resumed = apply_command(held[-1].state, Command.RESUME, clock.now)
+    assert resumed.unready_since == clock.now
+    after = run(resumed, clock, 7, lambda s, now: Observation(candidate_ready=False))
+    assert phases(after)[-1] is Phase.ROLLED_BACK and phases(after)[-2] is not Phase.ROLLED_BACK
+
+
+def test_the_deadline_clock_survives_a_restart_as_elapsed_seconds():
+    decisions = readiness(*[False] * 4)  # first seen not ready at T0, now T0 + 30
+    state = decisions[-1].state
+    resumed = RolloutState.resume(state.to_dict(now=T0 + 40), ELSEWHERE)
+    assert resumed.unready_s(ELSEWHERE) == pytest.approx(40.0)
+    late = step(resumed, Observation(candidate_ready=False), ELSEWHERE + 20)
+    assert late.state.phase is Phase.ROLLED_BACK
+
+
+def test_progress_deadline_defaults_to_600_s_and_null_turns_it_off():
+    assert plan().progress_deadline_s == 600.0
+    assert plan(progress_deadline_s=None).progress_deadline_s is None
+    assert "progress_deadline_s" in error_text(progress_deadline_s=0)
+    assert "progress_deadline_s" in error_text(progress_deadline_s=float("inf"))
+
+
 def test_history_is_bounded():
     state = started(plan())
     for n in range(MAX_HISTORY_EVENTS):

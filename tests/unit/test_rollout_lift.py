@@ -191,3 +191,51 @@ def test_no_new_outcome_leaves_the_state_equal_so_nothing_is_persisted_again():
     assert state.lift["improvement"]["looks"] > 0
     again = step(state, observation, now + TICK).state  # the same outcomes, a tick later
     assert again.lift == state.lift
+
+
+def test_a_continuous_outcome_gate_declares_bounds_naming_the_field():
+    """Issue 18 item 1: a continuous outcome is judged only with declared bounds (its values
+    are clipped to them), and gates that judge one outcome agree on them."""
+    revenue = {"outcome": "revenue", "kind": "continuous", "mde": 0.05}
+    with pytest.raises(ValidationError, match=r"improvement\n.*needs min_value \(None\)"):
+        plan({"improvement": revenue})
+    bounded = {**revenue, "min_value": 0, "max_value": 1000}
+    declared = plan({"improvement": bounded, "non_inferiority": {**bounded, "margin": 0.02}})
+    assert declared.gates.outcome_bounds() == {"revenue": (0.0, 1000.0)}
+    with pytest.raises(ValidationError, match="outcome 'revenue' is declared twice"):
+        plan({"improvement": bounded,
+              "non_inferiority": {**bounded, "max_value": 500, "margin": 0.02}})  # fmt: skip
+    assert plan({"improvement": IMPROVE}).gates.outcome_bounds() == {}  # binary: nothing to clip
+
+
+def test_a_continuous_gate_judges_only_feedback_clipped_to_its_bounds():
+    """The gate's reason tells the operator why a continuous outcome is not judged: here the
+    feedback desk was not given the plan's bounds (a controller that does not pass them)."""
+    from app.rollout.feedback import FeedbackDesk
+
+    gate = {"outcome": "revenue", "kind": "continuous", "min_value": 0, "max_value": 100,
+            "mde": 0.1, "min_samples_per_arm": 50}  # fmt: skip
+    declared = plan({"improvement": gate})
+    rng = random.Random(3)
+    verdicts = {}
+    for bounds in ({}, declared.gates.outcome_bounds()):
+        desk = FeedbackDesk([CAND, STABLE])
+        desk.reset(now=0.0, bounds=bounds)
+        served, items = [], []
+        for version, mean in ((CAND, 60.0), (STABLE, 50.0)):
+            for i in range(200):
+                request_id = f"{version}-{i}"
+                served.append((request_id, version, 1.0, "sticky", f"user-{version}-{i % 80}"))
+                value = 1e6 if i == 0 else rng.gauss(mean, 10.0)  # one forged value each
+                items.append({"request_id": request_id, "outcome": "revenue", "value": value,
+                              "kind": "continuous"})  # fmt: skip
+        desk.record_served(served, now=1.0)
+        desk.count(items, {}, now=2.0)
+        observation = Observation(outcomes=desk.arms([CAND, STABLE]))
+        (verdict,), _ = evaluate_lift_gates(declared.gates, observation, {}, candidate=CAND,
+                                            stable=STABLE)  # fmt: skip
+        verdicts[bool(bounds)] = verdict
+    assert verdicts[False].status is GateStatus.PENDING
+    assert "values are not clipped" in verdicts[False].reason
+    assert verdicts[True].status is GateStatus.PASSED, verdicts[True].reason
+    assert verdicts[True].detail["conclusion"] == "better"

@@ -4,7 +4,10 @@ Ray-free statistics for the feedback loop: each version's outcomes are summed in
 `ArmStats`; fixed-horizon intervals describe one arm or the gap between two; a `SequentialTest`
 decides whether the candidate is better, worse, or not yet known, and may be asked every tick.
 
-    ArmStats(kind, n, sum, sum_sq)          sums, so router replicas merge them by addition
+    ArmStats(kind, n, sum, sum_sq, units)   sums, so router replicas merge them by addition;
+                                            `units` (UnitMoments): per-user moments, so the
+                                            variance is cluster-robust (a user's outcomes
+                                            are correlated)
     confidence_interval(arm, level)         Wilson (binary) or normal (continuous), one arm
     difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
                                             (delta method); fixed-horizon, NOT safe to peek at
@@ -13,6 +16,7 @@ decides whether the candidate is better, worse, or not yet known, and may be ask
     Verdict.improvement(min_lift)           better / worse / not_yet_known against a bar
     Verdict.non_inferiority(margin)
     ImprovementGate, NonInferiorityGate     the rollout plan's lift gates (rollout/gates.py judges them)
+    outcome_bounds(gates)                   outcome -> (min_value, max_value) to clip it to
     required_sample_size(...)               fixed-horizon planning figure (two proportions)
 
 `arms.py` holds one arm and the fixed-horizon intervals, `sequential.py` the sequential test,
@@ -21,15 +25,17 @@ in docs/ab-testing.md ("The statistics").
 """
 
 from app.rollout.abtest.arms import (
+    MAX_ABS_OUTCOME,
     ArmStats,
     Interval,
     OutcomeKind,
     Scale,
+    UnitMoments,
     confidence_interval,
     difference_interval,
     required_sample_size,
 )
-from app.rollout.abtest.gates import ImprovementGate, NonInferiorityGate
+from app.rollout.abtest.gates import ImprovementGate, NonInferiorityGate, outcome_bounds
 from app.rollout.abtest.sequential import (
     Conclusion,
     PathResult,
@@ -38,6 +44,7 @@ from app.rollout.abtest.sequential import (
 )
 
 __all__ = [
+    "MAX_ABS_OUTCOME",
     "ArmStats",
     "Conclusion",
     "ImprovementGate",
@@ -47,8 +54,10 @@ __all__ = [
     "PathResult",
     "Scale",
     "SequentialTest",
+    "UnitMoments",
     "Verdict",
     "confidence_interval",
     "difference_interval",
+    "outcome_bounds",
     "required_sample_size",
 ]

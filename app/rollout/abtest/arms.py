@@ -1,6 +1,9 @@
 """One arm of an A/B test: outcome sums that merge by addition, and fixed-horizon intervals.
 
-ArmStats(kind, n, sum, sum_sq)          sums, so router replicas merge them by addition
+ArmStats(kind, n, sum, sum_sq, units)   sums, so router replicas merge them by addition;
+                                        `units` holds the per-unit (user) moments that make
+                                        the variance cluster-robust
+UnitMoments(count, sum_sq, cross, n_sq) those moments
 confidence_interval(arm, level)         Wilson (binary) or normal (continuous), one arm
 difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
                                         (delta method); fixed-horizon, NOT safe to peek at
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from statistics import NormalDist
-from typing import Literal, cast
+from typing import Any, Literal, cast
+
+import numpy as np
 
 Scale = Literal["relative", "absolute"]
 
@@ -38,9 +43,44 @@ class OutcomeKind(str, Enum):
 # -- one arm ---------------------------------------------------------------------------------
 
 
+# Outcomes are clipped to at most this magnitude even where no bounds are declared, so that
+# sums of squares stay finite for any count (n * 1e24 < 1.8e308 for n below 1e284).
+MAX_ABS_OUTCOME = 1e12
+
+
+@dataclass(frozen=True)
+class UnitMoments:
+    """Per-unit moments of one arm: how its outcomes group into units (users).
+
+    One user's outcomes are correlated (a user who clicks often clicks often on either
+    version), so the variance of an arm's mean is estimated from per-unit totals (the
+    cluster-robust, or "sandwich", variance), not from outcomes as if each were independent.
+    With S_g and n_g the sum and count of unit g's outcomes:
+
+        count  = number of units with outcomes        sum_sq = sum over units of S_g^2
+        cross  = sum over units of S_g * n_g          n_sq   = sum over units of n_g^2
+
+    Var(mean) = count / (count - 1) * sum_g (S_g - mean * n_g)^2 / n^2, which expands into
+    these four. With one outcome per unit it is the usual s^2 / n. Moments of arms whose
+    units are disjoint (two router replicas, each holding whole units) add."""
+
+    count: int
+    sum_sq: float
+    cross: float
+    n_sq: float
+
+    def merge(self, other: UnitMoments) -> UnitMoments:
+        return UnitMoments(
+            self.count + other.count,
+            self.sum_sq + other.sum_sq,
+            self.cross + other.cross,
+            self.n_sq + other.n_sq,
+        )
+
+
 @dataclass(frozen=True)
 class ArmStats:
-    """One version's outcomes so far: count, sum and sum of squares.
+    """One version's outcomes so far: count, sum and sum of squares, and per-unit moments.
 
     Sums rather than a running mean because every router replica keeps its own and the
     controller adds them (`merge`), the way request counts are pushed today. Immutable: `add`
@@ -51,12 +91,20 @@ class ArmStats:
     `ArmStats.binary(successes, n)`. Continuous sums lose precision when the mean is large
     against the spread (sum_sq - sum^2/n cancels): subtract a fixed offset from the values
     first (revenue minus a typical order) if that is the case.
+
+    `units` (UnitMoments) is None when every outcome is its own unit (keyless traffic, or
+    stats built from values); the feedback book fills it from the routing unit of each
+    answer. `clipped` counts continuous outcomes that were clipped (winsorised) to `bounds`,
+    the [min_value, max_value] a gate declared (None: only +-MAX_ABS_OUTCOME applied).
     """
 
     kind: OutcomeKind
     n: int = 0
     sum: float = 0.0
     sum_sq: float = 0.0
+    units: UnitMoments | None = None
+    clipped: int = 0
+    bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", OutcomeKind(self.kind))  # accept "binary" too
@@ -79,6 +127,20 @@ class ArmStats:
             raise ValueError(f"sum_sq ({self.sum_sq}) must be at least 0")
         elif self.n == 0 and (self.sum or self.sum_sq):
             raise ValueError(f"an empty arm must have sum ({self.sum}) and sum_sq 0")
+        if self.units is not None:
+            u = self.units
+            if not (min(self.n, 1) <= u.count <= self.n):
+                raise ValueError(
+                    f"units.count ({u.count}) must be between {min(self.n, 1)} and n ({self.n})"
+                )
+            if not all(math.isfinite(x) for x in (u.sum_sq, u.cross, u.n_sq)):
+                raise ValueError(f"unit moments ({u}) must be finite")
+            if not (self.n <= u.n_sq <= self.n * self.n):
+                raise ValueError(
+                    f"units.n_sq ({u.n_sq}) must be between n ({self.n}) and n^2 ({self.n**2})"
+                )
+        if self.clipped < 0 or self.clipped > self.n:
+            raise ValueError(f"clipped ({self.clipped}) must be between 0 and n ({self.n})")
 
     @classmethod
     def binary(cls, successes: int, n: int) -> ArmStats:
@@ -92,21 +154,37 @@ class ArmStats:
         return arm
 
     def add(self, value: float) -> ArmStats:
-        """This arm with one more outcome (0/1 for binary, any finite number otherwise)."""
+        """This arm with one more outcome, a unit of its own (0/1 for binary, any finite
+        number otherwise)."""
         value = float(value)
         if self.kind is OutcomeKind.BINARY and value not in (0.0, 1.0):
             raise ValueError(f"a binary outcome must be 0 or 1, got {value}")
         if not math.isfinite(value):
             raise ValueError(f"an outcome must be finite, got {value}")
-        return ArmStats(self.kind, self.n + 1, self.sum + value, self.sum_sq + value * value)
+        units = self.units
+        if units is not None:
+            units = units.merge(UnitMoments(1, value * value, value, 1.0))
+        return replace(
+            self, n=self.n + 1, sum=self.sum + value, sum_sq=self.sum_sq + value * value,
+            units=units,
+        )  # fmt: skip
 
     def merge(self, other: ArmStats) -> ArmStats:
-        """Both arms' outcomes together (the same version counted by two router replicas)."""
+        """Both arms' outcomes together (the same version counted by two router replicas,
+        each holding whole units)."""
         if other.kind is not self.kind:
             raise ValueError(f"cannot merge a {other.kind.value} arm into a {self.kind.value} one")
+        if other.bounds != self.bounds:
+            raise ValueError(
+                f"cannot merge an arm clipped to {other.bounds} into one clipped to {self.bounds}"
+            )
+        units = None
+        if self.units is not None or other.units is not None:
+            units = self.unit_moments.merge(other.unit_moments)
         return ArmStats(
-            self.kind, self.n + other.n, self.sum + other.sum, self.sum_sq + other.sum_sq
-        )
+            self.kind, self.n + other.n, self.sum + other.sum, self.sum_sq + other.sum_sq,
+            units, self.clipped + other.clipped, self.bounds,
+        )  # fmt: skip
 
     @property
     def mean(self) -> float | None:
@@ -123,6 +201,43 @@ class ArmStats:
         if self.n < 2:
             return None
         return max(self.sum_sq - self.sum * self.sum / self.n, 0.0) / (self.n - 1)
+
+    @property
+    def unit_moments(self) -> UnitMoments:
+        """`units`, or the moments of one unit per outcome when it is None."""
+        if self.units is not None:
+            return self.units
+        return UnitMoments(self.n, self.sum_sq, self.sum, float(self.n))
+
+    @property
+    def unit_count(self) -> int:
+        return self.unit_moments.count
+
+    @property
+    def design_effect(self) -> float:
+        """How much the grouping of outcomes into units inflates the variance of the mean
+        (the cluster-robust variance over the independent one): 1 with one outcome per unit
+        or no spread; above 1 when a unit's outcomes resemble each other; inf while all
+        outcomes come from one unit."""
+        return float(_design_effect(float(self.n), self.sum, self.sum_sq, *_moments(self)))
+
+
+def _moments(arm: ArmStats) -> tuple[float, float, float, float]:
+    u = arm.unit_moments
+    return float(u.count), u.sum_sq, u.cross, u.n_sq
+
+
+def _design_effect(n: Any, s: Any, ss: Any, g: Any, gss: Any, gsn: Any, gnn: Any) -> Any:
+    """Cluster-robust over independent variance of the mean, elementwise over numpy arrays
+    (the sequential test's kernel uses it too): 1 where every outcome is its own unit (so
+    such arms give exactly the independent-outcome variance) or there is no spread at all,
+    inf while one unit holds every outcome."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = s / n
+        naive = np.maximum(ss - s * m, 0.0) * n / (n - 1)  # sum (x - m)^2 * n/(n-1)
+        robust = np.maximum(gss - 2 * m * gsn + m * m * gnn, 0.0) * g / (g - 1)
+        ratio = np.where(g > 1, robust / np.where(naive > 0, naive, 1.0), np.inf)
+        return np.where((g >= n) | (naive <= 0), 1.0, ratio)
 
 
 # -- fixed-horizon intervals -----------------------------------------------------------------
@@ -141,8 +256,8 @@ class Interval:
         return self.low <= value <= self.high
 
 
-def _wilson(successes: float, n: int, z: float) -> tuple[float, float]:
-    if n == 0:
+def _wilson(successes: float, n: float, z: float) -> tuple[float, float]:
+    if n <= 0:
         return 0.0, 1.0
     p = successes / n
     denominator = 1 + z * z / n
@@ -154,20 +269,33 @@ def _wilson(successes: float, n: int, z: float) -> tuple[float, float]:
     return low, high
 
 
+def _wilson_arm(arm: ArmStats, z: float) -> tuple[float, float]:
+    """Wilson's interval of a binary arm on its effective sample size, n / design effect
+    (outcomes grouped in units carry less information than as many independent ones)."""
+    if arm.n == 0:
+        return 0.0, 1.0
+    effect = arm.design_effect
+    if effect == 1.0:
+        return _wilson(arm.sum, arm.n, z)
+    n = arm.n / effect
+    return _wilson(arm.sum / arm.n * n, n, z)
+
+
 def confidence_interval(arm: ArmStats, level: float = 0.95) -> Interval:
     """Fixed-horizon interval for one arm's mean.
 
     Binary: Wilson's score interval, which stays inside [0, 1] and behaves at 0/n and n/n,
     where the textbook Wald interval collapses to a point. Continuous: mean +- z * s / sqrt(n)
-    (normal, not Student t: outcome streams here run to hundreds of samples or more)."""
+    (normal, not Student t: outcome streams here run to hundreds of samples or more). Both on
+    the effective sample size n / design effect when outcomes group into units."""
     z = _z(level)
     if arm.kind is OutcomeKind.BINARY:
-        low, high = _wilson(arm.sum, arm.n, z)
+        low, high = _wilson_arm(arm, z)
         return Interval(arm.mean, low, high, level)
     if arm.n < 2:
         return Interval(arm.mean, -math.inf, math.inf, level)
     mean = cast(float, arm.mean)  # n >= 2 here
-    half = z * math.sqrt(cast(float, arm.variance) / arm.n)
+    half = z * math.sqrt(cast(float, arm.variance) * arm.design_effect / arm.n)
     return Interval(arm.mean, mean - half, mean + half, level)
 
 
@@ -183,7 +311,8 @@ def difference_interval(
     the two Wilson intervals; good coverage at small n and near 0 or 1). Continuous: Welch's
     normal interval. relative: (m_c - m_s) / m_s +- z * sqrt(V_c / m_s^2 + m_c^2 V_s / m_s^4)
     (the delta method; V = variance / n, binary variances with one added success and failure so
-    0/n and n/n arms are not certain); undefined (infinite) while m_s is not positive.
+    0/n and n/n arms are not certain); undefined (infinite) while m_s is not positive. Each
+    arm's variance is scaled by its design effect (outcomes grouped in units).
 
     Looking at this every tick and acting when it excludes 0 inflates false positives; that
     is what `SequentialTest` is for."""
@@ -197,8 +326,8 @@ def difference_interval(
     binary = candidate.kind is OutcomeKind.BINARY
     if scale == "absolute" and binary:
         estimate = mc - ms
-        lc, uc = _wilson(candidate.sum, candidate.n, z)
-        ls, us = _wilson(control.sum, control.n, z)
+        lc, uc = _wilson_arm(candidate, z)
+        ls, us = _wilson_arm(control, z)
         low = estimate - math.hypot(mc - lc, us - ms)
         high = estimate + math.hypot(uc - mc, ms - ls)
         return Interval(estimate, low, high, level)
@@ -207,8 +336,8 @@ def difference_interval(
     estimate = mc - ms if scale == "absolute" else mc / ms - 1
     if not binary and (candidate.n < 2 or control.n < 2):
         return Interval(estimate, -math.inf, math.inf, level)
-    vc = _inference_variance(candidate) / candidate.n
-    vs = _inference_variance(control) / control.n
+    vc = _inference_variance(candidate) * candidate.design_effect / candidate.n
+    vs = _inference_variance(control) * control.design_effect / control.n
     if scale == "absolute":
         se = math.sqrt(vc + vs)
     else:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from app.config import FiniteStrictModel
-from app.rollout.abtest.arms import Scale
+from app.rollout.abtest.arms import MAX_ABS_OUTCOME, OutcomeKind, Scale
 from app.rollout.abtest.sequential import Conclusion, SequentialTest, Verdict
 
 # -- gate configs ----------------------------------------------------------------------------
@@ -17,6 +20,29 @@ class _LiftGate(FiniteStrictModel):
     outcome: str = Field(
         pattern=r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$",
         description="The feedback outcome judged (POST .../feedback with this `outcome`).",
+    )
+    kind: Literal["binary", "continuous"] = Field(
+        default="binary",
+        description=(
+            "binary: true/false feedback (click, conversion); continuous: numbers (revenue, "
+            "rating), which need min_value and max_value. Feedback of the other kind is "
+            "never judged (the gate stays pending and says why)."
+        ),
+    )
+    min_value: float | None = Field(
+        default=None,
+        ge=-MAX_ABS_OUTCOME,
+        le=MAX_ABS_OUTCOME,
+        description=(
+            "Continuous outcomes: a value below is counted as min_value (winsorised), so no "
+            "single value can dominate the test; clipped values are counted in status."
+        ),
+    )
+    max_value: float | None = Field(
+        default=None,
+        ge=-MAX_ABS_OUTCOME,
+        le=MAX_ABS_OUTCOME,
+        description="Continuous outcomes: a value above is counted as max_value (winsorised).",
     )
     max_wait_s: float = Field(
         default=0.0,
@@ -50,6 +76,44 @@ class _LiftGate(FiniteStrictModel):
     min_samples_per_arm: int = Field(
         default=1000, ge=2, description="Outcomes per arm before a look counts."
     )
+    min_units_per_arm: int = Field(
+        default=30,
+        ge=2,
+        description=(
+            "Units (users) per arm before a look counts (at most min_samples_per_arm): the "
+            "variance comes from the spread between users."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _continuous_outcomes_have_bounds(self) -> _LiftGate:
+        declared = (self.min_value is not None, self.max_value is not None)
+        if self.kind == "binary" and any(declared):
+            raise ValueError(
+                f"min_value ({self.min_value}) and max_value ({self.max_value}) apply to a "
+                f"continuous outcome only; outcome {self.outcome!r} has kind binary"
+            )
+        if self.kind == "continuous" and not all(declared):
+            raise ValueError(
+                f"a continuous outcome ({self.outcome!r}) needs min_value "
+                f"({self.min_value}) and max_value ({self.max_value}): its values are clipped "
+                "to them, so that no single value (a forged 1e6 in revenue) can dominate the "
+                "test"
+            )
+        if self.min_value is not None and self.max_value is not None:
+            if self.max_value <= self.min_value:
+                raise ValueError(
+                    f"max_value ({self.max_value}) must be greater than min_value "
+                    f"({self.min_value})"
+                )
+        return self
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """(min_value, max_value) of a continuous outcome; None for a binary one."""
+        if self.min_value is None or self.max_value is None:
+            return None
+        return (float(self.min_value), float(self.max_value))
 
     def sequential_test(self) -> SequentialTest:
         """The test whose verdicts this gate judges (alpha = 1 - confidence)."""
@@ -59,6 +123,9 @@ class _LiftGate(FiniteStrictModel):
             mde=self.mde,
             tau=self.tau,
             min_samples_per_arm=self.min_samples_per_arm,
+            min_units_per_arm=self.min_units_per_arm,
+            kind=OutcomeKind(self.kind),
+            bounds=self.bounds,
         )
 
     def _check(self, verdict: Verdict) -> None:
@@ -109,3 +176,21 @@ class NonInferiorityGate(_LiftGate):
     def judge(self, verdict: Verdict) -> Conclusion:
         self._check(verdict)
         return verdict.non_inferiority(self.margin)
+
+
+def outcome_bounds(gates: Iterable[_LiftGate | None]) -> dict[str, tuple[float, float]]:
+    """Outcome name -> (min_value, max_value) the feedback desk clips it to, from a plan's lift
+    gates; ValueError when two gates declare one outcome differently (it is counted once)."""
+    declared: dict[str, tuple[str, tuple[float, float] | None]] = {}
+    for gate in gates:
+        if gate is None:
+            continue
+        mine = (gate.kind, gate.bounds)
+        theirs = declared.setdefault(gate.outcome, mine)
+        if theirs != mine:
+            raise ValueError(
+                f"outcome {gate.outcome!r} is declared twice, as {theirs[0]} {theirs[1] or ''} "
+                f"and as {mine[0]} {mine[1] or ''}: gates judging one outcome must agree on "
+                "kind, min_value and max_value"
+            )
+    return {outcome: b for outcome, (_, b) in declared.items() if b is not None}

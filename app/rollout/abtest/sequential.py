@@ -24,6 +24,8 @@ from app.rollout.abtest.arms import (
     ArmStats,
     OutcomeKind,
     Scale,
+    _design_effect,
+    _moments,
     _same_kind,
 )
 
@@ -79,6 +81,12 @@ class Verdict:
     control_mean: float | None
     looks: int  # looks that counted (both arms at min_samples_per_arm, a usable variance)
     reason: str
+    # Units (users) behind each arm's outcomes, and outcomes clipped to the gate's bounds;
+    # None in readings stored before these were kept.
+    candidate_units: int | None = None
+    control_units: int | None = None
+    candidate_clipped: int | None = None
+    control_clipped: int | None = None
 
     def improvement(self, min_lift: float = 0.0) -> Conclusion:
         """BETTER once the lift surely exceeds min_lift (lower bound > min_lift); WORSE once it
@@ -113,6 +121,10 @@ class Verdict:
             "control_mean": self.control_mean,
             "looks": self.looks,
             "reason": self.reason,
+            "candidate_units": self.candidate_units,
+            "control_units": self.control_units,
+            "candidate_clipped": self.candidate_clipped,
+            "control_clipped": self.control_clipped,
         }
 
     @classmethod
@@ -126,6 +138,10 @@ class Verdict:
         def maybe(key: str) -> float | None:
             value = data.get(key)
             return None if value is None else float(value)
+
+        def count(key: str) -> int | None:
+            value = data.get(key)
+            return None if value is None else int(value)
 
         return cls(
             decision=Conclusion(data["decision"]),
@@ -145,6 +161,10 @@ class Verdict:
             control_mean=maybe("control_mean"),
             looks=int(data["looks"]),
             reason=str(data.get("reason", "")),
+            candidate_units=count("candidate_units"),
+            control_units=count("control_units"),
+            candidate_clipped=count("candidate_clipped"),
+            control_clipped=count("control_clipped"),
         )
 
 
@@ -202,10 +222,36 @@ class SequentialTest(FiniteStrictModel):
         ge=2,
         description="Looks with fewer outcomes in either arm do not count (normal approximation).",
     )
+    min_units_per_arm: int = Field(
+        default=30,
+        ge=2,
+        description=(
+            "Looks with fewer units (users) in either arm do not count: a variance from the "
+            "spread between a handful of users is unreliable. At most min_samples_per_arm."
+        ),
+    )
+    kind: OutcomeKind | None = Field(
+        default=None,
+        description=(
+            "The outcome kind the test judges; arms of another kind make no look count (with "
+            "the reason). Null: any."
+        ),
+    )
+    bounds: tuple[float, float] | None = Field(
+        default=None,
+        description=(
+            "[min_value, max_value] continuous outcomes must have been clipped to; arms "
+            "clipped otherwise (or not at all) make no look count. Null: not checked."
+        ),
+    )
 
     @property
     def effective_tau(self) -> float:
         return self.tau if self.tau is not None else self.mde
+
+    @property
+    def effective_min_units(self) -> int:
+        return min(self.min_units_per_arm, self.min_samples_per_arm)
 
     def evaluate(
         self, candidate: ArmStats, control: ArmStats, previous: Verdict | None = None
@@ -222,11 +268,14 @@ class SequentialTest(FiniteStrictModel):
             looks = previous.looks
         relative = self.scale == "relative"
         binary = candidate.kind is OutcomeKind.BINARY
-        columns = (*state, *_columns(candidate), *_columns(control))
         p, d_low, d_high, counted, control_scale, why = _advance(
             binary, relative, self.effective_tau, self.alpha, self.min_samples_per_arm,
-            *(np.asarray(x, dtype=float) for x in columns),
+            self.effective_min_units, _arrays(state), _arrays(_columns(candidate)),
+            _arrays(_columns(control)),
         )  # fmt: skip
+        refused = self._refusal(candidate, control)
+        if refused:  # the arms are not what this test may judge: the look does not count
+            (p, d_low, d_high), counted, why = state, False, refused
         p, d_low, d_high = float(p), float(d_low), float(d_high)
         low, high = (
             float(x) for x in _on_scale(d_low, d_high, float(control_scale), relative, binary)
@@ -259,18 +308,50 @@ class SequentialTest(FiniteStrictModel):
             control_mean=ms,
             looks=looks + int(counted),
             reason=self._reason(decision, lift, low, high, p, candidate, control, why),
+            candidate_units=candidate.unit_count,
+            control_units=control.unit_count,
+            candidate_clipped=candidate.clipped,
+            control_clipped=control.clipped,
         )
+
+    def _refusal(self, candidate: ArmStats, control: ArmStats) -> str:
+        """Why these arms may not be judged by this test ('' if they may)."""
+        if self.kind is not None and candidate.kind is not self.kind:
+            hint = (
+                ": a continuous outcome needs kind: continuous with min_value and max_value"
+                if candidate.kind is OutcomeKind.CONTINUOUS
+                else ""
+            )
+            return (
+                f"the outcome is {candidate.kind.value}, the gate declares {self.kind.value}{hint}"
+            )
+        if candidate.kind is OutcomeKind.CONTINUOUS and self.bounds is not None:
+            for arm in (candidate, control):
+                if arm.n and arm.bounds != self.bounds:
+                    clipped = "not clipped" if arm.bounds is None else f"clipped to {arm.bounds}"
+                    return (
+                        f"values are {clipped}, not to the gate's bounds {self.bounds} "
+                        "(min_value, max_value): no look counts until the feedback desk clips "
+                        "to them"
+                    )
+        return ""
 
     def evaluate_paths(
         self,
         kind: OutcomeKind,
-        candidate: tuple[Any, Any, Any],
-        control: tuple[Any, Any, Any],
+        candidate: tuple[Any, ...],
+        control: tuple[Any, ...],
     ) -> PathResult:
         """`evaluate` for many simulated experiments at once: each arm is (n, sum, sum_sq),
-        cumulative, as (E, T) arrays (experiment, look). The same kernel as `evaluate`,
-        vectorized over experiments, for planning and benchmarks."""
-        arrays = [np.asarray(a, dtype=float) for a in (*candidate, *control)]
+        one unit per outcome, or (n, sum, sum_sq, units, unit_sum_sq, unit_cross, unit_n_sq)
+        (UnitMoments), cumulative, as (E, T) arrays (experiment, look). The same kernel as
+        `evaluate`, vectorized over experiments, for planning and benchmarks."""
+        for arm in (candidate, control):
+            if len(arm) not in (3, 7):
+                raise ValueError(f"an arm is 3 or 7 arrays, got {len(arm)}")
+        full = [_with_units(tuple(np.asarray(a, dtype=float) for a in arm))
+                for arm in (candidate, control)]  # fmt: skip
+        arrays = [*full[0], *full[1]]
         shape = arrays[0].shape
         if len(shape) != 2 or any(a.shape != shape for a in arrays):
             raise ValueError(
@@ -286,7 +367,8 @@ class SequentialTest(FiniteStrictModel):
         for t in range(looks):
             p, d_low, d_high, _, control_scale, _ = _advance(
                 kind is OutcomeKind.BINARY, relative, self.effective_tau, self.alpha,
-                self.min_samples_per_arm, p, d_low, d_high, *(a[:, t] for a in arrays),
+                self.min_samples_per_arm, self.effective_min_units, (p, d_low, d_high),
+                tuple(a[:, t] for a in full[0]), tuple(a[:, t] for a in full[1]),
             )  # fmt: skip
             out["p"][:, t] = p
             out["low"][:, t], out["high"][:, t] = _on_scale(
@@ -324,16 +406,34 @@ class SequentialTest(FiniteStrictModel):
                 return "n/a" if value is None or math.isnan(value) else f"{value:+}"
             return f"{value:+.2%}" if self.scale == "relative" else f"{value:+.4g}"
 
+        units = ""
+        if candidate.units is not None or control.units is not None:
+            units = f" from {candidate.unit_count}/{control.unit_count} units"
+        clipped = ""
+        if candidate.clipped or control.clipped:
+            clipped = f", {candidate.clipped}/{control.clipped} clipped to {candidate.bounds}"
         text = (
             f"{self.scale} lift {fmt(lift)}, always-valid {1 - self.alpha:.0%} interval "
-            f"[{fmt(low)}, {fmt(high)}], p={p:.3g}, {candidate.n}/{control.n} samples "
-            f"(candidate/control): {decision.value}"
+            f"[{fmt(low)}, {fmt(high)}], p={p:.3g}, {candidate.n}/{control.n} samples{units}"
+            f"{clipped} (candidate/control): {decision.value}"
         )
         return f"{text} ({why})" if why else text
 
 
-def _columns(arm: ArmStats) -> tuple[float, float, float]:
-    return float(arm.n), arm.sum, arm.sum_sq
+def _columns(arm: ArmStats) -> tuple[float, ...]:
+    return (float(arm.n), arm.sum, arm.sum_sq, *_moments(arm))
+
+
+def _arrays(columns: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(np.asarray(x, dtype=float) for x in columns)
+
+
+def _with_units(arm: tuple[Any, ...]) -> tuple[Any, ...]:
+    """(n, sum, sum_sq) -> the same with the moments of one unit per outcome appended."""
+    if len(arm) == 7:
+        return arm
+    n, s, ss = arm
+    return (n, s, ss, n, ss, s, n)
 
 
 def _on_scale(
@@ -358,32 +458,35 @@ def _advance(
     tau: float,
     alpha: float,
     min_samples: int,
-    prev_p: Any,
-    prev_low: Any,
-    prev_high: Any,
-    nc: Any,
-    sc: Any,
-    ssc: Any,
-    ns: Any,
-    ss: Any,
-    sss: Any,
+    min_units: int,
+    previous: tuple[Any, Any, Any],
+    candidate: tuple[Any, ...],
+    control: tuple[Any, ...],
 ) -> tuple[Any, ...]:
     """One look of the mSPRT on the difference in means, elementwise over numpy arrays:
-    (p, low, high, counted, control_scale, why), the interval in absolute units.
+    (p, low, high, counted, control_scale, why), the interval in absolute units. `previous`
+    is (p, low, high); each arm is (n, sum, sum_sq, units, unit_sum_sq, unit_cross, unit_n_sq).
 
     The one kernel behind `evaluate` (0-d arrays) and `evaluate_paths` (one column of
     experiments), so the simulations in tests and benchmarks run exactly this arithmetic."""
+    prev_p, prev_low, prev_high = previous
+    nc, sc, ssc, gc = candidate[:4]
+    ns, ss, sss, gs = control[:4]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         d = sc / nc - ss / ns
+        # Outcomes of one unit (user) are correlated: each arm's variance of the mean is the
+        # independent-outcome one times its design effect (cluster-robust over independent;
+        # exactly 1 with one outcome per unit), see UnitMoments.
+        effect_c, effect_s = _design_effect(*candidate), _design_effect(*control)
         if binary:
             pc, ps = (sc + 1) / (nc + 2), (ss + 1) / (ns + 2)
-            variance = pc * (1 - pc) / nc + ps * (1 - ps) / ns
+            variance = pc * (1 - pc) / nc * effect_c + ps * (1 - ps) / ns * effect_s
             control_scale = ps
             pooled = (sc + ss + 1) / (nc + ns + 2)
         else:
             vc = np.maximum(ssc - sc * sc / nc, 0) / (nc - 1) / nc
             vs = np.maximum(sss - ss * ss / ns, 0) / (ns - 1) / ns
-            variance = vc + vs
+            variance = vc * effect_c + vs * effect_s
             control_scale = ss / ns
             pooled = (sc + ss) / (nc + ns)
         # A relative tau in absolute units: times the pooled mean, not the control's, because
@@ -391,7 +494,8 @@ def _advance(
         # control's, a high control both makes d negative and widens tau: in a 20,000-experiment
         # A/A simulation with tau = 5%, "worse" came 97 times and "better" 61).
         tau_abs = tau * pooled if relative else np.full_like(d, tau)
-        enough = (nc >= min_samples) & (ns >= min_samples)
+        samples = (nc >= min_samples) & (ns >= min_samples)
+        enough = samples & (gc >= min_units) & (gs >= min_units)
         defined = enough & (tau_abs > 0) & ((control_scale > 0) | (not relative))
         exact = defined & (variance == 0)  # continuous arms with no spread at all
         counted = defined & ((variance > 0) | (exact & (d != 0)))
@@ -412,8 +516,10 @@ def _advance(
         high = np.where(counted, high, prev_high)
     why = ""
     if np.ndim(counted) == 0:
-        if not enough:
+        if not samples:
             why = f"waiting for {min_samples} samples in each arm"
+        elif not enough:
+            why = f"waiting for {min_units} units (users) in each arm, {gc:.0f}/{gs:.0f} so far"
         elif not defined:
             why = "a mean is not positive: no relative lift (use scale absolute)"
         elif not counted:
