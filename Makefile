@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The CPU build of torch, installed before the project so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo demo-worse demo-rollback lint fmt typecheck test test-unit test-integration test-multinode validate kuberay bench stop clean
+.PHONY: install demo demo-worse demo-rollback lint fmt typecheck test test-unit test-integration test-multinode validate kuberay lock bench stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,24 @@ validate: install
 # Regenerate the KubeRay manifest from serve_config.yaml + configs/regions/us-east-1.yaml.
 kuberay: install
 	$(BIN)/rollout kuberay serve_config.yaml --region us-east-1 -o cluster/kuberay/rayservice.yaml
+
+# requirements.lock: what every cluster node installs (`--require-hashes --no-deps`), each
+# package pinned with its sha256 hashes: pyproject.toml's runtime dependencies and the head's
+# autoscaler libraries, resolved by uv for Linux x86_64 and Python 3.11. Left out: torch (each
+# node installs it by version after the lock, the CPU or the CUDA build) and the CUDA libraries
+# only PyPI's torch pulls in (a first pass finds their names); torch's pin still constrains the
+# resolution, so its other dependencies are locked at versions it accepts. Needs the index.
+UV_VERSION   := 0.13.9
+LOCK_EXTRA   := 'boto3>=1.34' 'google-api-python-client>=2.100' 'google-auth>=2.20'
+LOCK_COMPILE := $(BIN)/uv pip compile pyproject.toml - --quiet --generate-hashes \
+	--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--custom-compile-command 'make lock' --no-emit-package torch
+lock: install
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	cp requirements.lock $(VENV)/lock-pass1.txt 2>/dev/null || true
+	printf '%s\n' $(LOCK_EXTRA) $(TORCH) | $(LOCK_COMPILE) -o $(VENV)/lock-pass1.txt
+	printf '%s\n' $(LOCK_EXTRA) $(TORCH) | $(LOCK_COMPILE) -o requirements.lock $$(sed -nE \
+		's/^(triton|nvidia-[a-z0-9.-]+|cuda-[a-z0-9.-]+)==.*/--no-emit-package \1/p' $(VENV)/lock-pass1.txt)
 
 # Regenerate docs/openapi.json from the pydantic models in app/serving/openapi.py
 # (tests/unit/test_openapi.py fails while it is out of date).

@@ -5,7 +5,8 @@ logical CPUs unless told otherwise, the dashboard on a free loopback port becaus
 declarative Serve API lives there) and Serve on a free loopback port, then deploys the app the
 way operators do: a serve config PUT to the dashboard's REST API
 (`ServeSubmissionClient.deploy_applications`, what `serve deploy` calls). The app's
-runtime_env names an admin token file (random 32 characters), so the router's admin API is on.
+runtime_env names an admin token file and a feedback token file (random 32 characters each), so
+the router's admin API and its feedback endpoint are on (`feedback_token` for the latter).
 `close()` stops only what it started.
 """
 
@@ -102,6 +103,11 @@ class LocalApp:
         token_file = tmp / "admin_token"
         token_file.write_text(self.token + "\n")
         token_file.chmod(0o600)
+        # The feedback endpoint's own credential (the outcome pipeline's, not the admin token).
+        self.feedback_token = secrets.token_hex(16)
+        feedback_token_file = tmp / "feedback_token"
+        feedback_token_file.write_text(self.feedback_token + "\n")
+        feedback_token_file.chmod(0o600)
         http_port, dashboard_port = free_port(), free_port()
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         base_env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -125,7 +131,8 @@ class LocalApp:
         wait_for(lambda: httpx.get(f"{dashboard_url}/api/version", timeout=5).status_code == 200,
                  timeout_s=60, interval_s=0.5, what="the Ray dashboard")  # fmt: skip
         self.submission = ServeSubmissionClient(dashboard_url)
-        env = {**base_env, "ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}
+        env = {**base_env, "ROLLOUT_ADMIN_TOKEN_FILE": str(token_file),
+               "ROLLOUT_FEEDBACK_TOKEN_FILE": str(feedback_token_file)}  # fmt: skip
         self.env = env
         self.config = (
             build(http_port, env) if build else serve_config(versions, http_port, env, router)
@@ -134,7 +141,9 @@ class LocalApp:
         self.deploy(self.config)
         wait_for(self._running, timeout_s=180, interval_s=0.5, what="the app to be RUNNING")
         self.url = f"http://127.0.0.1:{http_port}"
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        # The admin token on every call: /status needs it (router.public_status is off).
+        self.client = httpx.Client(base_url=self.url, timeout=30,
+                                   headers={"authorization": f"Bearer {self.token}"})  # fmt: skip
         for path in ready_paths:
             wait_for(
                 lambda path=path: self.client.get(path).status_code == 200,

@@ -613,16 +613,17 @@ class ControllerCore:
 
     # -- operators ---------------------------------------------------------------------------------
 
-    async def command(self, name: str) -> dict[str, Any]:
+    async def command(self, name: str, caller: str | None = None) -> dict[str, Any]:
         """An operator command (`Command` values: start, promote, promote_full, pause, resume,
-        abort; the admin API's dashed spelling is accepted). CommandRefused (409): not now;
+        abort; the admin API's dashed spelling is accepted), recorded in the history with its
+        `caller` (the router passes who and from where). CommandRefused (409): not now;
         Unavailable (503): accepted in memory but not stored, so not answered as done; Fenced
         (503): this replica was superseded, so the command may not be applied."""
         path = command_path(name.replace("-", "_"))
         self._refuse_if_fenced()
         async with self._lock:
             self._refuse_if_fenced()
-            await self._command(name)
+            await self._command(name, caller)
             # Answered as done only once stored *and* this replica still holds the fence after
             # the write: then any replica that claims later reads it.
             confirmed = (
@@ -650,8 +651,11 @@ class ControllerCore:
                 )
             return self._status()
 
-    async def _command(self, name: str) -> None:
+    async def _command(self, name: str, caller: str | None = None) -> None:
         now = self.now()
+        reason = f"rollout {command_path(name.replace('-', '_'))}" + (
+            f" by {caller}" if caller else ""
+        )
         name = name.replace("-", "_")
         if name not in OPERATOR_COMMANDS:
             raise CommandRefused(f"unknown command {command_path(name)!r}")
@@ -664,14 +668,15 @@ class ControllerCore:
                 raise CommandRefused(f"a rollout is already {self.state.phase.value}")
             self._reset_outcomes(self.state.plan)
             await self._set(
-                RolloutState.start(self.state.plan, now, generation=self.generation + 1)
+                RolloutState.start(
+                    self.state.plan, now, generation=self.generation + 1, reason=reason
+                )
             )
         else:
             if self.state is None:
                 raise CommandRefused("no rollout: no plan is declared")
             try:
-                changed = apply_command(self.state, Command(name), now,
-                                        reason=f"rollout {command_path(name)}")  # fmt: skip
+                changed = apply_command(self.state, Command(name), now, reason=reason)
             except ValueError as exc:  # the state machine's refusal, with its reason
                 raise CommandRefused(str(exc)) from None
             await self._set(changed)

@@ -54,6 +54,7 @@ from app.errors import (
     ModelFailure,
     ModelNotFound,
     OverBudget,
+    Overloaded,
     PayloadTooLarge,
     ReplicaLost,
     RequestTimeout,
@@ -84,7 +85,7 @@ from app.rollout.feedback import (
     RequestLedger,
     parse_feedback,
 )
-from app.serving.auth import check_bearer, load_admin_token
+from app.serving.auth import check_bearer, load_admin_token, load_feedback_token
 from app.serving.budget import body_limit, check_budget
 from app.serving.cache import CacheSettings, ResponseCache, cache_key
 from app.serving.dispatch import Dispatcher
@@ -95,6 +96,7 @@ from app.serving.protocol import (
     encode_infer_response,
     model_metadata,
 )
+from app.serving.ratelimit import RateLimiter
 from app.serving.traffic import Decision, Route, TrafficTable, apply_override
 from app.unicode import printable
 from deployments.router_sync import RouterSync
@@ -226,6 +228,37 @@ def _original(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+def _require_bearer(
+    request: Request, token: str | None, broken: str | None, what: str, why_off: str
+) -> None:
+    """`what` needs `Authorization: Bearer <token>`: 503 when its token config is broken (the
+    reason is in the log, not the answer), 404 when it is off, 401 without the token."""
+    if broken is not None:
+        raise Unavailable(
+            f"{what} is unavailable: the router's token config for it is broken (the router's "
+            "log says how)"
+        )
+    if token is None:
+        raise ModelNotFound(f"{what} is off: {why_off}")
+    if not check_bearer(request.headers.get("authorization"), token):
+        raise Unauthorized(f"missing or wrong bearer token for {what}")
+
+
+def _client_address(request: Request) -> str:
+    """The address a request came from: the first `x-forwarded-for` hop (the proxy or load
+    balancer in front says who sent it), else the peer."""
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return printable(forwarded)[:64] or (request.client.host if request.client else "unknown")
+
+
+def _caller(request: Request) -> str:
+    """Who sent an admin command, for the rollout history: the name the client gives
+    (`x-rollout-actor`; `rollout` sends user@host) and where it came from. The admin token is
+    shared, so the name is the caller's word; the address is what the proxy saw."""
+    actor = printable(request.headers.get("x-rollout-actor", "").strip())[:80] or "unnamed"
+    return f"{actor} from {_client_address(request)}"
+
+
 def routing_unit(key: str | None) -> str | None:
     """The A/B test's unit of analysis for a routing key: a stable hash of the user (blake2b,
     the same in every router replica), or None for keyless traffic (each request its own unit).
@@ -281,9 +314,23 @@ class Router:
         except ConfigError as exc:
             self.admin_token, self.admin_error = None, str(exc)
             logger.error("Router: the admin API is OFF, its token config is broken: %s", exc)
+        # The feedback endpoint's own credential (not the admin token): None and no
+        # open_feedback means feedback is off; a broken config turns it off loudly.
+        self.feedback_error: str | None = None
+        try:
+            self.feedback_token = load_feedback_token()
+        except ConfigError as exc:
+            self.feedback_token, self.feedback_error = None, str(exc)
+            logger.error("Router: feedback is OFF, its token config is broken: %s", exc)
+        self.feedback_limiter = RateLimiter(
+            settings.feedback_rate_per_s, settings.feedback_burst, time.monotonic
+        )
         self.declared: TrafficConfig | None = None  # this router's user_config
         self.override: dict[str, Any] | None = None  # the rollout controller's traffic
         self.seen_generation = 0  # the controller's last generation, applied or refused
+        # The controller's traffic this router could not apply (a version it cannot route to):
+        # {"generation", "error", "override"}; /status shows it, the health poll retries it.
+        self.refused_override: dict[str, Any] | None = None
         self.table: TrafficTable | None = None
         self.rejected: dict[str, Any] | None = None
         self.available: frozenset[str] = frozenset(handles)  # a replica is RUNNING
@@ -461,9 +508,13 @@ class Router:
         return document
 
     @api.get("/status")
-    async def status(self) -> dict[str, Any]:
-        """Read-only view for operators: the live traffic table and which versions serve."""
+    async def status(self, request: Request) -> dict[str, Any]:
+        """Read-only view for operators: the live traffic table and which versions serve. It
+        names every deployed version (preview ones too), breaker states and rejected configs,
+        so it needs the admin token unless `router.public_status` (F10)."""
         self.sync.ensure_running()
+        if not self.settings.public_status:
+            self._authorize(request, what="the status page")
         table = self.table
         return {
             "model": self.model,
@@ -489,6 +540,9 @@ class Router:
             "model_transport": self.settings.model_transport,
             "body_limit_bytes": self._body_limit(),
             "rejected_update": self.rejected,
+            "refused_rollout_traffic": None
+            if self.refused_override is None
+            else {k: self.refused_override[k] for k in ("generation", "error")},
             "admin_api": "broken token config"
             if self.admin_error
             else ("on" if self.admin_token and self.controller else "off"),
@@ -496,16 +550,43 @@ class Router:
 
     # -- admin API (rollout control; bearer token) ------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if self.admin_error is not None:
-            raise Unavailable(
-                "the admin API is unavailable: the router's admin token config is broken "
-                "(the router's log says how)"
-            )
-        if self.admin_token is None or self.controller is None:
-            raise ModelNotFound("the admin API is off: the router has no admin token configured")
-        if not check_bearer(request.headers.get("authorization"), self.admin_token):
-            raise Unauthorized("missing or wrong bearer token")
+    def _authorize(self, request: Request, what: str = "the admin API") -> None:
+        off = self.admin_token is None or (self.controller is None and what == "the admin API")
+        _require_bearer(request, None if off else self.admin_token, self.admin_error, what,
+                        "the router has no admin token configured")  # fmt: skip
+
+    def _authorize_feedback(self, request: Request) -> None:
+        """Outcomes decide promotions, so they come from a trusted source: the feedback token
+        (a credential of its own), unless `router.open_feedback` (F2)."""
+        if not self.settings.open_feedback:
+            _require_bearer(request, self.feedback_token, self.feedback_error, "feedback",
+                            "no feedback token is configured (ROLLOUT_FEEDBACK_TOKEN or "
+                            "ROLLOUT_FEEDBACK_TOKEN_FILE) and router.open_feedback is false")  # fmt: skip
+
+    def _admin_deadline(self) -> float:
+        """A deadline for reading an admin or feedback body: the table's request timeout."""
+        timeout = self.table.config.request_timeout_s if self.table is not None else 30.0
+        return time.monotonic() + timeout
+
+    def _is_admin(self, request: Request) -> bool:
+        return self.admin_token is not None and check_bearer(
+            request.headers.get("authorization"), self.admin_token
+        )
+
+    def _check_pin(self, pin: str, request: Request) -> None:
+        """Any client may pin a version that takes weighted traffic, or one the table lists as
+        `pinnable`; a version at weight 0 (a preview, a rolled-back candidate, a retired
+        stable) needs the admin token, so that clients cannot reach or steer versions the
+        operator has not opened to them (F5). Checked before the router looks the name up."""
+        table = self.table
+        if table is not None and (table.weights.get(pin, 0) > 0 or pin in table.config.pinnable):
+            return
+        if self._is_admin(request):
+            return
+        raise Unauthorized(
+            f"version {pin!r} takes no traffic: pinning it needs the admin token, or the "
+            "Router's user_config must list it in `pinnable`"
+        )
 
     async def _ask_controller(self, method: str, *args: Any) -> Any:
         try:
@@ -537,7 +618,7 @@ class Router:
             raise InvalidInput(
                 f"unknown command {command!r}; commands: {', '.join(ADMIN_COMMANDS)}"
             )
-        return await self._ask_controller("command", command)
+        return await self._ask_controller("command", command, _caller(request))
 
     @api.post("/v2/models/{model}/feedback")
     async def feedback(self, model: str, request: Request) -> Response:
@@ -548,12 +629,20 @@ class Router:
         self._check_model(model)
         if self.controller is None:
             raise Unavailable("feedback needs the rollout controller, which this app does not run")
-        body = await _read_body(request, self.settings.max_body_bytes)
+        self._authorize_feedback(request)
+        body = await _read_body(request, self.settings.max_body_bytes, self._admin_deadline())
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as exc:
             raise InvalidInput(f"the feedback body is not valid JSON: {exc}") from None
         items, batch = parse_feedback(document)
+        wait_s = self.feedback_limiter.take(_client_address(request), len(items))
+        if wait_s is not None:
+            raise Overloaded(
+                f"feedback rate limit: {self.settings.feedback_rate_per_s:g} items/s per client "
+                f"(burst {self.settings.feedback_burst}); this batch has {len(items)}",
+                retry_after_s=wait_s,
+            )
         now = time.time()
         # What this replica knows of each id: who answered, when, how it was chosen, and which
         # outcomes it already saw counted (so a controller that lost its record, after a
@@ -651,6 +740,8 @@ class Router:
         self.sync.ensure_running()
         self._check_model(model)
         pin = path_version or request.headers.get(self.settings.pin_header) or None
+        if pin is not None and (pin in self.handles or self.version_apps):
+            self._check_pin(pin, request)  # (a name never deployed is a 404 below)
         if pin is not None and pin not in self.handles and self.version_apps:
             # A version app with no weight yet (a preview): pinning finds it. A name that did
             # not answer is not looked up again for a while (clients choose the pin).

@@ -146,9 +146,16 @@ class RouterSync:
             table = TrafficTable.from_config(apply_override(router.declared, override),
                                              router.handles.keys(), cast("TrafficTable", router.table).generation + 1)  # fmt: skip
         except ValueError as exc:
-            logger.error("Router: refused the controller's traffic %s: %s", override, exc)
+            # Shown in /status (F20) and retried by the health poll every second: a version
+            # app may still be starting; the table in force keeps serving meanwhile.
+            if (router.refused_override or {}).get("override") != override:
+                logger.error("Router: refused the controller's traffic %s: %s", override, exc)
+            router.refused_override = {
+                "generation": (override or {}).get("generation"), "error": str(exc),
+                "override": override,
+            }  # fmt: skip
             return
-        router.override, router.table = override, table
+        router.override, router.table, router.refused_override = override, table, None
         logger.info("Router: rollout traffic generation %s: %s", (override or {}).get("generation"),
                     dict(table.weights))  # fmt: skip
 
@@ -193,6 +200,15 @@ class RouterSync:
         while True:
             try:
                 await router.retry_pending()  # version_apps: an update still waiting
+                refused = router.refused_override
+                if refused is not None:  # the controller's traffic, refused before: again
+                    if router.version_apps and refused["override"]:
+                        named = set(refused["override"].get("weights") or {})
+                        try:
+                            await self.resolve_versions(named | {refused["override"]["stable"]})
+                        except (ValueError, KeyError):
+                            pass  # still missing: refused again below, /status says so
+                    self._apply_override(refused["override"])
                 details = await asyncio.to_thread(ray_compat.serve_details)
                 applications = details.get("applications", {})
                 found = {}  # version -> its deployment's details, where Serve has it

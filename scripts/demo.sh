@@ -18,6 +18,12 @@ if [[ ! -s "$STATE/admin_token" ]]; then
   (umask 077; "$BIN/python" -c 'import secrets; print(secrets.token_hex(16))' >"$STATE/admin_token")
 fi
 export ROLLOUT_ADMIN_TOKEN_FILE="$PWD/$STATE/admin_token"
+# Feedback (the users' clicks) decides the A/B test, so it has a credential of its own, held by
+# the demo's click pipeline (scripts/demo_rollout.py), not the admin token.
+if [[ ! -s "$STATE/feedback_token" ]]; then
+  (umask 077; "$BIN/python" -c 'import secrets; print(secrets.token_hex(16))' >"$STATE/feedback_token")
+fi
+export ROLLOUT_FEEDBACK_TOKEN_FILE="$PWD/$STATE/feedback_token"
 
 step() { printf '\n==> [%s/6] %s\n' "$1" "$2"; }
 

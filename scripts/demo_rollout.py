@@ -27,7 +27,7 @@ import yaml
 from app.config import FaultInjection, load_model_config
 from app.ops.cli.render import TERMINAL_PHASES
 from app.ops.declare import declare_plan, load_plan, patch_version
-from app.serving.auth import load_admin_token
+from app.serving.auth import load_admin_token, load_feedback_token
 
 # bench/ runs from the checkout (it is not installed): make it importable from scripts/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +48,10 @@ class Traffic:
         self.versions: Counter = Counter()
         self.clicks: Counter = Counter()
         self.feedback_errors: Counter = Counter()
+        # The click pipeline holds the feedback credential (ROLLOUT_FEEDBACK_TOKEN_FILE, set by
+        # scripts/demo.sh), not the admin token.
+        token = load_feedback_token()
+        self.feedback_headers = {"authorization": f"Bearer {token}"} if token else {}
         self.lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)
@@ -56,7 +60,8 @@ class Traffic:
     def _send_feedback(self, client: httpx.Client, pending: list[dict]) -> None:
         """One batch POST (what an event pipeline would do); every item must count."""
         try:
-            f = client.post("/v2/models/recommender/feedback", json={"feedback": pending})
+            f = client.post("/v2/models/recommender/feedback", json={"feedback": pending},
+                            headers=self.feedback_headers)  # fmt: skip
             results = f.json().get("results", []) if f.status_code == 200 else []
             # Answers from before the plan was declared are accepted but not in an A/B arm.
             lost = len(pending) - sum(1 for r in results if r.get("counted") or r.get("excluded"))
@@ -160,7 +165,7 @@ def main() -> int:
     last, lift_printed = None, 0.0
     with httpx.Client(base_url=args.url, timeout=10) as client:
         while time.monotonic() - started < args.timeout:
-            weights = client.get("/status").json()["weights"]
+            weights = client.get("/status", headers=headers).json()["weights"]
             status = client.get("/admin/rollout", headers=headers).json() if token else {}
             phase = status.get("phase", "?")
             if onset is None and weights.get("v2", 0) > 0:

@@ -122,6 +122,25 @@ class RouterSettings(StrictModel):
         default="x-request-timeout-s", min_length=1,
         description="Header with the client's deadline in seconds (capped by request_timeout_s).",
     )  # fmt: skip
+    open_feedback: bool = Field(
+        default=False,
+        description="Take feedback from anyone. Default: it needs the feedback token "
+        "(ROLLOUT_FEEDBACK_TOKEN[_FILE], not the admin token) and is off without one, because "
+        "outcomes decide promotions.",
+    )
+    feedback_rate_per_s: float = Field(
+        default=1000.0, gt=0,
+        description="Feedback items per second each client (address) may send; 429 above.",
+    )  # fmt: skip
+    feedback_burst: int = Field(
+        default=5000, ge=1, description="Feedback items a client may send at once (bucket size)."
+    )
+    public_status: bool = Field(
+        default=False,
+        description="Serve GET /status to anyone. Default: it needs the admin token (it shows "
+        "every deployed version, breaker states and rejected configs), and is off when the "
+        "admin API is off.",
+    )
     health_poll_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="How often the router refreshes version health."
     )

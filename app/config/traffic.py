@@ -50,6 +50,11 @@ class TrafficConfig(StrictModel):
     shadow: ShadowRule | None = Field(default=None, description="Shadow traffic, if any.")
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    pinnable: list[str] = Field(
+        default_factory=list,
+        description="Versions any client may pin while they take no weighted traffic (a "
+        "preview); pinning any other version at weight 0 needs the admin token.",
+    )
     request_timeout_s: float = Field(
         default=30.0, gt=0, le=3600,
         description="Default end-to-end deadline per request (504); a client may ask for less "
@@ -94,6 +99,7 @@ class TrafficConfig(StrictModel):
         """Every version this config sends traffic (or fallbacks, or shadow copies) to."""
         used = set(self.weights) | set(self.fallbacks) | {self.stable}
         used |= {v for v in self.fallbacks.values() if v is not None}
+        used |= set(self.pinnable)
         if self.shadow is not None:
             used.add(self.shadow.version)
         return used

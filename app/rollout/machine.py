@@ -240,9 +240,12 @@ class RolloutState:
     unready_since: float | None = None
 
     @classmethod
-    def start(cls, plan: RolloutPlan, now: float, *, generation: int = 0) -> RolloutState:
-        """A new rollout, IDLE at 0%; the first `step` starts it."""
-        return cls(
+    def start(
+        cls, plan: RolloutPlan, now: float, *, generation: int = 0, reason: str | None = None
+    ) -> RolloutState:
+        """A new rollout, IDLE at 0%; the first `step` starts it. `reason` (an operator's
+        `start` command and who sent it) is the first event of its history."""
+        state = cls(
             plan=plan,
             phase=Phase.IDLE,
             step_index=0,
@@ -250,6 +253,11 @@ class RolloutState:
             step_started_at=now,
             generation=generation,
         )
+        if reason:
+            state = replace(
+                state, history=(_event(state, state, now, f"command start ({reason})"),)
+            )
+        return state
 
     @property
     def steps(self) -> list[Step]:

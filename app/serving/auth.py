@@ -21,16 +21,43 @@ from pathlib import Path
 
 from app.errors import ConfigError
 
-__all__ = ["MIN_TOKEN_LENGTH", "TOKEN_ENV", "TOKEN_FILE_ENV", "check_bearer", "load_admin_token"]
+__all__ = [
+    "FEEDBACK_TOKEN_ENV",
+    "FEEDBACK_TOKEN_FILE_ENV",
+    "MIN_TOKEN_LENGTH",
+    "TOKEN_ENV",
+    "TOKEN_FILE_ENV",
+    "check_bearer",
+    "load_admin_token",
+    "load_feedback_token",
+]
 
 TOKEN_ENV = "ROLLOUT_ADMIN_TOKEN"
 TOKEN_FILE_ENV = "ROLLOUT_ADMIN_TOKEN_FILE"
+FEEDBACK_TOKEN_ENV = "ROLLOUT_FEEDBACK_TOKEN"
+FEEDBACK_TOKEN_FILE_ENV = "ROLLOUT_FEEDBACK_TOKEN_FILE"
 # A bearer token is a password that is sent on every call and never rate-limited by us, so a
 # short one can be guessed; 16 characters (e.g. `openssl rand -hex 16` gives 32) is the floor.
 MIN_TOKEN_LENGTH = 16
 
 
-def load_admin_token(env: Mapping[str, str] | None = None) -> str | None:
+def load_feedback_token(env: Mapping[str, str] | None = None) -> str | None:
+    """The feedback endpoint's bearer token: ROLLOUT_FEEDBACK_TOKEN, or the file named by
+    ROLLOUT_FEEDBACK_TOKEN_FILE; the same rules (and errors) as the admin token.
+
+    A credential of its own, not the admin token: the service that reports outcomes (a click
+    pipeline) must not be able to abort or promote a rollout, and a leaked admin token must not
+    let anyone forge outcomes. Without it (and without `router.open_feedback`), feedback is off:
+    outcomes that decide promotions must come from a trusted source (F2)."""
+    return load_admin_token(env, token_env=FEEDBACK_TOKEN_ENV, file_env=FEEDBACK_TOKEN_FILE_ENV)
+
+
+def load_admin_token(
+    env: Mapping[str, str] | None = None,
+    *,
+    token_env: str = "ROLLOUT_ADMIN_TOKEN",
+    file_env: str = "ROLLOUT_ADMIN_TOKEN_FILE",
+) -> str | None:
     """The admin token from `env` (default: os.environ), or None when none is configured.
 
     ROLLOUT_ADMIN_TOKEN wins; when it is unset or blank, the file named by
@@ -44,30 +71,28 @@ def load_admin_token(env: Mapping[str, str] | None = None) -> str | None:
     (short bearer tokens are guessable) or holds whitespace (a header could not carry it).
     Messages name the variable, never the token."""
     env = os.environ if env is None else env
-    token = (env.get(TOKEN_ENV) or "").strip()
-    source = TOKEN_ENV
+    token = (env.get(token_env) or "").strip()
+    source = token_env
     if not token:
-        path = (env.get(TOKEN_FILE_ENV) or "").strip()
+        path = (env.get(file_env) or "").strip()
         if not path:
             return None
         try:
             token = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(
-                f"{TOKEN_FILE_ENV}={path}: cannot read the admin token file: {reason}"
-            ) from exc
-        source = f"{TOKEN_FILE_ENV} ({path})"
+            raise ConfigError(f"{file_env}={path}: cannot read the token file: {reason}") from exc
+        source = f"{file_env} ({path})"
     if not token:
         return None
     if any(char.isspace() for char in token):
         raise ConfigError(
-            f"{source}: the admin token contains whitespace; an `Authorization: Bearer` "
+            f"{source}: the token contains whitespace; an `Authorization: Bearer` "
             "header cannot carry it"
         )
     if len(token) < MIN_TOKEN_LENGTH:
         raise ConfigError(
-            f"{source}: the admin token has {len(token)} characters; use at least "
+            f"{source}: the token has {len(token)} characters; use at least "
             f"{MIN_TOKEN_LENGTH} (short bearer tokens are guessable), e.g. `openssl rand -hex 32`"
         )
     return token

@@ -140,7 +140,12 @@ class BucketMap:
             raise ValueError(
                 f"stable version {stable!r} must appear in weights ({sorted(weights)})"
             )
-        counts = bucket_counts(weights)
+        # The stable version takes exactly what the others leave: TrafficConfig accepts totals
+        # within 1e-6 of 100, and dividing by such a total could take a bucket from a rising
+        # candidate (users moving back to stable) when both weights rise inside that slack.
+        # fsum: the remainder does not depend on the mapping's order.
+        rest = math.fsum(w for v, w in weights.items() if v != stable)
+        counts = bucket_counts({**weights, stable: max(0.0, 100.0 - rest)})
         top: list[tuple[int, int, str]] = []
         end = BUCKETS
         # Sorted by name, not by input order: the layout must not depend on how a YAML mapping

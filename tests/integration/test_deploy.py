@@ -32,7 +32,9 @@ ITEMS = ["an epic space opera among the stars", "a cooking show about italian pa
 def _repo_config() -> dict:
     config = yaml.safe_load((project_root() / "serve_config.yaml").read_text())
     # Relative paths in the repo's config start from the checkout, wherever the test runs.
-    return set_config_root(config, str(project_root()))
+    config = set_config_root(config, str(project_root()))
+    router_app(config)["args"]["router"]["public_status"] = True  # the harness reads /status
+    return config
 
 
 def _router_user_config(config: dict) -> dict:

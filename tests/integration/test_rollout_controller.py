@@ -19,6 +19,9 @@ from tests.support.waiting import wait_for_condition
 pytestmark = pytest.mark.integration
 
 TOKEN = "test-admin-token-0123456789abcdef"
+# The feedback endpoint's own credential (the click pipeline's), not the admin token.
+FEEDBACK_TOKEN = "test-feedback-token-0123456789ab"
+FEEDBACK = {"authorization": f"Bearer {FEEDBACK_TOKEN}"}
 BODY = infer_body(["user loves science fiction films"], ["space opera", "cooking show"])
 FAST_GATES = {"min_requests": 10, "fail_fast_min_requests": 5, "max_p99_latency_ratio": None}
 
@@ -33,14 +36,23 @@ def rollout_app(cluster, tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rollout")
     token_file = tmp / "admin_token"
     token_file.write_text(TOKEN + "\n")
+    feedback_token_file = tmp / "feedback_token"
+    feedback_token_file.write_text(FEEDBACK_TOKEN + "\n")
     versions = [
         model_config(tmp, tmp, "v1", tiny_models["a"]),
         model_config(tmp, tmp, "v2", tiny_models["b"]),
         model_config(tmp, tmp, "v3", tiny_models["b"], faults={"error_rate": 1.0}),
     ]
-    config = serve_config(versions, {"v1": 100})
+    # The defaults: /status needs the token, a version at weight 0 is pinned only with it,
+    # feedback needs its own token.
+    config = serve_config(versions, {"v1": 100}, pinnable=[], public_status=False,
+                          open_feedback=False)  # fmt: skip
+    cluster.admin_token = TOKEN
     config["applications"][0]["runtime_env"] = {
-        "env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}
+        "env_vars": {
+            "ROLLOUT_ADMIN_TOKEN_FILE": str(token_file),
+            "ROLLOUT_FEEDBACK_TOKEN_FILE": str(feedback_token_file),
+        }
     }
     forget_rollouts()
     cluster.serve_deploy(config, tmp)
@@ -85,6 +97,31 @@ def test_admin_api_needs_the_bearer_token(rollout_app):
     assert r.status_code == 409 and "no rollout" in r.json()["error"]
 
 
+def test_status_and_weight_0_pins_need_the_admin_token(rollout_app):
+    """/status names every deployed version and its breaker: it needs the admin token unless
+    the router publishes it. A version at weight 0 (here v2, before any rollout) can be pinned
+    only with the admin token or when the table lists it as `pinnable` (F5, F10)."""
+    cluster, config, tmp = rollout_app
+    assert cluster.client.get("/status").status_code == 401
+    assert cluster.router_status()["weights"] == {"v1": 100}  # v2 and v3 take no traffic
+    url = f"/v2/models/{APP}/versions/v2/infer"
+    r = cluster.client.post(url, json=BODY)
+    assert r.status_code == 401 and "pinnable" in r.json()["error"]
+    r = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-model-version": "v2"})
+    assert r.status_code == 401
+    r = cluster.client.post(url, json=BODY, headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.headers["x-model-version"] == "v2"
+    assert cluster.client.post(f"/v2/models/{APP}/versions/v1/infer", json=BODY).status_code == 200
+    opened = copy.deepcopy(config)
+    opened["applications"][0]["deployments"][0]["user_config"]["pinnable"] = ["v2"]
+    cluster.serve_deploy(opened, tmp)
+    wait_for_condition(lambda: cluster.client.post(url, json=BODY).status_code == 200,
+                       timeout_s=60, message="v2 pinnable")  # fmt: skip
+    cluster.serve_deploy(config, tmp)  # closed again
+    wait_for_condition(lambda: cluster.client.post(url, json=BODY).status_code == 401,
+                       timeout_s=60, message="v2 closed again")  # fmt: skip
+
+
 def test_pinned_requests_are_served_but_never_gate_evidence(rollout_app):
     """A client that pins the candidate chose its version: its requests (here 30 to v2, by path
     and by header) are answered and counted apart, and the controller's window for v2 stays
@@ -103,7 +140,13 @@ def test_pinned_requests_are_served_but_never_gate_evidence(rollout_app):
     status = admin(cluster, "GET", "").json()
     assert status["versions"]["v2"]["requests"] == 0, status["versions"]
     assert cluster.router_status()["pinned"]["v2"]["requests"] == 30
-    assert admin(cluster, "POST", "/abort").status_code == 200
+    # Every command records its caller in the history (F10): the name the client gives
+    # (`rollout` sends user@host) and the address the proxy saw.
+    r = cluster.client.post("/admin/rollout/abort", headers={
+        "authorization": f"Bearer {TOKEN}", "x-rollout-actor": "alice@laptop"})  # fmt: skip
+    assert r.status_code == 200
+    events = admin(cluster, "GET", "/history").json()["events"]
+    assert "by alice@laptop from " in events[-1]["reason"], events[-1]
 
 
 def test_canary_steps_to_full_and_succeeds(rollout_app):
@@ -304,7 +347,7 @@ def FeedbackLoad(url: str, rates: dict[str, float], clients: int = 4) -> loadgen
         if r.status_code != 200:
             return f"infer {r.status_code} {r.text[:200]}"
         clicked = rng.random() < rates[r.headers["x-model-version"]]
-        f = client.post(f"/v2/models/{APP}/feedback", json={
+        f = client.post(f"/v2/models/{APP}/feedback", headers=FEEDBACK, json={
             "request_id": r.headers["x-request-id"], "outcome": "click", "value": clicked,
         })  # fmt: skip
         # Answers from before the plan was declared are accepted but excluded from the arms.
@@ -315,7 +358,14 @@ def FeedbackLoad(url: str, rates: dict[str, float], clients: int = 4) -> loadgen
     return loadgen.Load(url, call, clients, seed=100)
 
 
-def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
+@pytest.fixture
+def fb(rollout_app):
+    """A client holding the feedback token: the click pipeline's."""
+    with httpx.Client(base_url=rollout_app[0].url, headers=FEEDBACK, timeout=60) as client:
+        yield client
+
+
+def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app, fb):
     cluster = rollout_app[0]
     declare(rollout_app, None)
     url = f"/v2/models/{APP}/feedback"
@@ -323,17 +373,21 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
         f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-1"}
     )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "fb-1"
+    # Outcomes decide promotions: only the holder of the feedback token may send them (F2).
+    item = {"request_id": "fb-1", "outcome": "click", "value": True}
+    anyone = cluster.client.post(url, json=item)
+    assert anyone.status_code == 401 and anyone.headers["www-authenticate"] == "Bearer"
+    admin_token = cluster.client.post(url, json=item, headers={"authorization": f"Bearer {TOKEN}"})
+    assert admin_token.status_code == 401  # a credential of its own, not the admin token
     # Right after the answer (before the router's push reaches the controller) it counts.
-    first = cluster.client.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
+    first = fb.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
     assert first.status_code == 200, first.text
     assert first.json() == {"request_id": "fb-1", "outcome": "click",
                             "version": answer.headers["x-model-version"], "counted": True}  # fmt: skip
-    again = cluster.client.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
+    again = fb.post(url, json={"request_id": "fb-1", "outcome": "click", "value": True})
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert again.json()["counted"] is False
-    unknown = cluster.client.post(
-        url, json={"request_id": "never-served", "outcome": "click", "value": True}
-    )
+    unknown = fb.post(url, json={"request_id": "never-served", "outcome": "click", "value": True})
     assert unknown.status_code == 404 and "unknown" in unknown.json()["error"]
     other = cluster.client.post(
         f"/v2/models/{APP}/infer", json=BODY, headers={"x-request-id": "fb-k"}
@@ -347,11 +401,11 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
             "is binary",
         ),  # click was true/false
     ):
-        bad = cluster.client.post(url, json=body)
+        bad = fb.post(url, json=body)
         assert bad.status_code == 400 and field in bad.json()["error"], bad.text
-    broken = cluster.client.post(url, content=b"{not json")
+    broken = fb.post(url, content=b"{not json")
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
-    batch = cluster.client.post(url, json={"feedback": [
+    batch = fb.post(url, json={"feedback": [
         {"request_id": "fb-1", "outcome": "revenue", "value": 3.5},
         {"request_id": "never-served", "outcome": "click", "value": False},
     ]})  # fmt: skip
@@ -373,9 +427,7 @@ def test_feedback_endpoint_counts_once_and_names_bad_input(rollout_app):
         codes = []
 
         def expired():
-            r = cluster.client.post(
-                url, json={"request_id": "fb-2", "outcome": "rating", "value": 5}
-            )
+            r = fb.post(url, json={"request_id": "fb-2", "outcome": "rating", "value": 5})
             codes.append(r.status_code)
             return r.status_code == 410 and r
 

@@ -52,7 +52,8 @@ def set_traffic(router_app, **user_config) -> dict:
     before = cluster.router_status()["generation"]
     updated = copy.deepcopy(config)
     router = next(d for d in updated["applications"][0]["deployments"] if d["name"] == "Router")
-    router["user_config"] = {"stable": "v1", **user_config}
+    pinnable = router["user_config"]["pinnable"]  # the test app lets any version be pinned
+    router["user_config"] = {"stable": "v1", "pinnable": pinnable, **user_config}
     cluster.serve_deploy(updated, tmp)
     return wait_for_condition(
         lambda: (s := cluster.router_status())["generation"] > before and s,
@@ -251,7 +252,7 @@ def test_cache_serves_identical_answers_and_forgets_them_after_a_hot_patch(route
     patched = copy.deepcopy(config)
     router = next(d for d in patched["applications"][0]["deployments"] if d["name"] == "Router")
     router["user_config"] = {"stable": "v1", "weights": {"v1": 100}, "cache": {"enabled": True, "ttl_s": 300},
-                             "request_timeout_s": 29}  # fmt: skip
+                             "request_timeout_s": 29, "pinnable": router["user_config"]["pinnable"]}  # fmt: skip
     patched["applications"][0]["deployments"].append(
         {"name": f"{APP}-v3", "user_config": {"hyperparameters": {"temperature": 0.25}}}
     )

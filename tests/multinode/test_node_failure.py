@@ -222,7 +222,8 @@ def test_worker_node_killed_under_load_mid_rollout(app):
         placed = wait_for_condition(restored, timeout_s=120, message="replicas rescheduled")
         time.sleep(2)  # a little steady traffic on the restored cluster
     after = load.summary()
-    router = httpx.get(f"{multinode.url}/status", timeout=10).json()
+    router = httpx.get(f"{multinode.url}/status", timeout=10,
+                       headers={"authorization": f"Bearer {TOKEN}"}).json()  # fmt: skip
     after["router_replica_retries"] = router.get("replica_retries")
     after["router_fallbacks"] = router.get("fallbacks")
     history = admin(multinode.url, "/history").json()["events"]

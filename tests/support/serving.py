@@ -23,6 +23,7 @@ class Cluster:
         self.dashboard_port = dashboard_port
         self.url = f"http://127.0.0.1:{http_port}"
         self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.admin_token: str | None = None
 
     def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess:
         """Run the real `serve deploy` CLI on `config` (written as YAML)."""
@@ -45,7 +46,10 @@ class Cluster:
         wait_for_condition(running, timeout_s, message=f"app {name} RUNNING")
 
     def router_status(self) -> dict[str, Any]:
-        return self.client.get("/status").json()
+        """The Router's /status, with the admin token when a test set `admin_token` (test apps
+        publish it with `router.public_status` unless they test the default)."""
+        headers = {"authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        return self.client.get("/status", headers=headers).json()
 
     def replica_info(self, deployment: str) -> dict[str, Any]:
         """`info()` of one replica of `deployment`: in its own application (one application
@@ -101,9 +105,11 @@ def version_apps_config(
                 "name": APP,
                 "route_prefix": "/",
                 "import_path": "app.builder:build_app",
-                "args": {"model": APP, "version_apps": True, "router": router},
+                "args": {"model": APP, "version_apps": True,
+                         "router": {"public_status": True, "open_feedback": True, **router}},
                 "deployments": [
-                    {"name": "Router", "user_config": {"stable": stable, "weights": weights}},
+                    {"name": "Router", "user_config": {"stable": stable, "weights": weights,
+                                                       "pinnable": list(versions)}},
                 ],
             },
         ]
@@ -111,17 +117,30 @@ def version_apps_config(
 
 
 def serve_config(versions: list[Path], weights: dict[str, float], stable: str = "v1",
-                 deployments: list[dict[str, Any]] | None = None, **router: Any) -> dict[str, Any]:  # fmt: skip
-    """A serve config like the repo's serve_config.yaml, for the given model config files."""
+                 deployments: list[dict[str, Any]] | None = None,
+                 pinnable: list[str] | None = None, **router: Any) -> dict[str, Any]:  # fmt: skip
+    """A serve config like the single-application layout (serve_config.single-app.yaml), for
+    the given model config files (`<version>.yaml`). Test apps publish /status and let any
+    client pin any version (`pinnable`: all) unless a test asks for the defaults."""
+    if pinnable is None:
+        pinnable = [Path(p).stem for p in versions]
     return {
         "applications": [
             {
                 "name": APP,
                 "route_prefix": "/",
                 "import_path": "app.builder:build_app",
-                "args": {"model": APP, "versions": [str(p) for p in versions], "router": router},
+                # Test apps publish /status (the harness reads it) unless a test says otherwise.
+                "args": {
+                    "model": APP,
+                    "versions": [str(p) for p in versions],
+                    "router": {"public_status": True, "open_feedback": True, **router},
+                },
                 "deployments": [
-                    {"name": "Router", "user_config": {"stable": stable, "weights": weights}},
+                    {
+                        "name": "Router",
+                        "user_config": {"stable": stable, "weights": weights, "pinnable": pinnable},
+                    },
                     *(deployments or []),
                 ],
             }

@@ -6,9 +6,14 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import shutil
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from app.config import load_yaml, project_root
 from app.ops.kuberay import project_version
@@ -91,21 +96,166 @@ def test_dashboard_is_not_exposed(path):
         assert 8265 not in ports, f"a rule opens the dashboard port: {rule}"
 
 
+# ------------------------------------------------------------- setup: code and dependencies
+
+
+def setup_commands(config: dict) -> list[str]:
+    """Every command the launcher runs to set a node up, in the order it runs them."""
+    commands = list(config.get("setup_commands", []))
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        commands += config.get(key, [])
+    for spec in (config.get("available_node_types") or {}).values():
+        commands += spec.get("worker_setup_commands", [])
+    return commands
+
+
+def pip_installs(commands: list[str]) -> list[list[str]]:
+    """The arguments after `pip install` of every install in these shell lines, in order."""
+    found = []
+    for command in commands:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split, lexer.commenters = True, ""
+        simple: list[str] = []
+        for word in [*lexer, ";"]:  # split at ; && || | and if/then/else/fi
+            if word in (";", "&&", "||", "|", "then", "else", "fi"):
+                if "pip" in simple and simple[simple.index("pip") + 1 :][:1] == ["install"]:
+                    found.append(simple[simple.index("pip") + 2 :])
+                simple = []
+            else:
+                simple.append(word)
+    return found
+
+
+def requirements(args: list[str]) -> list[str]:
+    """The positional requirements of a `pip install` argument list."""
+    takes_value = {"--python", "--index-url", "--extra-index-url", "-r", "-e", "-c"}
+    found, skip = [], False
+    for word in args:
+        if not skip and not word.startswith("-"):
+            found.append(word)
+        skip = word in takes_value
+    return found
+
+
+def makefile_pin(name: str) -> str:
+    match = re.search(rf"^{name}\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    assert match, f"Makefile: no {name}"
+    return match.group(1)
+
+
 @pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
-def test_setup_installs_the_project_at_the_pinned_version(path):
+def test_every_command_is_a_valid_shell_line(path):
+    """What the launcher runs is the YAML scalar: an unquoted ` #` starts a YAML comment and
+    cuts the command (it once cut the .bashrc line in half, an unclosed quote)."""
+    bash = shutil.which("bash") or pytest.skip("no bash")
     config = load_launcher(path)
-    setup = " && ".join(config["setup_commands"])
-    tags = re.findall(r"checkout --quiet --detach (\S+)", setup)
-    assert tags == [f"v{project_version()}"], tags  # the tag of pyproject.toml's version
-    assert "pip install --python ~/venv/bin/python -e ~/ray-rollout" in setup
-    makefile_torch = re.search(r"^TORCH\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(
-        1
+    keys = ("head_start_ray_commands", "worker_start_ray_commands")
+    for command in setup_commands(config) + [c for k in keys for c in config.get(k, [])]:
+        checked = subprocess.run([bash, "-n", "-c", command], capture_output=True, text=True)
+        assert checked.returncode == 0, f"{path.name}: {command!r}: {checked.stderr}"
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_setup_installs_every_dependency_from_the_hashed_lock(path):
+    """Three installs and no other: requirements.lock with --require-hashes (--no-deps: the lock
+    is the whole closure, nothing resolved at boot), torch by the Makefile's pin (CPU or CUDA
+    build, its index), the project itself with --no-deps; then `uv pip check`."""
+    commands = setup_commands(load_launcher(path))
+    installs = pip_installs(commands)
+    torch = makefile_pin("TORCH")
+    kinds = []
+    for args in installs:
+        if "-r" in args:
+            assert args[args.index("-r") + 1] == "~/ray-rollout/requirements.lock", args
+            assert "--require-hashes" in args and "--no-deps" in args, args
+            assert requirements(args) == [], args
+            kinds.append("lock")
+        elif "-e" in args:
+            assert args[args.index("-e") + 1] == "~/ray-rollout", args
+            assert "--no-deps" in args and "--no-build-isolation" in args, args
+            kinds.append("project")
+        else:
+            assert requirements(args) == [torch], (
+                f"{path.name}: an install not from the lock: {args}"
+            )
+            kinds.append("torch")
+    # the lock first, so torch's own dependencies (sympy, networkx, ...) come from it too
+    assert kinds == ["lock", "torch", "torch", "project"], kinds
+    assert "download.pytorch.org/whl/cpu" in " ".join(commands)  # the CPU build without a GPU
+    assert commands[-1] == "~/.local/bin/uv pip check --python ~/venv/bin/python", commands[-1]
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_setup_checks_out_a_commit_of_the_pinned_version(path):
+    """A tag can be moved; a commit SHA cannot. RELEASE_COMMIT_SHA is the placeholder the
+    operator replaces (`git rev-parse v<version>`); until then `git fetch` fails the setup."""
+    setup = "\n".join(setup_commands(load_launcher(path)))
+    fetched = re.findall(r"fetch --quiet origin (\S+)", setup)
+    checked_out = re.findall(r"checkout --quiet --detach (\S+)", setup)
+    assert len(checked_out) == 1 and fetched == checked_out, (fetched, checked_out)
+    assert re.fullmatch(r"[0-9a-f]{40}|RELEASE_COMMIT_SHA", checked_out[0]), checked_out
+    versions = re.findall(r"grep -qx 'version = \"([^\"]+)\"' ~/ray-rollout/pyproject.toml", setup)
+    assert versions == [project_version()], versions  # the commit must be of this version
+    assert setup.index("checkout") < setup.index("pyproject.toml") < setup.index("pip install")
+
+
+def test_every_launcher_installs_the_same_commit_and_uv():
+    setups = ["\n".join(setup_commands(load_launcher(p))) for p in LAUNCHERS]
+    commits = {tuple(re.findall(r"checkout --quiet --detach (\S+)", s)) for s in setups}
+    assert len(commits) == 1, commits
+    uv = {tuple(re.findall(r"astral\.sh/uv/([^/]+)/install\.sh", s)) for s in setups}
+    assert uv == {(makefile_pin("UV_VERSION"),)}, (
+        "the uv that writes the lock (make lock) installs it"
     )
-    assert setup.count(makefile_torch) == 2, "the Makefile's torch pin, CUDA and CPU builds"
-    assert "download.pytorch.org/whl/cpu" in setup
-    # Per-node-type setup would replace the common one; none of ours does.
-    for name, spec in (config.get("available_node_types") or {}).items():
-        assert "worker_setup_commands" not in spec, name
+
+
+LOCK = ROOT / "requirements.lock"
+
+
+def lock_entries() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock: canonical name -> (pinned version, sha256 hashes)."""
+    entries = {}
+    for block in re.split(r"\n(?=\S)", LOCK.read_text()):
+        if block.startswith("#") or not block.strip():
+            continue
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+) \\\n", block)
+        assert match, f"requirements.lock: not an exact pin with hashes: {block[:80]!r}"
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", block)
+        assert hashes, f"requirements.lock: {match.group(1)} has no sha256 hash"
+        entries[canonicalize_name(match.group(1))] = (match.group(2), hashes)
+    return entries
+
+
+def test_the_lock_covers_the_runtime_dependencies_with_hashes():
+    """Every runtime dependency of pyproject.toml (and of ray's `serve` extra), the build
+    backend (the project installs with --no-build-isolation) and the head's autoscaler
+    libraries are pinned with hashes, at versions the pyproject allows."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    entries = lock_entries()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    wanted += [Requirement(r) for r in pyproject["build-system"]["requires"]]
+    wanted += [Requirement("boto3"), Requirement("google-api-python-client")]  # the autoscalers
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in entries, f"requirements.lock lacks {requirement} (run `make lock`)"
+        assert requirement.specifier.contains(entries[name][0], prereleases=True), (
+            f"requirements.lock pins {name}=={entries[name][0]}, pyproject wants {requirement}"
+        )
+    if metadata.version("ray") == entries["ray"][0]:  # its metadata is the locked release's
+        linux = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+                 "python_version": "3.11", "extra": "serve"}  # fmt: skip
+        for line in metadata.requires("ray") or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(linux):
+                assert canonicalize_name(requirement.name) in entries, f"ray[serve]: {line}"
+    # torch comes by version per node (CPU or CUDA build); the CUDA libraries only where the
+    # CUDA torch pulls them in: not on every node from the lock.
+    cuda = [
+        n for n in entries if n == "torch" or n == "triton" or n.startswith(("nvidia-", "cuda-"))
+    ]
+    assert cuda == [], cuda
 
 
 @pytest.mark.parametrize("path", CLOUD, ids=ids(CLOUD))

@@ -127,6 +127,17 @@ def test_abort_rolls_back_publishes_and_persists_at_once():
     assert json.loads(store.data[KEY])["phase"] == "aborted"
 
 
+def test_every_command_records_its_caller_in_the_history():
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(declared(controller(store, clock)))
+    run(core.command("abort", "alice@laptop from 10.0.0.7"))
+    assert core.state.history[-1].reason.endswith("(rollout abort by alice@laptop from 10.0.0.7)")
+    run(core.command("start", "bob@ci from 10.0.0.8"))
+    assert core.state.history[0].reason == "command start (rollout start by bob@ci from 10.0.0.8)"
+    stored = json.loads(store.data[KEY])["history"]
+    assert "by bob@ci" in stored[0]["reason"]  # persisted with the state
+
+
 def test_promote_full_spelled_either_way():
     for spelling in ("promote-full", "promote_full"):
         core = run(declared(controller(InMemoryStore(), FakeClock())))

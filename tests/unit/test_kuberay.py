@@ -1,15 +1,19 @@
 """cluster/kuberay/rayservice.yaml: generated from serve_config.yaml + a region overlay; the
-committed file must match what the generator makes now (drift fails here)."""
+committed file must match what the generator makes now (drift fails here). Its NetworkPolicies
+are checked by evaluating them as Kubernetes does, for who can reach which port of which pod."""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 
+import pytest
 import yaml
 
 from app.config import load_yaml, project_root
+from app.ops import kuberay
 from app.ops.cli import main
-from app.ops.kuberay import generate, manifest_text, project_version
+from app.ops.kuberay import generate, manifest_text, pod_labels, project_version
 from app.ops.overlay import load_overlay, render
 from app.ops.placement import load_launcher, node_types
 from tests.support.configs import router_app
@@ -57,7 +61,7 @@ def test_check_fails_with_a_diff_when_the_serve_config_changes(tmp_path, capsys)
 def test_serve_config_v2_is_the_regions_serve_config():
     from ray.serve.schema import ServeDeploySchema
 
-    manifest = yaml.safe_load(MANIFEST.read_text())
+    manifest, *_policies = yaml.safe_load_all(MANIFEST.read_text())
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
     served = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(served)
@@ -95,3 +99,152 @@ def test_ray_cluster_mirrors_the_regions_launcher_file():
         assert container["image"].endswith(f":{version}-{'gpu' if gpu else 'cpu'}")
         assert ("nvidia.com/gpu" in container["resources"]["limits"]) == gpu
     assert any(t.resources["GPU"] > 0 for t in launcher_types.values())
+
+
+# ------------------------------------------------------------------------ NetworkPolicies
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    labels: tuple[tuple[str, str], ...]
+
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+APP_NAMESPACE = "serving"  # wherever the RayService is applied; the policies go with it
+PORTS = (6379, 8000, 8080, 8265, 10001, 52365)  # GCS, Serve, metrics, dashboard, client, agent
+EVERY_PORT = set(PORTS)
+
+
+def _matches(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # matchExpressions: teach this evaluator
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_admits(peer: dict, source: Pod, namespace: str) -> bool:
+    """One `from` entry, as Kubernetes reads it: podSelector alone = pods of the policy's own
+    namespace; namespaceSelector alone = every pod of those namespaces; both = those pods of
+    those namespaces. Namespaces by their kubernetes.io/metadata.name label."""
+    assert "ipBlock" not in peer, peer
+    if "namespaceSelector" not in peer:
+        return source.namespace == namespace and _matches(peer["podSelector"], source.label_dict())
+    ns_labels = {"kubernetes.io/metadata.name": source.namespace}
+    return _matches(peer["namespaceSelector"], ns_labels) and _matches(
+        peer.get("podSelector", {}), source.label_dict()
+    )
+
+
+def reachable_ports(policies: list[dict], source: Pod, target: Pod) -> set[int]:
+    """The ports of `target` that `source` may connect to. A pod no policy selects for Ingress
+    takes everything; a selected pod only what some rule of a selecting policy allows."""
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"].get("namespace", APP_NAMESPACE) == target.namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and _matches(p["spec"]["podSelector"], target.label_dict())
+    ]
+    if not selecting:
+        return EVERY_PORT
+    open_ports: set[int] = set()
+    for policy in selecting:
+        namespace = policy["metadata"].get("namespace", APP_NAMESPACE)
+        for rule in policy["spec"].get("ingress") or []:
+            peers = rule.get("from") or []
+            if peers and not any(_peer_admits(peer, source, namespace) for peer in peers):
+                continue
+            ports = rule.get("ports") or []
+            assert all(p.get("protocol", "TCP") == "TCP" for p in ports), ports
+            open_ports |= {p["port"] for p in ports} if ports else EVERY_PORT
+    return open_ports
+
+
+def _committed() -> tuple[dict, list[dict]]:
+    service, *policies = yaml.safe_load_all(MANIFEST.read_text())
+    return service, policies
+
+
+def _ray_pods(service: dict) -> dict[str, Pod]:
+    """The pods KubeRay makes: the template's labels plus its own (ray.io/node-type is not
+    overridable by a template: KubeRay's labelPod)."""
+    spec = service["spec"]["rayClusterConfig"]
+    groups = [("head", "headgroup", spec["headGroupSpec"])]
+    groups += [("worker", g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    pods = {}
+    for kind, group, g in groups:
+        labels = {
+            **g["template"].get("metadata", {}).get("labels", {}),
+            "ray.io/node-type": kind,
+            "ray.io/group": group,
+            "ray.io/cluster": f"{service['metadata']['name']}-x7k2p",  # KubeRay's random suffix
+            "ray.io/is-ray-node": "yes",
+        }
+        pods[group] = Pod(APP_NAMESPACE, tuple(sorted(labels.items())))
+    return pods
+
+
+def _pod(namespace: str, **labels: str) -> Pod:
+    return Pod(namespace, tuple(sorted(labels.items())))
+
+
+def test_the_manifest_holds_the_rayservice_then_its_network_policies():
+    service, policies = _committed()
+    assert service["kind"] == "RayService"
+    assert [p["kind"] for p in policies] == ["NetworkPolicy"] * 4, [p["kind"] for p in policies]
+    assert all(p["apiVersion"] == "networking.k8s.io/v1" for p in policies)
+    for pod in _ray_pods(service).values():  # every Ray pod is selected: isolated for ingress
+        assert any(_matches(p["spec"]["podSelector"], pod.label_dict()) for p in policies), pod
+    spec = service["spec"]["rayClusterConfig"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        labels = group["template"]["metadata"]["labels"]
+        assert labels == pod_labels(REGION)
+        assert not [k for k in labels if k.startswith("ray.io/")], labels  # KubeRay's own keys
+
+
+@pytest.mark.parametrize(
+    ("source", "head_ports", "worker_ports"),
+    [
+        ("ray peer", EVERY_PORT, EVERY_PORT),
+        ("ingress controller", {8000}, {8000}),
+        ("labelled serve client", {8000}, {8000}),
+        ("kuberay operator", {8265, 8000}, set()),
+        ("prometheus", {8080}, {8080}),
+        ("other pod, same namespace", set(), set()),
+        ("pod in another namespace", set(), set()),
+        ("operator's label in another namespace", set(), set()),
+        ("serve-client label in another namespace", set(), set()),
+    ],
+)
+def test_who_reaches_which_port_of_the_ray_pods(source, head_ports, worker_ports):
+    """8000 only from the ingress controller and labelled clients; 8265, 6379, 10001 only from
+    the cluster's own pods (and the operator's dashboard calls, on the head); metrics only from
+    Prometheus; nothing from any other pod."""
+    service, policies = _committed()
+    pods = _ray_pods(service)
+    head, workers = pods["headgroup"], [p for g, p in pods.items() if g != "headgroup"]
+    operator = kuberay.OPERATOR_POD_LABELS
+    sources = {
+        "ray peer": workers[0],
+        "ingress controller": _pod(kuberay.INGRESS_NAMESPACE, app="ingress-nginx"),
+        "labelled serve client": _pod(APP_NAMESPACE, **{kuberay.SERVE_CLIENT_LABEL: "true"}),
+        "kuberay operator": _pod(kuberay.OPERATOR_NAMESPACE, **operator),
+        "prometheus": _pod(kuberay.MONITORING_NAMESPACE, app="prometheus"),
+        "other pod, same namespace": _pod(APP_NAMESPACE, app="batch-job"),
+        "pod in another namespace": _pod("default", app="anything"),
+        "operator's label in another namespace": _pod("default", **operator),
+        "serve-client label in another namespace": _pod(
+            "default", **{kuberay.SERVE_CLIENT_LABEL: "true"}
+        ),
+    }
+    assert reachable_ports(policies, sources[source], head) == head_ports
+    for worker in workers:
+        assert reachable_ports(policies, sources[source], worker) == worker_ports, worker
+
+
+def test_the_evaluator_sees_an_unprotected_pod():
+    """Control: without the policies (the manifest as it was) every pod reaches every port."""
+    service, _ = _committed()
+    head = _ray_pods(service)["headgroup"]
+    assert reachable_ports([], _pod("default", app="anything"), head) == EVERY_PORT

@@ -85,3 +85,29 @@ def test_a_waiting_update_is_applied_by_the_poll_once_its_versions_answer():
     router = asyncio.run(scenario())
     assert dict(router.table.weights) == {"v1": 50.0, "v3": 50.0}
     assert router._pending is None
+
+
+def test_the_controllers_traffic_a_router_cannot_apply_shows_in_status_until_it_can():
+    """F20: a refused rollout traffic used to be only a log line (and retried every 10 s by the
+    long-poll). Now `refused_override` holds it for /status and the health poll retries it."""
+    from deployments.router_sync import RouterSync
+
+    async def scenario() -> FakeRouter:
+        router = FakeRouter()
+        router.deployed.add("v3")
+        await router.reconfigure({"stable": "v1", "weights": {"v1": 100}})
+        router.refused_override = None
+        sync = RouterSync.__new__(RouterSync)
+        sync.router = router
+        override = {"generation": 7, "weights": {"v1": 90, "v9": 10}, "stable": "v1",
+                    "shadow": "declared"}  # fmt: skip
+        sync._apply_override(override)
+        refused = dict(router.refused_override)
+        assert dict(router.table.weights) == {"v1": 100.0}  # the table in force keeps serving
+        router.handles["v9"] = object()  # v9's application answers now
+        sync._apply_override(override)  # what the next health poll does
+        return router, refused
+
+    router, refused = asyncio.run(scenario())
+    assert refused["generation"] == 7 and "v9" in refused["error"]
+    assert router.refused_override is None and dict(router.table.weights)["v9"] == 10.0

@@ -711,7 +711,8 @@ def _shipped_serve_configs() -> dict[str, dict[str, Any]]:
     }
     for overlay in sorted((REPO / "configs" / "regions").glob("*.yaml")):
         shipped[f"{overlay.name} on serve_config.yaml"] = render(base, load_overlay(overlay))
-    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    text = (REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text()
+    manifest = next(yaml.safe_load_all(text))  # the RayService; its NetworkPolicies follow
     shipped["rayservice.yaml"] = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     return shipped
 

@@ -37,7 +37,8 @@ class AdminClient:
         self._httpx = httpx  # a main dependency; kept on the instance for _call's except clauses
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        headers = {"accept": "application/json"}
+        # Who sends the command, for the rollout history (the admin token is shared).
+        headers = {"accept": "application/json", "x-rollout-actor": _actor()}
         if token:
             headers["authorization"] = f"Bearer {token}"
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
@@ -102,3 +103,16 @@ def _error_detail(response: Any) -> str:
     if isinstance(data, dict) and "error" in data:
         return str(data["error"])
     return json.dumps(data)[:200]
+
+
+def _actor() -> str:
+    """user@host of whoever runs the CLI (overridable with ROLLOUT_ACTOR)."""
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in a container without a passwd entry
+        user = "unknown"
+    return os.environ.get("ROLLOUT_ACTOR") or f"{user}@{socket.gethostname()}"
