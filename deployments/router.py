@@ -88,7 +88,7 @@ from app.rollout.feedback import (
 from app.serving.auth import check_bearer, load_admin_token, load_feedback_token
 from app.serving.budget import body_limit, check_budget
 from app.serving.cache import CacheSettings, ResponseCache, cache_key
-from app.serving.dispatch import Dispatcher
+from app.serving.dispatch import Dispatcher, fallback_is_evidence
 from app.serving.protocol import (
     INFERENCE_HEADER,
     check_request,
@@ -808,10 +808,10 @@ class Router:
             self._evidence(route, route.version, False, (time.monotonic() - started) * 1000)
             raise
         elapsed_ms = (time.monotonic() - started) * 1000
-        if served.fell_back_from is not None and not (
-            served.fallback_reason == "shed"
-            or (client_deadline and served.fallback_reason == "timeout")
-        ):  # the client saw no error; the rollout must
+        if served.fell_back_from is not None and fallback_is_evidence(
+            served.fallback_reason, client_deadline=client_deadline,
+            version_available=served.fell_back_from in self.available,
+        ):  # the client saw no error; the rollout must  # fmt: skip
             self._evidence(route, served.fell_back_from, False, elapsed_ms)
         self._evidence(route, served.version, True, elapsed_ms)
         request.state.version = served.version

@@ -89,7 +89,7 @@ OUTCOMES = ("ok", "client_error", "error")
 VERSION_OUTCOMES = ("ok", "error")
 CACHE_OUTCOMES = ("hit", "miss")
 SHADOW_OUTCOMES = ("compared", "failed", "dropped")
-FALLBACK_REASONS = ("error", "timeout", "unavailable", "breaker_open", "shed")
+FALLBACK_REASONS = ("error", "timeout", "unavailable", "breaker_open", "shed", "replica_lost")
 ERROR_TYPES = (
     "invalid_input", "not_found", "too_large", "overloaded", "unavailable", "timeout",
     "model_error", "unauthorized", "conflict", "other",

@@ -16,12 +16,13 @@ from app.errors import (
     InjectedFault,
     InvalidInput,
     ModelFailure,
+    ReplicaLost,
     ServingError,
     Unavailable,
     http_status,
 )
 from app.serving.breaker import BreakerSettings, BreakerState
-from app.serving.dispatch import Dispatcher, Served
+from app.serving.dispatch import Dispatcher, Served, fallback_is_evidence
 from app.serving.traffic import Decision, Route, TrafficTable
 from tests.support.fakes import FakeClock
 
@@ -171,6 +172,7 @@ def test_parameters_and_inputs_reach_call():
         (InjectedFault("injected"), "error"),
         (Unavailable("no replica"), "unavailable"),
         (DeadlineExceeded("slow"), "timeout"),
+        (ReplicaLost("lost a replica: ActorDiedError"), "replica_lost"),
     ],
 )
 def test_fallback_to_stable_on_error(error, reason):
@@ -730,7 +732,7 @@ def test_replica_lost_with_a_fallback_falls_back_at_once():
     d, call, _ = make()
     call.script["v2"] = ReplicaLost("node gone")
     served = serve(d, table(), "v2")
-    assert served.version == "v1" and served.fallback_reason == "unavailable"
+    assert served.version == "v1" and served.fallback_reason == "replica_lost"
     assert call.versions() == ["v2", "v1"] and d.replica_retries == 0
 
 
@@ -808,3 +810,26 @@ def test_a_pin_without_allow_fallback_to_a_restarting_version_waits_on_it():
                    available=frozenset({"v1", "v3"}))  # fmt: skip
     assert call.versions() == ["v2"] and served.version == "v2"
     assert call.calls[0][1] == pytest.approx(10.0)  # the whole deadline to wait for a replica
+
+
+@pytest.mark.parametrize(
+    ("reason", "client_deadline", "available", "evidence"),
+    [
+        ("error", False, True, True),  # the model failed: the candidate's fault
+        ("breaker_open", False, True, True),
+        ("unavailable", False, False, True),
+        ("timeout", False, True, True),  # slow with a replica running: the candidate's fault
+        ("timeout", True, True, False),  # the client's own short deadline
+        ("timeout", False, False, False),  # waited on Serve replacing its only replica
+        ("replica_lost", False, True, False),  # a process or node died under the request
+        ("shed", False, True, False),  # a full queue
+    ],
+)
+def test_which_fallbacks_are_evidence_against_the_version(
+    reason, client_deadline, available, evidence
+):
+    """`rollout bench chaos` rolled a healthy canary back in 4 of 6 runs: killing its only
+    replica made its in-flight requests fall back (replica lost) and the ones waiting for the
+    replacement time out, and both counted as its failures."""
+    assert fallback_is_evidence(reason, client_deadline=client_deadline,
+                                version_available=available) is evidence  # fmt: skip
