@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("abtest", "hotpatch", "rollback", "throughput", "world")
+BENCHMARKS = ("abtest", "chaos", "hotpatch", "propagation", "rollback", "throughput", "world")
 
 
 def _bench(args: argparse.Namespace) -> int:

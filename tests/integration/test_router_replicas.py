@@ -1,0 +1,121 @@
+"""Two Router replicas (what the region overlays run): a whole promotion under sticky load, with
+every decision applied by both routers and no user sent back from the new version to the old.
+
+Serve's proxy spreads each request over the two replicas, so one user's requests alternate
+between them. Each router applies the controller's traffic when its own long-poll returns; in
+the few milliseconds between the first and the last router applying a step, a user whose bucket
+the step moved can be answered by v2 on one router and then by v1 on the other. The test
+records every answer per user (x-model-version, x-routing-decision) and each router's apply
+time (probes from bench/propagation.py), and asserts no flip back; the module docstring of
+bench/propagation.py says how the probes work, docs/benchmarks.md what was measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import pytest
+
+from app import ray_compat
+from bench.propagation import (
+    Promotion,
+    ReplicaProbes,
+    StickyLoad,
+    count_flips,
+    moved_users,
+    place_flips,
+    promotion_plan,
+    propagation,
+)
+from tests.support.serving import APP, forget_rollouts, model_config, serve_config
+from tests.support.waiting import wait_for_condition
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-admin-token-0123456789abcdef"
+ROUTERS = 2
+CLIENTS = 6
+USERS_PER_STEP = 3
+STEPS = [10, 50]  # then the last promote switches v2 to 100%
+# Flips back seen over the whole promotion; 0 is the design (DESIGN.md decision 4).
+MAX_FLIPS = 0
+
+
+@pytest.fixture(scope="module")
+def two_routers(cluster, tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replicas")
+    token_file = tmp / "admin_token"
+    token_file.write_text(TOKEN + "\n")
+    versions = [model_config(tmp, tmp, "v1", tiny_models["a"]),
+                model_config(tmp, tmp, "v2", tiny_models["b"])]  # fmt: skip
+    config = serve_config(versions, {"v1": 100})
+    app = config["applications"][0]
+    app["args"]["router_replicas"] = ROUTERS  # an AppArgs field, beside args.router
+    app["runtime_env"] = {"env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(token_file)}}
+    cluster.admin_token = TOKEN
+    forget_rollouts()
+    cluster.serve_deploy(config, tmp)
+    cluster.wait_running()
+
+    def routers_running():
+        details = ray_compat.serve_details()
+        replicas = details["applications"][APP]["deployments"]["Router"]["replicas"]
+        return details if sum(r["state"] == "RUNNING" for r in replicas) == ROUTERS else None
+
+    details = wait_for_condition(routers_running, 60, message=f"{ROUTERS} Routers RUNNING")
+    return cluster, config, tmp, details
+
+
+def _admin(cluster, method: str, path: str = ""):
+    return cluster.client.request(method, f"/admin/rollout{path}",
+                                  headers={"authorization": f"Bearer {TOKEN}"})  # fmt: skip
+
+
+def test_no_sticky_user_flips_back_during_a_promotion_over_two_routers(two_routers):
+    cluster, config, tmp, details = two_routers
+    probes = ReplicaProbes(details)
+    assert len(probes.routers) == ROUTERS
+    probes.install()
+    declared = copy.deepcopy(config)
+    declared["applications"][0]["deployments"].append(
+        {"name": "RolloutController",
+         "user_config": {"plan": promotion_plan(STEPS), "tick_interval_s": 0.25}}
+    )  # fmt: skip
+    # Users each step moves (0 -> 10, 10 -> 50, 50 -> 100), and the load sends only as the next
+    # step's users from a moment before its decision until the following one: every answer
+    # comes from a user whose version changes then, which is when a flip back could happen.
+    focus, taken = [], set()
+    for before, after in zip([0, *STEPS], [*STEPS, 100]):
+        focus.append(moved_users(before, after, USERS_PER_STEP, taken))
+        taken.update(focus[-1])
+    rng = random.Random(0)
+
+    def status():
+        return _admin(cluster, "GET").json()
+
+    with StickyLoad(cluster.url, CLIENTS, sorted(taken)) as load:
+        time.sleep(1.0)
+        promotion = Promotion(probes, load, STEPS, status, lambda: _admin(cluster, "POST", "/promote"),
+                              lambda: cluster.serve_deploy(declared, tmp),
+                              lambda: rng.uniform(1.0, 1.5), focus)  # fmt: skip
+        final = promotion.run()
+
+    assert final["phase"] == "succeeded", final
+    rows = propagation(probes.published(), probes.applied(), promotion.published_before)
+    flips = place_flips(count_flips(load.answers), rows)
+    versions = {user: [a[2] for a in sorted(answers)] for user, answers in load.answers.items()}
+    moved = sorted(u for u, seen in versions.items() if "v1" in seen and "v2" in seen)
+    print(f"\n{load.sent} requests from {len(versions)} users, {len(moved)} moved v1 -> v2; "
+          f"generation, ms to the last router, skew ms: "
+          f"{[(r['generation'], r.get('all_applied_ms'), r.get('skew_ms')) for r in rows]}; "
+          f"flips back: {flips}")  # fmt: skip
+    assert not load.errors, load.errors[:5]
+    assert len(rows) >= len(STEPS) + 1 and all("all_applied_ms" in r for r in rows), rows
+    assert len(moved) >= len(taken) - 1, versions  # the users moved while they were sending
+    # A flip back outside a propagation window (both routers agreeing) would be a bucket bug.
+    assert all(f.get("in_window") for f in flips), flips
+    assert len(flips) <= MAX_FLIPS, (
+        f"{len(flips)} user(s) went back from v2 to v1: {flips}; propagation {rows}"
+    )
