@@ -68,7 +68,9 @@ def app(multinode, tmp_path_factory):
             "name": APP, "route_prefix": "/", "import_path": "app.builder:build_app",
             "runtime_env": {"env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": str(tmp / "admin_token")}},
             "args": {"model": APP, "versions": [str(v1), str(v2)]},
-            "deployments": [{"name": "Router", "user_config": {"stable": "v1", "weights": {"v1": 100}}}],
+            # v2 (weight 0 until the rollout) is pinned below: any client may, as listed.
+            "deployments": [{"name": "Router", "user_config": {"stable": "v1", "weights": {"v1": 100},
+                                                               "pinnable": ["v2"]}}],
         }],
     }  # fmt: skip
     overlay_file = tmp / f"{REGION}.yaml"
