@@ -86,7 +86,7 @@ The recommender is serving at $URL; the rollout moved all traffic to v2 (v1 is a
     {"name":"user","datatype":"BYTES","shape":[1],"data":["loves science fiction"]},
     {"name":"items","datatype":"BYTES","shape":[2],"data":["a space opera","a cooking show"]}]}'
   # pin a version:  .../v2/models/recommender/versions/v2/infer  or  -H 'x-model-version: v2'
-  # live split:     curl -s $URL/status
+  # live split:     curl -s -H "authorization: Bearer \$(cat $ROLLOUT_ADMIN_TOKEN_FILE)" $URL/status
   # rollout:        ROLLOUT_ADMIN_TOKEN_FILE=$ROLLOUT_ADMIN_TOKEN_FILE .venv/bin/rollout status
 
 Change weights or hyperparameters in serve_config.yaml, then: .venv/bin/rollout validate && .venv/bin/serve deploy serve_config.yaml
