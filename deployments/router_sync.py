@@ -125,16 +125,24 @@ class RouterSync:
                 continue
             router.seen_generation = override["generation"] if override else 0
             if override != router.override:
-                if router.version_apps and override:
-                    named = set(override.get("weights") or {}) | {override.get("stable")}
-                    try:
-                        await self.resolve_versions({v for v in named if v})
-                    except ValueError as exc:  # _apply_override refuses it, naming the version
-                        logger.error("Router: the controller's traffic names %s", exc)
-                try:
-                    self._apply_override(override)
-                except Exception:  # a malformed override must not kill the follower
-                    logger.exception("Router: could not apply the controller's traffic")
+                await self._take_override(override)
+
+    async def _take_override(self, override: dict[str, Any] | None) -> None:
+        """Apply the controller's traffic, first finding (version_apps) the versions it names.
+        Used by the follower for new traffic and by the health poll for traffic refused before
+        (a version app still starting); a refusal is logged once, and /status shows it."""
+        router = self.router
+        if router.version_apps and override:
+            named = set(override.get("weights") or {}) | {override.get("stable")}
+            try:
+                await self.resolve_versions({v for v in named if v})
+            except ValueError as exc:  # _apply_override refuses it, naming the version
+                if (router.refused_override or {}).get("override") != override:
+                    logger.error("Router: the controller's traffic names %s", exc)
+        try:
+            self._apply_override(override)
+        except Exception:  # a malformed override must not kill the loop that applies it
+            logger.exception("Router: could not apply the controller's traffic")
 
     def _apply_override(self, override: dict[str, Any] | None) -> None:
         router = self.router
@@ -200,15 +208,8 @@ class RouterSync:
         while True:
             try:
                 await router.retry_pending()  # version_apps: an update still waiting
-                refused = router.refused_override
-                if refused is not None:  # the controller's traffic, refused before: again
-                    if router.version_apps and refused["override"]:
-                        named = set(refused["override"].get("weights") or {})
-                        try:
-                            await self.resolve_versions(named | {refused["override"]["stable"]})
-                        except (ValueError, KeyError):
-                            pass  # still missing: refused again below, /status says so
-                    self._apply_override(refused["override"])
+                if router.refused_override is not None:  # the controller's, refused before
+                    await self._take_override(router.refused_override["override"])
                 details = await asyncio.to_thread(ray_compat.serve_details)
                 applications = details.get("applications", {})
                 found = {}  # version -> its deployment's details, where Serve has it
