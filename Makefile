@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The CPU build of torch, installed before the project so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo demo-worse demo-rollback lint fmt typecheck test test-unit test-integration test-multinode validate kuberay lock bench stop clean
+.PHONY: install demo demo-worse demo-rollback lint fmt typecheck test test-unit test-integration test-multinode test-headloss test-regions demo-regions validate kuberay lock bench stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,13 +46,30 @@ fmt: install
 typecheck: install
 	$(BIN)/mypy
 
-# tests/multinode starts its own multi-node cluster, so it runs in a pytest process of its own.
+# tests/multinode starts its own multi-node cluster, tests/headloss a head whose GCS keeps
+# its tables in a redis-server of its own (Debian `redis-server`), tests/regions two Ray
+# clusters of its own, so each runs in a pytest process of its own.
+# --durations: the slowest tests in the log, to keep CI's time in view.
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider --ignore=tests/multinode
-	$(BIN)/python -m pytest tests/multinode -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=25 --ignore=tests/multinode --ignore=tests/headloss --ignore=tests/regions
+	$(BIN)/python -m pytest tests/multinode -q -p no:cacheprovider --durations=5
+	$(BIN)/python -m pytest tests/headloss -q -p no:cacheprovider --durations=5
+	$(BIN)/python -m pytest tests/regions -q -p no:cacheprovider --durations=5
 
 test-multinode: install
 	$(BIN)/python -m pytest tests/multinode -q
+
+test-headloss: install
+	$(BIN)/python -m pytest tests/headloss -q
+
+# Two independent local Ray clusters ("regions") and `rollout waves` across them.
+test-regions: install
+	$(BIN)/python -m pytest tests/regions -q
+
+# The waves story on three local Ray clusters (one per region): the third region's v2 is
+# faulty, so waves 1 and 2 succeed and the waves halt there; prints a summary (bench/waves.py).
+demo-regions: install
+	$(BIN)/python -m bench.waves --regions 3
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -q

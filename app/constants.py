@@ -19,10 +19,13 @@ __all__ = [
     "DEFAULT_TICK_INTERVAL_S",
     "DESCRIBE_TIMEOUT_S",
     "GAUGE_INTERVAL_S",
+    "GENERATION_EPOCH_STRIDE",
+    "GENERATION_WAIT_S",
     "KV_NAMESPACE",
     "KV_TIMEOUT_S",
     "LONG_POLL_TIMEOUT_S",
     "MAX_SHADOW_REPORTS",
+    "OUTCOMES_WRITE_INTERVAL_S",
     "OFF_LOOP_PARSE_BYTES",
     "PARSE_SLOTS",
     "PROMETHEUS_MIN_INTERVAL_S",
@@ -33,6 +36,8 @@ __all__ = [
     "REPORT_TIMEOUT_S",
     "SERVED_BACKLOG",
     "STATS_PUSH_INTERVAL_S",
+    "STATS_PUSH_MIN_GAP_S",
+    "TRAFFIC_GENERATION_HEADER",
 ]
 
 
@@ -62,10 +67,21 @@ KV_NAMESPACE = os.environ.get("RAY_ROLLOUT_KV_NAMESPACE", "ray-rollout")
 DEFAULT_TICK_INTERVAL_S = _env_float("DEFAULT_TICK_INTERVAL_S", 0.25)
 # Routers push their per-version stats this often (the gates' evidence is this fresh).
 STATS_PUSH_INTERVAL_S = _env_float("STATS_PUSH_INTERVAL_S", 0.25)
+# ... or sooner, when a request failed (a candidate's failures are what a rollback waits for),
+# but never closer together than this.
+STATS_PUSH_MIN_GAP_S = _env_float("STATS_PUSH_MIN_GAP_S", 0.05)
 # A stats push that takes longer is abandoned (its answered ids are kept for the next one).
 REPORT_TIMEOUT_S = _env_float("REPORT_TIMEOUT_S", 2.0)
 # A router's long-poll for traffic returns after this long with no change (then asks again).
 LONG_POLL_TIMEOUT_S = _env_float("LONG_POLL_TIMEOUT_S", 10.0)
+# The controller's published traffic generations: epoch * this + the replica's publish count,
+# so a replica's generations are above every earlier replica's.
+GENERATION_EPOCH_STRIDE = 1_000_000_000
+# Monotonic reads across Routers: every answer carries the controller generation its Router
+# routed with, and a request that echoes a newer one waits this long at most for its Router to
+# apply that generation (it is on its way: the skew between Routers was 6-146 ms measured).
+TRAFFIC_GENERATION_HEADER = "x-traffic-generation"
+GENERATION_WAIT_S = _env_float("GENERATION_WAIT_S", 0.5)
 # How long a router waits before asking an unreachable controller again.
 CONTROLLER_RETRY_S = _env_float("CONTROLLER_RETRY_S", 1.0)
 # A write to (or read from) the rollout store (Ray's GCS) that takes longer is abandoned.
@@ -92,6 +108,9 @@ REPLICA_RETRY_PAUSE_S = _env_float("REPLICA_RETRY_PAUSE_S", 0.1)
 SERVED_BACKLOG = _env_int("SERVED_BACKLOG", 200_000)
 # Answered request ids a router remembers itself, for feedback that beats its push.
 RECENT_REQUEST_IDS = _env_int("RECENT_REQUEST_IDS", 50_000)
+# The controller writes its outcome book (feedback counts) to the store at most this often,
+# not at every tick: under a feedback flood every tick had a changed book to write.
+OUTCOMES_WRITE_INTERVAL_S = _env_float("OUTCOMES_WRITE_INTERVAL_S", 1.0)
 # Shadow comparison reports the controller keeps.
 MAX_SHADOW_REPORTS = _env_int("MAX_SHADOW_REPORTS", 100_000)
 # A request body this large or larger is parsed in a worker thread, not on the router's event

@@ -1,7 +1,7 @@
 """How the always-valid sequential test behaves when a rollout controller peeks at it.
 
     cd /work/main && .venv/bin/python -m bench.abtest [--json] [--experiments N] [--smoke]
-                                                      [--skip-correlated]
+                                                      [--skip-correlated] [--pre-period X]
 
 Simulates A/B experiments on a 10% baseline conversion rate, with no Ray: per-look counts from
 a seeded numpy Generator, run through `app.rollout.abtest.SequentialTest.evaluate_paths` (the
@@ -23,12 +23,23 @@ kernel `evaluate` uses) with a look every 500 samples per arm. Six scenarios, ea
   on average) and are summed per unit cluster exactly as the feedback book does
   (`UNIT_CLUSTERS` clusters of whole users, `UnitMoments`), so the test sees what it sees in
   production. The same data are also judged as if every outcome were independent (the test
-  before it took units into account): `outcomes_as_independent`. About 1 minute per
-  scenario; `--skip-correlated` leaves them out.
+  before it took units into account): `outcomes_as_independent`. CUPED: each user also sent
+  outcomes to the stable version in a pre-period `--pre-period` times as long as the
+  experiment at the cap (default 1: 16 outcomes per user on average; 0: no CUPED), at the
+  same activity and their own rate; the same data are judged with each cluster's
+  pre-period sums as the covariate (`cuped`). 1 to 4 minutes per scenario; `--skip-correlated`
+  leaves them out.
 
-Test: alpha 0.05 (two-sided), relative lift, mde = tau = 3%, min_samples_per_arm 1000; the
-decision is the always-valid interval against 0 (`Verdict.decision`, i.e.
-`improvement(0)` and `non_inferiority(0)`), taken at the first look that decides.
+Tests (`variant_tests`), each run on the same data, each fixed before any data:
+* shared (today's default; the top-level keys): alpha 0.05 two-sided, tau = mde = 3%;
+* separate_tau_mde: a one-sided test per direction, alpha 0.05 each, tau = mde;
+* separate: the same with tau = horizon_tau(...) = 1.95%, the tau whose boundary is lowest at
+  the cap (computed from the baseline and the cap alone);
+* separate_stop_10: separate, with a false stop allowed 10% of the time (a false promotion
+  still 5%).
+Relative lift, min_samples_per_arm 1000; the decision is the always-valid interval against 0
+(`Verdict.decision`, i.e. `improvement(0)` and `non_inferiority(0)`), taken at the first look
+that decides.
 
 The cap, max_samples per arm: twice the fixed-horizon sample size for +3% at alpha 0.05 and
 80% power (`required_sample_size(0.10, 0.03)` = 159,066), rounded up to a whole look: 318,500.
@@ -42,9 +53,11 @@ For contrast, the A/A data are also judged by a fixed-horizon 95% Wald interval 
 every look (`naive_peeking_false_promotion_rate`): the mistake the sequential test prevents.
 
 Prints one JSON object (stdout): aa_false_promotion_rate, lift_detection_rate,
-drop_stop_rate, median_samples_to_decision, `correlated` (the same for the correlated-users
-scenarios), and the details and parameters listed in docs/benchmarks.md; without --json, one
-JSON line per scenario comes first. Exit status 0.
+drop_stop_rate, median_samples_to_decision (the shared test), `variants` (every test's rates
+with Monte-Carlo standard errors), `correlated` (the same for the correlated-users
+scenarios, with `variants.<test>.per_unit` and `.cuped`), and the details and parameters
+listed in docs/benchmarks.md; without --json, one JSON line per scenario comes first. Exit
+status 0.
 """
 
 from __future__ import annotations
@@ -58,8 +71,9 @@ from typing import Any
 
 import numpy as np
 
-from app.rollout.abtest import OutcomeKind, SequentialTest, required_sample_size
+from app.rollout.abtest import OutcomeKind, SequentialTest, horizon_tau, required_sample_size
 from app.rollout.abtest.arms import _design_effect
+from app.rollout.abtest.sequential import COVARIATE_MOMENTS, _cuped
 from app.rollout.feedback import UNIT_CLUSTERS
 from bench.common import cpu_count, log
 
@@ -76,6 +90,7 @@ USERS_PER_ARM = 20_000
 ACTIVITY_SHAPE = 1.0
 RATE_BETA = (1.0, 9.0)
 CORRELATED = {"correlated_aa": 0.0, "correlated_lift": MDE, "correlated_drop": -MDE}
+STOP_ALPHA = 0.10  # the separate_stop_10 variant's chance of a false stop
 
 
 def max_samples_per_arm() -> int:
@@ -113,17 +128,49 @@ def correlated_paths(
     RATE_BETA, times 1 + lift) and falls in one of `clusters` clusters (the hash of the feedback
     book). A cluster's outcomes form a Poisson stream, its clicks one of rate sum(share x rate)
     (exact for users who arrive as Poisson streams), `peek_every` outcomes per look on average."""
+    arm, _ = correlated_paths_with_pre(rng, lift, experiments, peek_every, looks, 0.0,
+                                       users, clusters, chunk)  # fmt: skip
+    return arm
+
+
+def correlated_paths_with_pre(
+    rng: np.random.Generator,
+    lift: float,
+    experiments: int,
+    peek_every: int,
+    looks: int,
+    pre_looks: float,
+    users: int = USERS_PER_ARM,
+    clusters: int = UNIT_CLUSTERS,
+    chunk: int = 250,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
+    """`correlated_paths` and, with pre_looks > 0, the arm's CUPED covariate: the nine
+    `COVARIATE_MOMENTS` at every look, from a pre-period of `pre_looks` looks' worth of time
+    in which the same users sent outcomes at the same activity to the stable version (their
+    own rate, no lift). A cluster's pre-period totals are Poisson with the cluster's own
+    intensities, so they share its users' rates with the experiment's outcomes and nothing
+    else. The pre-period draws come from a child stream of `rng` (`rng.spawn`), so the
+    experiment's outcomes are the same with and without it."""
     columns = np.empty((7, experiments, looks))
+    covariates = np.empty((len(COVARIATE_MOMENTS), experiments, looks)) if pre_looks > 0 else None
+    pre_rng = rng.spawn(1)[0] if pre_looks > 0 else None
     a, b = RATE_BETA
     for start in range(0, experiments, chunk):
         e = min(chunk, experiments - start)
         share = rng.gamma(ACTIVITY_SHAPE, 1.0, (e, users))
-        rate = np.minimum(rng.beta(a, b, (e, users)) * (1 + lift), 1.0)
+        own_rate = rng.beta(a, b, (e, users))
+        rate = np.minimum(own_rate * (1 + lift), 1.0)
         where = rng.integers(0, clusters, (e, users)) + clusters * np.arange(e)[:, None]
         size = e * clusters
         arrivals = np.bincount(where.ravel(), share.ravel(), size).reshape(e, clusters)
         clicks = np.bincount(where.ravel(), (share * rate).ravel(), size).reshape(e, clusters)
         scale = peek_every / arrivals.sum(axis=1, keepdims=True)
+        pre_p = pre_m = None
+        if pre_rng is not None:
+            stable = np.bincount(where.ravel(), (share * own_rate).ravel(), size)
+            stable = stable.reshape(e, clusters) * scale * pre_looks
+            pre_p = pre_rng.poisson(stable).astype(float)
+            pre_m = pre_p + pre_rng.poisson(arrivals * scale * pre_looks - stable)
         arrivals, clicks = arrivals * scale, clicks * scale
         n = np.zeros((e, clusters))
         s = np.zeros((e, clusters))
@@ -138,7 +185,19 @@ def correlated_paths(
             out[4, :, t] = np.einsum("ij,ij->i", s, s)
             out[5, :, t] = np.einsum("ij,ij->i", s, n)
             out[6, :, t] = np.einsum("ij,ij->i", n, n)
-    return tuple(columns)
+            if covariates is not None and pre_p is not None and pre_m is not None:
+                cov = covariates[:, start : start + e]
+                if t == 0:  # the pre-period's own moments do not change during the test
+                    cov[0] = pre_p.sum(axis=1)[:, None]
+                    cov[1] = pre_m.sum(axis=1)[:, None]
+                    cov[2] = np.einsum("ij,ij->i", pre_p, pre_p)[:, None]
+                    cov[3] = np.einsum("ij,ij->i", pre_p, pre_m)[:, None]
+                    cov[4] = np.einsum("ij,ij->i", pre_m, pre_m)[:, None]
+                cov[5, :, t] = np.einsum("ij,ij->i", s, pre_p)
+                cov[6, :, t] = np.einsum("ij,ij->i", s, pre_m)
+                cov[7, :, t] = np.einsum("ij,ij->i", n, pre_p)
+                cov[8, :, t] = np.einsum("ij,ij->i", n, pre_m)
+    return tuple(columns), None if covariates is None else tuple(covariates)
 
 
 def simulate(rng: np.random.Generator, p_candidate: float, experiments: int, looks: int):
@@ -156,10 +215,45 @@ def naive_peeking_promotions(candidate, control) -> float:
     return round(float(np.mean((z > Z95).any(axis=1))), 4)
 
 
+def variant_tests() -> dict[str, SequentialTest]:
+    """The tests the bench compares, each fixed before any data: `shared` is today's default
+    (alpha 5% two-sided, tau = mde); `separate` a one-sided test per direction, alpha 5% each,
+    with tau = mde and with the tau whose boundary is lowest at the cap (`horizon_tau`, from
+    the baseline and the cap alone); `separate_stop_10` the same with a false stop allowed
+    twice as often as a false promotion (a stop only delays a rollout)."""
+    common: dict[str, Any] = {"scale": "relative", "mde": MDE, "min_samples_per_arm": MIN_SAMPLES}
+    tau = round(horizon_tau(math.sqrt(BASELINE * (1 - BASELINE)), max_samples_per_arm(),
+                            ALPHA, "separate", mean=BASELINE), 4)  # fmt: skip
+    return {
+        "shared": SequentialTest(alpha=ALPHA, **common),
+        "separate_tau_mde": SequentialTest(alpha=ALPHA, directions="separate", **common),
+        "separate": SequentialTest(alpha=ALPHA, directions="separate", tau=tau, **common),
+        "separate_stop_10": SequentialTest(
+            alpha=ALPHA, directions="separate", stop_alpha=STOP_ALPHA, tau=tau, **common
+        ),
+    }
+
+
+def _calls(code: np.ndarray, index: np.ndarray) -> dict[str, Any]:
+    samples = (index + 1) * PEEK_EVERY
+    decided = code != 0
+    return {
+        "better": int(np.sum(code == 1)),
+        "worse": int(np.sum(code == -1)),
+        "undecided": int(np.sum(~decided)),
+        "median_samples_to_decision": int(np.median(samples[decided])) if decided.any() else None,
+    }
+
+
 def run_scenario(
-    name: str, test: SequentialTest, rng: np.random.Generator, experiments: int, looks: int
+    name: str,
+    tests: dict[str, SequentialTest],
+    rng: np.random.Generator,
+    experiments: int,
+    looks: int,
 ) -> dict[str, Any]:
     candidate, control = simulate(rng, SCENARIOS[name], experiments, looks)
+    test = tests["shared"]
     started = time.perf_counter()
     code, index = test.evaluate_paths(OutcomeKind.BINARY, candidate, control).first_decision()
     seconds = time.perf_counter() - started
@@ -171,10 +265,7 @@ def run_scenario(
         "scenario": name,
         "p_candidate": round(SCENARIOS[name], 6),
         "experiments": experiments,
-        "better": int(np.sum(code == 1)),
-        "worse": int(np.sum(code == -1)),
-        "undecided": int(np.sum(~decided)),
-        "median_samples_to_decision": int(np.median(samples[decided])) if decided.any() else None,
+        **_calls(code, index),
         "p90_samples_to_decision": int(np.percentile(samples[decided], 90))
         if decided.any()
         else None,
@@ -185,31 +276,42 @@ def run_scenario(
         result["called_by_fixed_horizon_n"] = round(float(np.mean(right & (samples <= fixed_n))), 4)
     else:
         result["naive_peeking_false_promotions"] = naive_peeking_promotions(candidate, control)
+    result["variants"] = {
+        variant: _calls(*other.evaluate_paths(OutcomeKind.BINARY, candidate, control).first_decision())
+        for variant, other in tests.items()
+        if variant != "shared"
+    }  # fmt: skip
     return result
 
 
 def run_correlated(
-    name: str, test: SequentialTest, rng: np.random.Generator, experiments: int, looks: int
+    name: str,
+    tests: dict[str, SequentialTest],
+    rng: np.random.Generator,
+    experiments: int,
+    looks: int,
+    pre_period: float,
 ) -> dict[str, Any]:
     lift = CORRELATED[name]
-    candidate = correlated_paths(rng, lift, experiments, PEEK_EVERY, looks)
-    control = correlated_paths(rng, 0.0, experiments, PEEK_EVERY, looks)
+    pre_looks = pre_period * looks
+    candidate, candidate_pre = correlated_paths_with_pre(
+        rng, lift, experiments, PEEK_EVERY, looks, pre_looks
+    )
+    control, control_pre = correlated_paths_with_pre(
+        rng, 0.0, experiments, PEEK_EVERY, looks, pre_looks
+    )
+    test = tests["shared"]
     started = time.perf_counter()
     code, index = test.evaluate_paths(OutcomeKind.BINARY, candidate, control).first_decision()
     seconds = time.perf_counter() - started
     # The same data with every outcome taken as independent (the test before units).
     naive, _ = test.evaluate_paths(OutcomeKind.BINARY, candidate[:3], control[:3]).first_decision()
-    samples = (index + 1) * PEEK_EVERY
-    decided = code != 0
     effect = _design_effect(*(c[:, -1] for c in control))
-    return {
+    result: dict[str, Any] = {
         "scenario": name,
         "lift": lift,
         "experiments": experiments,
-        "better": int(np.sum(code == 1)),
-        "worse": int(np.sum(code == -1)),
-        "undecided": int(np.sum(~decided)),
-        "median_samples_to_decision": int(np.median(samples[decided])) if decided.any() else None,
+        **_calls(code, index),
         "outcomes_as_independent": {
             "better": int(np.sum(naive == 1)),
             "worse": int(np.sum(naive == -1)),
@@ -218,13 +320,81 @@ def run_correlated(
         "median_units_at_cap": int(np.median(control[3][:, -1])),
         "evaluate_paths_s": round(seconds, 3),
     }
+    variants: dict[str, Any] = {}
+    covariates = None
+    if candidate_pre is not None and control_pre is not None:
+        covariates = (candidate_pre, control_pre)
+        last = [tuple(a[:, -1] for a in arm) for arm in (candidate, control, *covariates)]
+        _, _, reduce_s = _cuped(last[0], last[1], (last[2], last[3]))
+        result["median_design_effect_at_cap_cuped"] = round(float(np.median(effect * reduce_s)), 2)
+    for variant, other in tests.items():
+        per_unit = (code, index) if variant == "shared" else other.evaluate_paths(
+            OutcomeKind.BINARY, candidate, control).first_decision()  # fmt: skip
+        variants[variant] = {"per_unit": _calls(*per_unit)}
+        if covariates is not None:
+            cuped = other.evaluate_paths(OutcomeKind.BINARY, candidate, control, covariates)
+            variants[variant]["cuped"] = _calls(*cuped.first_decision())
+    result["variants"] = variants
+    return result
 
 
 def rate(count: int, experiments: int) -> float:
     return round(count / experiments, 4)
 
 
-def correlated_summary(scenarios: dict[str, dict[str, Any]], experiments: int) -> dict[str, Any]:
+def standard_error(count: int, experiments: int) -> float:
+    """Monte-Carlo standard error of a rate, sqrt(p (1 - p) / n)."""
+    p = count / experiments
+    return round(math.sqrt(p * (1 - p) / experiments), 4)
+
+
+def _rates(aa: dict[str, Any], lift: dict[str, Any], drop: dict[str, Any], experiments: int):
+    """The goal's four rates of one test (each scenario's better/worse counts) with their
+    Monte-Carlo standard errors."""
+    counts = {
+        "aa_false_promotion_rate": aa["better"],
+        "aa_false_stop_rate": aa["worse"],
+        "lift_detection_rate": lift["better"],
+        "drop_stop_rate": drop["worse"],
+    }
+    return {
+        **{key: rate(count, experiments) for key, count in counts.items()},
+        "standard_error": {key: standard_error(c, experiments) for key, c in counts.items()},
+        "median_samples_to_decision": {
+            "lift": lift["median_samples_to_decision"],
+            "drop": drop["median_samples_to_decision"],
+        },
+        "wrong_direction": {"lift": lift["worse"], "drop": drop["better"]},
+    }
+
+
+def _describe(test: SequentialTest) -> dict[str, Any]:
+    return {
+        "directions": test.directions,
+        "alpha": test.alpha,
+        "stop_alpha": test.effective_stop_alpha,
+        "tau": test.effective_tau,
+    }
+
+
+def independent_variants(
+    scenarios: dict[str, dict[str, Any]], tests: dict[str, SequentialTest], experiments: int
+) -> dict[str, Any]:
+    aa, lift, drop = scenarios["aa"], scenarios["lift"], scenarios["drop"]
+    out = {"shared": {**_describe(tests["shared"]), **_rates(aa, lift, drop, experiments)}}
+    for variant, test in tests.items():
+        if variant != "shared":
+            calls = (s["variants"][variant] for s in (aa, lift, drop))
+            out[variant] = {**_describe(test), **_rates(*calls, experiments)}
+    return out
+
+
+def correlated_summary(
+    scenarios: dict[str, dict[str, Any]],
+    tests: dict[str, SequentialTest],
+    experiments: int,
+    pre_period: float,
+) -> dict[str, Any]:
     aa, lift, drop = (scenarios[f"correlated_{k}"] for k in ("aa", "lift", "drop"))
     independent = {
         "aa_false_promotion_rate": rate(aa["outcomes_as_independent"]["better"], experiments),
@@ -232,6 +402,13 @@ def correlated_summary(scenarios: dict[str, dict[str, Any]], experiments: int) -
         "lift_detection_rate": rate(lift["outcomes_as_independent"]["better"], experiments),
         "drop_stop_rate": rate(drop["outcomes_as_independent"]["worse"], experiments),
     }
+    variants: dict[str, Any] = {}
+    for variant, test in tests.items():
+        variants[variant] = _describe(test)
+        for how in ("per_unit", "cuped"):
+            if how in aa["variants"][variant]:
+                calls = (s["variants"][variant][how] for s in (aa, lift, drop))
+                variants[variant][how] = _rates(*calls, experiments)
     return {
         "aa_false_promotion_rate": rate(aa["better"], experiments),
         "lift_detection_rate": rate(lift["better"], experiments),
@@ -243,7 +420,13 @@ def correlated_summary(scenarios: dict[str, dict[str, Any]], experiments: int) -
         },
         "wrong_direction": {"lift": lift["worse"], "drop": drop["better"]},
         "outcomes_as_independent": independent,
+        "variants": variants,
         "median_design_effect_at_cap": aa["median_design_effect_at_cap"],
+        "median_design_effect_at_cap_cuped": aa.get("median_design_effect_at_cap_cuped"),
+        "pre_period": pre_period,
+        "pre_period_outcomes_per_user": round(
+            pre_period * max_samples_per_arm() / USERS_PER_ARM, 1
+        ),
         "median_units_at_cap": aa["median_units_at_cap"],
         "users_per_arm": USERS_PER_ARM,
         "outcomes_per_user_at_cap": round(max_samples_per_arm() / USERS_PER_ARM, 1),
@@ -265,25 +448,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="numpy Generator seed (default 0)")
     parser.add_argument("--skip-correlated", action="store_true",
                         help="leave out the correlated-users scenarios (~1 min each)")  # fmt: skip
+    parser.add_argument("--pre-period", type=float, default=1.0,
+                        help="CUPED pre-period, in lengths of the experiment at the cap "
+                             "(default 1; 0: no CUPED)")  # fmt: skip
     args = parser.parse_args(argv)
     experiments = args.experiments or (30 if args.smoke else 2000)
     if experiments < 1:
         parser.error("--experiments must be at least 1")
+    if args.pre_period < 0:
+        parser.error(f"--pre-period ({args.pre_period}) must be at least 0")
 
     started = time.perf_counter()
-    test = SequentialTest(alpha=ALPHA, scale="relative", mde=MDE, min_samples_per_arm=MIN_SAMPLES)
+    tests = variant_tests()
+    test = tests["shared"]
     max_samples = max_samples_per_arm()
     looks = max_samples // PEEK_EVERY
     streams = np.random.default_rng(args.seed).spawn(len(SCENARIOS) + len(CORRELATED))
     scenarios = {}
     for (name, _), rng in zip(SCENARIOS.items(), streams):
         log(f"{name}: {experiments} experiments x {looks} looks")
-        scenarios[name] = run_scenario(name, test, rng, experiments, looks)
+        scenarios[name] = run_scenario(name, tests, rng, experiments, looks)
     if not args.skip_correlated:
         for name, rng in zip(CORRELATED, streams[len(SCENARIOS) :]):
             log(f"{name}: {experiments} experiments x {looks} looks, {USERS_PER_ARM} users per arm")
-            scenarios[name] = run_correlated(name, test, rng, experiments, looks)
+            scenarios[name] = run_correlated(name, tests, rng, experiments, looks, args.pre_period)
     aa, lift, drop = scenarios["aa"], scenarios["lift"], scenarios["drop"]
+    correlated = None
+    if not args.skip_correlated:
+        correlated = correlated_summary(scenarios, tests, experiments, args.pre_period)
     result: dict[str, Any] = {
         "aa_false_promotion_rate": rate(aa["better"], experiments),
         "lift_detection_rate": rate(lift["better"], experiments),
@@ -299,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             "drop": drop["called_by_fixed_horizon_n"],
         },
         "wrong_direction": {"lift": lift["worse"], "drop": drop["better"]},
-        "correlated": None if args.skip_correlated else correlated_summary(scenarios, experiments),
+        "variants": independent_variants(scenarios, tests, experiments),
+        "correlated": correlated,
         "fixed_horizon_samples": required_sample_size(BASELINE, MDE, alpha=ALPHA, power=0.8),
         "alpha": ALPHA,
         "tau": test.effective_tau,

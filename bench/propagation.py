@@ -57,7 +57,9 @@ and later by v1 on a sticky decision while the weights only rose, in the order t
 sent (fallback answers are skipped: a fallback serves v1 by design). `flip_details` gives each
 with its times relative to the last publish before the v1 answer came back, and `in_window`:
 whether that v1 request was sent before the last router applied the generation (so it could
-reach a router that had not).
+reach a router that had not), and `causal`: whether it was sent after the v2 answer came back.
+Clients echo each user's highest `x-traffic-generation` (monotonic reads: a Router behind it
+waits for that generation), so `flips_causal` should be 0; `--no-echo` turns the echo off.
 
 Output: one JSON object (`--json`: only it; otherwise one JSON line per decision first). Exit
 status 1 if a command failed, a decision did not reach every router, a client request failed,
@@ -83,6 +85,7 @@ import httpx
 import numpy as np
 import ray
 
+from app.constants import TRAFFIC_GENERATION_HEADER
 from app.serving.buckets import BucketMap, bucket_of
 from bench.common import cpu_count, log
 from bench.localapp import APP, TICK_S, LocalApp, serve_config, wait_for, with_user_configs
@@ -160,11 +163,11 @@ def _probe_functions() -> dict[str, Callable[..., Any]]:
                 started = time.monotonic()
                 original(state)
                 weights = dict((core.override or {}).get("weights") or {})
-                published.append((core.generation, started, weights))
+                published.append((int(core.override["generation"]), started, weights))
 
             core._publish = publish
             core._bench_published = published
-        return int(core.generation)
+        return int((core.override or {}).get("generation") or 0)
 
     def install_timeline(actor: Any) -> bool:
         """On the controller: when stats reports arrive (and what they count), each tick and
@@ -242,7 +245,7 @@ def _probe_functions() -> dict[str, Callable[..., Any]]:
 
     def controller_view(actor: Any) -> dict[str, Any]:
         core = user_object(actor)
-        return {"generation": int(core.generation),
+        return {"generation": int((core.override or {}).get("generation") or 0),
                 "published": list(getattr(core, "_bench_published", None) or ())}  # fmt: skip
 
     return {"install_router": install_router, "install_controller": install_controller,
@@ -328,19 +331,35 @@ class StickyLoad(loadgen.Load):
     the driver sets it; every answer kept per user: (sent, received, version, routing decision,
     fallback-from)."""
 
-    def __init__(self, url: str, clients: int, users: list[str], seed: int = 0) -> None:
+    def __init__(self, url: str, clients: int, users: list[str], seed: int = 0,
+                 echo_generation: bool = False) -> None:  # fmt: skip
         self.users = users
         self.focus: list[str] | None = None
         self.answers: dict[str, list[tuple[float, float, str, str, str | None]]] = defaultdict(list)
+        # With echo_generation, each user's requests carry the highest x-traffic-generation
+        # its answers carried so far (what a client that keeps monotonic reads does).
+        self.echo_generation = echo_generation
+        self.generations: dict[str, str] = {}
         super().__init__(url, self._infer, clients, seed)
 
     def _infer(self, client: httpx.Client, rng: random.Random, index: int) -> str | None:
         user = rng.choice(self.focus or self.users)
+        headers = {"x-user-id": user}
+        if self.echo_generation:
+            with self.lock:
+                seen = self.generations.get(user)
+            if seen is not None:
+                headers[TRAFFIC_GENERATION_HEADER] = seen
         sent = time.monotonic()
-        r = client.post(f"/v2/models/{APP}/infer", json=BODY, headers={"x-user-id": user})
+        r = client.post(f"/v2/models/{APP}/infer", json=BODY, headers=headers)
         received = time.monotonic()
         if r.status_code != 200:
             return f"{time.strftime('%H:%M:%S')} {r.status_code} {r.text[:200]}"
+        generation = r.headers.get(TRAFFIC_GENERATION_HEADER)
+        if self.echo_generation and generation is not None:
+            with self.lock:
+                if int(generation) > int(self.generations.get(user, "0")):
+                    self.generations[user] = generation
         record = (sent, received, r.headers.get("x-model-version", "?"),
                   r.headers.get("x-routing-decision", "?"), r.headers.get("x-fallback-from"))  # fmt: skip
         with self.lock:
@@ -377,8 +396,11 @@ def count_flips(answers: dict[str, list[tuple[float, float, str, str, str | None
             if version == new:
                 last_new = (sent, received)
             elif version == old and last_new is not None:
+                # causal: the old answer's request left after the new answer came back (so a
+                # client echoing x-traffic-generation had sent it), not while both were in flight.
                 flips.append({"user": user, "new_sent": last_new[0], "new_received": last_new[1],
-                              "old_sent": sent, "old_received": received})  # fmt: skip
+                              "old_sent": sent, "old_received": received,
+                              "causal": sent > last_new[1]})  # fmt: skip
                 last_new = None
     return flips
 
@@ -489,7 +511,7 @@ def place_flips(flips: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list
     for flip in flips:
         before = [r for r in rows if r["published_at"] <= flip["old_received"]]
         row = before[-1] if before else None
-        out: dict[str, Any] = {"user": flip["user"]}
+        out: dict[str, Any] = {"user": flip["user"], "causal": flip.get("causal", False)}
         if row is not None:
             t0 = row["published_at"]
             out["generation"] = row["generation"]
@@ -520,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="stress stickiness: K users per step, chosen so that the step moves "
                         "them, and the load sends only as the next step's K users")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seeds the load and the pauses")
+    parser.add_argument("--no-echo", action="store_true",
+                        help="clients do not echo x-traffic-generation (no monotonic reads: "
+                        "what a client that ignores the header sees)")  # fmt: skip
     parser.add_argument("--json", action="store_true",
                         help="only the JSON object on stdout (without it, one line per decision first)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="4 decisions: checks that it works")
@@ -582,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
             app.deploy(with_user_configs(
                 app.config, RolloutController={"plan": plan, "tick_interval_s": TICK_S}))  # fmt: skip
 
-        with StickyLoad(app.url, args.clients, users, args.seed) as load:
+        with StickyLoad(app.url, args.clients, users, args.seed,
+                        echo_generation=not args.no_echo) as load:  # fmt: skip
             time.sleep(2.0)  # warm up: every client connected and served
             log(f"load: {args.clients} clients, {len(users)} users"
                 f"{f' ({args.focus} per step, focused)' if focus else ''}; declaring "
@@ -634,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         ),  # fmt: skip
         "flips": len(flips),
         "flips_in_window": sum(1 for f in placed if f.get("in_window")),
+        # after the client had the new answer (so it echoed its generation): goal 0
+        "flips_causal": sum(1 for f in placed if f.get("causal")),
+        "echo_generation": not args.no_echo,
         "flip_details": placed[:50],
         "per_decision": [
             {k: r.get(k) for k in ("generation", "all_applied_ms", "skew_ms", "per_router_ms")}

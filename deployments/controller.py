@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,9 +31,11 @@ from app.config import version_app_name
 from app.constants import (
     DEFAULT_TICK_INTERVAL_S,
     GAUGE_INTERVAL_S,
+    GENERATION_EPOCH_STRIDE,
     KV_TIMEOUT_S,
     LONG_POLL_TIMEOUT_S,
     MAX_SHADOW_REPORTS,
+    OUTCOMES_WRITE_INTERVAL_S,
     PROMETHEUS_MIN_INTERVAL_S,
     RATE_WINDOW_S,
 )
@@ -64,10 +67,11 @@ from app.rollout import (
 from app.rollout.feedback import (
     FeedbackDesk,
 )
+from app.rollout.notify import Notifier
 from app.rollout.plan import ControllerUserConfig, RolloutPlan
 from app.rollout.prometheus import PrometheusUnavailable, query_scalar
 from app.rollout.timeline import Timeline
-from deployments.store import Claim, Fence, GcsStore, RolloutStore
+from deployments.store import Claim, Fence, GcsStore, RolloutStore, StoreBusy
 
 logger = logging.getLogger("ray.serve")
 
@@ -77,6 +81,8 @@ EPOCH_SUFFIX = "/epoch"  # the fence's key: the state's key + this
 # rewritten at least this often, so its timers are never older than this: a controller that
 # crashes every minute still advances a long hold.
 CHECKPOINT_S = 5.0
+# Ticks run every tick_interval_s, sooner after a reported candidate failure, never closer.
+MIN_TICK_GAP_S = 0.02
 # A replica with nothing to write still checks the fence this often, so a superseded one stops
 # ticking, answering long-polls and taking commands within about a second.
 FENCE_CHECK_S = 1.0
@@ -164,10 +170,14 @@ class ControllerCore:
         # replica restart re-applies the same declaration and must not restart the rollout).
         self.declared: str | None = None
         self.override: dict[str, Any] | None = None
-        self.generation = 0
+        self.generation = 0  # the rollout generation (RolloutState.generation): traffic changes
+        self._publishes = 0  # traffic published by this replica (the low part of its generations)
         self.verdicts: tuple[GateVerdict, ...] = ()
         self.message: str | None = None
         self._published = asyncio.Event()
+        # A router reported a failure of the live candidate since the last tick began.
+        self._failure_pending = False
+        self._failure_reported: asyncio.Event | None = None
         # What routers were last told (traffic_key of the published state): traffic is published
         # only once the state that asks for it is stored, so a restart never undoes it.
         self._published_key: tuple[Any, ...] | None = None
@@ -178,6 +188,7 @@ class ControllerCore:
         # Feedback: who answered each request id (pushed by routers), and the outcomes per
         # version since the current rollout started (persisted beside the state).
         self.desk = FeedbackDesk(self.versions)
+        self.notifier = Notifier(model)  # webhooks for every event; posts in the background
         now = self.now()
         # Claim the fence before reading: every write the replica before this one acknowledged
         # was checked against the fence after it landed, so this read sees it.
@@ -185,6 +196,7 @@ class ControllerCore:
         self.fence.claim()
         self.fenced: str | None = None  # why this replica stopped: a newer one claimed
         self._fence_checked_at = self._saved_at = now
+        self._book_saved_at = now - OUTCOMES_WRITE_INTERVAL_S  # the first tick may write it
         # State writes so far, and how many of them a fence check has followed: a command is
         # answered as done only when its write has been followed by one.
         self._state_writes = self._checked_writes = 0
@@ -252,6 +264,7 @@ class ControllerCore:
         self.tick_interval_s = declared.tick_interval_s
         self.prometheus_url = declared.prometheus_url
         self.desk.reconfigure(declared.feedback, self.clock())
+        self.notifier.configure(declared.notifications)
         if plan is None:
             # No plan declared: routers follow their own declared traffic again.
             self.declared = None
@@ -306,7 +319,23 @@ class ControllerCore:
                 await self.tick()
             except Exception:
                 logger.exception("RolloutController: tick failed")
-            await asyncio.sleep(self.tick_interval_s)
+            await self._until_next_tick()
+
+    async def _until_next_tick(self) -> None:
+        """Wait `tick_interval_s`, or less when a router reports a failure of the live
+        candidate (what a rollback waits for: judged now, not up to a tick later), but never
+        less than MIN_TICK_GAP_S after the last tick."""
+        ended = time.monotonic()
+        if not self._failure_pending:  # (one reported during the last tick: tick again now)
+            self._failure_reported = asyncio.Event()  # on this loop
+            try:
+                await asyncio.wait_for(self._failure_reported.wait(), self.tick_interval_s)
+            except asyncio.TimeoutError:
+                pass
+        self._failure_pending = False
+        rest = MIN_TICK_GAP_S - (time.monotonic() - ended)
+        if rest > 0:
+            await asyncio.sleep(rest)
 
     async def _query_prometheus(self) -> None:
         """Refresh the Prometheus gate's reading (off the event loop; at most once a second)."""
@@ -452,6 +481,10 @@ class ControllerCore:
                                candidate=candidate, weight=state.candidate_weight)  # fmt: skip
             started = before.step_started_at if before is not None else state.step_started_at
             self.metrics.events(events, candidate=candidate, step_started_at=started)
+            # Queued, never awaited: a slow or dead webhook cannot delay the tick.
+            self.notifier.notify(events, candidate=candidate, stable=state.plan.stable,
+                                 strategy=state.plan.strategy, plan=state.plan.digest(),
+                                 generation=state.generation)  # fmt: skip
             for event in events:
                 logger.info("RolloutController: %s -> %s at step %d, weight %.1f: %s",
                             event["from_phase"], event["to_phase"], event["step_index"],
@@ -477,18 +510,23 @@ class ControllerCore:
         state = self.state
         if state is not None and state.timer_running and now - self._saved_at >= CHECKPOINT_S:
             self._dirty = True  # a checkpoint: the timers moved on
-        writes = self.desk.dirty or (self._dirty and state is not None)
+        # The outcome book at most every OUTCOMES_WRITE_INTERVAL_S: under a feedback flood it
+        # changed every tick, and writing it each time made the tick (a rollback's) 12 ms slower.
+        book_due = self.desk.dirty and now - self._book_saved_at >= OUTCOMES_WRITE_INTERVAL_S
+        writes = book_due or (self._dirty and state is not None)
         if (writes or now - self._fence_checked_at >= FENCE_CHECK_S) and not (
             await self._holds_fence()
         ):
             return
-        if self.desk.dirty:
+        if book_due:
+            # Clean before the write: outcomes counted while it is on the way mark it again.
+            self._book_saved_at, self.desk.dirty = now, False
             try:
                 await self._put(
                     self.kv_key + OUTCOMES_SUFFIX, json.dumps(self.desk.to_dict()).encode()
                 )
-                self.desk.dirty = False
             except Exception:
+                self.desk.dirty = True
                 logger.exception("RolloutController: could not persist the outcomes; will retry")
         if state is None:
             return
@@ -515,6 +553,10 @@ class ControllerCore:
         try:
             writes = self._state_writes
             holder = await asyncio.wait_for(asyncio.to_thread(self.fence.holder), KV_TIMEOUT_S)
+        except (asyncio.TimeoutError, StoreBusy) as exc:  # a GCS outage: one line, not a trace
+            logger.warning("RolloutController: the store did not answer (GCS down?); "
+                           "nothing is stored or published until it does: %r", exc)  # fmt: skip
+            return False
         except Exception:
             logger.exception("RolloutController: could not read the controller epoch; will retry")
             return False
@@ -547,9 +589,16 @@ class ControllerCore:
 
     def _publish(self, state: RolloutState) -> None:
         self._published_key = traffic_key(state)
-        self.generation += 1
-        self.override = {"generation": self.generation, **rollout_override(state)}
+        self._publishes += 1
+        self.override = {"generation": self.published_generation(), **rollout_override(state)}
         self._wake_routers()
+
+    def published_generation(self) -> int:
+        """The generation of this replica's latest publish: its epoch, then its count, so
+        every replica's generations are above every earlier replica's (F6.6: a restarted
+        replica used to count again from the stored rollout's generation, below what routers
+        and clients had seen). Clients echo it (`x-traffic-generation`) for monotonic reads."""
+        return self.epoch * GENERATION_EPOCH_STRIDE + self._publishes
 
     def _wake_routers(self) -> None:
         event, self._published = self._published, asyncio.Event()
@@ -573,6 +622,13 @@ class ControllerCore:
             if stats:
                 self.window.add(stats, now)
                 self.timeline.add(stats)  # validated by the line above
+                state = self.state
+                if state is not None and not state.phase.terminal:
+                    failed = int((stats.get(state.plan.candidate) or {}).get("errors") or 0)
+                    if failed > 0:  # the tick judges it now
+                        self._failure_pending = True
+                        if self._failure_reported is not None:
+                            self._failure_reported.set()
             for version, delta in (shadow or {}).items():
                 n, total = int(delta["compared"]), float(delta["top_k_overlap_sum"])
                 if n > 0:
@@ -609,6 +665,9 @@ class ControllerCore:
         """A new rollout is a new experiment: outcomes (and verdicts) from before it do not
         count. Continuous outcomes are clipped to the bounds the plan's gates declare."""
         self.desk.reset(self.clock(), plan.gates.outcome_bounds())
+        # Written with the new rollout's state, not up to a second later: a replica that takes
+        # over in between must not restore the last rollout's outcomes into this one.
+        self._book_saved_at = -math.inf
         self.verdicts = ()
 
     # -- operators ---------------------------------------------------------------------------------

@@ -40,10 +40,12 @@ from app.config import (
 )
 from app.constants import (
     ADMIN_CALL_TIMEOUT_S,
+    GENERATION_WAIT_S,
     OFF_LOOP_PARSE_BYTES,
     PARSE_SLOTS,
     RECENT_REQUEST_IDS,
     SERVED_BACKLOG,
+    TRAFFIC_GENERATION_HEADER,
 )
 from app.errors import (
     ConfigError,
@@ -98,6 +100,7 @@ from app.serving.protocol import (
 )
 from app.serving.ratelimit import RateLimiter
 from app.serving.traffic import Decision, Route, TrafficTable, apply_override
+from app.ui import operator_page
 from app.unicode import printable
 from deployments.router_sync import RouterSync
 
@@ -111,6 +114,9 @@ _ACTOR_LOST = ray_compat.actor_error_class()
 # No /docs, /redoc or /openapi.json on the inference port: the API, admin routes included, is
 # documented in docs/http-api.md, not published to every client.
 api = FastAPI(title="ray-rollout router", docs_url=None, redoc_url=None, openapi_url=None)
+# The operator page's static files (app/ui), without a token: no secret in them; the page
+# reads the token-protected admin API. Mounted, so never inference metrics or evidence.
+api.mount("/ui", operator_page(), name="ui")
 
 
 class _RequestIdMiddleware:
@@ -269,6 +275,18 @@ def routing_unit(key: str | None) -> str | None:
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
+def _traffic_generation(raw: str | None) -> int | None:
+    """The controller generation a client echoes from an earlier answer (None: none sent)."""
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise InvalidInput(
+            f"header {TRAFFIC_GENERATION_HEADER} must be the non-negative integer an earlier "
+            f"answer carried in it, not {raw[:40]!r}"
+        )
+    return int(raw)
+
+
 def _key_parameter(value: Any, name: str) -> str | None:
     if value is None:
         return None
@@ -343,6 +361,9 @@ class Router:
         self.metrics = Metrics(model)
         self.gauges = RouterGauges(self.metrics)
         self.stats = MeteredStats(self.metrics)  # gate evidence, pushed to the controller
+        # Requests that echoed a newer controller generation than this Router's: how many
+        # saw it applied within GENERATION_WAIT_S, and how many routed with the older table.
+        self.catch_ups = {"caught_up": 0, "timed_out": 0}
         self.pinned: dict[str, dict[str, int]] = {}  # pinned requests per version: shown only
         self.scores = ScoreWindow(settings.drift)
         self.score_outputs = {v: score_output(a.outputs) for v, a in self.adapters.items()}
@@ -535,6 +556,8 @@ class Router:
             "fallbacks": self.dispatcher.fallbacks,
             "pinned": self.pinned,
             "replica_retries": self.dispatcher.replica_retries,
+            "traffic_generation": self.sync.applied_generation,
+            "generation_catch_ups": dict(self.catch_ups),
             "shadow_stats": {v: st.snapshot() for v, st in self.dispatcher.shadow_stats.items()},
             "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
             "model_transport": self.settings.model_transport,
@@ -755,7 +778,13 @@ class Router:
                         self._missing.clear()
         if path_version is not None:
             self._check_version(path_version)
+        wanted = _traffic_generation(request.headers.get(TRAFFIC_GENERATION_HEADER))
+        applied = self.sync.applied_generation
+        if wanted is not None and applied is not None and wanted > applied:
+            caught_up = await self.sync.catch_up(wanted, GENERATION_WAIT_S)  # behind: wait
+            self.catch_ups["caught_up" if caught_up else "timed_out"] += 1
         table = self.table
+        request.state.traffic_generation = self.sync.applied_generation
         if table is None:
             raise Unavailable("the router has no traffic table yet")
         timeout_s = self._timeout_s(request, table)
@@ -870,6 +899,8 @@ class Router:
             counts["errors"] += 0 if ok else 1
             return
         self.stats.record(version, ok, latency_ms)
+        if not ok and self.table is not None and version != self.table.stable:
+            self.sync.candidate_failed()  # pushed now: a rollback waits on these
 
     def _answered(self, request: Request, response: Response) -> Response:
         """Remember who answered this request id and how it was chosen, for feedback (pushed
@@ -881,6 +912,9 @@ class Router:
             unit = getattr(request.state, "unit", None)  # the A/B test's unit: the user
             self.recent.record(request_id, version, now, now, decision, unit)
             self.served.append(ServedAnswer(request_id, version, now, decision, unit))
+        generation = getattr(request.state, "traffic_generation", None)
+        if generation is not None:  # echoed back, it keeps this client's reads monotonic
+            response.headers[TRAFFIC_GENERATION_HEADER] = str(generation)
         return response
 
     def _respond(self, model: str, version: str, decision: str, parsed, outputs, extra) -> Response:

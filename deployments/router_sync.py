@@ -30,6 +30,7 @@ from app.constants import (
     REPORT_TIMEOUT_S,
     SERVED_BACKLOG,
     STATS_PUSH_INTERVAL_S,
+    STATS_PUSH_MIN_GAP_S,
 )
 from app.messages import ShadowDelta
 from app.observability.drift import score_output
@@ -144,10 +145,47 @@ class RouterSync:
         except Exception:  # a malformed override must not kill the loop that applies it
             logger.exception("Router: could not apply the controller's traffic")
 
+    @property
+    def applied_generation(self) -> int | None:
+        """The controller generation of the traffic in force; None when no rollout steers it
+        (the declared traffic is the truth then, the same on every Router)."""
+        override = self.router.override
+        return int(override.get("generation") or 0) if override else None
+
+    async def catch_up(self, generation: int, timeout_s: float) -> bool:
+        """Monotonic reads across Routers (issue 18 item 8): a client that was answered with
+        `generation` by another Router waits, at most `timeout_s`, for this one to apply it
+        too (it is on its way), so a user the newer traffic moved is not moved back by an
+        older table here. False: still behind after `timeout_s` (it routes with what it has)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            applied = self.applied_generation
+            if applied is None or applied >= generation:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._applied_event().wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+
+    def _applied_event(self) -> asyncio.Event:
+        event = self.__dict__.get("_applied")
+        if event is None:
+            event = self._applied = asyncio.Event()
+        return event
+
+    def _wake_catch_ups(self) -> None:
+        event = self.__dict__.pop("_applied", None)  # the next waiter makes a fresh one
+        if event is not None:
+            event.set()
+
     def _apply_override(self, override: dict[str, Any] | None) -> None:
         router = self.router
         if router.declared is None:
             router.override = override
+            self._wake_catch_ups()
             return
         # router.table is not None here: Router.reconfigure sets it together with declared.
         try:
@@ -164,15 +202,41 @@ class RouterSync:
             }  # fmt: skip
             return
         router.override, router.table, router.refused_override = override, table, None
+        self._wake_catch_ups()
         logger.info("Router: rollout traffic generation %s: %s", (override or {}).get("generation"),
                     dict(table.weights))  # fmt: skip
 
+    def candidate_failed(self) -> None:
+        """A version other than the stable one failed a request: push the stats now (a
+        rollback waits on such failures), not at the end of the push interval."""
+        self._failed = True
+        event = self.__dict__.get("_failure")
+        if event is not None:
+            event.set()
+
+    async def _until_next_push(self, last: float) -> None:
+        """STATS_PUSH_INTERVAL_S, or sooner after a candidate failure, never closer than
+        STATS_PUSH_MIN_GAP_S to the push before (`last`, monotonic)."""
+        if not self.__dict__.get("_failed"):
+            self._failure = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._failure.wait(), STATS_PUSH_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+        self._failed = False
+        rest = STATS_PUSH_MIN_GAP_S - (time.monotonic() - last)
+        if rest > 0:
+            await asyncio.sleep(rest)
+
     async def _push_stats(self) -> None:
-        """Every ~250 ms, send the per-version counts since the last push to the controller."""
+        """Every ~250 ms (sooner after a candidate failure), send the per-version counts since
+        the last push to the controller."""
         router = self.router
         sent: dict[str, tuple[int, float]] = {}  # shadow totals already reported
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(STATS_PUSH_INTERVAL_S)
+            await self._until_next_push(last)
+            last = time.monotonic()
             report = router.stats.drain()
             shadow: dict[str, ShadowDelta] = {}
             for version, st in router.dispatcher.shadow_stats.items():

@@ -11,14 +11,16 @@ at import.
 from __future__ import annotations
 
 import abc
+import itertools
 import json
+import threading
 import uuid
 from typing import NamedTuple
 
 from app import ray_compat
-from app.constants import KV_NAMESPACE
+from app.constants import KV_NAMESPACE, KV_TIMEOUT_S
 
-__all__ = ["Claim", "Fence", "GcsStore", "InMemoryStore", "RolloutStore"]
+__all__ = ["Claim", "Fence", "GcsStore", "InMemoryStore", "RolloutStore", "StoreBusy"]
 
 
 class RolloutStore(abc.ABC):
@@ -33,17 +35,54 @@ class RolloutStore(abc.ABC):
         """Store `value` under `key`; raises if it could not be stored."""
 
 
-class GcsStore(RolloutStore):
-    """Ray's GCS key-value store, under one namespace."""
+class StoreBusy(OSError):
+    """An earlier call to the store has not returned (the GCS is down or restarting)."""
 
-    def __init__(self, namespace: str = KV_NAMESPACE) -> None:
+
+class GcsStore(RolloutStore):
+    """Ray's GCS key-value store, under one namespace, one call at a time.
+
+    While the GCS is down, Ray 2.60's KV calls neither fail nor time out: each blocks its
+    thread until a GCS answers again, then completes (queued writes land then, in the order
+    they were sent). The controller waits for a call at most KV_TIMEOUT_S, in a thread of its
+    event loop's default executor, so every call it gives up on would keep one of those few
+    threads (min(32, CPUs + 4)) for the whole outage, starving the controller's other work in
+    threads (Prometheus queries, Serve lookups) after a few seconds of it. So a call first
+    waits up to KV_TIMEOUT_S for the one before it to return, and raises StoreBusy if it has
+    not: at most one call is stuck on the GCS and one waits behind it. And a write that waited
+    while a newer write of the same key was asked for is dropped with StoreBusy, never landed
+    after it: the store only goes forward."""
+
+    def __init__(self, namespace: str = KV_NAMESPACE, wait_s: float = KV_TIMEOUT_S) -> None:
         self.namespace = namespace
+        self.wait_s = wait_s
+        self._one_call = threading.Lock()
+        self._asked = itertools.count(1)
+        self._newest: dict[str, int] = {}  # key -> the number of the newest put asked for
+
+    def _enter(self, what: str) -> None:
+        if not self._one_call.acquire(timeout=self.wait_s):
+            raise StoreBusy(
+                f"GCS key-value store: {what} not sent, an earlier call has not returned in "
+                f"{self.wait_s:g} s (is the GCS down?)"
+            )
 
     def get(self, key: str) -> bytes | None:
-        return ray_compat.kv_get(key, self.namespace)
+        self._enter(f"read of {key!r}")
+        try:
+            return ray_compat.kv_get(key, self.namespace)
+        finally:
+            self._one_call.release()
 
     def put(self, key: str, value: bytes) -> None:
-        ray_compat.kv_put(key, value, self.namespace)
+        mine = self._newest[key] = next(self._asked)
+        self._enter(f"write of {key!r}")
+        try:
+            if self._newest[key] != mine:
+                raise StoreBusy(f"GCS key-value store: write of {key!r} superseded by a newer one")
+            ray_compat.kv_put(key, value, self.namespace)
+        finally:
+            self._one_call.release()
 
 
 class InMemoryStore(RolloutStore):

@@ -149,7 +149,10 @@ class WeightsPatch(StrictModel):
 
     artifact: str = Field(
         min_length=1,
-        description="Model directory (relative to the model config's folder) or package:<module>.",
+        description=(
+            "Model directory (relative to the model config's folder), package:<module>, or "
+            "mlflow:models:/<name>/<version>[/<sub-path>] (a registry version, never an alias)."
+        ),
     )
     sha256: str | dict[str, str] = Field(
         description="sha256 of the weights file, or a mapping file -> sha256, as in a model config."
@@ -185,7 +188,8 @@ class ModelConfig(StrictModel):
         description=(
             "Model directory (save_pretrained or sentence-transformers layout). Relative paths are "
             "resolved from the config file's folder; `package:<module>` uses a Python package "
-            "that ships its model (its get_model_path())."
+            "that ships its model (its get_model_path()); `mlflow:models:/<name>/<version>"
+            "[/<sub-path>]` a model registry version (numbers only: aliases and stages move)."
         ),
     )
     sha256: str | dict[str, str] = Field(

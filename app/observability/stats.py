@@ -13,8 +13,9 @@ replicas, so they travel in a form that merges by plain addition:
 * **Latency is a fixed-bucket histogram** (`LATENCY_BOUNDS_MS`, plus one overflow bucket).
   Fixed bounds are what let histograms from any number of routers, and any number of pushes,
   merge by adding counts; a quantile sketch with data-dependent bounds would not. The price is
-  resolution: a quantile is exact only to within the width of the bucket that holds it (under
-  1 ms below 10 ms, 5 ms to 10 ms, ...), which is plenty for a ratio gate like p99 1.5x stable.
+  resolution: a quantile is exact only to within the width of the bucket that holds it, at
+  most 25% of its value from 1 ms to 68 s (the E12 series), which is fine enough for a ratio
+  gate like p99 1.5x stable.
 * **Bucket edges are inclusive above**: bucket i holds `bounds[i-1] < latency <= bounds[i]`
   (bucket 0 holds `0 <= latency <= bounds[0]`; the overflow bucket everything over
   `bounds[-1]`), as Prometheus' `le` buckets do, so a request of exactly 10 ms is "<= 10 ms".
@@ -38,12 +39,14 @@ from typing import Any
 
 __all__ = [
     "LATENCY_BOUNDS_MS",
+    "LEGACY_BOUNDS_MS",
     "MAX_REPORTS",
     "RouterStats",
     "StatsWindow",
     "VersionStats",
     "bucket_index",
     "quantile",
+    "rebin_legacy",
 ]
 
 
@@ -72,9 +75,19 @@ class VersionStats:
 
 
 # Upper bounds of the latency buckets, in ms; one more bucket holds everything above the last.
-# Never change these in place: routers and controllers of different builds must agree, and a
-# report with a different bucket count is refused (a new layout needs a new report key).
-LATENCY_BOUNDS_MS: tuple[float, ...] = (
+# The E12 series (1, 1.2, 1.5, ... 8.2 per decade) from 1 ms to 68 s: each bound is at most
+# 1.25x the one before, so a quantile (interpolated inside its bucket) is within 25% of the
+# truth everywhere, and a 1.5x p99 gate is judged on real resolution (the layout before jumped
+# 1 -> 2 -> 5 s, and p99 plotted as a saw between them). The same bounds serve the gates'
+# window and the Prometheus histograms. Never change these in place: routers and controllers
+# of different builds must agree (a report in the old layout, LEGACY_BOUNDS_MS, is re-binned;
+# any other bucket count is refused).
+E12: tuple[float, ...] = (1.0, 1.2, 1.5, 1.8, 2.2, 2.7, 3.3, 3.9, 4.7, 5.6, 6.8, 8.2)
+LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(
+    round(m * 10**d, 1) for d in range(5) for m in E12 if m * 10**d <= 68_000
+)
+# The layout before the E12 one (23 buckets); reports in it are still taken (`rebin_legacy`).
+LEGACY_BOUNDS_MS: tuple[float, ...] = (
     1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000,
     10000, 30000,
 )  # fmt: skip
@@ -97,6 +110,17 @@ def bucket_index(latency_ms: float, bounds: Sequence[float] = LATENCY_BOUNDS_MS)
     if latency_ms != latency_ms:  # NaN: bisect would silently file it in bucket 0
         raise ValueError("latency_ms is NaN")
     return bisect_left(bounds, latency_ms)
+
+
+def rebin_legacy(buckets: Sequence[int]) -> list[int]:
+    """A bucket list in the LEGACY_BOUNDS_MS layout (a router of an older build, during an
+    upgrade) in today's: each old bucket's count goes to the new bucket that holds its upper
+    bound, so latencies are never under-stated; the old overflow bucket to the new overflow."""
+    out = [0] * N_BUCKETS
+    for i, count in enumerate(buckets):
+        upper = LEGACY_BOUNDS_MS[i] if i < len(LEGACY_BOUNDS_MS) else math.inf
+        out[bucket_index(upper) if math.isfinite(upper) else N_BUCKETS - 1] += count
+    return out
 
 
 def quantile(
@@ -334,7 +358,7 @@ class StatsWindow:
             raw = data.get("buckets")
             if not isinstance(raw, (list, tuple)):
                 raise ValueError(f"{where}: 'buckets' must be a list of ints, got {raw!r:.80}")
-            if len(raw) != N_BUCKETS:
+            if len(raw) != N_BUCKETS and len(raw) != len(LEGACY_BOUNDS_MS) + 1:
                 raise ValueError(
                     f"{where}: expected {N_BUCKETS} latency buckets, got {len(raw)}"
                     " (a router with different LATENCY_BOUNDS_MS?)"
@@ -349,6 +373,8 @@ class StatsWindow:
                 raise ValueError(
                     f"{where}: buckets add up to {sum(buckets)}, not requests ({requests})"
                 )
+            if len(buckets) != N_BUCKETS:
+                buckets = rebin_legacy(buckets)
             entries[version] = (requests, errors, buckets)
         return entries
 

@@ -17,6 +17,15 @@ admin token is a Secret mounted as a file (create it:
 `kubectl create secret generic ray-rollout-admin --from-literal=token=$(openssl rand -hex 24)`). The image holds the project at the pinned version
 (cluster/kuberay/Dockerfile).
 
+Head-node loss: GCS fault tolerance (`gcsFaultToleranceOptions`) keeps the GCS's tables in an
+external Redis, so a restarted head pod reloads them while Serve's replicas on the workers keep
+serving and the rollout controller's state (in GCS KV) survives. The Redis is yours: a managed
+one (ElastiCache with TLS in transit and AUTH, Memorystore with in-transit encryption and AUTH)
+at `GCS_REDIS_ADDRESS` (`rediss://`: TLS), its password in a Secret
+(`kubectl create secret generic ray-rollout-gcs-redis --from-literal=password=...`), never in
+the manifest. KubeRay sets the storage namespace to the RayCluster's UID, so the new cluster of
+a RayService upgrade never reads the old one's tables. docs/regions.md: "Head-node loss".
+
 NetworkPolicies, as further YAML documents in the same manifest (one `kubectl apply -f` applies
 the RayService and what protects it; `--check` covers both). Every Ray pod carries
 `app.kubernetes.io/instance: ray-rollout-<region>` (pod template labels reach the pods), which
@@ -48,6 +57,7 @@ from app.ops.placement import load_launcher, node_types
 __all__ = [
     "DEFAULT_IMAGE",
     "HEADER",
+    "gcs_fault_tolerance",
     "generate",
     "manifest_text",
     "network_policies",
@@ -68,6 +78,10 @@ INGRESS_NAMESPACE = "ingress-nginx"
 OPERATOR_NAMESPACE = "kuberay-system"
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}  # the Helm chart's label
 MONITORING_NAMESPACE = "monitoring"
+# GCS fault tolerance (module docstring): the managed Redis's endpoint (yours; rediss:// is
+# TLS) and the Secret that holds its AUTH password under `password`.
+GCS_REDIS_ADDRESS = "rediss://ray-rollout-gcs-redis.example.internal:6379"
+GCS_REDIS_SECRET = "ray-rollout-gcs-redis"
 SERVE_CLIENT_LABEL = "ray-rollout/serve-client"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 HEADER = (
@@ -227,6 +241,7 @@ def generate(
                 "rayVersion": _ray_version(),
                 "enableInTreeAutoscaling": True,
                 "authOptions": {"mode": "token"},
+                "gcsFaultToleranceOptions": gcs_fault_tolerance(),
                 "headGroupSpec": {
                     "serviceType": "ClusterIP",
                     "rayStartParams": head_params,
@@ -237,6 +252,17 @@ def generate(
                 },
                 "workerGroupSpecs": workers,
             },
+        },
+    }
+
+
+def gcs_fault_tolerance() -> dict[str, Any]:
+    """KubeRay's `gcsFaultToleranceOptions`: the GCS keeps its tables in the managed Redis, its
+    password read from a Secret (module docstring)."""
+    return {
+        "redisAddress": GCS_REDIS_ADDRESS,
+        "redisPassword": {
+            "valueFrom": {"secretKeyRef": {"name": GCS_REDIS_SECRET, "key": "password"}}
         },
     }
 

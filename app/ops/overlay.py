@@ -5,6 +5,10 @@ Ray Serve has no overlays, so this is a deep merge, kustomize-style, keyed by na
     configs/regions/eu-west-1.yaml
         region: eu-west-1                        # the region (Ray node label `region`)
         clusters: [cluster/aws-eu-west-1.yaml]   # launcher files that serve it (capacity checks)
+        admin:                                   # how `rollout waves` reaches the region
+          url: https://eu-west-1.rollout.example.com      # its router (admin API)
+          token_file: ~/.rollout/eu-west-1.admin_token     # its admin bearer token
+          dashboard_url: http://127.0.0.1:8266            # its dashboard (serve deploy)
         serve:                                   # merged into serve_config.yaml
           http_options: {host: 0.0.0.0}
           applications:
@@ -45,6 +49,7 @@ from app.errors import ConfigError
 
 __all__ = [
     "ATOMIC_KEYS",
+    "RegionAdmin",
     "RegionOverlay",
     "load_overlay",
     "merge",
@@ -56,6 +61,32 @@ __all__ = [
 ATOMIC_KEYS = frozenset({"weights", "fallbacks", "shadow", "plan"})
 NAMED_LISTS = frozenset({"applications", "deployments"})
 REGIONS_DIR = Path("configs/regions")
+
+
+class RegionAdmin(BaseModel):
+    """How operators' tools (`rollout waves`, `rollout status --all-regions`) reach a region:
+    its router's admin API and the file holding its admin token. The token itself never goes
+    into a config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="Base URL of the region's router (its load balancer or Serve HTTP port); "
+        "the admin API is under /admin/rollout.",
+    )
+    token_file: str = Field(
+        min_length=1,
+        description="File holding the region's admin bearer token (`~` is expanded; read when "
+        "the tool runs, never stored).",
+    )
+    dashboard_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="The region's Ray dashboard (what `serve deploy --address` takes; usually "
+        "a `ray dashboard` tunnel). `rollout waves` declares each region's plan through it; "
+        "without it the plan must already be deployed and is started with the admin API.",
+    )
 
 
 class RegionOverlay(BaseModel):
@@ -71,6 +102,10 @@ class RegionOverlay(BaseModel):
         default_factory=list,
         description="Cluster launcher files (relative to the project root) that serve this region; "
         "`rollout validate --region` checks every replica fits their node types.",
+    )
+    admin: RegionAdmin | None = Field(
+        default=None,
+        description="How `rollout waves` and `rollout status --all-regions` reach the region.",
     )
     serve: dict[str, Any] = Field(
         default_factory=dict, description="Merged into serve_config.yaml (see the merge rules)."

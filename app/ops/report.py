@@ -10,6 +10,8 @@ started:
     traffic weights per version      (step lines; every event a dotted line, labelled)
     error rate per version           (as the gates count it: fallbacks included)
     p99 latency per version
+    A/B lift                         (only with lift gates: each reading's estimate and its
+                                      always-valid interval, the bar it must clear, the verdict)
     gate verdicts                    (one row per gate: passed, pending, skipped, failed)
 
 and the last events, with the reason for each, in a table under them. matplotlib draws it
@@ -19,12 +21,13 @@ and the last events, with the reason for each, in a table under them. matplotlib
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ReportError", "render_report"]
+__all__ = ["ReportError", "lift_readings", "render_report", "rollout_identity"]
 
 STATUS_COLORS = {
     "passed": "#2e7d32",
@@ -80,15 +83,19 @@ def render_report(
     colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(versions)}
     xs = [float(s["time_s"]) - start for s in timeline]
 
-    fig = plt.figure(figsize=(13, 12), dpi=100, layout="constrained")
-    grid = fig.add_gridspec(
-        5, 1, height_ratios=[2.2, 1.6, 1.6, 1.3, 0.3 + 0.13 * min(len(events), MAX_EVENT_ROWS)]
-    )
+    lift = lift_readings(events, status, start)
+    table_ratio = 0.3 + 0.13 * min(len(events), MAX_EVENT_ROWS)
+    ratios = [2.2, 1.6, 1.6] + ([1.6] if lift else []) + [1.3, table_ratio]
+    fig = plt.figure(figsize=(13, 12 + (2 if lift else 0)), dpi=100, layout="constrained")
+    grid = fig.add_gridspec(len(ratios), 1, height_ratios=ratios)
     ax_w = fig.add_subplot(grid[0])
     ax_e = fig.add_subplot(grid[1], sharex=ax_w)
     ax_p = fig.add_subplot(grid[2], sharex=ax_w)
-    ax_g = fig.add_subplot(grid[3], sharex=ax_w)
-    ax_t = fig.add_subplot(grid[4])
+    ax_l = fig.add_subplot(grid[3], sharex=ax_w) if lift else None
+    ax_g = fig.add_subplot(grid[len(ratios) - 2], sharex=ax_w)
+    ax_t = fig.add_subplot(grid[len(ratios) - 1])
+    if ax_l is not None:
+        _draw_lift(ax_l, lift, plt.get_cmap("Dark2"))
 
     # Weights: from the timeline; with no samples (a restarted controller), from the events.
     if timeline:
@@ -148,7 +155,7 @@ def render_report(
         x = float(e["time_s"]) - start
         to_phase = str(e.get("to_phase", ""))
         color = PHASE_COLORS.get(to_phase, "#607d8b")
-        for ax in (ax_w, ax_e, ax_p, ax_g):
+        for ax in (ax_w, ax_e, ax_p, ax_g, *([ax_l] if ax_l is not None else [])):
             ax.axvline(x, color=color, ls=":", lw=1.2, zorder=1)
         if e.get("from_phase") != to_phase or to_phase in PHASE_COLORS:
             # Labels of events close together are spread sideways instead of overprinted.
@@ -173,8 +180,9 @@ def render_report(
     last = events[-1]
     info = status or {}
     when = datetime.fromtimestamp(start, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-    title = (f"{info.get('model') or 'rollout'}: {info.get('strategy') or ''} rollout of "
-             f"{info.get('candidate') or '?'} over {info.get('stable') or '?'} — "
+    strategy, candidate, replaced = rollout_identity(events, timeline, info)
+    title = (f"{info.get('model') or 'rollout'}: {strategy} rollout of "
+             f"{candidate} over {replaced} — "
              f"{last.get('to_phase')} (started {when}, {len(events)} events, "
              f"{float(last['time_s']) - start:.2f}s from first to last)")  # fmt: skip
     fig.suptitle(title, fontsize=12)
@@ -182,6 +190,87 @@ def render_report(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def lift_readings(
+    events: Sequence[Mapping[str, Any]], status: Mapping[str, Any] | None, start: float
+) -> dict[str, list[dict[str, Any]]]:
+    """The A/B (lift) gates' readings over time, per gate: `{"t", "lift", "low", "high",
+    "bar", "conclusion", "outcome", "scale"}`, from every event that carries one (each step
+    records the readings that decided it) and the status's current verdicts (at its
+    `updated_at`). Gates without an estimate yet (no feedback) are left out."""
+    points: dict[str, list[dict[str, Any]]] = {}
+
+    def add(gate: str, reading: Any, at: Any) -> None:
+        if not isinstance(reading, Mapping) or not isinstance(at, (int, float)):
+            return
+        values = [_number(reading.get(k)) for k in ("lift", "low", "high")]
+        if any(math.isnan(v) for v in values[:1]):
+            return
+        lift, low, high = values
+        points.setdefault(gate, []).append({
+            "t": float(at) - start, "lift": lift, "low": low, "high": high,
+            "bar": _number(reading.get("threshold")), "conclusion": reading.get("conclusion"),
+            "outcome": reading.get("outcome"), "scale": reading.get("scale"),
+        })  # fmt: skip
+
+    for event in events:
+        for gate, reading in (event.get("gates") or {}).items():
+            if isinstance(reading, Mapping) and "lift" in reading:
+                add(gate, reading, event.get("time_s"))
+    for verdict in (status or {}).get("verdicts") or []:
+        if isinstance(verdict, Mapping) and "lift" in verdict:
+            add(str(verdict.get("gate")), verdict, (status or {}).get("updated_at"))
+    for gate in points:
+        points[gate].sort(key=lambda p: p["t"])
+    return points
+
+
+def _draw_lift(ax: Any, lift: Mapping[str, list[dict[str, Any]]], cmap: Any) -> None:
+    """The A/B panel: each lift gate's estimate with its always-valid interval at every
+    reading, the bar it must clear (dashed), and its latest conclusion in the legend."""
+    for i, (gate, pts) in enumerate(sorted(lift.items())):
+        color = cmap(i % 8)
+        ts = [p["t"] for p in pts]
+        ax.plot(ts, [p["lift"] for p in pts], marker="o", ms=4, color=color,
+                label=f"{gate} ({pts[-1]['outcome']}, {pts[-1]['scale']}): "
+                      f"{pts[-1]['conclusion']}")  # fmt: skip
+        lows, highs = [p["low"] for p in pts], [p["high"] for p in pts]
+        ax.fill_between(ts, lows, highs, color=color, alpha=0.18, step=None)
+        ax.vlines(ts, lows, highs, color=color, lw=1.5)
+        bars = {p["bar"] for p in pts if not math.isnan(p["bar"])}
+        for bar in bars:
+            ax.axhline(bar, color=color, ls="--", lw=1)
+    ax.axhline(0.0, color="#424242", lw=0.8)
+    ax.set_ylabel("A/B lift\n(interval; dashed: bar)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+# The first event of every rollout the controller ran (app/rollout/machine.py `step`).
+_STARTED = re.compile(r"started: (\S+) rollout of (\S+) \(stable (\S+)\)")
+
+
+def rollout_identity(
+    events: Sequence[Mapping[str, Any]],
+    timeline: Sequence[Mapping[str, Any]],
+    status: Mapping[str, Any],
+) -> tuple[str, str, str]:
+    """(strategy, candidate, the version it replaces) for the title. Not the status's
+    `stable`: once a rollout succeeds that is the candidate itself ("v2 over v2"). The plan's
+    stable version is in the history's `started` event; failing that, the version beside the
+    candidate in the traffic weights."""
+    strategy = str(status.get("strategy") or "")
+    candidate = str(status.get("candidate") or "?")
+    for event in events:
+        found = _STARTED.search(str(event.get("reason", "")))
+        if found:
+            return found.group(1), found.group(2), found.group(3)
+    others = sorted({v for sample in timeline for v in (sample.get("weights") or {})} - {candidate})
+    if len(others) == 1:
+        return strategy, candidate, others[0]
+    stable = status.get("stable")
+    return strategy, candidate, str(stable) if stable and stable != candidate else "?"
 
 
 def _failed(event: Mapping[str, Any]) -> str:

@@ -35,7 +35,7 @@ from app.config import (
 from app.errors import ArtifactError, ConfigError
 from app.serving.artifacts import resolve_artifact, verify_artifact
 
-__all__ = ["Report", "smoke_test", "validate_serve_config"]
+__all__ = ["Report", "is_waves_file", "smoke_test", "validate_serve_config", "validate_waves"]
 
 BUILDER = "app.builder:build_app"
 VERSION_BUILDER = "app.builder:build_version"
@@ -49,6 +49,39 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def is_waves_file(path: Path) -> bool:
+    """A waves file (configs/waves/*.yaml, or any YAML mapping with `waves:`), not a serve
+    config: `rollout validate` checks it with `validate_waves`."""
+    if path.parent.name == "waves":
+        return True
+    try:
+        data = load_yaml(path)
+    except ConfigError:
+        return False
+    return isinstance(data, dict) and "waves" in data and "applications" not in data
+
+
+def validate_waves(path: Path, root: Path | None = None) -> Report:
+    """A waves file: its schema, then each region against configs/regions/ (an overlay with an
+    `admin:` block) and each plan against configs/rollouts/ (a valid plan)."""
+    from app.ops.waves import load_waves, resolve_waves
+
+    report = Report()
+    try:
+        spec = load_waves(path)
+        targets = resolve_waves(spec, root, where=str(path))
+    except ConfigError as exc:
+        report.errors.extend(str(exc).splitlines())
+        return report
+    for i, wave in enumerate(spec.waves):
+        regions = ", ".join(
+            f"{t.region} ({t.plan_file}, plan {t.plan_digest})" for t in targets if t.wave == i
+        )
+        report.notes.append(f"wave {i + 1}: {regions}; bake {wave.bake_s:g}s")
+    report.notes.append(f"on_failure: {spec.on_failure}")
+    return report
 
 
 def smoke_test(

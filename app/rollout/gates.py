@@ -268,9 +268,12 @@ def _lift_reason(
     if verdict.looks == 0:
         return f"{outcome}: {said}; {verdict.reason}"
     mc, ms = verdict.candidate_mean, verdict.control_mean
+    interval = f"{level:.0%} always-valid interval"
+    if verdict.stop_alpha is not None:  # one-sided bounds, each at its own level
+        interval = f"always-valid bounds ({level:.0%} lower, {1 - verdict.stop_alpha:.0%} upper)"
     return (
         f"{outcome}: lift {_on_scale(verdict.lift, verdict.scale)}, "
-        f"{level:.0%} always-valid interval [{_on_scale(verdict.low, verdict.scale)}, "
+        f"{interval} [{_on_scale(verdict.low, verdict.scale)}, "
         f"{_on_scale(verdict.high, verdict.scale)}]; candidate {mc:.4g} (n={verdict.candidate_samples}), "
         f"stable {ms:.4g} (n={verdict.control_samples}): {said}"
     )
@@ -329,6 +332,8 @@ def evaluate_lift_gates(
             "low": state[name]["low"],
             "high": state[name]["high"],
             "confidence": gate.confidence,
+            "directions": gate.directions,
+            "stop_confidence": gate.stop_confidence,
             "mde": gate.mde,
             "min_samples_per_arm": gate.min_samples_per_arm,
             "p_value": verdict.p_value,

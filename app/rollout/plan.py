@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from app.config import (
     NAME_PATTERN,
@@ -26,6 +26,7 @@ from app.rollout.abtest import (
     outcome_bounds,
 )
 from app.rollout.feedback import FeedbackSettings
+from app.rollout.notify import NotificationSettings
 
 FAIL_FAST = "fail_fast_error_rate"
 MIN_REQUESTS = "min_requests"
@@ -464,6 +465,10 @@ class ControllerUserConfig(StrictModel):
     model for the controller (which refuses a bad declaration and keeps the live rollout) and
     for `rollout validate` (which refuses it before it is deployed)."""
 
+    # Errors are shown in status and logs; they must not echo what was written (a webhook URL
+    # put inline by mistake is a secret). The messages still name the field and the rule.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     plan: RolloutPlan | None = Field(
         default=None, description="The rollout to run; null: no rollout steers traffic."
     )
@@ -478,6 +483,10 @@ class ControllerUserConfig(StrictModel):
     feedback: FeedbackSettings = Field(
         default_factory=FeedbackSettings, description="How long answers stay open for feedback."
     )
+    notifications: NotificationSettings = Field(
+        default_factory=NotificationSettings,
+        description="Webhooks that get every rollout event (docs/notifications.md).",
+    )
 
     @field_validator("prometheus_url", mode="before")
     @classmethod
@@ -490,10 +499,10 @@ class ControllerUserConfig(StrictModel):
             raise ValueError(f"{value!r} must be an http(s) URL")
         return value
 
-    @field_validator("feedback", mode="before")
+    @field_validator("feedback", "notifications", mode="before")
     @classmethod
     def _null_feedback(cls, value: Any) -> Any:
-        return {} if value is None else value  # `feedback: null` means the defaults
+        return {} if value is None else value  # `feedback: null`: the defaults
 
     def check_versions(self, deployed: list[str]) -> None:
         """ValueError when the plan names versions that are not deployed."""

@@ -2,25 +2,54 @@
 
 A version's weights are checked against its declared sha256 before the replica serves: a
 model that silently changed on disk is worse than one that fails loudly.
+
+Three sources, all ending as a local directory: a path, `package:<module>` (a package that ships
+its model), and `mlflow:models:/<name>/<version>[/<sub-path>]` (a model registry version,
+downloaded once per node into a cache; see docs/configuration.md#artifact-sources).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from app.errors import ArtifactError
 
-__all__ = ["PACKAGE_PREFIX", "artifact_digests", "resolve_artifact", "verify_artifact"]
+__all__ = [
+    "ARTIFACT_CACHE_ENV",
+    "MLFLOW_PREFIX",
+    "PACKAGE_PREFIX",
+    "RegistryVersion",
+    "artifact_digests",
+    "mlflow_cache_dir",
+    "parse_mlflow_artifact",
+    "resolve_artifact",
+    "verify_artifact",
+]
 
 PACKAGE_PREFIX = "package:"
+MLFLOW_PREFIX = "mlflow:"
+# Where registry downloads are kept on each node (default: $XDG_CACHE_HOME or ~/.cache, then
+# ray-rollout/); one directory per registry + model + version, shared by the node's replicas.
+ARTIFACT_CACHE_ENV = "RAY_ROLLOUT_ARTIFACT_CACHE"
+# Moving names: what they point to changes without the rollout's config changing.
+_MLFLOW_STAGES = {"latest", "none", "staging", "production", "archived"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
 
 
 def resolve_artifact(artifact: str, base_dir: Path) -> Path:
-    """The local directory for `artifact`: a path, or `package:<module>` (its get_model_path())."""
-    if artifact.startswith(PACKAGE_PREFIX):
+    """The local directory for `artifact`: a path, `package:<module>` (its get_model_path()), or
+    `mlflow:models:/<name>/<version>[/<sub-path>]` (downloaded into the node's cache)."""
+    if artifact.startswith(MLFLOW_PREFIX):
+        path = _resolve_mlflow(artifact)
+    elif artifact.startswith(PACKAGE_PREFIX):
         module_name = artifact[len(PACKAGE_PREFIX) :]
         if not module_name.replace(".", "").replace("_", "").isalnum() or module_name.startswith(
             "."
@@ -43,6 +72,165 @@ def resolve_artifact(artifact: str, base_dir: Path) -> Path:
     if not path.is_dir():
         raise ArtifactError(f"artifact {artifact!r}: {path} is not a directory")
     return path.resolve()
+
+
+@dataclass(frozen=True)
+class RegistryVersion:
+    """`mlflow:models:/<name>/<version>[/<sub-path>]`, parsed."""
+
+    name: str
+    version: int
+    sub_path: tuple[str, ...] = ()
+
+
+def parse_mlflow_artifact(artifact: str) -> RegistryVersion:
+    """Parse an `mlflow:` artifact; refuse aliases and stages, which are mutable.
+
+    A rollout's config must say which weights it serves: `@champion` or `Production` would
+    change under a running version (and under its sha256) when someone moves them.
+    """
+    uri = artifact[len(MLFLOW_PREFIX) :]
+    form = "mlflow:models:/<name>/<version>[/<sub-path>]"
+    if not uri.startswith("models:/"):
+        raise ArtifactError(f"artifact {artifact!r}: expected {form}")
+    name, _, rest = uri[len("models:/") :].partition("/")
+    if "@" in name:
+        raise ArtifactError(
+            f"artifact {artifact!r}: {name!r} names an alias, which moves when someone reassigns "
+            f"it; name an immutable version number instead ({form})"
+        )
+    version, _, sub_path = rest.partition("/")
+    if not name or not version:
+        raise ArtifactError(f"artifact {artifact!r}: expected {form}")
+    if version.lower() in _MLFLOW_STAGES:
+        raise ArtifactError(
+            f"artifact {artifact!r}: {version!r} is a stage, which moves when someone "
+            f"transitions another version; name an immutable version number instead ({form})"
+        )
+    if not re.fullmatch(r"[1-9][0-9]{0,9}", version):
+        raise ArtifactError(
+            f"artifact {artifact!r}: version {version!r} is not a version number ({form})"
+        )
+    parts = tuple(sub_path.split("/")) if sub_path else ()
+    if any(part in ("", ".", "..") for part in parts):
+        raise ArtifactError(
+            f"artifact {artifact!r}: sub-path {sub_path!r} must be a relative path inside the "
+            "model version (no empty, '.' or '..' parts)"
+        )
+    return RegistryVersion(name, int(version), parts)
+
+
+def _registry_uris(artifact: str) -> tuple[str, str]:
+    """(tracking URI, registry URI), from the environment as MLflow reads them."""
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    registry = os.environ.get("MLFLOW_REGISTRY_URI", "") or tracking
+    if not registry:
+        # MLflow would fall back to a fresh local store in the working directory: an empty
+        # registry on every node, which hides a missing setting behind "version not found".
+        raise ArtifactError(
+            f"artifact {artifact!r}: no model registry configured: set MLFLOW_TRACKING_URI "
+            "(or MLFLOW_REGISTRY_URI) in the application's runtime_env env_vars"
+        )
+    return tracking or registry, registry
+
+
+def _redact(uri: str) -> str:
+    """`uri` without a password, for messages (a database or server URI may hold one)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def mlflow_cache_dir(registry_uri: str, version: RegistryVersion) -> Path:
+    """The node-local copy of a registry version: keyed by registry, name and version."""
+    root = os.environ.get(ARTIFACT_CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "ray-rollout"
+    )
+    key = hashlib.sha256(f"{registry_uri}\n{version.name}\n{version.version}".encode())
+    # Readable for an operator pruning the cache; a leading "." is left to staging folders.
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", version.name).lstrip(".")[:64]
+    folder = f"{readable}-{version.version}-{key.hexdigest()[:16]}"
+    return Path(root).expanduser() / "mlflow" / folder
+
+
+def _resolve_mlflow(artifact: str) -> Path:
+    version = parse_mlflow_artifact(artifact)
+    tracking_uri, registry_uri = _registry_uris(artifact)
+    cached = mlflow_cache_dir(registry_uri, version)
+    # A registry version is immutable, so a complete copy is reused without asking the
+    # registry (replicas start while it is down); the sha256 check still runs on every load.
+    if not cached.is_dir():
+        _download_mlflow(artifact, version, tracking_uri, registry_uri, cached)
+    return cached.joinpath(*version.sub_path)
+
+
+def _download_mlflow(
+    artifact: str, version: RegistryVersion, tracking_uri: str, registry_uri: str, target: Path
+) -> None:
+    """Download a registry version into `target`, atomically: a staging directory beside it
+    is renamed into place, so the replicas of a node never see a half-written copy."""
+    # A serving replica should not report usage to MLflow; an operator may still opt in.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        import mlflow.artifacts
+        from mlflow import MlflowClient
+    except ImportError as exc:
+        raise ArtifactError(
+            f"artifact {artifact!r}: MLflow is not installed on this node "
+            f"(pip install 'ray-rollout[mlflow]'): {exc}"
+        ) from None
+    where = f"registry {_redact(registry_uri)}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise ArtifactError(
+            f"artifact {artifact!r}: cannot write the artifact cache {target.parent} ({exc}); "
+            f"set {ARTIFACT_CACHE_ENV} to a writable folder"
+        ) from None
+    try:
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+            found = client.get_model_version(version.name, str(version.version))
+            if found.status != "READY":
+                raise ArtifactError(
+                    f"artifact {artifact!r}: version {version.version} of {version.name!r} in "
+                    f"{where} is {found.status}, not READY"
+                )
+            uri = client.get_model_version_download_uri(version.name, str(version.version))
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(staging / "files"), tracking_uri=tracking_uri
+            )
+        except ArtifactError:
+            raise
+        except Exception as exc:  # the registry's own errors: not found, unreachable, denied
+            raise ArtifactError(
+                f"artifact {artifact!r}: cannot get version {version.version} of "
+                f"{version.name!r} from {where}: {_one_line(exc, registry_uri)}"
+            ) from None
+        try:
+            os.rename(local, target)
+        except OSError as exc:
+            if not target.is_dir():  # not another replica that won the race: a real failure
+                raise ArtifactError(
+                    f"artifact {artifact!r}: cannot move the download into {target} ({exc})"
+                ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _one_line(exc: Exception, registry_uri: str) -> str:
+    """`exc` in one bounded line without the registry's password: registry errors can carry
+    whole responses, tracebacks, and the URL they called."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0][:300] if lines else ""
+    password = urlsplit(registry_uri).password
+    if password:
+        line = line.replace(password, "***")
+    return f"{type(exc).__name__}: {line}"
 
 
 def _sha256_file(path: Path) -> str:

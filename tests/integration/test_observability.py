@@ -8,8 +8,12 @@ One module, one story (about 1-2 minutes):
 2. Start Prometheus (the Debian package, on loopback) with the repo's configs/prometheus
    files, pointed at this cluster's service-discovery file; alert `for:` durations are cut to
    0s (promtool's unit tests cover the durations), scrape and evaluation every second.
+   Prometheus sends its alerts to a real Alertmanager (Debian package
+   `prometheus-alertmanager`, on loopback) running a copy of configs/prometheus/alertmanager.yml
+   whose receiver URLs point at a webhook receiver in this test (group_wait cut to 1s).
 3. RolloutCanaryErrorRateAboveStable fires for v2.
-4. Declare a canary plan for v2: the controller rolls it back; RolloutAutomaticRollback fires.
+4. Declare a canary plan for v2: the controller rolls it back; RolloutAutomaticRollback fires,
+   and Alertmanager delivers both alerts to the receiver on the `page` route.
 5. Every metric named in the rules and dashboards, and every metric in app/observability/metrics.py, exists
    in Prometheus, and every dashboard query runs and returns data.
 6. The router's JSON access log has one record per request with version and decision, no
@@ -26,6 +30,10 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +95,97 @@ class Prometheus:
         return [a for a in alerts if a["labels"]["alertname"] == alert and a["state"] == "firing"]
 
 
+class AlertReceiver:
+    """The webhook Alertmanager posts to: every notification, with the path (the receiver's
+    name) and the time it arrived."""
+
+    def __init__(self) -> None:
+        self.notifications: list[tuple[str, float, dict[str, Any]]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                outer.notifications.append((self.path, time.time(), body))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def received(self, alert: str, path: str = "/rollout-page") -> list[tuple[float, dict]]:
+        """(arrival time, alert) for each firing `alert` delivered on `path`."""
+        return [(at, a) for p, at, body in list(self.notifications) if p == path
+                for a in body["alerts"]
+                if a["labels"]["alertname"] == alert and a["status"] == "firing"]  # fmt: skip
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def _epoch(rfc3339: str) -> float:
+    """Prometheus' `activeAt` (nanosecond fractions, `Z`) as epoch seconds."""
+    head, _, fraction = rfc3339.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (fraction or "0"))
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
+
+
 @pytest.fixture(scope="module")
-def prometheus(cluster, tmp_path_factory):
+def alertmanager(tmp_path_factory):
+    """A real Alertmanager with a copy of the shipped config: receivers pointed at an
+    AlertReceiver, group_wait 1s (the shipped routes and inhibit rules as they are)."""
+    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if binary is None:
+        pytest.fail("alertmanager not found: install the Debian package `prometheus-alertmanager`"
+                    " (.ci/run does)")  # fmt: skip
+    tmp = tmp_path_factory.mktemp("alertmanager")
+    receiver = AlertReceiver()
+    config = yaml.safe_load((PROM / "alertmanager.yml").read_text())
+    for route in [config["route"], *config["route"].get("routes", [])]:
+        route.update(group_wait="1s", group_interval="1s", repeat_interval="1m")
+    for r in config["receivers"]:
+        for hook in r.get("webhook_configs", []):
+            hook["url"] = f"{receiver.url}/{r['name']}"
+    (tmp / "alertmanager.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    port = free_port()
+    log = tmp / "alertmanager.log"
+    log_file = log.open("w")
+    process = subprocess.Popen(
+        [binary, f"--config.file={tmp / 'alertmanager.yml'}", f"--storage.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+         "--log.level=warn"],
+        stdout=log_file, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"127.0.0.1:{port}"
+    try:
+        wait_for_condition(lambda: httpx.get(f"http://{url}/-/ready").status_code == 200, 60,
+                           message="Alertmanager ready")  # fmt: skip
+        yield url, receiver
+    finally:
+        _stop(process)
+        log_file.close()
+        receiver.close()
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster, alertmanager, tmp_path_factory):
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("prometheus not found: install the Debian package `prometheus` (.ci/run does)")
@@ -99,6 +196,7 @@ def prometheus(cluster, tmp_path_factory):
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     for job in config["scrape_configs"]:
         job["file_sd_configs"] = [{"files": [str(discovery)], "refresh_interval": "2s"}]
+    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager[0]]}]}]}
     shutil.copy(PROM / "recording_rules.yml", tmp / "recording_rules.yml")
     alerts = yaml.safe_load((PROM / "alert_rules.yml").read_text())
     for group in alerts["groups"]:
@@ -185,8 +283,9 @@ def observed_app(cluster, tiny_models, tmp_path_factory):
     return cluster, config, tmp
 
 
-def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_path):
+def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, alertmanager, tmp_path):
     cluster, config, tmp = observed_app
+    _, receiver = alertmanager
     with Traffic(cluster.url) as traffic:
         # 3. The injected fault (v2 fails 60% of its calls; the fallback hides it from clients).
         firing = wait_for_condition(lambda: prometheus.firing("RolloutCanaryErrorRateAboveStable"),
@@ -222,8 +321,19 @@ def test_prometheus_sees_the_app_and_alerts_fire(observed_app, prometheus, tmp_p
         rollback = next(e for e in events if e["to_phase"] == "rolled_back")
         failed_gates = {g for g, r in rollback["gates"].items() if r.get("status") == "failed"}
         assert failed_gates & {"fail_fast_error_rate", "max_error_rate", "max_error_rate_increase"}
-        wait_for_condition(lambda: prometheus.firing("RolloutAutomaticRollback"), 60, interval_s=1.0,
-                           message="RolloutAutomaticRollback")  # fmt: skip
+        rollback = wait_for_condition(lambda: prometheus.firing("RolloutAutomaticRollback"), 60,
+                                      interval_s=1.0, message="RolloutAutomaticRollback")  # fmt: skip
+        # Alertmanager routed both `page` alerts to the receiver (the shipped routes, a test URL).
+        delivered = wait_for_condition(lambda: receiver.received("RolloutAutomaticRollback"), 30,
+                                       interval_s=0.5, message="Alertmanager's RolloutAutomaticRollback")  # fmt: skip
+        assert {a["labels"]["model"] for _, a in delivered} == {APP}
+        canary = wait_for_condition(lambda: receiver.received("RolloutCanaryErrorRateAboveStable"), 30,
+                                    interval_s=0.5, message="Alertmanager's RolloutCanaryErrorRateAboveStable")  # fmt: skip
+        assert {a["labels"]["version"] for _, a in canary} == {"v2"}
+        assert not receiver.received("RolloutAutomaticRollback", path="/rollout-warn")
+        active = _epoch(rollback[0]["activeAt"])
+        print(f"alert round trip: RolloutAutomaticRollback active in Prometheus -> delivered by "
+              f"Alertmanager in {delivered[0][0] - active:.2f}s")  # fmt: skip
 
         # 5. Every metric the rules and dashboards name, and every metric we define, exists.
         wanted = set().union(*(names_in_promql(r["expr"]) for r in _rules()))

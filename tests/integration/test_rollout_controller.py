@@ -15,6 +15,7 @@ import pytest
 from tests.support import loadgen
 from tests.support.serving import APP, forget_rollouts, infer_body, model_config, serve_config
 from tests.support.waiting import wait_for_condition
+from tests.unit.test_notify import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -179,11 +180,19 @@ def test_canary_steps_to_full_and_succeeds(rollout_app):
 
 
 def test_faulty_canary_is_rolled_back_within_a_second_with_no_client_errors(rollout_app):
-    cluster = rollout_app[0]
+    """... and every decision of it is posted to the declared webhooks (a receiver in this
+    test, one JSON and one Slack-format webhook, URLs read from files)."""
+    cluster, _, tmp = rollout_app
     steps = [{"set_weight": 30}, {"analysis_s": 60}]
+    receiver = Receiver()
+    (tmp / "hook-json").write_text(receiver.url + "/json\n")
+    (tmp / "hook-slack").write_text(receiver.url + "/slack\n")
+    notifications = {"webhooks": [
+        {"name": "ops-json", "url_file": str(tmp / "hook-json")},
+        {"name": "ops-slack", "format": "slack", "url_file": str(tmp / "hook-slack")}]}  # fmt: skip
     with Load(cluster.url, clients=6) as load:
         time.sleep(1.0)
-        declare(rollout_app, _plan("v3", steps))
+        declare(rollout_app, _plan("v3", steps), notifications=notifications)
         # From the moment the router sends v3 traffic to the moment it stops.
         wait_for_condition(lambda: cluster.router_status()["weights"].get("v3", 0) > 0,
                            timeout_s=60, interval_s=0.05, message="v3 to get traffic")  # fmt: skip
@@ -198,6 +207,23 @@ def test_faulty_canary_is_rolled_back_within_a_second_with_no_client_errors(roll
     print(f"time to rollback: {time_to_rollback:.3f}s over {load.sent} requests")
     reason = admin(cluster, "GET", "/history").json()["events"][-1]["reason"]
     assert "error" in reason
+
+    try:
+        wait_for_condition(lambda: len(receiver.bodies("/slack")) >= 3, 30,
+                           message="the controller's notifications")  # fmt: skip
+    finally:
+        receiver.close()
+    posted = receiver.bodies("/json")
+    assert [b["event"] for b in posted] == ["started", "step", "rolled_back"], posted
+    rolled_back = posted[-1]
+    assert rolled_back["candidate"] == "v3" and rolled_back["stable"] == "v1"
+    assert rolled_back["reason"] == reason and rolled_back["failed_gates"]
+    for gate in rolled_back["failed_gates"]:  # the readings that decided it
+        assert rolled_back["gates"][gate]["status"] == "failed"
+        assert rolled_back["gates"][gate]["value"] is not None
+    slack = receiver.bodies("/slack")
+    assert "rolled back" in slack[-1]["text"] and slack[-1]["attachments"][0]["blocks"]
+    print(f"webhook receiver got {len(posted)} JSON and {len(slack)} Slack notifications")
 
 
 def test_manual_commands_and_controller_restart_resume_the_same_step(rollout_app):

@@ -17,6 +17,7 @@ import pytest
 
 from app.ops.cli import commands as cli
 from app.ops.cli import main, render_history, render_status
+from app.ops.cli.render import redraw
 
 TOKEN = "test-admin-token-0123456789abcdef"
 UNAUTHORIZED = (
@@ -408,14 +409,28 @@ def test_watch_exits_1_when_the_rollout_ends_without_success(router, capsys, pha
     assert phase in capsys.readouterr().out
 
 
-def test_watch_clears_the_screen_on_a_tty(router, monkeypatch, capsys):
+def test_watch_redraws_in_place_on_a_tty_without_clearing_the_screen(router, monkeypatch, capsys):
+    """No full clear (a blank screen each frame is the flicker): each frame moves the cursor
+    home, ends every line with erase-to-end-of-line and itself with erase-to-end-of-screen."""
     monkeypatch.setattr(cli, "_stdout_is_tty", lambda: True)
     router.on(
         "GET", "/admin/rollout", (200, make_status("progressing")), (200, make_status("succeeded"))
     )
     assert main(["status", "--watch", "--interval", "0.01"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\x1b[H\x1b[2J") == 2
+    assert "\x1b[2J" not in out  # never the whole screen
+    frames = out.split("\x1b[H")
+    assert frames[0] == "" and len(frames) == 3  # each frame starts at the cursor home
+    for frame, phase in zip(frames[1:], ["progressing", "succeeded"]):
+        assert phase in frame
+        body, tail = frame.rsplit("\x1b[J", 1)
+        assert tail == "\n"  # the frame ends by erasing whatever the last one left below it
+        lines = body.split("\n")
+        assert len(lines) > 3 and all(line.endswith("\x1b[K") for line in lines)
+
+
+def test_redraw_bytes():
+    assert redraw("a\nbb") == "\x1b[Ha\x1b[K\nbb\x1b[K\x1b[J"
 
 
 def test_watch_json_prints_one_object_per_line(router, capsys):

@@ -96,6 +96,53 @@ def test_dashboard_is_not_exposed(path):
         assert 8265 not in ports, f"a rule opens the dashboard port: {rule}"
 
 
+def head_start(config: dict) -> tuple[dict[str, str], list[str]]:
+    """The head's `ray start` line: the environment it sets and its arguments (the simple
+    command after the last `;` or `&&`)."""
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    words = shlex.split(head.split(";")[-1])
+    while "&&" in words:
+        words = words[words.index("&&") + 1 :]
+    at = words.index("ray")
+    env = dict(w.split("=", 1) for w in words[:at])
+    return env, words[at:]
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_the_head_keeps_the_gcs_in_an_external_redis(path):
+    """Head-node loss: GCS fault tolerance on every head, with a TLS Redis (rediss://) whose
+    password is read from a file at start, never written in the file; workers need none."""
+    config = load_launcher(path)
+    env, args = head_start(config)
+    assert args[:3] == ["ray", "start", "--head"], args
+    assert env["RAY_REDIS_ADDRESS"].startswith("rediss://"), env  # TLS in transit
+    assert re.fullmatch(r"rediss://[\w.-]+:\d+", env["RAY_REDIS_ADDRESS"]), env
+    # A namespace of the cluster's own: two clusters sharing one Redis never mix tables.
+    assert env["RAY_external_storage_namespace"] == config["cluster_name"]
+    assert "RAY_REDIS_CA_CERT" in env or "RAY_REDIS_CA_PATH" in env, env
+    passwords = [a for a in args if a.startswith("--redis-password")]
+    assert passwords == ["--redis-password=$(cat ~/.rollout/gcs_redis_password)"], args
+    # The password file (and a CA file, if named) reaches the head through file_mounts.
+    mounted = {remote.replace("/home/ubuntu", "~") for remote in config["file_mounts"]}
+    assert "~/.rollout/gcs_redis_password" in mounted, config["file_mounts"]
+    if "RAY_REDIS_CA_CERT" in env:
+        assert env["RAY_REDIS_CA_CERT"].replace("$HOME", "~") in mounted, env
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    # No password file: no start (not a head without GCS fault tolerance that no one notices).
+    assert "test -s ~/.rollout/gcs_redis_password &&" in head
+    for command in config["worker_start_ray_commands"]:
+        assert "REDIS" not in command.upper(), command  # workers reach the GCS, never Redis
+    # Every node outlasts a head's replacement (Ray's default: its processes exit after 60 s).
+    for command in start_commands(config):
+        assert "RAY_gcs_rpc_server_reconnect_timeout_s=600 " in command, command
+    text = path.read_text()
+    assert "requirepass " not in text and not re.search(r"--redis-password[= ](?!\"\$\(cat )", text)
+    # The header says where the Redis comes from.
+    provider = config["provider"]["type"]
+    managed = {"aws": "ElastiCache", "gcp": "Memorystore", "local": "Redis Sentinel"}[provider]
+    assert managed in text, f"{path.name}: say where the GCS's Redis comes from"
+
+
 # ------------------------------------------------------------- setup: code and dependencies
 
 

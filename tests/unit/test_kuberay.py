@@ -101,6 +101,27 @@ def test_ray_cluster_mirrors_the_regions_launcher_file():
     assert any(t.resources["GPU"] > 0 for t in launcher_types.values())
 
 
+def test_the_gcs_keeps_its_tables_in_an_external_redis():
+    """Head-node loss: KubeRay's GCS fault tolerance with a TLS Redis whose password comes
+    from a Secret; no password in the manifest, and none passed to `ray start` beside it
+    (KubeRay refuses both)."""
+    manifest, *_policies = yaml.safe_load_all(MANIFEST.read_text())
+    spec = manifest["spec"]["rayClusterConfig"]
+    ft = spec["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"].startswith("rediss://")  # TLS in transit
+    assert ft["redisPassword"] == {
+        "valueFrom": {"secretKeyRef": {"name": "ray-rollout-gcs-redis", "key": "password"}}
+    }
+    # KubeRay's default storage namespace (the RayCluster's UID) keeps an upgrade's new
+    # cluster from reading the old one's tables.
+    assert "externalStorageNamespace" not in ft
+    head = spec["headGroupSpec"]
+    assert not {"redis-password", "redis-username"} & set(head["rayStartParams"])
+    env = {e["name"] for c in head["template"]["spec"]["containers"] for e in c.get("env", [])}
+    assert not {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "RAY_REDIS_PASSWORD"} & env
+    assert "password:" not in MANIFEST.read_text().replace("redisPassword:", "")
+
+
 # ------------------------------------------------------------------------ NetworkPolicies
 
 

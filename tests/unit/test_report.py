@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.ops.cli import main
-from app.ops.report import ReportError, render_report
+from app.ops.report import ReportError, lift_readings, render_report, rollout_identity
 
 T0 = 1_760_000_000.0
 
@@ -83,3 +83,101 @@ def test_cli_from_json(tmp_path, capsys):
     saved.write_text(json.dumps({"events": []}))
     assert main(["report", "--from-json", str(saved), "-o", str(out)]) == 1
     assert "no rollout history yet" in capsys.readouterr().err
+
+
+def _succeeded_history() -> dict:
+    """v2 replaced v1 and succeeded: the status now names v2 as the stable version."""
+    started = {"time_s": T0, "from_phase": "idle", "to_phase": "progressing", "step_index": 0,
+               "weight": 0.0, "gates": {},
+               "reason": "started: canary rollout of v2 (stable v1), plan 0123abcd"}  # fmt: skip
+    done = {**started, "time_s": T0 + 5, "from_phase": "promoting", "to_phase": "succeeded",
+            "weight": 100.0, "reason": "succeeded: v2 is stable"}  # fmt: skip
+    timeline = [{"time_s": T0 + 1, "weights": {"v1": 90.0, "v2": 10.0}, "versions": {}}]
+    return {"events": [started, done], "timeline": timeline}
+
+
+SUCCEEDED_STATUS = {"model": "rec", "phase": "succeeded", "strategy": "canary",
+                    "candidate": "v2", "stable": "v2"}  # fmt: skip
+
+
+def test_title_names_the_version_replaced_after_a_success():
+    history = _succeeded_history()
+    assert rollout_identity(history["events"], history["timeline"], SUCCEEDED_STATUS) == (
+        "canary", "v2", "v1")  # fmt: skip
+    # A history without the started event (trimmed): the other version in the weights.
+    assert rollout_identity(history["events"][1:], history["timeline"], SUCCEEDED_STATUS) == (
+        "canary", "v2", "v1")  # fmt: skip
+    # Nothing to tell: a question mark, never "v2 over v2".
+    assert rollout_identity([], [], SUCCEEDED_STATUS) == ("canary", "v2", "?")
+
+
+def test_report_title_after_a_success(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    titles: list[str] = []
+    original = matplotlib.figure.Figure.suptitle
+
+    def suptitle(self, text, **kwargs):
+        titles.append(text)
+        return original(self, text, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", suptitle)
+    render_report(_succeeded_history(), tmp_path / "r.png", status=SUCCEEDED_STATUS)
+    assert titles and "canary rollout of v2 over v1" in titles[0], titles
+
+
+def _ab_history() -> tuple[dict, dict]:
+    """An A/B rollout whose improvement gate's interval narrows until it clears the bar."""
+
+    def reading(lift: float, low: float, high: float, conclusion: str) -> dict:
+        return {
+            "status": "passed" if conclusion == "better" else "pending",
+            "value": lift,
+            "threshold": 0.01,
+            "reason": "",
+            "conclusion": conclusion,
+            "outcome": "click",
+            "scale": "relative",
+            "lift": lift,
+            "low": low,
+            "high": high,
+        }
+
+    history = _history()
+    history["events"][1]["gates"]["improvement"] = reading(0.05, -0.2, 0.3, "not_yet_known")
+    history["events"][2]["gates"]["improvement"] = {"status": "pending", "value": None,
+        "threshold": 0.01, "reason": "click: no feedback yet", "conclusion": "not_yet_known",
+        "outcome": "click"}  # fmt: skip
+    status = {"model": "rec", "strategy": "ab", "candidate": "v2", "stable": "v1",
+              "updated_at": T0 + 40,
+              "verdicts": [{"gate": "improvement", **reading(0.08, 0.03, 0.13, "better")}]}  # fmt: skip
+    return history, status
+
+
+def test_lift_readings_follow_the_interval_over_time():
+    history, status = _ab_history()
+    points = lift_readings(history["events"], status, T0)
+    assert list(points) == ["improvement"]  # the gate with no estimate yet is not a point
+    assert [(p["t"], p["lift"], p["low"], p["high"]) for p in points["improvement"]] == [
+        (20.0, 0.05, -0.2, 0.3), (40.0, 0.08, 0.03, 0.13)]  # fmt: skip
+    assert points["improvement"][-1]["conclusion"] == "better"
+    assert lift_readings(_history()["events"], None, T0) == {}  # no lift gates: no panel
+
+
+def test_report_draws_the_ab_panel_when_lift_gates_decided(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    labels: list[str] = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        labels.extend(ax.get_ylabel() for ax in self.axes)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    history, status = _ab_history()
+    render_report(history, tmp_path / "ab.png", status=status)
+    assert any(label.startswith("A/B lift") for label in labels), labels
+    labels.clear()
+    render_report(_history(), tmp_path / "plain.png")
+    assert not any(label.startswith("A/B lift") for label in labels), labels

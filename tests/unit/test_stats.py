@@ -10,10 +10,12 @@ import pytest
 
 from app.observability.stats import (
     LATENCY_BOUNDS_MS,
+    LEGACY_BOUNDS_MS,
     RouterStats,
     StatsWindow,
     bucket_index,
     quantile,
+    rebin_legacy,
 )
 from app.rollout import VersionStats
 
@@ -21,7 +23,7 @@ N = len(LATENCY_BOUNDS_MS) + 1
 
 
 def hist(**by_bound: int) -> list[int]:
-    """Buckets with counts at named bounds: hist(b10=3) puts 3 in the (7.5, 10] bucket."""
+    """Buckets with counts at named bounds: hist(b10=3) puts 3 in the (8.2, 10] bucket."""
     out = [0] * N
     for key, count in by_bound.items():
         out[bucket_index(float(key[1:].replace("_", ".")))] = count
@@ -97,24 +99,24 @@ def test_buckets_by_latency_boundaries():
         assert bucket_index(np.nextafter(bound, 0)) == i
     assert bucket_index(0.0) == 0
     assert bucket_index(-3.0) == 0  # a clock step backwards counts as 0 ms
-    assert bucket_index(7.6) == LATENCY_BOUNDS_MS.index(10)
-    assert bucket_index(7.5) == LATENCY_BOUNDS_MS.index(7.5)
-    assert bucket_index(30000) == N - 2
-    assert bucket_index(30000.001) == N - 1  # overflow
+    assert bucket_index(8.3) == LATENCY_BOUNDS_MS.index(10)
+    assert bucket_index(8.2) == LATENCY_BOUNDS_MS.index(8.2)
+    assert bucket_index(68000) == N - 2
+    assert bucket_index(68000.001) == N - 1  # overflow
     assert bucket_index(float("inf")) == N - 1
     with pytest.raises(ValueError, match="NaN"):
         bucket_index(float("nan"))
 
     s = RouterStats()
-    for latency in (1, 1.5, 2, 10, 10.01, 30000, 1e9):
+    for latency in (1, 1.1, 1.2, 10, 10.01, 68000, 1e9):
         s.record("v1", True, latency)
     buckets = s.drain()["v1"]["buckets"]
     expected = [0] * N
     expected[0] = 1  # 1
-    expected[1] = 2  # 1.5, 2
+    expected[1] = 2  # 1.1, 1.2
     expected[LATENCY_BOUNDS_MS.index(10)] = 1
-    expected[LATENCY_BOUNDS_MS.index(15)] = 1  # 10.01
-    expected[N - 2] = 1  # 30000
+    expected[LATENCY_BOUNDS_MS.index(12)] = 1  # 10.01
+    expected[N - 2] = 1  # 68000
     expected[N - 1] = 1  # 1e9
     assert buckets == expected
 
@@ -132,16 +134,16 @@ def test_quantile_interpolates_inside_the_bucket():
     assert quantile(hist(b1=4), 0.5) == pytest.approx(0.5)
     assert quantile(hist(b1=4), 1.0) == pytest.approx(1.0)
     assert quantile(hist(b1=4), 0.0) == pytest.approx(0.0)
-    # 10 in (10, 15]: rank 5 of 10 -> 12.5; rank 9.9 of 10 -> 14.95
-    assert quantile(hist(b15=10), 0.5) == pytest.approx(12.5)
-    assert quantile(hist(b15=10), 0.99) == pytest.approx(14.95)
-    # 50 in [0,1] and 50 in (100,150]: p50 is the top of the first, p99 near the top of the last
+    # 10 in (12, 15]: rank 5 of 10 -> 13.5; rank 9.9 of 10 -> 14.97
+    assert quantile(hist(b15=10), 0.5) == pytest.approx(13.5)
+    assert quantile(hist(b15=10), 0.99) == pytest.approx(14.97)
+    # 50 in [0,1] and 50 in (120,150]: p50 is the top of the first, p99 near the top of the last
     two = hist(b1=50, b150=50)
     assert quantile(two, 0.5) == pytest.approx(1.0)
-    assert quantile(two, 0.51) == pytest.approx(101.0)
-    assert quantile(two, 0.99) == pytest.approx(149.0)
+    assert quantile(two, 0.51) == pytest.approx(120.6)
+    assert quantile(two, 0.99) == pytest.approx(149.4)
     # empty buckets between are skipped, not interpolated across
-    assert quantile(hist(b1=1, b1000=1), 0.75) == pytest.approx(875.0)
+    assert quantile(hist(b1=1, b1000=1), 0.75) == pytest.approx(910.0)
 
 
 def test_quantile_overflow_reports_last_bound():
@@ -254,7 +256,7 @@ def test_observe_percentiles_and_zero_request_versions():
     got = w.observe(0.0, 2.0)
     v1 = got["v1"]
     assert (v1.requests, v1.errors) == (10, 3)
-    assert v1.p50_ms == pytest.approx(12.5) and v1.p99_ms == pytest.approx(14.95)
+    assert v1.p50_ms == pytest.approx(13.5) and v1.p99_ms == pytest.approx(14.97)
     assert got["v2"] == VersionStats(0, 0, None, None)
 
 
@@ -327,8 +329,8 @@ def test_rates():
         ({"v1": {"requests": 1.0, "errors": 0, "buckets": [1] + [0] * (N - 1)}}, "int"),
         ({"v1": {"requests": True, "errors": 0, "buckets": [1] + [0] * (N - 1)}}, "int"),
         ({"v1": {"requests": 1, "errors": 2, "buckets": [1] + [0] * (N - 1)}}, "exceed"),
-        ({"v1": {"requests": 1, "errors": 0, "buckets": [1] + [0] * (N - 2)}}, "expected 23"),
-        ({"v1": {"requests": 1, "errors": 0, "buckets": [1] + [0] * N}}, "expected 23"),
+        ({"v1": {"requests": 1, "errors": 0, "buckets": [1] + [0] * (N - 2)}}, "expected 60"),
+        ({"v1": {"requests": 1, "errors": 0, "buckets": [1] + [0] * N}}, "expected 60"),
         ({"v1": {"requests": 1, "errors": 0, "buckets": "x" * N}}, "list of ints"),
         ({"v1": {"requests": 1, "errors": 0}}, "list of ints"),
         ({"v1": {"requests": 0, "errors": 0, "buckets": [1, -1] + [0] * (N - 2)}}, "bucket"),
@@ -446,3 +448,47 @@ def test_incremental_observe_equals_a_fresh_merge_under_random_use():
             checks += 1
         assert len(w) == len(kept)
     assert checks > 1000
+
+
+# -- resolution and the legacy layout ----------------------------------------------------------
+
+
+def test_bounds_resolve_every_latency_from_1ms_to_60s_within_25_percent():
+    """Each bucket's upper edge is at most 1.25x its lower edge, from 1 ms past 60 s, so a
+    quantile interpolated inside its bucket is within 25% of the truth (the old layout jumped
+    1000 -> 2000 -> 5000 ms: 2.5x)."""
+    bounds = LATENCY_BOUNDS_MS
+    assert bounds[0] <= 1.0 and bounds[-1] >= 60_000
+    assert all(b > a for a, b in zip(bounds, bounds[1:]))
+    assert max(b / a for a, b in zip(bounds, bounds[1:])) <= 1.25
+    for exact in (1.3, 37.0, 999.0, 1_500.0, 2_900.0, 41_000.0):
+        buckets = [0] * N
+        buckets[bucket_index(exact)] = 100
+        assert abs(quantile(buckets, 0.99) - exact) <= 0.25 * exact
+
+
+def test_a_p99_of_1500ms_is_told_from_1000ms_and_2000ms():
+    """The saw: with 1000/2000/5000 bounds a p99 anywhere in (1000, 2000] read the same
+    bucket; now 1.5x a 1 s stable p99 is told apart from 1.2x and 1.9x."""
+    stats = RouterStats()
+    for latency in [50.0] * 95 + [1_450.0] * 5:
+        stats.record("v1", True, latency)
+    w = StatsWindow()
+    w.add(stats.drain(), at=1.0)
+    p99 = w.observe(0.0, 2.0)["v1"].p99_ms
+    assert p99 is not None and 1_200 < p99 <= 1_500
+
+
+def test_a_report_in_the_legacy_layout_is_rebinned_not_refused():
+    legacy = [0] * (len(LEGACY_BOUNDS_MS) + 1)
+    legacy[LEGACY_BOUNDS_MS.index(10)] = 3  # (7.5, 10] -> the new bucket holding 10
+    legacy[LEGACY_BOUNDS_MS.index(2000)] = 2  # (1000, 2000] -> the one holding 2000
+    legacy[-1] = 1  # overflow stays overflow
+    assert sum(rebin_legacy(legacy)) == 6
+    w = StatsWindow()
+    w.add({"v1": {"requests": 6, "errors": 0, "buckets": legacy}}, at=1.0)
+    got = w.observe(0.0, 2.0)["v1"]
+    assert got.requests == 6
+    expected = [0] * N
+    expected[bucket_index(10)], expected[bucket_index(2000)], expected[-1] = 3, 2, 1
+    assert rebin_legacy(legacy) == expected

@@ -16,6 +16,8 @@ file named by $ROLLOUT_ADMIN_TOKEN_FILE; see app/serving/auth.py):
     rollout start | pause | resume | abort             POST /admin/rollout/<command>
     rollout promote [--full]                           POST /admin/rollout/promote[-full]
     rollout history [--json]                           GET  /admin/rollout/history
+    rollout status --all-regions [--json]              every region's overlay `admin:`, side by side
+    rollout waves start|status|pause|resume|promote|abort WAVES.yaml   regions in waves
     rollout report [-o FILE.png] [--from-json FILE]    picture of the last rollout's timeline
 
 Exit status: 0 done; 1 the rollout refused the command in its current phase (HTTP 409), or a
@@ -47,8 +49,8 @@ from app.ops.cli.admin_client import (
     AdminError,
 )
 from app.ops.cli.render import (
-    CLEAR_SCREEN,
     TERMINAL_PHASES,
+    redraw,
     render_history,
     render_status,
 )
@@ -62,7 +64,17 @@ __all__ = ["main", "render_history", "render_status"]
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from app.ops.validate import validate_serve_config
+    from app.ops.validate import is_waves_file, validate_serve_config, validate_waves
+
+    if is_waves_file(Path(args.config)):
+        waves = validate_waves(Path(args.config))
+        for note in waves.notes:
+            print(f"ok: {note}")
+        for error in waves.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print(f"{args.config}: valid" if waves.ok else f"{args.config}: {len(waves.errors)} error(s)",
+              file=sys.stdout if waves.ok else sys.stderr)  # fmt: skip
+        return 0 if waves.ok else 1
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
@@ -83,6 +95,17 @@ def _validate(args: argparse.Namespace) -> int:
         else:
             print(f"{label}: {len(report.errors)} error(s)", file=sys.stderr)
             status = 1
+    if args.all_regions:  # and the waves that roll out across them
+        from app.config import project_root
+        from app.ops.waves import WAVES_DIR
+
+        for path in sorted((project_root() / WAVES_DIR).glob("*.yaml")):
+            waves = validate_waves(path)
+            for error in waves.errors:
+                print(f"error: {error}", file=sys.stderr)
+            print(f"{path.relative_to(project_root())}: "
+                  + ("valid" if waves.ok else f"{len(waves.errors)} error(s)"))  # fmt: skip
+            status = status if waves.ok else 1
     return status
 
 
@@ -153,6 +176,10 @@ def _print_status(status: Mapping[str, Any], as_json: bool) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.all_regions:
+        from app.ops.cli.waves import all_regions_status
+
+        return all_regions_status(args)
     with _client(args) as client:
         if not args.watch:
             _print_status(client.status(), args.json)
@@ -164,8 +191,8 @@ def _status(args: argparse.Namespace) -> int:
                 status = client.status()
                 if args.json:  # one object per line, for jq and logs
                     _emit(json.dumps(status, ensure_ascii=False))
-                elif tty:
-                    _emit(CLEAR_SCREEN + render_status(status, now=time.time()))
+                elif tty:  # overwrite the last frame in place: no blank screen, no flicker
+                    _emit(redraw(render_status(status, now=time.time())))
                 else:
                     if frames:
                         _emit("-" * 72)
@@ -318,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_region_commands(commands)
 
+    from app.ops.cli.waves import add_waves_commands
+
+    add_waves_commands(commands)
+
     common = _admin_options()
     status = commands.add_parser(
         "status", parents=[common], help="show the live rollout: phase, step, traffic, gates"
@@ -338,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--interval", type=_positive_float, default=2.0, help="seconds between redraws (default 2)"
     )
+    status.add_argument(
+        "--all-regions",
+        action="store_true",
+        help="every region with an `admin:` block in configs/regions/, side by side",
+    )
+    status.add_argument("--root", default=None, help=argparse.SUPPRESS)
     status.set_defaults(func=_run_admin(_status))
     helps = {
         "start": "start the declared rollout now",
@@ -379,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("abtest", "chaos", "hotpatch", "propagation", "rollback", "throughput", "world")
+BENCHMARKS = (
+    "abtest", "chaos", "hotpatch", "propagation", "rollback", "throughput", "waves", "world",
+)  # fmt: skip
 
 
 def _bench(args: argparse.Namespace) -> int:

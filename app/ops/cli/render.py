@@ -9,13 +9,26 @@ from typing import Any, cast
 
 from app.rollout import Phase
 
-__all__ = ["CLEAR_SCREEN", "TERMINAL_PHASES", "render_history", "render_status"]
+__all__ = ["TERMINAL_PHASES", "redraw", "render_history", "render_status"]
 
 # The phases a rollout ends in (`rollout status --watch` stops there).
 TERMINAL_PHASES = frozenset(phase.value for phase in Phase if phase.terminal)
-CLEAR_SCREEN = "\x1b[H\x1b[2J"
+# `rollout status --watch` on a terminal: overwrite the last frame in place instead of clearing
+# the screen first (a clear shows a blank screen for a moment each frame: flicker). Cursor home,
+# each line followed by "erase to end of line" (the old line may be longer), then "erase to end
+# of screen" (the old frame may have had more lines).
+CURSOR_HOME = "\x1b[H"
+ERASE_LINE_END = "\x1b[K"
+ERASE_SCREEN_END = "\x1b[J"
 GATE_SYMBOLS = {"passed": "✔", "failed": "✖", "pending": "…", "skipped": "-"}
 BAR_WIDTH = 40
+
+
+def redraw(text: str) -> str:
+    """`text` as a frame that overwrites the previous one on a terminal, without a blank
+    screen in between (see CURSOR_HOME)."""
+    lines = text.split("\n")
+    return CURSOR_HOME + "\n".join(line + ERASE_LINE_END for line in lines) + ERASE_SCREEN_END
 
 
 def _number(value: Any) -> float | None:

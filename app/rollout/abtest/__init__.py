@@ -18,6 +18,7 @@ decides whether the candidate is better, worse, or not yet known, and may be ask
     ImprovementGate, NonInferiorityGate     the rollout plan's lift gates (rollout/gates.py judges them)
     outcome_bounds(gates)                   outcome -> (min_value, max_value) to clip it to
     required_sample_size(...)               fixed-horizon planning figure (two proportions)
+    horizon_tau(sd, max_samples_per_arm)    mixing tau with the lowest boundary at a planned cap
 
 `arms.py` holds one arm and the fixed-horizon intervals, `sequential.py` the sequential test,
 `gates.py` the gate configs. Why a sequential test, and the choices behind it, are written up
@@ -41,6 +42,7 @@ from app.rollout.abtest.sequential import (
     PathResult,
     SequentialTest,
     Verdict,
+    horizon_tau,
 )
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "Verdict",
     "confidence_interval",
     "difference_interval",
+    "horizon_tau",
     "outcome_bounds",
     "required_sample_size",
 ]

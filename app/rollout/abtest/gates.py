@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from app.config import FiniteStrictModel
 from app.rollout.abtest.arms import MAX_ABS_OUTCOME, OutcomeKind, Scale
-from app.rollout.abtest.sequential import Conclusion, SequentialTest, Verdict
+from app.rollout.abtest.sequential import Conclusion, Directions, SequentialTest, Verdict
 
 # -- gate configs ----------------------------------------------------------------------------
 
@@ -59,7 +59,27 @@ class _LiftGate(FiniteStrictModel):
         default=0.95,
         gt=0.5,
         lt=1,
-        description="1 - alpha of the sequential test: how sure a pass or a fail must be.",
+        description=(
+            "1 - alpha of the sequential test: how sure a pass or a fail must be (directions "
+            "shared: both together; separate: a pass alone)."
+        ),
+    )
+    directions: Directions = Field(
+        default="shared",
+        description=(
+            "shared: one two-sided test, 1 - confidence bounds a false pass or fail together; "
+            "separate: a one-sided test for each, 1 - confidence bounds a false pass (a "
+            "promotion) and 1 - stop_confidence a false fail (a stop), for more power."
+        ),
+    )
+    stop_confidence: float | None = Field(
+        default=None,
+        gt=0.5,
+        lt=1,
+        description=(
+            "directions separate: how sure a fail (a rollback) must be; null uses confidence. "
+            "Only with directions separate."
+        ),
     )
     scale: Scale = Field(
         default="relative",
@@ -84,6 +104,16 @@ class _LiftGate(FiniteStrictModel):
             "variance comes from the spread between users."
         ),
     )
+
+    @model_validator(mode="after")
+    def _stop_confidence_needs_separate_directions(self) -> _LiftGate:
+        if self.stop_confidence is not None and self.directions != "separate":
+            raise ValueError(
+                f"stop_confidence ({self.stop_confidence}) needs directions separate "
+                f"(directions is {self.directions}: confidence ({self.confidence}) covers a "
+                "pass and a fail together)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _continuous_outcomes_have_bounds(self) -> _LiftGate:
@@ -116,9 +146,13 @@ class _LiftGate(FiniteStrictModel):
         return (float(self.min_value), float(self.max_value))
 
     def sequential_test(self) -> SequentialTest:
-        """The test whose verdicts this gate judges (alpha = 1 - confidence)."""
+        """The test whose verdicts this gate judges (alpha = 1 - confidence, stop_alpha =
+        1 - stop_confidence)."""
+        stop = self.stop_confidence
         return SequentialTest(
             alpha=round(1 - self.confidence, 12),  # 1 - 0.95 is 0.050000000000000044
+            directions=self.directions,
+            stop_alpha=None if stop is None else round(1 - stop, 12),
             scale=self.scale,
             mde=self.mde,
             tau=self.tau,
@@ -130,15 +164,14 @@ class _LiftGate(FiniteStrictModel):
 
     def _check(self, verdict: Verdict) -> None:
         test = self.sequential_test()
-        if (verdict.alpha, verdict.tau, verdict.scale) != (
-            test.alpha,
-            test.effective_tau,
-            test.scale,
-        ):
+        theirs = (verdict.alpha, verdict.tau, verdict.scale, verdict.directions,
+                  verdict.stop_alpha)  # fmt: skip
+        ours = (test.alpha, test.effective_tau, test.scale, test.directions,
+                test.effective_stop_alpha)  # fmt: skip
+        if theirs != ours:
             raise ValueError(
-                f"verdict came from another test (alpha {verdict.alpha}, tau {verdict.tau}, "
-                f"{verdict.scale}) than this gate's (alpha {test.alpha}, tau "
-                f"{test.effective_tau}, {test.scale})"
+                f"verdict came from another test (alpha, tau, scale, directions, stop_alpha = "
+                f"{theirs}) than this gate's ({ours})"
             )
 
 

@@ -4,8 +4,14 @@
                                             to look at every tick (the controller does, 4x/s)
     Verdict.improvement(min_lift)           better / worse / not_yet_known against a bar
     Verdict.non_inferiority(margin)
+    horizon_tau(sd, max_samples_per_arm)    the mixing tau whose boundary is lowest at a cap
 
-Why sequential, and how the variance, the mixing scale and the two-sided alpha are chosen:
+`directions` shared (the default) runs one two-sided test whose alpha covers a false 'better'
+and a false 'worse' together; separate runs a one-sided test per direction (half-normal
+mixtures), alpha for a false 'better' (a promotion) and stop_alpha for a false 'worse' (a
+stop). `evaluate_paths` also takes CUPED covariates (each unit's pre-experiment outcomes).
+
+Why sequential, and how the variance, the mixing scale and the alphas are chosen:
 docs/ab-testing.md ("The statistics").
 """
 
@@ -14,10 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from app.config import FiniteStrictModel
 from app.rollout.abtest.arms import (
@@ -30,6 +36,11 @@ from app.rollout.abtest.arms import (
 )
 
 # -- the sequential test ---------------------------------------------------------------------
+
+# shared: one two-sided test, alpha bounds a false 'better' or 'worse' (about alpha/2 each);
+# separate: a one-sided test per direction, alpha bounds a false 'better' (a promotion) and
+# stop_alpha a false 'worse' (a stop), each on its own.
+Directions = Literal["shared", "separate"]
 
 
 class Conclusion(str, Enum):
@@ -87,6 +98,10 @@ class Verdict:
     control_units: int | None = None
     candidate_clipped: int | None = None
     control_clipped: int | None = None
+    # How alpha is split between the two decisions (SequentialTest.directions) and the chance
+    # of a false 'worse' when they are separate; "shared" in readings stored before.
+    directions: Directions = "shared"
+    stop_alpha: float | None = None
 
     def improvement(self, min_lift: float = 0.0) -> Conclusion:
         """BETTER once the lift surely exceeds min_lift (lower bound > min_lift); WORSE once it
@@ -125,6 +140,8 @@ class Verdict:
             "control_units": self.control_units,
             "candidate_clipped": self.candidate_clipped,
             "control_clipped": self.control_clipped,
+            "directions": self.directions,
+            "stop_alpha": self.stop_alpha,
         }
 
     @classmethod
@@ -165,6 +182,8 @@ class Verdict:
             control_units=count("control_units"),
             candidate_clipped=count("candidate_clipped"),
             control_clipped=count("control_clipped"),
+            directions=cast(Directions, data.get("directions", "shared")),
+            stop_alpha=maybe("stop_alpha"),
         )
 
 
@@ -196,7 +215,30 @@ class SequentialTest(FiniteStrictModel):
     mixture). The module docstring has the math and the choices."""
 
     alpha: float = Field(
-        default=0.05, gt=0, lt=1, description="Chance of any false 'better' or 'worse', ever."
+        default=0.05,
+        gt=0,
+        lt=1,
+        description=(
+            "directions shared: chance of any false 'better' or 'worse', ever; separate: "
+            "chance of a false 'better' (a promotion), ever."
+        ),
+    )
+    directions: Directions = Field(
+        default="shared",
+        description=(
+            "shared: one two-sided test (the interval is a 1 - alpha confidence sequence); "
+            "separate: a one-sided test per direction, the lower bound at alpha (promote), "
+            "the upper at stop_alpha (stop), for more power at the same false-promotion bound."
+        ),
+    )
+    stop_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description=(
+            "directions separate: chance of a false 'worse' (a stop), ever; null uses alpha. "
+            "Not allowed with directions shared."
+        ),
     )
     scale: Scale = Field(
         default="relative",
@@ -245,9 +287,25 @@ class SequentialTest(FiniteStrictModel):
         ),
     )
 
+    @model_validator(mode="after")
+    def _stop_alpha_needs_separate_directions(self) -> SequentialTest:
+        if self.stop_alpha is not None and self.directions == "shared":
+            raise ValueError(
+                f"stop_alpha ({self.stop_alpha}) needs directions separate (directions is "
+                f"{self.directions}: alpha ({self.alpha}) covers both directions)"
+            )
+        return self
+
     @property
     def effective_tau(self) -> float:
         return self.tau if self.tau is not None else self.mde
+
+    @property
+    def effective_stop_alpha(self) -> float | None:
+        """The upper bound's one-sided alpha; None for a shared two-sided test."""
+        if self.directions == "shared":
+            return None
+        return self.stop_alpha if self.stop_alpha is not None else self.alpha
 
     @property
     def effective_min_units(self) -> int:
@@ -269,9 +327,9 @@ class SequentialTest(FiniteStrictModel):
         relative = self.scale == "relative"
         binary = candidate.kind is OutcomeKind.BINARY
         p, d_low, d_high, counted, control_scale, why = _advance(
-            binary, relative, self.effective_tau, self.alpha, self.min_samples_per_arm,
-            self.effective_min_units, _arrays(state), _arrays(_columns(candidate)),
-            _arrays(_columns(control)),
+            binary, relative, self.effective_tau, self.alpha, self.effective_stop_alpha,
+            self.min_samples_per_arm, self.effective_min_units, _arrays(state),
+            _arrays(_columns(candidate)), _arrays(_columns(control)),
         )  # fmt: skip
         refused = self._refusal(candidate, control)
         if refused:  # the arms are not what this test may judge: the look does not count
@@ -312,6 +370,8 @@ class SequentialTest(FiniteStrictModel):
             control_units=control.unit_count,
             candidate_clipped=candidate.clipped,
             control_clipped=control.clipped,
+            directions=self.directions,
+            stop_alpha=self.effective_stop_alpha,
         )
 
     def _refusal(self, candidate: ArmStats, control: ArmStats) -> str:
@@ -341,17 +401,34 @@ class SequentialTest(FiniteStrictModel):
         kind: OutcomeKind,
         candidate: tuple[Any, ...],
         control: tuple[Any, ...],
+        covariates: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None,
     ) -> PathResult:
         """`evaluate` for many simulated experiments at once: each arm is (n, sum, sum_sq),
         one unit per outcome, or (n, sum, sum_sq, units, unit_sum_sq, unit_cross, unit_n_sq)
         (UnitMoments), cumulative, as (E, T) arrays (experiment, look). The same kernel as
-        `evaluate`, vectorized over experiments, for planning and benchmarks."""
+        `evaluate`, vectorized over experiments, for planning and benchmarks.
+
+        `covariates` (candidate's, control's), CUPED: each arm's pre-experiment sums per
+        unit, the nine arrays of `COVARIATE_MOMENTS` (7-array arms only); the difference
+        is then adjusted by theta times the difference of the arms' pre-period means, theta
+        from both arms pooled (see `_cuped`)."""
         for arm in (candidate, control):
             if len(arm) not in (3, 7):
                 raise ValueError(f"an arm is 3 or 7 arrays, got {len(arm)}")
         full = [_with_units(tuple(np.asarray(a, dtype=float) for a in arm))
                 for arm in (candidate, control)]  # fmt: skip
-        arrays = [*full[0], *full[1]]
+        pre: list[tuple[Any, ...]] = []
+        if covariates is not None:
+            if len(candidate) != 7 or len(control) != 7:
+                raise ValueError("covariates need arms of 7 arrays (the per-unit moments)")
+            for cov in covariates:
+                if len(cov) != len(COVARIATE_MOMENTS):
+                    raise ValueError(
+                        f"covariates are {len(COVARIATE_MOMENTS)} arrays per arm "
+                        f"({', '.join(COVARIATE_MOMENTS)}), got {len(cov)}"
+                    )
+                pre.append(tuple(np.asarray(a, dtype=float) for a in cov))
+        arrays = [*full[0], *full[1], *(a for cov in pre for a in cov)]
         shape = arrays[0].shape
         if len(shape) != 2 or any(a.shape != shape for a in arrays):
             raise ValueError(
@@ -365,10 +442,12 @@ class SequentialTest(FiniteStrictModel):
         out = {name: np.empty(shape) for name in ("p", "low", "high")}
         relative = self.scale == "relative"
         for t in range(looks):
+            look_pre = tuple(tuple(a[:, t] for a in cov) for cov in pre)
             p, d_low, d_high, _, control_scale, _ = _advance(
                 kind is OutcomeKind.BINARY, relative, self.effective_tau, self.alpha,
-                self.min_samples_per_arm, self.effective_min_units, (p, d_low, d_high),
-                tuple(a[:, t] for a in full[0]), tuple(a[:, t] for a in full[1]),
+                self.effective_stop_alpha, self.min_samples_per_arm, self.effective_min_units,
+                (p, d_low, d_high), tuple(a[:, t] for a in full[0]),
+                tuple(a[:, t] for a in full[1]), look_pre or None,
             )  # fmt: skip
             out["p"][:, t] = p
             out["low"][:, t], out["high"][:, t] = _on_scale(
@@ -377,12 +456,14 @@ class SequentialTest(FiniteStrictModel):
         return PathResult(out["p"], out["low"], out["high"])
 
     def _check_previous(self, previous: Verdict, candidate: ArmStats, control: ArmStats) -> None:
-        ours = (self.alpha, self.effective_tau, self.scale)
-        theirs = (previous.alpha, previous.tau, previous.scale)
+        ours = (self.alpha, self.effective_tau, self.scale, self.directions,
+                self.effective_stop_alpha)  # fmt: skip
+        theirs = (previous.alpha, previous.tau, previous.scale, previous.directions,
+                  previous.stop_alpha)  # fmt: skip
         if ours != theirs:
             raise ValueError(
-                f"previous verdict came from another test (alpha, tau, scale = {theirs}) than "
-                f"this one ({ours})"
+                f"previous verdict came from another test (alpha, tau, scale, directions, "
+                f"stop_alpha = {theirs}) than this one ({ours})"
             )
         if candidate.n < previous.candidate_samples or control.n < previous.control_samples:
             raise ValueError(
@@ -412,12 +493,49 @@ class SequentialTest(FiniteStrictModel):
         clipped = ""
         if candidate.clipped or control.clipped:
             clipped = f", {candidate.clipped}/{control.clipped} clipped to {candidate.bounds}"
+        level = f"{1 - self.alpha:.0%} interval"
+        stop_alpha = self.effective_stop_alpha
+        if stop_alpha is not None:
+            level = f"bounds ({1 - self.alpha:.0%} lower, {1 - stop_alpha:.0%} upper, one-sided)"
         text = (
-            f"{self.scale} lift {fmt(lift)}, always-valid {1 - self.alpha:.0%} interval "
+            f"{self.scale} lift {fmt(lift)}, always-valid {level} "
             f"[{fmt(low)}, {fmt(high)}], p={p:.3g}, {candidate.n}/{control.n} samples{units}"
             f"{clipped} (candidate/control): {decision.value}"
         )
         return f"{text} ({why})" if why else text
+
+
+def horizon_tau(
+    sd: float,
+    max_samples_per_arm: int,
+    alpha: float = 0.05,
+    directions: Directions = "separate",
+    mean: float | None = None,
+) -> float:
+    """The mixing tau whose boundary is lowest at the cap, for planning: two equal arms of
+    max_samples_per_arm outcomes with standard deviation sd (sqrt(p (1 - p)) for a rate p)
+    have V = 2 sd^2 / n there, and the boundary in z units depends on tau^2 / V only (lowest
+    near tau^2 = 6.7 V one-sided at alpha 5%, 8 V two-sided). A lower boundary at the cap is
+    more power at the cap; any tau fixed before the data keeps the test valid. Absolute units,
+    or relative to `mean` when given (then pass it as `tau` with scale relative)."""
+    if sd <= 0 or max_samples_per_arm < 2 or not 0 < alpha < 1:
+        raise ValueError(
+            f"sd ({sd}) must be positive, max_samples_per_arm ({max_samples_per_arm}) at "
+            f"least 2 and alpha ({alpha}) in (0, 1)"
+        )
+    ratio = np.exp(np.linspace(math.log(0.05), math.log(500.0), 4001))  # tau^2 / V
+    r = ratio / (1 + ratio)
+    if directions == "shared":
+        z = np.sqrt((2 * math.log(1 / alpha) - np.log1p(-r)) / r)
+    else:
+        z = _one_sided_z(r, alpha)
+    variance = 2 * sd * sd / max_samples_per_arm
+    tau = math.sqrt(float(ratio[int(np.argmin(z))]) * variance)
+    if mean is None:
+        return tau
+    if mean <= 0:
+        raise ValueError(f"mean ({mean}) must be positive for a relative tau")
+    return tau / mean
 
 
 def _columns(arm: ArmStats) -> tuple[float, ...]:
@@ -452,20 +570,96 @@ def _on_scale(
     return (np.maximum(low, -1.0) if binary else low), high
 
 
+# CUPED: an arm's pre-experiment sums over its units (clusters) g, with S_g, n_g the unit's
+# outcomes in the experiment and P_g, M_g its outcomes' sum and count in the pre-period.
+COVARIATE_MOMENTS = (
+    "pre_sum",  # sum P_g
+    "pre_n",  # sum M_g
+    "pre_sum_sq",  # sum P_g^2
+    "pre_cross",  # sum P_g M_g
+    "pre_n_sq",  # sum M_g^2
+    "sum_pre_sum",  # sum S_g P_g
+    "sum_pre_n",  # sum S_g M_g
+    "n_pre_sum",  # sum n_g P_g
+    "n_pre_n",  # sum n_g M_g
+)
+
+
+def _cuped(candidate: tuple[Any, ...], control: tuple[Any, ...], pre: tuple[Any, ...]) -> Any:
+    """CUPED (Deng, Xu, Kohavi, Walker, WSDM 2013) on ratio means with unit clusters:
+    (adjustment of d, variance factor of the candidate, of the control), elementwise.
+
+    Each arm's mean m = sum S / sum n has per-unit influence e_g = (S_g - m n_g) / N; its
+    pre-period mean q = sum P / sum M has f_g = (P_g - q M_g) / M. The pre-period comes before
+    the split, so E[q_c - q_s] = 0 and d - theta (q_c - q_s) estimates the same difference for
+    any theta; its cluster-robust variance is smallest at theta = sum cov(e, f) / sum var(f)
+    over both arms (pooled, as CUPED does). Each arm's variance is then its robust variance
+    times (var(e) - 2 theta cov(e, f) + theta^2 var(f)) / var(e)."""
+    parts = []
+    for arm, cov in ((candidate, pre[0]), (control, pre[1])):
+        n, s, _, _, gss, gsn, gnn = arm
+        p_sum, p_n, pp, pm, mm, sp, sm, np_, nm = cov
+        m, q = s / n, p_sum / np.where(p_n > 0, p_n, 1.0)
+        scale_e, scale_f = n, np.where(p_n > 0, p_n, 1.0)
+        vee = np.maximum(gss - 2 * m * gsn + m * m * gnn, 0.0) / (scale_e * scale_e)
+        vff = np.maximum(pp - 2 * q * pm + q * q * mm, 0.0) / (scale_f * scale_f)
+        vef = (sp - q * sm - m * np_ + m * q * nm) / (scale_e * scale_f)
+        parts.append((q, vee, vff, vef))
+    (qc, eec, ffc, efc), (qs, ees, ffs, efs) = parts
+    ff = ffc + ffs
+    theta = np.where(ff > 0, (efc + efs) / np.where(ff > 0, ff, 1.0), 0.0)
+    factors = []
+    for ee, ff_arm, ef in ((eec, ffc, efc), (ees, ffs, efs)):
+        reduced = np.maximum(ee - 2 * theta * ef + theta * theta * ff_arm, 0.0)
+        factors.append(np.where(ee > 0, reduced / np.where(ee > 0, ee, 1.0), 1.0))
+    return theta * (qc - qs), factors[0], factors[1]
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def _log_phi(x: Any) -> Any:
+    """log of the standard normal CDF, for x >= 0 (numpy has no erf)."""
+    tail = np.asarray(_erfc(np.asarray(x, dtype=float) / math.sqrt(2)), dtype=float)
+    return np.log1p(-0.5 * tail)
+
+
+def _one_sided_z(r: Any, alpha: float) -> Any:
+    """The one-sided mixture's boundary as a z-score: the u > 0 at which
+    Lambda+ = 2 sqrt(1 - r) exp(u^2 r / 2) Phi(u sqrt(r)) reaches 1 / alpha, r = tau^2 /
+    (V + tau^2). Lambda+ is the likelihood ratio mixed over a half-normal (the lift on one
+    side of 0 only), a martingale under H0, so P(ever >= 1 / alpha) <= alpha (Ville).
+
+    u solves u^2 = (2 log(1 / (2 alpha)) - log(1 - r) - 2 log Phi(u sqrt(r))) / r; the right side
+    falls as u grows, so from u0 (Phi taken as 1, below the root) each step jumps across the
+    root: odd steps land above it. Three steps end above it (a conservative, valid bound)
+    and within ~1e-6 of it (Phi(u sqrt(r)) is near 1 there)."""
+    base = 2 * math.log(1 / (2 * alpha)) - np.log1p(-r)
+    u = np.sqrt(np.maximum(base, 0.0) / r)
+    for _ in range(3):
+        u = np.sqrt(np.maximum(base - 2 * _log_phi(u * np.sqrt(r)), 0.0) / r)
+    return u
+
+
 def _advance(
     binary: bool,
     relative: bool,
     tau: float,
     alpha: float,
+    stop_alpha: float | None,
     min_samples: int,
     min_units: int,
     previous: tuple[Any, Any, Any],
     candidate: tuple[Any, ...],
     control: tuple[Any, ...],
+    covariates: tuple[Any, ...] | None = None,
 ) -> tuple[Any, ...]:
     """One look of the mSPRT on the difference in means, elementwise over numpy arrays:
     (p, low, high, counted, control_scale, why), the interval in absolute units. `previous`
     is (p, low, high); each arm is (n, sum, sum_sq, units, unit_sum_sq, unit_cross, unit_n_sq).
+    stop_alpha None: one two-sided test at alpha (the normal mixture); else the lower bound
+    is a one-sided test at alpha and the upper one at stop_alpha (half-normal mixtures).
+    covariates: (candidate's, control's) COVARIATE_MOMENTS, for CUPED.
 
     The one kernel behind `evaluate` (0-d arrays) and `evaluate_paths` (one column of
     experiments), so the simulations in tests and benchmarks run exactly this arithmetic."""
@@ -478,6 +672,10 @@ def _advance(
         # independent-outcome one times its design effect (cluster-robust over independent;
         # exactly 1 with one outcome per unit), see UnitMoments.
         effect_c, effect_s = _design_effect(*candidate), _design_effect(*control)
+        if covariates is not None:
+            shift, reduce_c, reduce_s = _cuped(candidate, control, covariates)
+            d = d - shift
+            effect_c, effect_s = effect_c * reduce_c, effect_s * reduce_s
         if binary:
             pc, ps = (sc + 1) / (nc + 2), (ss + 1) / (ns + 2)
             variance = pc * (1 - pc) / nc * effect_c + ps * (1 - ps) / ns * effect_s
@@ -503,14 +701,26 @@ def _advance(
         t2 = np.where(tau_abs > 0, tau_abs, 1.0) ** 2
         # log Lambda, with Lambda = sqrt(V / (V + tau^2)) exp(d^2 tau^2 / (2 V (V + tau^2)))
         log_lr = 0.5 * np.log(v / (v + t2)) + d * d * t2 / (2 * v * (v + t2))
+        if stop_alpha is None:
+            half_low = np.sqrt(v * (v + t2) / t2 * (2 * np.log(1 / alpha) + np.log((v + t2) / v)))
+            half_high = half_low
+        else:
+            # One side each: Lambda+- = 2 Lambda Phi(+-d tau / sqrt(V (V + tau^2))); the
+            # p-value is the smaller side's.
+            r = t2 / (v + t2)
+            log_lr = log_lr + math.log(2) + _log_phi(np.abs(d) * np.sqrt(r / v))
+            half_low = _one_sided_z(r, alpha) * np.sqrt(v)
+            half_high = (
+                half_low if stop_alpha == alpha else _one_sided_z(r, stop_alpha) * np.sqrt(v)
+            )
         p_now = np.where(exact, 0.0, np.exp(-np.maximum(log_lr, 0.0)))
-        half = np.sqrt(v * (v + t2) / t2 * (2 * np.log(1 / alpha) + np.log((v + t2) / v)))
-        half = np.where(exact, 0.0, half)
-        low = np.maximum(prev_low, d - half)
-        high = np.minimum(prev_high, d + half)
+        half_low = np.where(exact, 0.0, half_low)
+        half_high = np.where(exact, 0.0, half_high)
+        low = np.maximum(prev_low, d - half_low)
+        high = np.minimum(prev_high, d + half_high)
         contradicts = counted & (low > high)
-        low = np.where(contradicts, d - half, low)
-        high = np.where(contradicts, d + half, high)
+        low = np.where(contradicts, d - half_low, low)
+        high = np.where(contradicts, d + half_high, high)
         p = np.where(counted, np.minimum(prev_p, p_now), prev_p)
         low = np.where(counted, low, prev_low)
         high = np.where(counted, high, prev_high)

@@ -1,0 +1,167 @@
+"""A Ray head whose GCS keeps its tables in Redis (GCS fault tolerance), as cluster/*.yaml and
+cluster/kuberay/rayservice.yaml start it in production, with a redis-server of the test's own.
+
+Runs in its own pytest process (`make test` starts one): the integration suite's session
+fixture calls `ray.init` for a cluster of its own, and one process can join only one cluster.
+The redis-server (Debian package `redis-server`; .ci/run installs it) listens on a free
+loopback port with a password, keeps nothing on disk, and is killed with the cluster, also when
+a test fails. `HEADLOSS_WITHOUT_REDIS=1` starts the head without it (GCS tables in memory
+only), the control that shows what the test catches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.waiting import free_port, serve_deploy, wait_for_condition
+
+# A throwaway cluster of the test's own: token auth off (real clusters keep it on).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+NODE_CPUS = 4
+REDIS_PASSWORD = "headloss-redis-password-0123456789"
+STORAGE_NAMESPACE = "ray-rollout-headloss"
+
+
+class Redis:
+    """A redis-server process on 127.0.0.1:`port`, in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("tests/headloss needs redis-server (Debian: apt-get install redis-server)")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = directory / "redis.log"
+        # No persistence: Redis is the GCS's store here, and the test never restarts Redis.
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory),
+             "--save", "", "--appendonly", "no", "--requirepass", REDIS_PASSWORD,
+             "--logfile", str(self.log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_condition(self.ping, timeout_s=20, message="redis-server to answer PING")
+
+    def ping(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"redis-server exited: {self.log.read_text()[-2000:]}")
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "--no-auth-warning", "-a", REDIS_PASSWORD, "PING"],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        return result.stdout.strip() == "PONG"
+
+    def keys(self) -> int:
+        """How many keys Redis holds (the GCS's tables live under the storage namespace)."""
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "--no-auth-warning", "-a", REDIS_PASSWORD, "DBSIZE"],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        return int(result.stdout.strip() or 0)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class HeadLoss:
+    """The cluster (`ray.cluster_utils.Cluster`, one head node), its ports and its Redis."""
+
+    def __init__(self, cluster: Any, redis: Redis, http_port: int, dashboard_port: int) -> None:
+        self.cluster = cluster
+        self.redis = redis
+        self.http_port = http_port
+        self.dashboard_port = dashboard_port
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.gcs_down = False
+
+    @property
+    def head(self) -> Any:
+        return self.cluster.head_node
+
+    def kill_gcs(self) -> float:
+        """Kill the GCS server process (SIGKILL, as a crashed head process); the time it died."""
+        self.gcs_down = True
+        self.head.kill_gcs_server()
+        return time.monotonic()
+
+    def start_gcs(self) -> float:
+        """Start a new GCS server on the same port; it reloads its tables from Redis."""
+        self.head.start_gcs_server()
+        self.gcs_down = False
+        return time.monotonic()
+
+    def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> None:
+        serve_deploy(config, tmp_path, http_port=self.http_port, dashboard_port=self.dashboard_port)
+
+
+@pytest.fixture(scope="session")
+def headloss(tmp_path_factory):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.fail("tests/headloss needs its own pytest process (make test runs it apart)")
+    redis = Redis(tmp_path_factory.mktemp("redis"))
+    # What `ray start --head` reads on a production head (cluster/*.yaml): the GCS stores its
+    # tables in this Redis, under a namespace of the cluster's own.
+    saved = {k: os.environ.get(k) for k in ("RAY_REDIS_ADDRESS", "RAY_external_storage_namespace")}
+    if not os.environ.get("HEADLOSS_WITHOUT_REDIS"):  # the control: a GCS that keeps nothing
+        os.environ["RAY_REDIS_ADDRESS"] = redis.address
+        os.environ["RAY_external_storage_namespace"] = STORAGE_NAMESPACE
+    cluster = nodes = None
+    try:
+        dashboard_port, http_port = free_port(), free_port()
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": NODE_CPUS,
+                "num_gpus": 0,
+                "redis_password": REDIS_PASSWORD,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dashboard_port,
+            },
+        )
+        ray.init(
+            address=cluster.address,
+            _redis_password=REDIS_PASSWORD,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        wait_for_condition(
+            lambda: httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code == 200,
+            timeout_s=60, message="Ray dashboard",
+        )  # fmt: skip
+        nodes = HeadLoss(cluster, redis, http_port, dashboard_port)
+        yield nodes
+    finally:
+        try:
+            if cluster is not None:
+                try:
+                    # A test that failed while the GCS was down: Serve's shutdown would wait
+                    # for it; killing the processes (below) is enough then.
+                    if ray.is_initialized() and (nodes is None or not nodes.gcs_down):
+                        serve.shutdown()
+                finally:
+                    ray.shutdown()
+                    cluster.shutdown()
+        finally:
+            redis.stop()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
