@@ -76,6 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.config import LABEL_VALUE_PATTERN, format_validation_error, load_yaml, project_root
 from app.errors import ConfigError
+from app.ops.cli.admin_client import error_detail
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -485,10 +486,10 @@ class RegionClient:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise RegionUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from None
         if response.status_code == 409:
-            raise RegionRefused(f"{method} {url}: refused: {_detail(response)}")
+            raise RegionRefused(f"{method} {url}: refused: {error_detail(response)}")
         if response.status_code != 200:
             raise RegionUnreachable(
-                f"{method} {url}: HTTP {response.status_code}: {_detail(response)}"
+                f"{method} {url}: HTTP {response.status_code}: {error_detail(response)}"
             )
         try:
             data = response.json()
@@ -531,21 +532,13 @@ class RegionClient:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise RegionUnreachable(f"PUT {url}: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
-            raise RegionUnreachable(f"PUT {url}: HTTP {response.status_code}: {_detail(response)}")
+            raise RegionUnreachable(
+                f"PUT {url}: HTTP {response.status_code}: {error_detail(response)}"
+            )
 
 
 class RegionRefused(RegionUnreachable):
     """The region answered 409: the command does not fit its rollout's phase."""
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text.strip()[:200]
-    if isinstance(data, dict) and "error" in data:
-        return str(data["error"])
-    return json.dumps(data)[:200]
 
 
 def _actor() -> str:

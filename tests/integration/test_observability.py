@@ -30,10 +30,7 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,7 @@ from app.observability.metrics import METRICS, exported_names, names_in_promql
 from tests.support.loadgen import Load
 from tests.support.serving import APP, infer_body, model_config, serve_config
 from tests.support.waiting import free_port, wait_for_condition
+from tests.support.webhooks import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -95,41 +93,15 @@ class Prometheus:
         return [a for a in alerts if a["labels"]["alertname"] == alert and a["state"] == "firing"]
 
 
-class AlertReceiver:
+class AlertReceiver(WebhookReceiver):
     """The webhook Alertmanager posts to: every notification, with the path (the receiver's
     name) and the time it arrived."""
 
-    def __init__(self) -> None:
-        self.notifications: list[tuple[str, float, dict[str, Any]]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
-                outer.notifications.append((self.path, time.time(), body))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
     def received(self, alert: str, path: str = "/rollout-page") -> list[tuple[float, dict]]:
         """(arrival time, alert) for each firing `alert` delivered on `path`."""
-        return [(at, a) for p, at, body in list(self.notifications) if p == path
-                for a in body["alerts"]
+        return [(r["at"], a) for r in list(self.requests) if r["path"] == path
+                for a in r["body"]["alerts"]
                 if a["labels"]["alertname"] == alert and a["status"] == "firing"]  # fmt: skip
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def _epoch(rfc3339: str) -> float:

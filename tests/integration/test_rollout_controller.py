@@ -15,7 +15,7 @@ import pytest
 from tests.support import loadgen
 from tests.support.serving import APP, forget_rollouts, infer_body, model_config, serve_config
 from tests.support.waiting import wait_for_condition
-from tests.unit.test_notify import Receiver
+from tests.support.webhooks import WebhookReceiver as Receiver
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from app.rollout.notify import (
     slack_message,
 )
 from app.rollout.plan import ControllerUserConfig
+from tests.support.webhooks import WebhookReceiver as Receiver
 
 T0 = 1_765_000_000.0
 CONTEXT = {"candidate": "v2", "stable": "v1", "strategy": "canary", "plan": "d2999d4d"}
@@ -48,52 +47,6 @@ def event(frm: str, to: str, reason: str, *, step: int = 0, weight: float = 10.0
 ROLLED_BACK = event("progressing", "rolled_back",
                     "rolled back: gate max_error_rate failed: error rate 6/10 > 0.05",
                     step=2, weight=0.0, gates=READINGS)  # fmt: skip
-
-
-class Receiver:
-    """A webhook receiver: records every request; answers from a script, then 200."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.script: list[tuple[int, dict[str, str]]] = []
-        self.release = threading.Event()
-        self.release.set()
-        self.arrived = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                length = int(self.headers.get("content-length", 0))
-                body = json.loads(self.rfile.read(length))
-                outer.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                       "body": body})  # fmt: skip
-                outer.arrived.set()
-                outer.release.wait(30)
-                status, headers = outer.script.pop(0) if outer.script else (200, {})
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
-        return [r["body"] for r in self.requests if path is None or r["path"] == path]
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture

@@ -10,7 +10,15 @@ import httpx
 from app.rollout.machine import OPERATOR_COMMANDS, command_path
 from app.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
-__all__ = ["ADMIN_PATH", "COMMAND_PATHS", "DEFAULT_URL", "URL_ENV", "AdminClient", "AdminError"]
+__all__ = [
+    "ADMIN_PATH",
+    "COMMAND_PATHS",
+    "DEFAULT_URL",
+    "URL_ENV",
+    "AdminClient",
+    "AdminError",
+    "error_detail",
+]
 
 URL_ENV = "ROLLOUT_URL"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -80,9 +88,9 @@ class AdminClient:
         if code == 404:
             raise AdminError(ADMIN_OFF, 2)
         if code == 409:
-            raise AdminError(_error_detail(response) or f"{where}: refused (HTTP 409)", 1)
+            raise AdminError(error_detail(response) or f"{where}: refused (HTTP 409)", 1)
         if code != 200:
-            detail = _error_detail(response)
+            detail = error_detail(response)
             raise AdminError(f"{where}: HTTP {code}" + (f": {detail}" if detail else ""), 2)
         try:
             data = response.json()
@@ -94,7 +102,7 @@ class AdminClient:
         return data
 
 
-def _error_detail(response: Any) -> str:
+def error_detail(response: Any) -> str:
     """The server's `{"error": ...}`, else the start of its body."""
     try:
         data = response.json()
