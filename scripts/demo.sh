@@ -56,10 +56,17 @@ if "$BIN/ray" status >/dev/null 2>&1; then
   echo "Reusing the Ray cluster that is already running (the rollout admin API works only if"
   echo "it was started with ROLLOUT_ADMIN_TOKEN_FILE=$ROLLOUT_ADMIN_TOKEN_FILE in its environment)."
 else
+  # Served as in production (app/ops/serving_mode.py): HAProxy on :8000 in front of the Router
+  # replica's own HTTP server (Serve's direct ingress); Serve's Python proxy stays on :8500 for
+  # apps with no running Router. HAProxy's files go in a folder of this demo's own (short:
+  # HAProxy caps socket paths), so a second cluster on the machine keeps its own.
+  HAPROXY_STATE=/tmp/rr-demo-$(id -u)
+  mkdir -p "$HAPROXY_STATE"
+  eval "$("$BIN/python" -m app.ops.serving_mode --state-dir "$HAPROXY_STATE")"
   "$BIN/ray" start --head --dashboard-host=127.0.0.1 --disable-usage-stats >"$STATE/ray-start.log" 2>&1 \
     || { cat "$STATE/ray-start.log"; exit 1; }
   touch "$STATE/started-ray"
-  echo "Started a local Ray head (log: $STATE/ray-start.log)."
+  echo "Started a local Ray head, served by HAProxy on :8000 (log: $STATE/ray-start.log)."
 fi
 
 step 2 "rollout validate serve_config.yaml (schema, model configs, checksums, smoke inference)"

@@ -15,6 +15,10 @@ from pydantic import (
 
 from app.config._base import NAME_PATTERN, SHA256_PATTERN, StrictModel
 
+# Serve 2.60's default push interval for autoscaling metrics (ray.serve.config
+# DEFAULT_METRICS_INTERVAL_S); app.config does not import Ray.
+DEFAULT_METRICS_INTERVAL_S = 10.0
+
 
 class Resources(StrictModel):
     """Ray resources for each replica of a version."""
@@ -42,12 +46,50 @@ class Resources(StrictModel):
 
 
 class Autoscaling(StrictModel):
-    """Serve autoscaling bounds for a version's replicas."""
+    """Serve autoscaling for a version's replicas: bounds, target load, and how fast Serve reacts.
+
+    The timing fields default to Serve's own defaults (Ray 2.60 `AutoscalingConfig`): a version
+    scales up after 30 s of sustained load and down after 10 minutes of less. Each Router
+    replica's handle to the version samples its ongoing requests and pushes them to Serve's
+    controller every `metrics_interval_s`; the controller averages them over
+    `look_back_period_s` and acts once the same decision has held for the delay. So the time to
+    scale up is about metrics_interval_s + upscale_delay_s + a replica's start, and the fields
+    that make a test or a spiky workload scale in seconds are the four below (see
+    docs/configuration.md#autoscaling).
+    """
 
     min_replicas: int = Field(default=1, ge=0, description="Replicas kept even when idle.")
     max_replicas: int = Field(default=1, ge=1, description="Upper bound on replicas.")
     target_ongoing_requests: float = Field(
         default=2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How long the load must call for more replicas before Serve adds them, in s.",
+    )
+    downscale_delay_s: float = Field(
+        default=600.0,
+        ge=0,
+        le=86_400,
+        description="How long the load must call for fewer replicas before Serve removes them, "
+        "in s (never below min_replicas).",
+    )
+    look_back_period_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Window over which the ongoing-request samples are averaged, in s.",
+    )
+    metrics_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="How often each caller's handle (and replica) pushes its load samples to "
+        "Serve's controller, in s. Serve 2.60 marks this field deprecated (a future release "
+        "replaces it with environment variables) but it is the only push interval it reads; "
+        "a value other than 10 makes Serve log a DeprecationWarning where it builds the config.",
     )
 
     @model_validator(mode="after")
@@ -59,12 +101,32 @@ class Autoscaling(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _window_longer_than_push(self) -> Autoscaling:
+        # A window no longer than the push interval averages one sample at most, so a single
+        # late push swings the decision; Serve 2.60 warns and says a later release will refuse it.
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                f"look_back_period_s ({self.look_back_period_s:g}) must be greater than "
+                f"metrics_interval_s ({self.metrics_interval_s:g})"
+            )
+        return self
+
     def serve_config(self) -> dict[str, Any]:
-        return {
+        """Serve's `autoscaling_config` for the version's deployment."""
+        config: dict[str, Any] = {
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
         }
+        # Left out at Serve's default, so that Serve warns about the deprecated field only for
+        # a config that changes it.
+        if self.metrics_interval_s != DEFAULT_METRICS_INTERVAL_S:
+            config["metrics_interval_s"] = self.metrics_interval_s
+        return config
 
 
 class Batching(StrictModel):

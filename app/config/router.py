@@ -3,6 +3,7 @@ its breaker, cache, drift tracker and access log."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 from pydantic import (
@@ -57,6 +58,26 @@ class CacheSettings(StrictModel):
     )
 
 
+class MicroBatchSettings(StrictModel):
+    """Router -> model micro-batching (app/serving/coalesce.py): while a version already has
+    `max_calls_in_flight` calls out from this router, further requests for it wait for one of
+    them to come back and then leave together as one call (`ModelServer.infer_many`), at most
+    `max_batch_size` to a call. Each request keeps its own deadline, breaker verdict, fallback,
+    shadow copy and error; the replica batches them into forward passes as before."""
+
+    enabled: bool = Field(
+        default=False, description="Coalesce concurrent requests for one version when it is busy."
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, le=1024, description="Most requests one call to a version carries."
+    )
+    max_calls_in_flight: int = Field(
+        default=2, ge=1, le=1024,
+        description="Calls per version this router keeps out before it holds new requests to "
+        "coalesce them; below it a request leaves at once, alone (no added latency).",
+    )  # fmt: skip
+
+
 class DriftSettings(StrictModel):
     """Where scores are binned and over how long they are compared (router builder args)."""
 
@@ -96,6 +117,93 @@ class AccessLogSettings(StrictModel):
     max_payload_chars: int = Field(
         default=2000, ge=16, le=1_000_000, description="Longest logged payload, in characters."
     )
+
+
+class CaptureSettings(StrictModel):
+    """Router builder args `router.capture`: whether live requests are sampled to disk, how many,
+    how big, how long they are kept, and what is dropped or hashed first. Off by default: request
+    bodies may hold personal data."""
+
+    enabled: bool = Field(default=False, description="Sample live requests to `directory`.")
+    directory: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Where samples go (`{directory}/{model}/*.jsonl`); required when enabled. "
+        "A shared filesystem when the Router has replicas on several nodes.",
+    )
+    sample_rate: float = Field(
+        default=0.01, ge=0.0, le=1.0, description="Share of answered user requests offered."
+    )
+    max_records_per_s: float = Field(
+        default=20.0,
+        gt=0,
+        le=100_000,
+        description="Records each Router replica may capture per second (a token bucket of "
+        "that many tokens); more are skipped and counted.",
+    )
+    max_record_bytes: int = Field(
+        default=256 * 1024,
+        ge=256,
+        le=64 * 1024 * 1024,
+        description="Largest record kept, in bytes (the body as received, then the encoded "
+        "line); bigger ones are skipped and counted.",
+    )
+    max_file_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=4096, description="A writer starts a new file above this."
+    )
+    max_files: int = Field(
+        default=8,
+        ge=1,
+        le=10_000,
+        description="Files kept per model (oldest deleted): at most max_files x max_file_bytes "
+        "on disk per model.",
+    )
+    max_queue_records: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Records waiting for the writer thread (memory: at most this many x "
+        "max_record_bytes); more are dropped and counted.",
+    )
+    drop_fields: tuple[str, ...] = Field(
+        default=(),
+        description="V2 input tensors and request `parameters` keys removed before storing.",
+    )
+    hash_fields: tuple[str, ...] = Field(
+        default=(),
+        description="V2 input tensors and request `parameters` keys replaced by HMAC-SHA256 "
+        "hex digests (salt: $ROLLOUT_CAPTURE_SALT or the file named by "
+        "$ROLLOUT_CAPTURE_SALT_FILE).",
+    )
+
+    @model_validator(mode="after")
+    def _directory_when_enabled(self) -> CaptureSettings:
+        if self.enabled and self.directory is None:
+            raise ValueError("directory is required when enabled is true")
+        return self
+
+    @model_validator(mode="after")
+    def _record_fits_a_file(self) -> CaptureSettings:
+        if self.max_record_bytes > self.max_file_bytes:
+            raise ValueError(
+                f"max_record_bytes ({self.max_record_bytes}) must be at most max_file_bytes "
+                f"({self.max_file_bytes})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _field_names(self) -> CaptureSettings:
+        for name, fields in (("drop_fields", self.drop_fields), ("hash_fields", self.hash_fields)):
+            for value in fields:
+                if not value:
+                    raise ValueError(f"{name}: a field name must not be empty")
+            repeated = sorted(n for n, count in Counter(fields).items() if count > 1)
+            if repeated:
+                raise ValueError(f"{name}: {repeated} listed more than once")
+        both = sorted(set(self.drop_fields) & set(self.hash_fields))
+        if both:
+            raise ValueError(f"drop_fields and hash_fields both name {both}; choose one")
+        return self
 
 
 class RouterSettings(StrictModel):
@@ -147,6 +255,10 @@ class RouterSettings(StrictModel):
     access_log: AccessLogSettings = Field(
         default_factory=AccessLogSettings,
         description="One structured log record per inference (app/observability/access_log.py).",
+    )
+    capture: CaptureSettings = Field(
+        default_factory=CaptureSettings,
+        description="A sample of answered requests for load replays (app/serving/capture.py).",
     )
     drift: DriftSettings = Field(
         default_factory=DriftSettings,

@@ -13,7 +13,7 @@ from pydantic import (
 )
 
 from app.config._base import NAME_PATTERN, StrictModel
-from app.config.router import BreakerSettings, CacheSettings
+from app.config.router import BreakerSettings, CacheSettings, MicroBatchSettings
 from app.messages import SHADOW_DECLARED
 
 
@@ -50,6 +50,7 @@ class TrafficConfig(StrictModel):
     shadow: ShadowRule | None = Field(default=None, description="Shadow traffic, if any.")
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    microbatch: MicroBatchSettings = Field(default_factory=MicroBatchSettings)
     pinnable: list[str] = Field(
         default_factory=list,
         description="Versions any client may pin while they take no weighted traffic (a "

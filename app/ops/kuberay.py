@@ -53,6 +53,7 @@ from app.config import REGION_LABEL, load_yaml, project_root
 from app.errors import ConfigError
 from app.ops.overlay import load_overlay, overlay_path, render
 from app.ops.placement import load_launcher, node_types
+from app.ops.serving_mode import serving_env
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -118,7 +119,12 @@ def _container(
     return {
         "name": name,
         "image": image,
-        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+        # Served by HAProxy in front of each Router replica's own server (direct ingress), on
+        # every node's SERVE_PORT: app/ops/serving_mode.py.
+        "env": [
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            *({"name": k, "value": v} for k, v in serving_env().items()),
+        ],
         "resources": {"limits": limits, "requests": dict(limits)},
         # The router's admin token, as a file (ROLLOUT_ADMIN_TOKEN_FILE in serveConfigV2).
         "volumeMounts": [{"name": "admin-token", "mountPath": ADMIN_MOUNT, "readOnly": True}],

@@ -24,6 +24,17 @@ class Cluster:
         self.url = f"http://127.0.0.1:{http_port}"
         self.client = httpx.Client(base_url=self.url, timeout=60)
         self.admin_token: str | None = None
+        self.haproxy_state: Path | None = None  # this cluster's HAProxy files, when it has HAProxy
+
+    def router_url(self, app: str = APP, timeout_s: float = 60) -> str:
+        """The base URL of one Router replica's own HTTP server (direct ingress: what HAProxy
+        forwards to), once Serve has given the replica its port."""
+        from app import ray_compat
+
+        targets = wait_for_condition(lambda: ray_compat.ingress_targets(app), timeout_s,
+                                     message=f"a direct-ingress port for {app}")  # fmt: skip
+        # On one node the replica's server listens on loopback whatever IP it advertises.
+        return f"http://127.0.0.1:{targets[0][1]}"
 
     def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess:
         """Run the real `serve deploy` CLI on `config` (written as YAML)."""

@@ -23,6 +23,10 @@ __all__ = ["free_port", "handle_call", "serve_deploy", "wait_for_condition"]
 # ("Failed to bind to address", seen once on a 16-core box). So pick between the two.
 _LOWEST = 20_000
 _handed_out: set[int] = set()
+# Serve's direct ingress gives each ingress replica an HTTP port from this range
+# (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT): a port handed out from it could be taken by a
+# Router replica before the test binds it.
+_DIRECT_INGRESS_PORTS = (30_000, 31_000)
 
 
 def _ephemeral_low() -> int:
@@ -34,14 +38,14 @@ def _ephemeral_low() -> int:
 
 def free_port() -> int:
     """A loopback port that is free now and that a Ray cluster started next will not take for
-    itself (outside the ephemeral range and Ray's worker ports); never the same one twice in a
-    process."""
+    itself (outside the ephemeral range, Ray's worker ports and Serve's direct-ingress ports);
+    never the same one twice in a process."""
     highest = _ephemeral_low() - 1
     candidates = random.Random().sample(
         range(_LOWEST, highest + 1), k=min(200, max(0, highest + 1 - _LOWEST))
     )
     for port in candidates:
-        if port in _handed_out:
+        if port in _handed_out or _DIRECT_INGRESS_PORTS[0] <= port <= _DIRECT_INGRESS_PORTS[1]:
             continue
         with socket.socket() as s:
             try:

@@ -54,8 +54,10 @@ ALPHA = 1e-9  # the chance that a correct implementation fails the share test, p
 
 
 def split(stable: str, candidates: dict[str, float]) -> dict[str, float]:
-    """Weights as the controller writes them: the stable version takes what is left."""
-    return {stable: 100.0 - sum(candidates.values()), **candidates}
+    """Weights as the controller writes them: the stable version takes what is left, summed
+    as BucketMap.build sums it (fsum: with a plain sum the stable weight can differ in its last
+    bit, enough to flip a tie of two half-bucket remainders: 27.665/0.05/72.28 around 0.005)."""
+    return {stable: 100.0 - math.fsum(candidates.values()), **candidates}
 
 
 @st.composite
@@ -201,6 +203,9 @@ def test_a_keyed_request_goes_to_its_buckets_owner_without_a_random_draw(key, ro
 
 @settings(derandomize=True, deadline=None, max_examples=200)
 @given(rollout=rollouts(), data=st.data())
+@example(rollout=("stable", {"canary": 72.28, "a": 27.665, "b": 0.05}), data=None).via(
+    "a half-bucket tie that a plain sum of the candidates flipped"
+)
 def test_bucket_counts_sum_exactly_and_round_each_quota(rollout, data):
     stable, candidates = rollout
     weights = split(stable, candidates)
@@ -211,7 +216,8 @@ def test_bucket_counts_sum_exactly_and_round_each_quota(rollout, data):
         assert abs(counts[version] - weight * BUCKETS / total) < 1 + 1e-9, version
         if weight == 0:
             assert counts[version] == 0, version
-    shuffled = dict(data.draw(st.permutations(list(weights.items())), label="order"))
+    items = list(weights.items())
+    shuffled = dict(data.draw(st.permutations(items), label="order") if data else items[::-1])
     assert bucket_counts(shuffled) == counts
     bucket_map = BucketMap.build(shuffled, stable)
     assert bucket_map == BucketMap.build(weights, stable)

@@ -143,6 +143,15 @@ def test_the_head_keeps_the_gcs_in_an_external_redis(path):
     assert managed in text, f"{path.name}: say where the GCS's Redis comes from"
 
 
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_every_node_serves_through_haproxy_and_direct_ingress(path):
+    """HAProxy on every node's Serve port, in front of each Router replica's own server
+    (app/ops/serving_mode.py): set on every `ray start`, head and workers, since each node runs
+    its own HAProxy and Serve reads the flag in every process."""
+    for command in start_commands(load_launcher(path)):
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1 " in command, command
+
+
 # ------------------------------------------------------------- setup: code and dependencies
 
 

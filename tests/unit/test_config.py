@@ -58,10 +58,14 @@ def test_autoscaling_max_below_min_names_both_values():
 
 
 def test_autoscaling_bounds():
+    # Serve's own timing defaults, spelled out; the deprecated push interval only when changed.
     assert Autoscaling(min_replicas=3, max_replicas=3).serve_config() == {
         "min_replicas": 3,
         "max_replicas": 3,
         "target_ongoing_requests": 2.0,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
+        "look_back_period_s": 30.0,
     }
     assert Autoscaling(min_replicas=0, max_replicas=1).min_replicas == 0
     assert "here: min_replicas: Input should be greater than or equal to 0" in errors_of(
@@ -73,6 +77,70 @@ def test_autoscaling_bounds():
     assert "here: target_ongoing_requests: Input should be greater than 0" in errors_of(
         Autoscaling, {"target_ongoing_requests": 0}
     )
+
+
+def test_autoscaling_timing_passes_through_to_serve():
+    fast = Autoscaling(
+        min_replicas=1, max_replicas=3, upscale_delay_s=1, downscale_delay_s=0,
+        look_back_period_s=2, metrics_interval_s=0.5,
+    )  # fmt: skip
+    assert fast.serve_config() == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 2.0,
+        "upscale_delay_s": 1.0,
+        "downscale_delay_s": 0.0,
+        "look_back_period_s": 2.0,
+        "metrics_interval_s": 0.5,
+    }
+
+
+def test_autoscaling_config_is_one_serve_accepts():
+    """What serve_config() returns is a valid Serve AutoscalingConfig with the same values (Ray's
+    pydantic model, no cluster), so a field name that Serve does not know fails here."""
+    from ray.serve.config import AutoscalingConfig
+
+    fast = Autoscaling(max_replicas=3, upscale_delay_s=1, downscale_delay_s=2,
+                       look_back_period_s=2, metrics_interval_s=0.5)  # fmt: skip
+    with pytest.warns(DeprecationWarning, match="metrics_interval_s"):
+        serve = AutoscalingConfig(**fast.serve_config())
+    assert (serve.upscale_delay_s, serve.downscale_delay_s) == (1.0, 2.0)
+    assert (serve.look_back_period_s, serve.metrics_interval_s) == (2.0, 0.5)
+    default = AutoscalingConfig(**Autoscaling().serve_config())  # no warning: nothing changed
+    assert default.metrics_interval_s == 10.0
+
+
+def test_autoscaling_timing_bounds_name_the_field():
+    assert "here: upscale_delay_s: Input should be greater than or equal to 0" in errors_of(
+        Autoscaling, {"upscale_delay_s": -1}
+    )
+    assert "here: downscale_delay_s: Input should be greater than or equal to 0" in errors_of(
+        Autoscaling, {"downscale_delay_s": -0.5}
+    )
+    assert "here: look_back_period_s: Input should be greater than 0" in errors_of(
+        Autoscaling, {"look_back_period_s": 0}
+    )
+    assert "here: metrics_interval_s: Input should be greater than 0" in errors_of(
+        Autoscaling, {"metrics_interval_s": 0}
+    )
+    # A misspelt field is refused by name, not ignored.
+    assert "here: upscale_delay: Extra inputs are not permitted" in errors_of(
+        Autoscaling, {"upscale_delay": 1}
+    )
+
+
+def test_autoscaling_window_must_outlast_push_interval():
+    with pytest.raises(
+        ValidationError,
+        match=re.escape("look_back_period_s (2) must be greater than metrics_interval_s (10)"),
+    ):
+        Autoscaling(look_back_period_s=2)  # the push interval left at Serve's 10 s
+    with pytest.raises(
+        ValidationError,
+        match=re.escape("look_back_period_s (1) must be greater than metrics_interval_s (1)"),
+    ):
+        Autoscaling(look_back_period_s=1, metrics_interval_s=1)
+    assert Autoscaling(look_back_period_s=1.5, metrics_interval_s=1).look_back_period_s == 1.5
 
 
 def test_resources_actor_options_and_threads():

@@ -122,6 +122,18 @@ def test_the_gcs_keeps_its_tables_in_an_external_redis():
     assert "password:" not in MANIFEST.read_text().replace("redisPassword:", "")
 
 
+def test_every_ray_container_serves_through_haproxy_and_direct_ingress():
+    """Head and every worker group: HAProxy on the Serve port in front of each Router
+    replica's own server (app/ops/serving_mode.py); each node runs its own HAProxy."""
+    manifest, *_policies = yaml.safe_load_all(MANIFEST.read_text())
+    spec = manifest["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", container["name"]
+
+
 # ------------------------------------------------------------------------ NetworkPolicies
 
 

@@ -19,12 +19,25 @@ PRIVATE_SYMBOLS = [
     ("ray._private.worker", "_global_node"),
     ("ray.serve.exceptions", "BackPressureError"),
     ("ray.exceptions", "RayActorError"),
+    ("ray.serve._private.constants", "SERVE_CONTROLLER_NAME"),
+    ("ray.serve._private.constants", "SERVE_NAMESPACE"),
+    ("ray.serve._private.controller", "ServeController"),
 ]
 
 
 @pytest.mark.parametrize(("module", "name"), PRIVATE_SYMBOLS)
 def test_private_ray_symbol_exists(module, name):
     assert hasattr(importlib.import_module(module), name), f"{module}.{name} is gone"
+
+
+def test_serve_controller_lists_ingress_targets_for_a_proxy_manager():
+    """`ingress_targets` asks the controller what it tells HAProxy: the method and its
+    `from_proxy_manager` argument must still be there."""
+    import inspect
+
+    controller = importlib.import_module("ray.serve._private.controller").ServeController
+    parameters = list(inspect.signature(controller.get_target_groups).parameters)
+    assert parameters[1:3] == ["app_name", "from_proxy_manager"]
 
 
 def test_serve_handle_options_take_by_reference():

@@ -7,6 +7,7 @@
     rollout render [CONFIG] --region R [-o FILE]       the region's serve config (overlay merged)
     rollout kuberay [CONFIG] --region R [-o F|--check F]  the KubeRay RayService manifest
     rollout bench NAME [ARGS]                          python -m bench.NAME, from the checkout
+    rollout capture export|import|stats --dir D --model M   the traffic sample (capture.py)
 
 Rollout control talks to the router's admin API over HTTP (`--url`, default $ROLLOUT_URL or
 http://127.0.0.1:8000) with a bearer token (`--token`, default $ROLLOUT_ADMIN_TOKEN or the
@@ -348,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.ops.cli.waves import add_waves_commands
 
     add_waves_commands(commands)
+
+    from app.ops.cli.capture import add_capture_commands
+
+    add_capture_commands(commands)
 
     common = _admin_options()
     status = commands.add_parser(
