@@ -159,6 +159,15 @@ def main() -> int:
         + (f" with v2 hot-patched to {WORSE_V2}" if args.worse else ""),
         flush=True,
     )
+    # The rollout (re)started by this declaration publishes a new traffic generation: until the
+    # controller shows one, what it reports is the previous rollout (a rehearsal right after
+    # `make demo` would otherwise read that one's "succeeded" and stop at once).
+    with httpx.Client(base_url=args.url, timeout=10) as client:
+        before = (
+            client.get("/admin/rollout", headers=headers).json().get("generation")
+            if token
+            else None
+        )
     serve_deploy(declare_plan(declared, plan), args.dashboard, state / "serve_config.rollout.yaml")
     started = time.monotonic()
     onset = rolled_back = paused_since = None
@@ -167,6 +176,9 @@ def main() -> int:
         while time.monotonic() - started < args.timeout:
             weights = client.get("/status", headers=headers).json()["weights"]
             status = client.get("/admin/rollout", headers=headers).json() if token else {}
+            if token and status.get("generation") == before:
+                time.sleep(0.1)  # the new declaration has not reached the controller yet
+                continue
             phase = status.get("phase", "?")
             if onset is None and weights.get("v2", 0) > 0:
                 onset = time.monotonic()
