@@ -34,6 +34,7 @@ from app.config.app import (
 from app.config.io import (
     config_hash,
     format_validation_error,
+    load_checked,
     load_model_config,
     load_yaml,
     project_root,
@@ -86,6 +87,7 @@ __all__ = [
     "config_hash",
     "format_validation_error",
     "load_app_args",
+    "load_checked",
     "load_model_config",
     "load_version_args",
     "load_yaml",

@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import (
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
 from app.config.model import ModelConfig
 from app.errors import ConfigError
+
+Checked = TypeVar("Checked", bound=BaseModel)
 
 
 def config_hash(user_config: Any) -> str:
@@ -52,12 +52,26 @@ def load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
 
 
-def load_model_config(path: Path | str) -> ModelConfig:
+def load_checked(
+    path: Path | str,
+    model: type[Checked],
+    shape: str,
+    *,
+    error: type[ConfigError] = ConfigError,
+    extra: dict[str, Any] | None = None,
+) -> Checked:
+    """The YAML file at `path` as `model` (with `extra` fields added): `error` naming the file
+    when it cannot be read, is not YAML, is not a mapping (`shape` says what it must be), or
+    fails the schema (naming the field)."""
     path = Path(path)
     data = load_yaml(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a mapping of fields, got {type(data).__name__}")
+        raise error(f"{path}: must be {shape}, got {type(data).__name__}")
     try:
-        return ModelConfig.model_validate({**data, "source": str(path)})
+        return model.model_validate({**data, **(extra or {})})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+        raise error(format_validation_error(exc, str(path))) from None
+
+
+def load_model_config(path: Path | str) -> ModelConfig:
+    return load_checked(path, ModelConfig, "a mapping of fields", extra={"source": str(path)})

@@ -37,12 +37,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import (
     LABEL_VALUE_PATTERN,
-    format_validation_error,
-    load_yaml,
+    load_checked,
     project_root,
 )
 from app.errors import ConfigError
@@ -125,13 +124,8 @@ def region_overlays(root: Path | None = None) -> list[Path]:
 
 def load_overlay(path: Path | str) -> RegionOverlay:
     path = Path(path)
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a mapping with region, clusters, serve")
-    try:
-        overlay = RegionOverlay.model_validate({**data, "source": str(path)})
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+    overlay = load_checked(path, RegionOverlay, "a mapping with region, clusters, serve",
+                           extra={"source": str(path)})  # fmt: skip
     if path.stem != overlay.region:
         raise ConfigError(
             f"{path}: region: {overlay.region!r} does not match the file name {path.name!r}"

@@ -72,9 +72,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.config import LABEL_VALUE_PATTERN, format_validation_error, load_yaml, project_root
+from app.config import (
+    LABEL_VALUE_PATTERN,
+    load_checked,
+    load_yaml,
+    project_root,
+)
 from app.errors import ConfigError
 from app.ops.cli.admin_client import error_detail
 
@@ -205,14 +210,8 @@ class RegionTarget:
 
 def load_waves(path: Path | str) -> WavesSpec:
     """The waves file, checked against the schema (errors name the file and the field)."""
-    path = Path(path)
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise WavesConfigError(f"{path}: must be a mapping with name, on_failure, waves")
-    try:
-        return WavesSpec.model_validate(data)
-    except ValidationError as exc:
-        raise WavesConfigError(format_validation_error(exc, str(path))) from None
+    return load_checked(path, WavesSpec, "a mapping with name, on_failure, waves",
+                        error=WavesConfigError)  # fmt: skip
 
 
 def resolve_waves(
