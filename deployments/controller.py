@@ -21,12 +21,13 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, cast
 
 from ray import serve
 
 from app import ray_compat
+from app.adapters.base import TensorSpec
 from app.config import version_app_name
 from app.constants import (
     DEFAULT_TICK_INTERVAL_S,
@@ -39,7 +40,7 @@ from app.constants import (
     PROMETHEUS_MIN_INTERVAL_S,
     RATE_WINDOW_S,
 )
-from app.errors import CommandRefused, Fenced, Unavailable
+from app.errors import CommandRefused, Fenced, InvalidInput, Unavailable
 from app.messages import (
     FeedbackHint,
     ServedAnswer,
@@ -67,10 +68,19 @@ from app.rollout import (
 from app.rollout.feedback import (
     FeedbackDesk,
 )
+from app.rollout.loadstage import (
+    REPLAY_GATE,
+    LoadRecorder,
+    LoadResult,
+    send_offsets,
+    stage_failure,
+)
 from app.rollout.notify import Notifier
-from app.rollout.plan import ControllerUserConfig, RolloutPlan
+from app.rollout.plan import ControllerUserConfig, LoadStage, LoadTest, RolloutPlan
 from app.rollout.prometheus import PrometheusUnavailable, query_scalar
 from app.rollout.timeline import Timeline
+from app.serving.capture import SampleStats, iter_sample
+from app.serving.protocol import check_request, decode_body
 from deployments.store import Claim, Fence, GcsStore, RolloutStore, StoreBusy
 
 logger = logging.getLogger("ray.serve")
@@ -109,6 +119,99 @@ class Readiness(NamedTuple):
     at: float  # the controller's steady clock
 
 
+def _request(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stored V2 body as `infer(inputs, parameters)` takes it, checked against its own
+    tensors (a sample is read without the model's config; the candidate checks the rest)."""
+    specs = [
+        TensorSpec(name=t["name"], datatype=t["datatype"], shape=tuple(t["shape"]))
+        for t in document["inputs"]
+    ]
+    outputs = [
+        TensorSpec(name=o["name"], datatype="BYTES", shape=(-1,))
+        for o in document.get("outputs") or ()
+        if isinstance(o, dict) and isinstance(o.get("name"), str)
+    ]
+    raw = decode_body(json.dumps(document).encode(), header_length=None)
+    parsed = check_request(raw, specs, outputs)
+    return parsed.inputs, parsed.parameters
+
+
+def load_requests(
+    directory: str, model: str, limit: int
+) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], SampleStats]:
+    """Up to `limit` of the model's sample records, decoded; records that do not decode are
+    counted in the stats as corrupt. Blocking (file reads): call it off the event loop."""
+    stats = SampleStats()
+    requests = []
+    for record in iter_sample(directory, model, limit, stats):
+        try:
+            requests.append(_request(record.request))
+        except (InvalidInput, ValueError, KeyError, TypeError) as exc:
+            stats.corrupt += 1
+            if stats.first_error is None:
+                stats.first_error = f"record captured at {record.captured_at}: {exc}"
+    return requests, stats
+
+
+# What the load stage calls: one version's `infer(inputs, parameters)`, past the routers.
+VersionCall = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
+
+
+class LoadRun:
+    """One replay of a plan's load stage against its candidate: a background task of the
+    controller's event loop (`ControllerCore._replay`), never awaited by a tick. The tick
+    starts it, reads its progress for status, and hands its `result` to the state machine
+    once it is finished; a rollout that leaves the stage (abort, pause, a rollback on
+    another gate, a new declaration) stops it."""
+
+    def __init__(self, key: tuple[Any, ...], stage: LoadStage, candidate: str) -> None:
+        self.key = key  # (plan digest, generation): which rollout it belongs to
+        self.stage = stage
+        self.candidate = candidate
+        self.phase = "waiting for the candidate"  # then: reading sample, ramp, hold, ...
+        self.observed_rps = 0.0
+        self.target_rps: float | None = None
+        self.recorder: LoadRecorder | None = None
+        self.t0: float | None = None  # time.monotonic() at the first scheduled request
+        self.result: LoadResult | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.requests: set[asyncio.Task[None]] = set()
+        self.stopped = False
+
+    @property
+    def running(self) -> bool:
+        return not self.stopped and self.task is not None and not self.task.done()
+
+    def finish(self, result: LoadResult) -> None:
+        self.result = result
+        self.phase = "passed" if result.passed else "failed"
+
+    def stop(self, why: str) -> None:
+        self.stopped = True
+        for task in (self.task, *self.requests):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.result is None:
+            self.phase = f"stopped ({why})"
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "phase": self.phase,
+            "candidate": self.candidate,
+            "target_rps": None if self.target_rps is None else round(self.target_rps, 2),
+            "observed_rps": round(self.observed_rps, 2),
+            "ramp_s": self.stage.ramp_s,
+            "hold_s": self.stage.hold_s,
+        }
+        if self.recorder is not None and self.t0 is not None:
+            offset = min(time.monotonic() - self.t0, self.recorder.end_s)
+            out.update(self.recorder.progress(offset))
+        if self.result is not None:
+            out["summary"] = self.result.summary
+            out["gates"] = self.result.readings
+        return out
+
+
 def deployment_ready(deployment: dict[str, Any] | None) -> bool:
     """Whether one deployment's Serve details (`serve_details()`, a deployment entry) say it
     can serve now: a RUNNING replica, or HEALTHY with none (autoscaled to zero replicas, which
@@ -133,6 +236,7 @@ class ControllerCore:
         store: RolloutStore,
         deployed_versions: Callable[[], list[str]] | None = None,
         candidate_ready: Callable[[str], bool | None] | None = None,
+        call_version: Callable[[str], VersionCall] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -153,6 +257,8 @@ class ControllerCore:
         self._readiness_asked_at = float("-inf")
         self._readiness_lookup: asyncio.Future[bool | None] | None = None  # the one in flight
         self._readiness_task: asyncio.Task[None] | None = None
+        self._call_version = call_version  # the load stage's path to a version, past routers
+        self.load: LoadRun | None = None  # the live (or last) rollout's load stage replay
         self.kv_key = f"{app_name}/{model}/rollout-state"
         self.window = StatsWindow()
         self.metrics = ControllerMetrics(Metrics(model))
@@ -368,7 +474,8 @@ class ControllerCore:
             lookup is None
             or state is None
             or state.phase.terminal
-            or state.plan.progress_deadline_s is None
+            # The load stage waits for a running candidate before it replays.
+            or (state.plan.progress_deadline_s is None and state.plan.load_stage is None)
             or self.now() - self._readiness_asked_at < READINESS_INTERVAL_S
             # One lookup at a time: one that outlived its timeout (a Serve controller that
             # does not answer) still holds a worker thread; the reading ages into unknown.
@@ -425,13 +532,125 @@ class ControllerCore:
             return
         self._refresh_gauges(now)
         if self.state is None or self.state.phase.terminal:
+            self._stop_load(self.state.phase.value if self.state else "no plan")
             self._sample(now, force=False)  # the baseline before, and the aftermath after
             return
-        decision = step(self.state, self.observation(now), now)
+        decision = step(self.state, self.observation(now), now, load=self._load_stage(now))
         self.verdicts = decision.verdicts
         if decision.state != self.state:
             await self._set(decision.state)  # logs the decision's events
         self._sample(now, force=bool(decision.events))
+
+    # -- the load stage ------------------------------------------------------------------------
+
+    def _load_stage(self, now: float) -> LoadResult | None:
+        """Drive the plan's load stage while it is the current step of a progressing rollout:
+        start the replay once the candidate has a running replica, and return its result once
+        finished (the state machine's input; None meanwhile). Outside it, stop any replay:
+        a pause, abort or rollback ends the replay at once, and a resume starts it again."""
+        state = self.state
+        assert state is not None
+        run = self.load
+        current = state.current_step
+        if not isinstance(current, LoadTest) or state.phase is not Phase.PROGRESSING:
+            self._stop_load(state.phase.value)
+            return None
+        key = (state.plan.digest(), state.generation)
+        if run is None or run.key != key or run.stopped:
+            if run is not None:
+                run.stop("superseded")
+            run = self.load = LoadRun(key, current.stage, state.plan.candidate)
+        if run.task is not None and run.task.done() and run.result is None:
+            # A bug in the replay, not the candidate's doing; still no verdict to pass on it.
+            exc = None if run.task.cancelled() else run.task.exception()
+            run.finish(stage_failure(f"the replay failed: {exc!r}", gate=REPLAY_GATE))
+        if run.task is None:
+            ready = self._candidate_ready(run.candidate, now)
+            if self._ready_lookup is not None and ready is not True:
+                return None  # waiting for a running candidate (progress_deadline_s applies)
+            rates = self.window.rates(RATE_WINDOW_S, now)
+            run.observed_rps = sum(rates.values())
+            run.target_rps = run.stage.target(run.observed_rps)
+            run.phase = "reading sample"
+            run.task = asyncio.get_running_loop().create_task(self._replay(run))
+            logger.info("RolloutController: load stage of %s started: %.2f rps target "
+                        "(observed %.2f rps), ramp %gs, hold %gs", run.candidate,
+                        run.target_rps, run.observed_rps, run.stage.ramp_s,
+                        run.stage.hold_s)  # fmt: skip
+        return run.result
+
+    def _stop_load(self, why: str) -> None:
+        run = self.load
+        if run is not None and run.running:
+            run.stop(why)
+            logger.info("RolloutController: load stage of %s stopped (%s)", run.candidate, why)
+
+    async def _replay(self, run: LoadRun) -> None:
+        """The replay: the sample's requests, cycled, sent open loop on `send_offsets` (ramp,
+        then hold) straight to the candidate's deployment, at most `concurrency` in flight
+        (a due request waits for a slot: a candidate too slow for the rate falls behind,
+        which min_throughput_ratio sees). Nothing here passes a router: no router stat,
+        feedback, capture or gate window ever sees these requests."""
+        stage, target = run.stage, cast(float, run.target_rps)
+        try:
+            requests, stats = await asyncio.to_thread(
+                load_requests, stage.sample, self.model, stage.max_records
+            )
+        except Exception as exc:
+            run.finish(stage_failure(f"could not read the sample at {stage.sample}: {exc}"))
+            return
+        if not requests:
+            why = f"; first problem: {stats.first_error}" if stats.first_error else ""
+            run.finish(stage_failure(
+                f"the sample at {stage.sample} has no usable record of model {self.model} "
+                f"({stats.records} records, {stats.corrupt} skipped{why})"))  # fmt: skip
+            return
+        if self._call_version is None:
+            run.finish(stage_failure("this controller cannot call versions directly",
+                                     gate=REPLAY_GATE))  # fmt: skip
+            return
+        try:
+            call = self._call_version(run.candidate)
+        except Exception as exc:
+            run.finish(stage_failure(f"cannot reach candidate {run.candidate}: {exc}",
+                                     gate=REPLAY_GATE))  # fmt: skip
+            return
+        recorder = run.recorder = LoadRecorder(target, stage.ramp_s, stage.hold_s)
+        slots = asyncio.Semaphore(stage.concurrency)
+        loop = asyncio.get_running_loop()
+        t0 = run.t0 = time.monotonic()
+
+        async def one(index: int, sent_at: float) -> None:
+            inputs, parameters = requests[index % len(requests)]
+            ok = False
+            try:
+                await asyncio.wait_for(call(inputs, parameters), stage.request_timeout_s)
+                ok = True
+            except Exception:  # an error answer, a timeout: counted, never raised
+                ok = False
+            finally:
+                done_at = time.monotonic() - t0
+                recorder.on_done(sent_at, done_at, (done_at - sent_at) * 1000.0, ok)
+                slots.release()
+
+        for index, offset in enumerate(send_offsets(target, stage.ramp_s, stage.hold_s)):
+            await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
+            await slots.acquire()
+            sent_at = time.monotonic() - t0
+            if sent_at >= recorder.end_s:  # fell so far behind that the stage is over
+                slots.release()
+                break
+            run.phase = "ramp" if sent_at < stage.ramp_s else "hold"
+            recorder.on_send()
+            task = loop.create_task(one(index, sent_at))
+            run.requests.add(task)
+            task.add_done_callback(run.requests.discard)
+        run.phase = "draining"
+        if run.requests:  # each ends within request_timeout_s
+            await asyncio.wait(set(run.requests))
+        run.finish(recorder.verdict(stage))
+        logger.info("RolloutController: load stage of %s %s: %s", run.candidate, run.phase,
+                    run.result.summary if run.result else "")  # fmt: skip
 
     def _sample(self, now: float, *, force: bool) -> None:
         state = self.state
@@ -580,6 +799,8 @@ class ControllerCore:
         )
         logger.error("RolloutController: %s", self.fenced)
         flush_serve_logs()
+        if self.load is not None:
+            self.load.stop("fenced")
         self._wake_routers()  # long-polls waiting here return now, and get Fenced
 
     async def _put(self, key: str, value: bytes) -> None:
@@ -791,6 +1012,7 @@ class ControllerCore:
             "message": self.message,
             "epoch": self.epoch,
             "progress_deadline": self._deadline_status(now),
+            "load_stage": self._load_status(),
             "prometheus": None
             if self.prometheus_url is None
             else {
@@ -800,6 +1022,13 @@ class ControllerCore:
                 "reason": self.prometheus.reason or None,
             },
         }
+
+    def _load_status(self) -> dict[str, Any] | None:
+        """The current rollout's load stage replay, for status: None when it has none (yet)."""
+        run, state = self.load, self.state
+        if run is None or state is None or run.key[0] != state.plan.digest():
+            return None
+        return run.status()
 
     def _deadline_status(self, now: float) -> dict[str, Any] | None:
         """The progress deadline's clock, for status: None when no live plan has one."""
@@ -834,7 +1063,25 @@ class RolloutController(ControllerCore):
             store=GcsStore(),
             deployed_versions=self._serve_versions,
             candidate_ready=self._serve_ready,
+            call_version=self._serve_call,
         )
+
+    def _serve_call(self, version: str) -> VersionCall:
+        """`version`'s `infer`, through its deployment handle: the load stage's path, which
+        bypasses the routers (as their own handles do, but with no router in front)."""
+        name = version_app_name(self.model, version)
+        app = self.app_name if self.versions is not None else name
+        handle = serve.get_deployment_handle(name, app)
+
+        async def call(inputs: dict[str, Any], parameters: dict[str, Any]) -> Any:
+            response = handle.infer.remote(inputs, parameters)
+            try:
+                return await response
+            except asyncio.CancelledError:  # a timeout or a stopped stage: drop it in Serve too
+                response.cancel()
+                raise
+
+        return call
 
     def _serve_ready(self, version: str) -> bool:
         """Whether `version`'s deployment has a running replica (blocking: a Serve controller

@@ -410,6 +410,14 @@ def _validate_plan(user_config: Any, versions: list[str], where: str, report: Re
         plan = RolloutPlan.model_validate(raw) if plan_ok and raw is not None else None
     if plan is None:
         return
+    stage = plan.load_stage
+    if stage is not None and not Path(stage.sample).is_dir():
+        # A note, not an error: the controller reads the sample on its own node, which need
+        # not be the machine that validates.
+        report.notes.append(
+            f"{where}.plan.load_stage.sample: {stage.sample!r} is not a directory here; the "
+            "controller must find the sample there on its node, or the load stage rolls back"
+        )
     for field_name in ("candidate", "stable"):
         version = getattr(plan, field_name)
         if version not in versions:

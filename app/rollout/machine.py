@@ -2,8 +2,11 @@
 
 A rollout is data (Argo Rollouts' idea): a `RolloutPlan` declares the strategy, the two
 versions, the steps and the gates. `RolloutPlan.expand` turns any strategy into one flat list
-of concrete steps, so the state machine knows only five step kinds:
+of concrete steps, so the state machine knows only six step kinds:
 
+    LoadTest(stage)             the plan's load stage, first, candidate at 0%: wait for the
+                                replay's verdict (`step(..., load=LoadResult)`); a pass moves
+                                on, a failed gate rolls back before any user weight
     SetWeight(set_weight)       move the candidate's share of public traffic (instant)
     Hold(duration_s, analyze)   keep the weight for duration_s; with analyze, the gates must
                                 all have passed (with min_requests) when the time is up
@@ -65,6 +68,11 @@ Choices worth knowing (each one is the reason for some code below):
   with a gate still pending keeps holding until its window spans a whole hold, before it is
   called inconclusive. So a restart costs at most one hold (what it always cost), and nothing
   when the evidence since the restart already decides the gates.
+* **The load stage's replay is an input, not an effect**: the controller runs it and passes
+  its `LoadResult` to `step` once it is finished (None before). A failure rolls back as a
+  failed gate does, with the load gates' readings in the event. A user pause stops the replay
+  (the controller's) and `resume` runs it again from the start, as a controller restart does:
+  a replay is minutes long and its partial figures are not a verdict. `promote` skips it.
 * **progress_deadline_s** (Flagger's progressDeadlineSeconds): a candidate observed with no
   running replica for that long in a live phase rolls the rollout back. The clock starts when
   it is first seen not ready, stops when it is seen ready, restarts on `resume` from a user
@@ -97,10 +105,12 @@ from app.rollout.gates import (
     evaluate_gates,
     evaluate_lift_gates,
 )
+from app.rollout.loadstage import LoadResult
 from app.rollout.plan import (
     FAIL_FAST,
     Gates,
     Hold,
+    LoadTest,
     RolloutPlan,
     ScaleDown,
     SetWeight,
@@ -508,11 +518,13 @@ def _run_steps(
     events: list[Event],
     *,
     skip_first_wait: bool = False,
+    load: LoadResult | None = None,
 ) -> RolloutState:
     """Execute steps from state.step_index until one must wait (or the rollout is done).
 
     `verdicts` is None when called from a command: an analysis that is due then waits for
-    the next tick's verdicts. `skip_first_wait` (promote) ends the first waiting step at once.
+    the next tick's verdicts, and a load stage for its result (`load`, None until the
+    controller's replay has finished). `skip_first_wait` (promote) ends the first waiting step at once.
     Each loop either returns or moves one step on, so it ends within len(steps) loops."""
     steps = state.plan.expand()
     total = len(steps)
@@ -537,12 +549,31 @@ def _run_steps(
             events.append(_event(s, after, now, f"{where}: {current.describe()}", verdicts))
             s = after
             continue
-        # A waiting step: Hold, WaitForPromote or ScaleDown.
+        # A waiting step: LoadTest, Hold, WaitForPromote or ScaleDown.
         if skip_first_wait:
             skip_first_wait = False
             after = _next_step(s, now)
             reason = f"{where}: {current.describe()} skipped by promote"
             events.append(_event(s, after, now, reason))
+            s = after
+            continue
+        if isinstance(current, LoadTest):
+            if load is None:
+                return s
+            if not load.passed:
+                detail = "; ".join(
+                    f"gate {gate} failed: {load.readings[gate]['reason']}" for gate in load.failed
+                )
+                after = _end(s, now, Phase.ROLLED_BACK, f"rolled back in the load stage: {detail}",
+                             None, events)  # fmt: skip
+                events[-1] = replace(events[-1], gates=dict(load.readings))
+                return after
+            after = _next_step(s, now)
+            events.append(replace(
+                _event(s, after, now, f"{where}: load stage passed: {load.summary}"),
+                gates=dict(load.readings),
+            ))  # fmt: skip
+            load = None
             s = after
             continue
         if isinstance(current, WaitForPromote):
@@ -635,10 +666,13 @@ def _decide(
     )
 
 
-def step(state: RolloutState, observation: Observation, now: float) -> Decision:
+def step(
+    state: RolloutState, observation: Observation, now: float, *, load: LoadResult | None = None
+) -> Decision:
     """One reconcile tick: judge the gates, then run the plan as far as it can go now.
 
-    `observation` covers `state.window_started_at` .. `now`. A failed gate rolls back at once
+    `observation` covers `state.window_started_at` .. `now`; `load` is the finished replay of
+    the plan's load stage while it is the current step (else None, and ignored). A failed gate rolls back at once
     (in any live phase); a paused rollout only has its gates judged; otherwise the steps run
     until one must wait. Pure: the same inputs give the same Decision."""
     if state.phase.terminal:
@@ -673,7 +707,7 @@ def step(state: RolloutState, observation: Observation, now: float) -> Decision:
     elif overdue is not None:
         s = _end(s, now, Phase.ROLLED_BACK, f"rolled back: {overdue}", verdicts, events)
     elif s.phase is not Phase.PAUSED:
-        s = _run_steps(s, now, verdicts, events)
+        s = _run_steps(s, now, verdicts, events, load=load)
     return _decide(state, s, verdicts, events)
 
 

@@ -2,8 +2,8 @@
 
 A rollout is data (Argo Rollouts' idea): a `RolloutPlan` declares the strategy, the two
 versions, the steps and the gates. `RolloutPlan.expand` turns any strategy into one flat list
-of concrete steps (`SetWeight`, `Hold`, `WaitForPromote`, `Switch`, `ScaleDown`), so the state
-machine (`machine.py`) knows only those five kinds.
+of concrete steps (`LoadTest`, `SetWeight`, `Hold`, `WaitForPromote`, `Switch`, `ScaleDown`),
+so the state machine (`machine.py`) knows only those six kinds.
 """
 
 from __future__ import annotations
@@ -151,6 +151,105 @@ class Gates(FiniteStrictModel):
         return outcome_bounds((self.improvement, self.non_inferiority))
 
 
+class LoadStage(FiniteStrictModel):
+    """`load_stage:` in a plan: before the candidate takes any user weight, the controller
+    replays a captured traffic sample against it, ramping linearly up to a target rate and
+    holding it, through an internal path no router sees (never gate evidence, never counted in
+    the routers' stats). The hold must pass every gate below, or the rollout rolls back with
+    the candidate still at 0%.
+
+    The target rate is `target_rps` when declared; else `headroom` x the model's observed
+    request rate (every version, over the last RATE_WINDOW_S, taken once when the stage
+    starts: with the candidate at 0% that is the traffic it will carry at 100%); never below
+    `min_rps`. Exactly one of target_rps and headroom is set.
+
+        load_stage:
+          sample: /var/lib/rollout/capture   # router.capture's directory (or `capture import`)
+          headroom: 1.5                      # or target_rps: 200
+          min_rps: 5
+          ramp_s: 30
+          hold_s: 60
+          concurrency: 32
+          max_p99_ms: 250
+          max_error_rate: 0.01
+          min_throughput_ratio: 0.9
+    """
+
+    sample: str = Field(
+        min_length=1,
+        description=(
+            "Directory of a captured sample (router.capture's directory, or one written by "
+            "`rollout capture import`); the plan's model's records are replayed, in order, "
+            "cycling. Read by the controller's replica: it must be reachable from its node."
+        ),
+    )
+    target_rps: float | None = Field(
+        default=None, gt=0, description="Requests per second to ramp up to and hold."
+    )
+    headroom: float | None = Field(
+        default=None,
+        gt=0,
+        description="Target rate as this multiple of the model's observed request rate.",
+    )
+    min_rps: float = Field(default=1.0, gt=0, description="The lowest target rate.")
+    ramp_s: float = Field(
+        default=10.0, ge=0, description="Seconds to ramp linearly from 0 to the target rate."
+    )
+    hold_s: float = Field(
+        default=30.0, gt=0, description="Seconds at the target rate; the gates judge the hold."
+    )
+    concurrency: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Most replayed requests in flight at once; a due request waits for a slot, so a "
+            "candidate too slow for the rate falls behind and fails min_throughput_ratio."
+        ),
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds one replayed request may take (else an error)."
+    )
+    max_p99_ms: float | None = Field(
+        default=None, gt=0, description="Highest p99 latency of the hold's requests (ms)."
+    )
+    max_error_rate: float | None = Field(
+        default=0.01, ge=0, le=1, description="Highest error rate of the hold's requests."
+    )
+    min_throughput_ratio: float | None = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Lowest (answered requests / hold_s) / target rate during the hold.",
+    )
+    max_records: int = Field(
+        default=10_000, ge=1, description="Most sample records read (and cycled through)."
+    )
+
+    @model_validator(mode="after")
+    def _one_rate_rule(self) -> LoadStage:
+        if (self.target_rps is None) == (self.headroom is None):
+            raise ValueError(
+                f"load_stage needs exactly one of target_rps ({self.target_rps}) and headroom "
+                f"({self.headroom}): a declared rate, or a multiple of the observed one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _target_above_floor(self) -> LoadStage:
+        if self.target_rps is not None and self.target_rps < self.min_rps:
+            raise ValueError(
+                f"load_stage.target_rps ({self.target_rps:g}) must be greater than or equal "
+                f"to load_stage.min_rps ({self.min_rps:g})"
+            )
+        return self
+
+    def target(self, observed_rps: float) -> float:
+        """The rate to ramp to, given the model's observed request rate."""
+        if self.target_rps is not None:
+            return max(self.target_rps, self.min_rps)
+        return max(self.min_rps, (self.headroom or 0.0) * max(0.0, observed_rps))
+
+
 class SetWeight(FiniteStrictModel):
     """Canary step `- set_weight: 25`: the candidate's percent of public traffic."""
 
@@ -261,6 +360,17 @@ class LinearPlan(FiniteStrictModel):
     interval_s: float = Field(gt=0, description="Seconds of analysis at each weight.")
 
 
+class LoadTest(FiniteStrictModel):
+    """Expanded step: run the plan's load stage (candidate at 0%) and wait for its verdict."""
+
+    stage: LoadStage = Field(description="The plan's load_stage block.")
+
+    def describe(self) -> str:
+        st = self.stage
+        rate = f"{st.target_rps:g} rps" if st.target_rps is not None else f"{st.headroom:g}x"
+        return f"load stage {rate} (ramp {st.ramp_s:g}s, hold {st.hold_s:g}s)"
+
+
 class Hold(FiniteStrictModel):
     """Expanded step: keep the weight for duration_s; with analyze, gates must pass at the end."""
 
@@ -297,7 +407,7 @@ class ScaleDown(FiniteStrictModel):
         return f"scale down after {self.delay_s:g}s"
 
 
-Step = Union[SetWeight, Hold, WaitForPromote, Switch, ScaleDown]  # noqa: UP007
+Step = Union[LoadTest, SetWeight, Hold, WaitForPromote, Switch, ScaleDown]  # noqa: UP007
 
 
 class RolloutPlan(FiniteStrictModel):
@@ -318,6 +428,10 @@ class RolloutPlan(FiniteStrictModel):
         gates: {min_requests: 200, max_error_rate: 0.02}
         auto_promote: true
         progress_deadline_s: 600    # roll back a candidate with no running replica this long
+        load_stage:                 # optional, any strategy: replay a sample at the candidate
+          sample: /mnt/capture      #   at 0% before its first step (LoadStage)
+          target_rps: 200
+          max_p99_ms: 250
     """
 
     strategy: Literal["canary", "blue_green", "linear"] = Field(
@@ -331,6 +445,13 @@ class RolloutPlan(FiniteStrictModel):
     )
     linear: LinearPlan | None = Field(default=None, description="Settings for strategy linear.")
     gates: Gates = Field(default_factory=Gates, description="What the candidate must show.")
+    load_stage: LoadStage | None = Field(
+        default=None,
+        description=(
+            "Replay a traffic sample against the candidate at 0% before its first step; a "
+            "failed load stage rolls back before any user request reaches it."
+        ),
+    )
     bake_s: float = Field(
         default=0.0,
         ge=0,
@@ -414,9 +535,12 @@ class RolloutPlan(FiniteStrictModel):
         * linear: SetWeight(k * step_percent), [Hold(bake_s)], Hold(interval_s, analyze) for
           k = 1, 2, ... up to and including 100, so the last increment is analysed too.
 
-        Without auto_promote a WaitForPromote comes before the Switch.
+        Without auto_promote a WaitForPromote comes before the Switch. With a load_stage, a
+        LoadTest comes first (candidate at 0%).
         """
         steps: list[Step] = []
+        if self.load_stage is not None:
+            steps.append(LoadTest(stage=self.load_stage))
         if self.canary is not None:
             for item in self.canary.steps:
                 if isinstance(item, SetWeight):

@@ -126,6 +126,7 @@ def _gate_reading(gate: str, value: Any, threshold: Any) -> str:
     way: max_*, fail_fast_* and *_max are ceilings, min_* are floors)."""
     if _number(threshold) is None:
         return _short(value)
+    gate = gate.rsplit(".", 1)[-1]  # `load_stage.max_p99_ms`: the load stage's gates
     if gate.startswith(("max_", "fail_fast")) or gate.endswith("_max"):
         bound = "max"
     elif gate.startswith("min_"):
@@ -200,6 +201,8 @@ def render_status(status: Mapping[str, Any], now: float | None = None) -> str:
             ])  # fmt: skip
         lines += ["", *_table(rows, right=frozenset(range(2, 8)))]
 
+    lines += _render_load_stage(status.get("load_stage"))
+
     verdicts = [v for v in status.get("verdicts") or () if isinstance(v, Mapping)]
     lines += ["", "Gates"]
     if not verdicts:
@@ -219,6 +222,35 @@ def render_status(status: Mapping[str, Any], now: float | None = None) -> str:
         lines += ["  " + line for line in _table(rows)]
     lines += _render_ab(status, verdicts)
     return "\n".join(lines)
+
+
+def _render_load_stage(load: Any) -> list[str]:
+    """The load stage's replay (status `load_stage`): where it is, the scheduled, target and
+    achieved rates, p99 and errors so far; once finished, each of its gates."""
+    if not isinstance(load, Mapping):
+        return []
+    target, rate = _number(load.get("target_rps")), _number(load.get("current_rps"))
+    achieved = _number(load.get("achieved_rps"))
+    lines = [
+        "",
+        f"Load stage   {load.get('phase', '-')}"
+        + (f" ({_duration(load.get('elapsed_s'))} in)" if load.get("elapsed_s") is not None
+           else ""),
+        f"  target {'-' if target is None else f'{target:.1f}'} rps"
+        f" (observed {_short(load.get('observed_rps'))} rps)"
+        f"  now {'-' if rate is None else f'{rate:.1f}'} rps"
+        f"  achieved {'-' if achieved is None else f'{achieved:.1f}'} rps"
+        f"  p99 {_ms(load.get('p99_ms'))}  errors {load.get('errors', '-')}"
+        f"  sent {load.get('sent', '-')}",
+    ]  # fmt: skip
+    gates = load.get("gates")
+    if isinstance(gates, Mapping):
+        for gate, reading in gates.items():
+            if isinstance(reading, Mapping):
+                state = str(reading.get("status", "?"))
+                lines.append(f"  {GATE_SYMBOLS.get(state, '?')} {gate} {state}: "
+                             f"{reading.get('reason') or ''}")  # fmt: skip
+    return lines
 
 
 def _lift_text(value: Any, scale: Any) -> str:
