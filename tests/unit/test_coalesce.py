@@ -56,6 +56,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def drain(replica: Replica) -> None:
+    """Answer every call out, let the queued ones leave, and answer those too."""
+    replica.release()
+    await settle()
+    replica.release()
+
+
 def test_an_idle_version_sends_at_once_alone():
     async def scenario():
         replica = Replica()
@@ -100,9 +107,7 @@ def test_below_max_calls_in_flight_each_request_leaves_alone():
         tasks = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(5)]
         await settle()
         calls = [items for _, items in replica.calls]
-        replica.release()
-        await settle()
-        replica.release()
+        await drain(replica)
         await asyncio.gather(*tasks)
         return calls
 
@@ -116,9 +121,7 @@ def test_a_full_call_leaves_without_waiting_and_calls_are_capped():
         tasks = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(10)]
         await settle()
         calls = [items for _, items in replica.calls]
-        replica.release()
-        await settle()
-        replica.release()
+        await drain(replica)
         await asyncio.gather(*tasks)
         return calls, [items for _, items in replica.calls]
 
@@ -133,9 +136,7 @@ def test_versions_are_coalesced_apart():
         coalescer = Coalescer(replica, on())
         tasks = [asyncio.create_task(coalescer.submit(v, i)) for i in range(3) for v in ("a", "b")]
         await settle()
-        replica.release()
-        await settle()
-        replica.release()
+        await drain(replica)
         return replica.calls, await asyncio.gather(*tasks)
 
     calls, results = run(scenario())
@@ -151,9 +152,7 @@ def test_a_bad_item_fails_alone_with_its_own_error():
         await settle()
         batch = [asyncio.create_task(coalescer.submit("v1", i)) for i in ("a", "bad", "c")]
         await settle()
-        replica.release()
-        await settle()
-        replica.release()
+        await drain(replica)
         return replica.calls, await asyncio.gather(first, *batch, return_exceptions=True)
 
     calls, results = run(scenario())
