@@ -27,7 +27,6 @@ from typing import Any, NamedTuple, cast
 from ray import serve
 
 from app import ray_compat
-from app.adapters.base import TensorSpec
 from app.config import version_app_name
 from app.constants import (
     DEFAULT_TICK_INTERVAL_S,
@@ -79,8 +78,7 @@ from app.rollout.notify import Notifier
 from app.rollout.plan import ControllerUserConfig, LoadStage, LoadTest, RolloutPlan
 from app.rollout.prometheus import PrometheusUnavailable, query_scalar
 from app.rollout.timeline import Timeline
-from app.serving.capture import SampleStats, iter_sample
-from app.serving.protocol import check_request, decode_body
+from app.serving.capture import SampleStats, decode_record_request, iter_sample
 from deployments.store import Claim, Fence, GcsStore, RolloutStore, StoreBusy
 
 logger = logging.getLogger("ray.serve")
@@ -119,23 +117,6 @@ class Readiness(NamedTuple):
     at: float  # the controller's steady clock
 
 
-def _request(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A stored V2 body as `infer(inputs, parameters)` takes it, checked against its own
-    tensors (a sample is read without the model's config; the candidate checks the rest)."""
-    specs = [
-        TensorSpec(name=t["name"], datatype=t["datatype"], shape=tuple(t["shape"]))
-        for t in document["inputs"]
-    ]
-    outputs = [
-        TensorSpec(name=o["name"], datatype="BYTES", shape=(-1,))
-        for o in document.get("outputs") or ()
-        if isinstance(o, dict) and isinstance(o.get("name"), str)
-    ]
-    raw = decode_body(json.dumps(document).encode(), header_length=None)
-    parsed = check_request(raw, specs, outputs)
-    return parsed.inputs, parsed.parameters
-
-
 def load_requests(
     directory: str, model: str, limit: int
 ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], SampleStats]:
@@ -145,7 +126,7 @@ def load_requests(
     requests = []
     for record in iter_sample(directory, model, limit, stats):
         try:
-            requests.append(_request(record.request))
+            requests.append(decode_record_request(record.request))
         except (InvalidInput, ValueError, KeyError, TypeError) as exc:
             stats.corrupt += 1
             if stats.first_error is None:

@@ -64,6 +64,7 @@ __all__ = [
     "RecordError",
     "SampleStats",
     "check_request_document",
+    "decode_record_request",
     "iter_sample",
     "load_capture_salt",
     "model_directory",
@@ -272,6 +273,16 @@ def check_request_document(document: Any) -> dict[str, Any]:
     except (ValueError, UnicodeEncodeError, RecursionError) as exc:
         raise RecordError(f"not encodable as JSON: {exc}") from None
     return _checked(raw)
+
+
+def decode_record_request(document: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stored `request` as a version's `infer(inputs, parameters)` takes it, checked against
+    its own tensors (a sample is read without the model's config; the version checks the
+    rest). Raises RecordError or InvalidInput naming the field."""
+    specs, outputs = _own_specs(document)
+    raw = decode_body(json.dumps(document).encode(), header_length=None)
+    parsed = check_request(raw, specs, outputs)
+    return parsed.inputs, parsed.parameters
 
 
 def _name(value: Any, field_name: str) -> str:
