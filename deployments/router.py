@@ -1031,29 +1031,25 @@ class Router:
             # Through the coalescer (app/serving/coalesce.py): alone at once while the version
             # has room for more calls, else together with the requests queued beside it. The
             # deadline stays this request's own: giving up drops it from its call.
-            try:
-                return await asyncio.wait_for(
-                    self.microbatch.submit(version, (inputs, parameters)), timeout=timeout
-                )
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded(
-                    f"version {version!r} did not answer within {timeout:.3g}s"
-                ) from None
-        response = self.handles[version].infer.remote(inputs, parameters)
+            call = self.microbatch.submit(version, (inputs, parameters))
+        else:
+            call = self._send_one(version, inputs, parameters)
         try:
-            return await asyncio.wait_for(response, timeout=timeout)
+            return await asyncio.wait_for(call, timeout=timeout)
         except asyncio.TimeoutError:
-            response.cancel()
             raise DeadlineExceeded(
                 f"version {version!r} did not answer within {timeout:.3g}s"
             ) from None
-        except Exception as exc:
-            raise _model_error(version, exc) from None
+
+    async def _send_one(self, version: str, inputs: dict, parameters: dict) -> dict:
+        (result,) = await self._send(version, [(inputs, parameters)])
+        return result
 
     async def _send(self, version: str, items: list[tuple[dict, dict]]) -> list[Any]:
-        """The coalescer's sender: one item as the plain `infer`, more as one `infer_many`.
-        A whole-call failure raises (every item gets it); an item's own error comes back in its
-        place, mapped as `_call` maps a single call's."""
+        """One call to `version`: one item as the plain `infer`, more as one `infer_many` (the
+        coalescer's sender; `_call` sends single items through it too). A whole-call failure
+        raises (every item gets it); an item's own error comes back in its place; both mapped
+        by `_model_error`. Cancelled (a deadline, every caller gone): the call is cancelled."""
         handle = self.handles[version]
         if len(items) == 1:
             response = handle.infer.remote(*items[0])
