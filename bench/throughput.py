@@ -78,13 +78,12 @@ import yaml  # noqa: E402
 
 from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
-from app.ops.serving_mode import HaproxyPorts, serving_env  # noqa: E402
 from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
 from bench.common import cpu_count, log  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.world import World  # noqa: E402
-from tests.support.waiting import free_port  # noqa: E402
+from tests.support.waiting import throwaway_serving  # noqa: E402
 
 MODEL_CONFIG = ROOT / "configs/models/recommender/v1.yaml"
 APP = "recommender"
@@ -622,14 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     # Served as the project serves (app/ops/serving_mode.py), with this cluster's own HAProxy
     # files and ports; before ray.init, so Serve's controller and HAProxy manager read them.
-    haproxy_state = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
-    ports = HaproxyPorts(free_port(), free_port(), free_port(), free_port())
+    haproxy_state, fallback_port, serving = throwaway_serving()
     given = {pair.partition("=")[0] for pair in args.env}
-    for key, value in serving_env(haproxy_state, ports, haproxy_threads=1, haproxy_metrics=False,
-                                  drain_s=2.0).items():  # fmt: skip
+    for key, value in serving.items():
         if key not in given:  # --env wins; an inherited value (another cluster's ports) does not
             os.environ[key] = value
-    proxy_url = f"http://127.0.0.1:{ports.fallback_http}"
+    proxy_url = f"http://127.0.0.1:{fallback_port}"
     try:
         served = model_config(tmp, args)
     except ConfigError as exc:

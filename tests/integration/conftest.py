@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app import ray_compat
-from app.ops.serving_mode import HaproxyPorts, serving_env
 from tests.support.serving import Cluster
 from tests.support.tiny_models import build_tiny_bert
-from tests.support.waiting import free_port, wait_for_condition
+from tests.support.waiting import free_port, throwaway_serving, wait_for_condition
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -29,19 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray's metrics agents export every second instead of every 10 s, so the observability test's
 # Prometheus sees new series sooner (read by the raylet and workers that ray.init starts).
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
-# A stopping Router replica keeps serving this long so HAProxy takes it out first (Serve's
-# default is 30 s, which every Router redeploy and the final shutdown would wait for; one HAProxy
-# health-check round here is 0.25 s).
-DRAIN_S = 2.0
-
-
-def _serving_env(state_dir: Path) -> dict[str, str]:
-    """HAProxy mode with this cluster's own HAProxy files and ports (another cluster on the
-    machine, such as `make demo`, keeps its own); nothing under the Python proxy."""
-    if os.environ.get("ROLLOUT_TEST_SERVING", "haproxy") == "proxy":
-        return {}
-    ports = HaproxyPorts(free_port(), free_port(), free_port(), free_port())
-    return serving_env(state_dir, ports, haproxy_threads=1, haproxy_metrics=False, drain_s=DRAIN_S)
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +37,11 @@ def cluster(tmp_path_factory) -> Cluster:
     dashboard_port = free_port()
     http_port = free_port()
     metrics_port = free_port()
-    # Read by Serve's controller and HAProxy manager, which this ray.init's raylet starts.
-    # HAProxy's socket paths must stay short (app/ops/serving_mode.py): not under pytest's tmp.
-    haproxy_state = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
-    serving = _serving_env(haproxy_state)
+    # Read by Serve's controller and HAProxy manager, which this ray.init's raylet starts;
+    # nothing under the Python proxy (ROLLOUT_TEST_SERVING=proxy).
+    haproxy_state, _, serving = throwaway_serving()
+    if os.environ.get("ROLLOUT_TEST_SERVING", "haproxy") == "proxy":
+        serving = {}
     os.environ.update(serving)
     ray.init(
         num_cpus=8,

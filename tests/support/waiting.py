@@ -1,5 +1,6 @@
-"""Helpers shared by the Ray-backed tests and the benchmarks: a free loopback port, polling for
-a condition instead of sleeping, and the real `serve deploy` CLI."""
+"""Helpers shared by the Ray-backed tests and the benchmarks: a free loopback port, HAProxy's
+files and ports for a throwaway cluster, polling for a condition instead of sleeping, and the
+real `serve deploy` CLI."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "handle_call", "serve_deploy", "wait_for_condition"]
+__all__ = ["free_port", "handle_call", "serve_deploy", "throwaway_serving", "wait_for_condition"]
+
+# A throwaway cluster's stopping Router replica keeps serving this long so HAProxy takes it out
+# first (Serve's default is 30 s, which every Router redeploy and each shutdown would wait for;
+# one HAProxy health-check round here is 0.25 s).
+THROWAWAY_DRAIN_S = 2.0
 
 
 # Ray's own processes (GCS, raylet, agents, workers' gRPC servers) bind port 0, i.e. take ports
@@ -57,6 +64,22 @@ def free_port() -> int:
     with socket.socket() as s:  # no room below the ephemeral range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def throwaway_serving() -> tuple[Path, int, dict[str, str]]:
+    """HAProxy mode (app/ops/serving_mode.py) for a throwaway cluster on this machine: (its own
+    HAProxy folder, which the caller removes after the cluster stops; the port of Serve's Python
+    fallback proxy; the environment to set before `ray.init`). Its own folder and free ports,
+    so another cluster here (`make demo`, a bench beside the test suite) keeps its own; one
+    HAProxy thread (2 cores), HAProxy's metrics exporter off, a short drain."""
+    from app.ops.serving_mode import HaproxyPorts, serving_env
+
+    # HAProxy caps socket paths at 97 characters: a short folder, not one under pytest's tmp.
+    state = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
+    ports = HaproxyPorts(free_port(), free_port(), free_port(), free_port())
+    env = serving_env(state, ports, haproxy_threads=1, haproxy_metrics=False,
+                      drain_s=THROWAWAY_DRAIN_S)  # fmt: skip
+    return state, ports.fallback_http, env
 
 
 def wait_for_condition(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2,
