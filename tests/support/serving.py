@@ -48,13 +48,21 @@ class Cluster:
         return serve.status().applications.get(name)
 
     def wait_running(self, name: str = APP, timeout_s: float = 120) -> None:
-        def running():
-            status = self.app_status(name)
-            if status is not None and status.status == "DEPLOY_FAILED":
-                raise AssertionError(f"{name} failed to deploy: {status.message}")
-            return status is not None and status.status == "RUNNING"
+        """Until app `name` is RUNNING with every deployment's replicas all RUNNING at their
+        target count, on two reads in a row (`settled`). A test that snapshots replica ids
+        right after must see the replicas that will serve it: a RUNNING status alone once let
+        a v2 replica that was still starting through, and the hot-patch test then counted
+        its start as a restart."""
+        reads: list[bool] = []
 
-        wait_for_condition(running, timeout_s, message=f"app {name} RUNNING")
+        def running() -> bool:
+            app = ray_compat.serve_details()["applications"].get(name)
+            if app is not None and app["status"] == "DEPLOY_FAILED":
+                raise AssertionError(f"{name} failed to deploy: {app['message']}")
+            reads.append(settled(app))
+            return reads[-2:] == [True, True]
+
+        wait_for_condition(running, timeout_s, message=f"app {name} RUNNING, every replica up")
 
     def router_status(self) -> dict[str, Any]:
         """The Router's /status, with the admin token when a test set `admin_token` (test apps
@@ -82,6 +90,21 @@ class Cluster:
             return bool(apps) and all(a.status == "RUNNING" for a in apps.values())
 
         wait_for_condition(running, timeout_s, message="every app RUNNING")
+
+
+def settled(app: dict[str, Any] | None) -> bool:
+    """Whether one application of `serve_details()` is RUNNING and each of its deployments
+    HEALTHY with exactly its target number of replicas, every one RUNNING (none starting,
+    updating or stopping)."""
+    if app is None or app["status"] != "RUNNING" or not app["deployments"]:
+        return False
+    for deployment in app["deployments"].values():
+        states = [r["state"] for r in deployment["replicas"]]
+        if deployment["status"] != "HEALTHY" or any(s != "RUNNING" for s in states):
+            return False
+        if len(states) != deployment["target_num_replicas"]:
+            return False
+    return True
 
 
 def forget_rollouts(app: str = APP, model: str = APP) -> None:
