@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -93,42 +92,6 @@ def stored_state() -> dict | None:
     return None if raw is None else json.loads(raw)
 
 
-class Load(loadgen.Load):
-    """Steady clients that also note when each answer came (the steady clock), how long it
-    took, and which failed."""
-
-    def __init__(self, url: str, clients: int) -> None:
-        self.answers: list[tuple[float, float, str | None]] = []  # (at, latency_s, error)
-        super().__init__(url, self._infer, clients)
-
-    def _infer(self, client: httpx.Client, rng: random.Random, index: int) -> str | None:
-        start = time.monotonic()
-        try:
-            r = client.post(f"/v2/models/{APP}/infer", json=BODY,
-                            headers={"x-user-id": f"user-{rng.randrange(100_000)}"})  # fmt: skip
-        except httpx.HTTPError as exc:
-            error: str | None = f"{type(exc).__name__}: {exc}"
-        else:
-            error = None if r.status_code == 200 else f"{r.status_code} {r.text[:160]}"
-        now = time.monotonic()
-        with self.lock:
-            self.answers.append((now, now - start, error))
-        return error
-
-    def window(self, start: float, end: float) -> dict:
-        """Answers that came in [start, end) on the steady clock: how many, how many failed
-        (and the first few reasons), their median and slowest latency."""
-        with self.lock:
-            found = [a for a in self.answers if start <= a[0] < end]
-        latencies = sorted(latency for _, latency, _ in found)
-        errors = [error for _, _, error in found if error is not None]
-        return {
-            "requests": len(found), "failed": len(errors), "failures": errors[:3],
-            "p50_ms": round(1000 * latencies[len(latencies) // 2]) if latencies else None,
-            "max_ms": round(1000 * latencies[-1]) if latencies else None,
-        }  # fmt: skip
-
-
 def test_gcs_killed_mid_rollout_comes_back_from_redis(app):
     headloss, config, tmp = app
     if not os.environ.get("HEADLOSS_WITHOUT_REDIS"):  # (the control, conftest.py)
@@ -148,7 +111,7 @@ def test_gcs_killed_mid_rollout_comes_back_from_redis(app):
         lambda: httpx.post(f"{url}/v2/models/{APP}/infer", json=BODY, timeout=10).status_code == 200,
         timeout_s=60, message="the router to serve",
     )  # fmt: skip
-    with Load(url, CLIENTS) as load:
+    with loadgen.InferLoad(url, f"/v2/models/{APP}/infer", BODY, CLIENTS) as load:
         started_at = time.monotonic()
         time.sleep(2)
         headloss.serve_deploy(declared, tmp)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -122,33 +121,15 @@ def admin(url: str, path: str = "", method: str = "GET") -> httpx.Response:
                          headers={"authorization": f"Bearer {TOKEN}"})  # fmt: skip
 
 
-class Load(loadgen.Load):
-    """Steady clients (tests/support/loadgen.py); also counts each answer's routing
-    decision, serving version and fallback reason."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.decisions: collections.Counter[str] = collections.Counter()
-        self.served_by: collections.Counter[str] = collections.Counter()
-        self.fallback_reasons: collections.Counter[str] = collections.Counter()
-        super().__init__(url, self._infer, clients)
-
-    def _infer(self, client: httpx.Client, rng: random.Random, index: int) -> str | None:
-        r = client.post(f"/v2/models/{APP}/infer", json=BODY,
-                        headers={"x-user-id": f"user-{rng.randrange(100_000)}"})  # fmt: skip
-        if r.status_code != 200:
-            return f"{r.status_code} {r.text[:160]}"
-        with self.lock:
-            self.decisions[r.headers.get("x-routing-decision", "?")] += 1
-            self.served_by[r.headers.get("x-model-version", "?")] += 1
-            if "x-fallback-reason" in r.headers:
-                self.fallback_reasons[r.headers["x-fallback-reason"]] += 1
-        return None
-
-    def summary(self) -> dict:
-        with self.lock:
-            return {"sent": self.sent, "failed": len(self.errors), "fell_back": self.decisions["fallback"],
-                    "decisions": dict(self.decisions), "served_by": dict(self.served_by),
-                    "fallback_reasons": dict(self.fallback_reasons), "failures": self.errors[:10]}  # fmt: skip
+def summary(load: loadgen.InferLoad) -> dict:
+    """The load so far: sent, failed, fallbacks, and each answer's routing decision, serving
+    version and fallback reason."""
+    decisions = load.count("x-routing-decision")
+    reasons = load.count("x-fallback-reason")
+    reasons.pop("?", None)
+    return {"sent": load.sent, "failed": len(load.errors), "fell_back": decisions["fallback"],
+            "decisions": dict(decisions), "served_by": dict(load.count("x-model-version")),
+            "fallback_reasons": dict(reasons), "failures": load.errors[:10]}  # fmt: skip
 
 
 def test_gpu_versions_land_only_on_gpu_workers(app):
@@ -189,7 +170,7 @@ def test_worker_node_killed_under_load_mid_rollout(app):
             "strategy": "canary", "candidate": "v2", "stable": "v1",
             "canary": {"steps": STEPS}, "gates": GATES}},
     })  # fmt: skip
-    with Load(multinode.url, clients=CLIENTS) as load:
+    with loadgen.InferLoad(multinode.url, f"/v2/models/{APP}/infer", BODY, CLIENTS) as load:
         time.sleep(2)
         multinode.serve_deploy(declared, tmp)
         # In the 12 s pause at 30%: kill the GPU worker that hosts replicas (both do).
@@ -203,7 +184,7 @@ def test_worker_node_killed_under_load_mid_rollout(app):
         victim = next(n for n in multinode.gpu_nodes if n.node_id not in router_nodes)
         victim_id = victim.node_id
         assert {r["node"] for v in ("v1", "v2") for r in replicas()[f"{APP}-{v}"]} >= {victim_id}
-        before = load.summary()
+        before = summary(load)
         multinode.kill_node(victim)
         killed_at = time.time()
         time.sleep(3)  # the cluster runs one GPU worker short, as while a cloud VM is replaced
@@ -223,7 +204,7 @@ def test_worker_node_killed_under_load_mid_rollout(app):
 
         placed = wait_for_condition(restored, timeout_s=120, message="replicas rescheduled")
         time.sleep(2)  # a little steady traffic on the restored cluster
-    after = load.summary()
+    after = summary(load)
     router = httpx.get(f"{multinode.url}/status", timeout=10,
                        headers={"authorization": f"Bearer {TOKEN}"}).json()  # fmt: skip
     after["router_replica_retries"] = router.get("replica_retries")
