@@ -85,14 +85,15 @@ kuberay: install
 	$(BIN)/rollout kuberay serve_config.yaml --region us-east-1 -o cluster/kuberay/rayservice.yaml
 
 # requirements.lock: what every cluster node installs (`--require-hashes --no-deps`), each
-# package pinned with its sha256 hashes: pyproject.toml's runtime dependencies and the head's
-# autoscaler libraries, resolved by uv for Linux x86_64 and Python 3.11. Left out: torch (each
-# node installs it by version after the lock, the CPU or the CUDA build) and the CUDA libraries
-# only PyPI's torch pulls in (a first pass finds their names); torch's pin still constrains the
-# resolution, so its other dependencies are locked at versions it accepts. Needs the index.
+# package pinned with its sha256 hashes: pyproject.toml's runtime dependencies, its `mlflow`
+# extra (`mlflow:` artifacts) and the head's autoscaler libraries, resolved by uv for Linux
+# x86_64 and Python 3.11. Left out: torch (each node installs it by version after the lock, the
+# CPU or the CUDA build) and the CUDA libraries only PyPI's torch pulls in (a first pass finds
+# their names); torch's pin still constrains the resolution, so its other dependencies are
+# locked at versions it accepts. Needs the index.
 UV_VERSION   := 0.13.9
 LOCK_EXTRA   := 'boto3>=1.34' 'google-api-python-client>=2.100' 'google-auth>=2.20'
-LOCK_COMPILE := $(BIN)/uv pip compile pyproject.toml - --quiet --generate-hashes \
+LOCK_COMPILE := $(BIN)/uv pip compile pyproject.toml - --extra mlflow --quiet --generate-hashes \
 	--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--custom-compile-command 'make lock' --no-emit-package torch
 lock: install

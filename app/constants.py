@@ -15,6 +15,7 @@ T = TypeVar("T", int, float)
 
 __all__ = [
     "ADMIN_CALL_TIMEOUT_S",
+    "ARTIFACT_CACHE_KEEP",
     "CONTROLLER_RETRY_S",
     "DEFAULT_TICK_INTERVAL_S",
     "DESCRIBE_TIMEOUT_S",
@@ -118,3 +119,6 @@ MAX_SHADOW_REPORTS = _env_int("MAX_SHADOW_REPORTS", 100_000)
 # body takes ~20x its size in memory).
 OFF_LOOP_PARSE_BYTES = _env_int("OFF_LOOP_PARSE_BYTES", 256 * 1024)
 PARSE_SLOTS = _env_int("PARSE_SLOTS", 2)
+# Registry versions (`mlflow:` artifacts) a node keeps in its artifact cache: after a download
+# the least recently loaded copies beyond this many are deleted (app/serving/artifacts.py).
+ARTIFACT_CACHE_KEEP = _env_int("ARTIFACT_CACHE_KEEP", 8)

@@ -5,21 +5,27 @@ model that silently changed on disk is worse than one that fails loudly.
 
 Three sources, all ending as a local directory: a path, `package:<module>` (a package that ships
 its model), and `mlflow:models:/<name>/<version>[/<sub-path>]` (a model registry version,
-downloaded once per node into a cache; see docs/configuration.md#artifact-sources).
+downloaded once per node into a cache that keeps the ARTIFACT_CACHE_KEEP most recently loaded
+versions; see docs/configuration.md#artifact-sources).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from app import constants
 from app.errors import ArtifactError
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "artifact_digests",
     "mlflow_cache_dir",
     "parse_mlflow_artifact",
+    "prune_mlflow_cache",
     "resolve_artifact",
     "verify_artifact",
 ]
@@ -42,6 +49,11 @@ ARTIFACT_CACHE_ENV = "RAY_ROLLOUT_ARTIFACT_CACHE"
 # Moving names: what they point to changes without the rollout's config changing.
 _MLFLOW_STAGES = {"latest", "none", "staging", "production", "archived"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
+# A cache entry's folder name (mlflow_cache_dir): anything else in the cache folder (staging
+# folders, which start with ".", the lock file, an operator's files) is never pruned.
+_CACHE_ENTRY = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63})?-[1-9][0-9]{0,9}-[0-9a-f]{16}")
+
+logger = logging.getLogger("ray.serve")
 
 
 def resolve_artifact(artifact: str, base_dir: Path) -> Path:
@@ -162,9 +174,97 @@ def _resolve_mlflow(artifact: str) -> Path:
     cached = mlflow_cache_dir(registry_uri, version)
     # A registry version is immutable, so a complete copy is reused without asking the
     # registry (replicas start while it is down); the sha256 check still runs on every load.
-    if not cached.is_dir():
+    # Shared lock: a prune (exclusive) never moves away a copy between this check and its touch.
+    with _cache_lock(cached.parent, exclusive=False):
+        hit = cached.is_dir()
+        if hit:
+            _mark_used(cached)
+    if not hit:
         _download_mlflow(artifact, version, tracking_uri, registry_uri, cached)
+        prune_mlflow_cache(cached.parent, constants.ARTIFACT_CACHE_KEEP, keep_entry=cached.name)
     return cached.joinpath(*version.sub_path)
+
+
+def _mark_used(entry: Path) -> None:
+    """Record a load of a cache entry: its folder's mtime is its last use, which orders pruning.
+    A cache the replica cannot write (read-only, another owner's) still serves its copies."""
+    try:
+        os.utime(entry)
+    except OSError as exc:
+        logger.warning(
+            "artifact cache: cannot mark %s as used (%s); it may be pruned early", entry, exc
+        )
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path, *, exclusive: bool) -> Iterator[None]:
+    """flock on `folder/.lock`: loads share it, a prune holds it alone. Without the folder or
+    the right to create the lock file (a read-only cache, which is never pruned either), no lock."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def prune_mlflow_cache(folder: Path, keep: int, keep_entry: str) -> list[str]:
+    """Delete the least recently used registry copies in `folder` beyond `keep`; return their names.
+
+    `keep_entry` (the copy just resolved) always stays and counts towards `keep`. Only folders
+    named like a cache entry are candidates: staging folders (another replica's download in
+    progress), the lock file and anything else an operator put there are left alone. A doomed
+    entry is first renamed to a "."-prefixed folder under the exclusive lock, so a replica
+    sees a whole copy or none (and downloads it again), never one being deleted. A failure
+    (a copy this process may not move or delete) is logged and skipped: pruning never fails a
+    load.
+    """
+    doomed: list[tuple[str, Path]] = []
+    try:
+        with _cache_lock(folder, exclusive=True):
+            entries: list[tuple[int, str]] = []
+            for child in os.scandir(folder):
+                if child.name == keep_entry or not _CACHE_ENTRY.fullmatch(child.name):
+                    continue
+                try:
+                    if child.is_dir(follow_symlinks=False):
+                        entries.append((child.stat(follow_symlinks=False).st_mtime_ns, child.name))
+                except OSError:
+                    continue  # pruned by another process meanwhile
+            entries.sort(reverse=True)  # most recently used first
+            for _, name in entries[max(keep - 1, 0) :]:
+                holder = None
+                try:
+                    holder = Path(tempfile.mkdtemp(prefix=f".{name}.prune-", dir=folder))
+                    os.rename(folder / name, holder)  # onto the empty holder: atomic
+                except OSError as exc:
+                    logger.warning("artifact cache: cannot prune %s (%s)", folder / name, exc)
+                    if holder is not None:
+                        with contextlib.suppress(OSError):
+                            holder.rmdir()
+                    continue
+                doomed.append((name, holder))
+    except OSError as exc:
+        logger.warning("artifact cache: cannot prune %s (%s)", folder, exc)
+    pruned = []
+    for name, holder in doomed:
+        try:
+            shutil.rmtree(holder)
+        except OSError as exc:
+            logger.warning(
+                "artifact cache: pruned %s but cannot delete its files in %s (%s)",
+                name,
+                holder,
+                exc,
+            )
+        pruned.append(name)
+    if pruned:
+        logger.info("artifact cache: pruned %s (keeping %d in %s)", ", ".join(pruned), keep, folder)
+    return pruned
 
 
 def _download_mlflow(
@@ -212,12 +312,14 @@ def _download_mlflow(
                 f"{version.name!r} from {where}: {_one_line(exc, registry_uri)}"
             ) from None
         try:
+            os.utime(local)  # its last use is now, not when its last file was written
             os.rename(local, target)
         except OSError as exc:
             if not target.is_dir():  # not another replica that won the race: a real failure
                 raise ArtifactError(
                     f"artifact {artifact!r}: cannot move the download into {target} ({exc})"
                 ) from None
+            _mark_used(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -9,8 +9,9 @@ One module, one story (about 1-2 minutes):
    files, pointed at this cluster's service-discovery file; alert `for:` durations are cut to
    0s (promtool's unit tests cover the durations), scrape and evaluation every second.
    Prometheus sends its alerts to a real Alertmanager (Debian package
-   `prometheus-alertmanager`, on loopback) running a copy of configs/prometheus/alertmanager.yml
-   whose receiver URLs point at a webhook receiver in this test (group_wait cut to 1s).
+   `prometheus-alertmanager`, on loopback) running configs/prometheus/alertmanager.yml rendered by
+   app/ops/alertmanager.py with receiver URLs (from files) that point at a webhook receiver in
+   this test (group_wait cut to 1s).
 3. RolloutCanaryErrorRateAboveStable fires for v2.
 4. Declare a canary plan for v2: the controller rolls it back; RolloutAutomaticRollback fires,
    and Alertmanager delivers both alerts to the receiver on the `page` route.
@@ -40,6 +41,7 @@ import yaml
 
 from app import ray_compat
 from app.observability.metrics import METRICS, exported_names, names_in_promql
+from app.ops.alertmanager import markers, render
 from tests.support.loadgen import Load
 from tests.support.serving import APP, infer_body, model_config, serve_config
 from tests.support.waiting import free_port, wait_for_condition
@@ -122,20 +124,23 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def alertmanager(tmp_path_factory):
-    """A real Alertmanager with a copy of the shipped config: receivers pointed at an
-    AlertReceiver, group_wait 1s (the shipped routes and inhibit rules as they are)."""
+    """A real Alertmanager with the shipped template rendered as an operator renders it
+    (app/ops/alertmanager.py, a URL file per receiver): receivers pointed at an AlertReceiver,
+    group_wait 1s (the shipped routes and inhibit rules as they are)."""
     binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
     if binary is None:
         pytest.fail("alertmanager not found: install the Debian package `prometheus-alertmanager`"
                     " (.ci/run does)")  # fmt: skip
     tmp = tmp_path_factory.mktemp("alertmanager")
     receiver = AlertReceiver()
-    config = yaml.safe_load((PROM / "alertmanager.yml").read_text())
+    template = PROM / "alertmanager.yml"
+    url_files = {}
+    for key, name in markers(template).items():
+        url_files[key] = tmp / f"{key}-url"
+        url_files[key].write_text(f"{receiver.url}/{name}\n")
+    config = yaml.safe_load(render(template, url_files))
     for route in [config["route"], *config["route"].get("routes", [])]:
         route.update(group_wait="1s", group_interval="1s", repeat_interval="1m")
-    for r in config["receivers"]:
-        for hook in r.get("webhook_configs", []):
-            hook["url"] = f"{receiver.url}/{r['name']}"
     (tmp / "alertmanager.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     port = free_port()
     log = tmp / "alertmanager.log"

@@ -3,14 +3,20 @@ file artifact store, both in a temp dir): resolved, cached per node, checksummed
 
 from __future__ import annotations
 
+import importlib
+import os
+import shutil
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+import app.constants as constants_module
 from app.errors import ArtifactError
 from app.ops.cli import main
 from app.ops.validate import validate_serve_config
@@ -81,8 +87,10 @@ def env(registry, tmp_path, monkeypatch) -> Path:
 
 
 def cache_entries(cache: Path) -> list[str]:
+    """What the cache folder holds, but for the lock file loads and prunes share."""
     folder = cache / "mlflow"
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    names = (p.name for p in folder.iterdir()) if folder.exists() else ()
+    return sorted(name for name in names if name != ".lock")
 
 
 # ----------------------------------------------------------------------------- syntax
@@ -323,3 +331,174 @@ def test_validate_with_an_alias_says_why(registry, env, tmp_path):
     model.write_text(model.read_text().replace(V1, f"mlflow:models:/{NAME}@champion"))
     (error,) = validate_serve_config(path, load_models=True).errors
     assert "artifact" in error and "alias" in error and "immutable version" in error
+
+
+# ----------------------------------------------------------------------------- the cache's bound
+
+
+def fake_entry(folder: Path, name: str, used_at: float) -> str:
+    """A cache entry's folder, named as mlflow_cache_dir names them, last used at `used_at`."""
+    entry = folder / f"{name}-{'0' * 16}"
+    (entry / "files").mkdir(parents=True)
+    (entry / "files" / "model.safetensors").write_bytes(b"w")
+    os.utime(entry, (used_at, used_at))
+    return entry.name
+
+
+@pytest.fixture
+def cache_folder(tmp_path) -> Path:
+    folder = tmp_path / "mlflow"
+    folder.mkdir()
+    return folder
+
+
+def test_prune_keeps_the_most_recently_used_and_the_resolved_entry(cache_folder):
+    now = time.time()
+    names = [fake_entry(cache_folder, f"m-{i}", now - 1000 * i) for i in range(1, 6)]  # m-1 newest
+    just_resolved = fake_entry(cache_folder, "m-9", now - 10_000)  # the oldest, but just loaded
+    pruned = artifacts.prune_mlflow_cache(cache_folder, keep=3, keep_entry=just_resolved)
+    assert sorted(pruned) == sorted(names[2:])  # m-3, m-4, m-5: the least recently used
+    assert sorted(p.name for p in cache_folder.iterdir()) == sorted(
+        [just_resolved, *names[:2], ".lock"]
+    )
+
+
+def test_a_cache_hit_counts_as_a_use(cache_folder):
+    now = time.time()
+    old = fake_entry(cache_folder, "m-1", now - 5000)
+    newer = fake_entry(cache_folder, "m-2", now - 100)
+    artifacts._mark_used(cache_folder / old)  # what a hit does
+    assert artifacts.prune_mlflow_cache(cache_folder, keep=2, keep_entry="m-3-x") == [newer]
+
+
+def test_prune_leaves_staging_folders_and_foreign_files_alone(cache_folder):
+    now = time.time()
+    entry = fake_entry(cache_folder, "m-1", now - 5000)
+    staging = cache_folder / f".{entry}.abc123"  # another replica's download in progress
+    (staging / "files").mkdir(parents=True)
+    os.utime(staging, (now - 9000, now - 9000))
+    (cache_folder / "README").write_text("operator notes")
+    (cache_folder / "notes-1-0123456789abcdef").write_text("a file named like an entry")
+    target = cache_folder.parent / "elsewhere"
+    target.mkdir()
+    (cache_folder / "link-1-0123456789abcdef").symlink_to(target)
+    (cache_folder / "other").mkdir()
+    keep = fake_entry(cache_folder, "m-2", now)
+    assert artifacts.prune_mlflow_cache(cache_folder, keep=1, keep_entry=keep) == [entry]
+    assert sorted(p.name for p in cache_folder.iterdir()) == sorted(
+        [".lock", staging.name, "README", "notes-1-0123456789abcdef",
+         "link-1-0123456789abcdef", "other", keep]
+    )  # fmt: skip
+    assert target.is_dir()
+
+
+def unremovable(entry: Path, monkeypatch) -> tuple[str, Callable[[], None]]:
+    """Make `entry` a cache entry this process cannot prune; return what the prune then logs,
+    and the undo.
+
+    Not root: its files folder is read-only, so the entry is moved aside but its files cannot
+    be deleted. Root ignores modes, so the entry is made immutable (`chattr +i`: the kernel
+    refuses to move or touch it) or, where the filesystem cannot, os.rename and os.utime of it
+    fail as the kernel would."""
+    if os.geteuid() != 0:
+        (entry / "files").chmod(0o555)
+
+        def undo() -> None:
+            for folder in entry.parent.rglob("files"):
+                folder.chmod(0o755)
+
+        return f"pruned {entry.name} but cannot delete its files", undo
+    needle = f"cannot prune {entry}"
+    chattr = shutil.which("chattr")
+    if chattr and subprocess.run([chattr, "+i", str(entry)], capture_output=True).returncode == 0:
+        return needle, lambda: subprocess.run([chattr, "-i", str(entry)], check=True)
+
+    def deny(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(src: Any, *args: Any, **kwargs: Any) -> Any:
+            if Path(src) == entry:
+                raise PermissionError(1, "Operation not permitted", str(src))
+            return real(src, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "rename", deny(os.rename))
+    monkeypatch.setattr(os, "utime", deny(os.utime))
+    return needle, lambda: None
+
+
+def test_an_entry_that_cannot_be_pruned_is_logged_and_skipped(cache_folder, monkeypatch, caplog):
+    now = time.time()
+    stuck = fake_entry(cache_folder, "m-1", now - 9000)
+    gone = fake_entry(cache_folder, "m-2", now - 5000)
+    keep = fake_entry(cache_folder, "m-3", now)
+    logged, undo = unremovable(cache_folder / stuck, monkeypatch)
+    try:
+        pruned = artifacts.prune_mlflow_cache(cache_folder, keep=1, keep_entry=keep)
+    finally:
+        undo()
+    assert gone in pruned and not (cache_folder / gone).exists()  # the next one still went
+    assert (cache_folder / keep).is_dir()
+    assert logged in caplog.text
+
+
+@pytest.fixture
+def keep_two() -> Iterator[None]:
+    """RAY_ROLLOUT_ARTIFACT_CACHE_KEEP=2, read as a replica's process reads it (at import)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ROLLOUT_ARTIFACT_CACHE_KEEP", "2")
+        importlib.reload(constants_module)
+    try:
+        yield
+    finally:
+        importlib.reload(constants_module)
+
+
+def test_a_download_prunes_the_cache_to_the_bound_from_the_environment(registry, env, keep_two):
+    assert constants_module.ARTIFACT_CACHE_KEEP == 2
+    folder = env / "mlflow"
+    folder.mkdir(parents=True)
+    now = time.time()
+    older = fake_entry(folder, "ranker-1", now - 9000)
+    newer = fake_entry(folder, "ranker-2", now - 5000)
+    staging = folder / ".ranker-3-0000000000000000.xyz"
+    staging.mkdir()
+    os.utime(staging, (now - 99_000, now - 99_000))
+    directory = resolve_artifact(V1, Path("."))
+    verify_artifact(directory, registry.digest[1])
+    assert cache_entries(env) == sorted([staging.name, newer, directory.name])
+    assert older not in cache_entries(env)
+
+
+def test_the_bound_counts_the_version_just_loaded(registry, env):
+    folder = env / "mlflow"
+    folder.mkdir(parents=True)
+    now = time.time()
+    for i in range(constants_module.ARTIFACT_CACHE_KEEP + 2):  # the default bound, 8, exceeded
+        fake_entry(folder, f"ranker-{i + 1}", now - 1000 * (i + 1))
+    directory = resolve_artifact(V1, Path("."))
+    entries = [n for n in cache_entries(env) if not n.startswith(".")]
+    assert len(entries) == constants_module.ARTIFACT_CACHE_KEEP == 8
+    assert directory.name in entries and f"ranker-1-{'0' * 16}" in entries
+    assert f"ranker-8-{'0' * 16}" not in entries  # the oldest went
+
+
+def test_a_prune_failure_does_not_fail_the_load(registry, env, monkeypatch, caplog):
+    folder = env / "mlflow"
+    folder.mkdir(parents=True)
+    now = time.time()
+    stuck = [fake_entry(folder, f"ranker-{i}", now - 1000 * i) for i in range(1, 9)]
+    logged, undo = unremovable(folder / stuck[-1], monkeypatch)  # the oldest: pruned first
+    try:
+        directory = resolve_artifact(V1, Path("."))
+        verify_artifact(directory, registry.digest[1])
+    finally:
+        undo()
+    assert logged in caplog.text
+    assert directory.name in cache_entries(env)
+
+
+def test_a_cache_hit_marks_the_entry_used(registry, env):
+    first = resolve_artifact(V1, Path("."))
+    os.utime(first, (1, 1))
+    again = resolve_artifact(V1, Path("."))
+    assert again == first and first.stat().st_mtime > time.time() - 60

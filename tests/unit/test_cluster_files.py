@@ -283,14 +283,16 @@ def lock_entries() -> dict[str, tuple[str, list[str]]]:
 
 
 def test_the_lock_covers_the_runtime_dependencies_with_hashes():
-    """Every runtime dependency of pyproject.toml (and of ray's `serve` extra), the build
-    backend (the project installs with --no-build-isolation) and the head's autoscaler
-    libraries are pinned with hashes, at versions the pyproject allows."""
+    """Every runtime dependency of pyproject.toml (and of ray's `serve` extra), its `mlflow`
+    extra (`mlflow:` artifacts load on the nodes), the build backend (the project installs with
+    --no-build-isolation) and the head's autoscaler libraries are pinned with hashes, at
+    versions the pyproject allows."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     entries = lock_entries()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     wanted = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    wanted += [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["mlflow"]]
     wanted += [Requirement(r) for r in pyproject["build-system"]["requires"]]
     wanted += [Requirement("boto3"), Requirement("google-api-python-client")]  # the autoscalers
     for requirement in wanted:

@@ -29,7 +29,8 @@ def test_defaults_and_overrides(reload_constants):
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("SERVED_BACKLOG", "0"), ("STATS_PUSH_INTERVAL_S", "-1")]
+    ("name", "value"),
+    [("SERVED_BACKLOG", "0"), ("STATS_PUSH_INTERVAL_S", "-1"), ("ARTIFACT_CACHE_KEEP", "0")],
 )
 def test_a_value_that_is_not_positive_is_refused_by_name(reload_constants, name, value):
     with pytest.raises(ValueError, match=f"RAY_ROLLOUT_{name}"):

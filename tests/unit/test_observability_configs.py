@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from app.observability.metrics import exported_names, names_in_promql
+from app.ops.alertmanager import markers, render
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "configs" / "prometheus"
@@ -140,7 +141,21 @@ def test_overview_dashboard_covers_the_rollout_signals():
 
 # -- Alertmanager (configs/prometheus/alertmanager.yml) -------------------------------------------
 
-ALERTMANAGER = PROM / "alertmanager.yml"
+# A template: its webhook URLs are markers that app/ops/alertmanager.py fills from files.
+ALERTMANAGER_TEMPLATE = PROM / "alertmanager.yml"
+
+
+@pytest.fixture(scope="module")
+def alertmanager_config(tmp_path_factory) -> Path:
+    """The template rendered as an operator renders it, with a URL file per receiver."""
+    tmp = tmp_path_factory.mktemp("alertmanager")
+    url_files = {}
+    for key in markers(ALERTMANAGER_TEMPLATE):
+        url_files[key] = tmp / f"{key}-url"
+        url_files[key].write_text(f"https://{key}.test/alertmanager\n")
+    path = tmp / "alertmanager.yml"
+    path.write_text(render(ALERTMANAGER_TEMPLATE, url_files))
+    return path
 
 
 def _amtool(*args: str) -> subprocess.CompletedProcess:
@@ -152,28 +167,30 @@ def _amtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([found, *args], capture_output=True, text=True, timeout=60, cwd=PROM)
 
 
-def test_amtool_check_config():
-    result = _amtool("check-config", str(ALERTMANAGER))
+def test_amtool_check_config(alertmanager_config):
+    result = _amtool("check-config", str(alertmanager_config))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
-def test_every_alert_routes_by_its_severity():
+def test_every_alert_routes_by_its_severity(alertmanager_config):
     """Each alert rule's severity reaches its receiver: page -> rollout-page, warn ->
     rollout-warn (amtool resolves the route tree offline)."""
     receivers = {"page": "rollout-page", "warn": "rollout-warn"}
     for rule in (r for r in _rules() if "alert" in r):
         severity = rule["labels"]["severity"]
-        result = _amtool("config", "routes", "test", f"--config.file={ALERTMANAGER}",
+        result = _amtool("config", "routes", "test", f"--config.file={alertmanager_config}",
                          f"--verify.receivers={receivers[severity]}",
                          f"alertname={rule['alert']}", f"severity={severity}", "model=m")  # fmt: skip
         assert result.returncode == 0, (rule["alert"], result.stdout + result.stderr)
 
 
-def test_alertmanager_ships_placeholders_and_prometheus_points_at_it():
-    config = yaml.safe_load(ALERTMANAGER.read_text())
-    urls = [w["url"] for r in config["receivers"] for w in r.get("webhook_configs", [])]
-    assert urls and all(".example.invalid/" in url for url in urls)  # users replace these
+def test_alertmanager_ships_url_markers_and_prometheus_points_at_it():
+    """No URL in the repository (a receiver URL is a credential): a marker per receiver."""
+    assert markers(ALERTMANAGER_TEMPLATE) == {"page": "rollout-page", "warn": "rollout-warn"}
+    assert "://" not in "".join(
+        line.partition("#")[0] for line in ALERTMANAGER_TEMPLATE.read_text().splitlines()
+    )
     prometheus = yaml.safe_load((PROM / "prometheus.yml").read_text())
     targets = prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
     assert targets == ["127.0.0.1:9093"]
