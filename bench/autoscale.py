@@ -88,10 +88,11 @@ PATH = f"/v2/models/{APP}/infer"
 
 class Clients:
     """`HIGH` closed-loop client threads, of which the first `level` send; each request is kept
-    as (phase, latency s, error or None)."""
+    as (phase, latency s, error or None). They POST to `path` (the model's routed path by
+    default; a version-pinned one for a candidate at 0%) and expect `version` to answer."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str, path: str = PATH, version: str = VERSION) -> None:
+        self.url, self.path, self.version = url, path, version
         self.level = 0
         self.phase = "idle"
         self.stop = threading.Event()
@@ -109,10 +110,10 @@ class Clients:
                     continue
                 phase, started, error = self.phase, time.perf_counter(), None
                 try:
-                    r = session.post(PATH, content=BODY, headers=headers)
+                    r = session.post(self.path, content=BODY, headers=headers)
                     if r.status_code != 200:
                         error = f"{r.status_code} {r.text[:200]}"
-                    elif r.headers.get("x-model-version") != VERSION:
+                    elif r.headers.get("x-model-version") != self.version:
                         error = f"served by {r.headers.get('x-model-version')!r}"
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"
@@ -139,10 +140,11 @@ class Clients:
 
 
 class ReplicaWatch:
-    """Polls v1's replicas (Serve details) in a thread; keeps each change of (RUNNING, all)."""
+    """Polls a version's replicas (Serve details; v1's by default) in a thread; keeps each
+    change of (RUNNING, all)."""
 
-    def __init__(self, app: LocalApp) -> None:
-        self.app = app
+    def __init__(self, app: LocalApp, deployment: str = DEPLOYMENT) -> None:
+        self.app, self.deployment = app, deployment
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.origin = time.monotonic()
@@ -151,7 +153,7 @@ class ReplicaWatch:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def counts(self) -> tuple[int, int]:
-        deployment = self.app.details()["applications"][APP]["deployments"][DEPLOYMENT]
+        deployment = self.app.details()["applications"][APP]["deployments"][self.deployment]
         replicas = deployment.get("replicas", [])
         return sum(r["state"] == "RUNNING" for r in replicas), len(replicas)
 
@@ -178,7 +180,7 @@ class ReplicaWatch:
                     if at >= self.since and predicate(running, total):
                         return at
             time.sleep(0.05)
-        raise TimeoutError(f"{DEPLOYMENT}: timed out after {timeout_s:g}s waiting for {what}")
+        raise TimeoutError(f"{self.deployment}: timed out after {timeout_s:g}s waiting for {what}")
 
     def mark(self) -> float:
         """From now on, `until` looks only at what is seen from this moment: the current counts
@@ -210,9 +212,11 @@ def latency(records: list[tuple[str, float, str | None]], phase: str) -> dict[st
             "p99_ms": round(float(np.percentile(ms, 99)), 1)}  # fmt: skip
 
 
-def run_trial(watch: ReplicaWatch, clients: Clients, phase_s: float) -> dict[str, Any]:
-    began = watch.mark()
-    clients.take()
+def scale_up(watch: ReplicaWatch, clients: Clients, phase_s: float) -> tuple[float, float, float]:
+    """The scale-up measurement: from 1 RUNNING replica, `LOW` clients for `phase_s` (phase
+    "before"), then `HIGH` clients (phase "during") from the onset until a second replica
+    exists (decided) and until one is RUNNING (serving). Returns the monotonic times (onset,
+    decided, serving); the clients keep sending at `HIGH`."""
     if watch.current[0] != 1:
         watch.until(lambda running, total: running == 1 and total == 1, 60, "1 replica")
     clients.set("before", LOW)
@@ -222,6 +226,13 @@ def run_trial(watch: ReplicaWatch, clients: Clients, phase_s: float) -> dict[str
     clients.set("during", HIGH)
     decided = watch.until(lambda running, total: total >= 2, 90, "a second replica to start")
     serving = watch.until(lambda running, total: running >= 2, 90, "a second replica RUNNING")
+    return onset, decided, serving
+
+
+def run_trial(watch: ReplicaWatch, clients: Clients, phase_s: float) -> dict[str, Any]:
+    began = watch.mark()
+    clients.take()
+    onset, decided, serving = scale_up(watch, clients, phase_s)
     time.sleep(phase_s)
     peak = max(r for at, r, _ in watch.changes if at >= onset)
 

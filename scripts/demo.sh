@@ -46,6 +46,7 @@ fi
 
 if [[ "${1:-}" == "--rollback" ]]; then
   echo "==> rollback rehearsal: v2 fails 50% of its requests; the same canary plan is declared"
+  echo "    (without its load stage, which would catch v2 before any user: this rehearses the live gates)"
   "$BIN/python" scripts/demo_rollout.py --plan configs/rollouts/demo-canary.yaml --faulty \
     --url "$URL" --dashboard "$DASHBOARD"
   exit $?
@@ -81,7 +82,7 @@ step 4 "waiting for the app to be RUNNING (up to ${TIMEOUT_S}s)"
 step 5 "a few requests"
 "$BIN/python" scripts/demo_requests.py --url "$URL"
 
-step 6 "the rollout: v2 at 5% until the A/B test on clicks decides, then 10% -> 25% -> 50% -> 100%"
+step 6 "the rollout: a load stage replays requests at v2 (0% of users), then v2 at 5% until the A/B test on clicks decides, then 10% -> 25% -> 50% -> 100%"
 "$BIN/python" scripts/demo_rollout.py --plan configs/rollouts/demo-canary.yaml \
   --url "$URL" --dashboard "$DASHBOARD"
 

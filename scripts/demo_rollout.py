@@ -2,7 +2,13 @@
 `serve deploy`, drive traffic from the demo world's simulated users (bench/world.py: each
 request is a user and a slate of items; the user clicks the top item with a probability that
 depends on their hidden taste, and the click or no-click goes back as feedback), and print the
-rollout and the A/B verdict as they happen.
+rollout, its load stage and the A/B verdict as they happen.
+
+A plan's `load_stage` replays a sample at the candidate before its first step: this script
+writes one first (`LOAD_SAMPLE_RECORDS` demo world requests, in the capture format, into the
+plan's `sample` directory, replacing the model's earlier ones) and declares the directory's
+absolute path. `--faulty` leaves the load stage out: that rehearsal is of the live gates (the
+replay would see v2's errors and roll it back before any user request reached it).
 
     demo_rollout.py --plan configs/rollouts/demo-canary.yaml           # v2 wins: 100%
     demo_rollout.py --plan configs/rollouts/demo-canary.yaml --worse   # v2 loses: rolled back
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,12 +35,14 @@ from app.config import FaultInjection, load_model_config
 from app.ops.cli.render import TERMINAL_PHASES
 from app.ops.declare import declare_plan, load_plan, patch_version
 from app.serving.auth import load_admin_token, load_feedback_token
+from app.serving.capture import CaptureRecord, model_directory, write_sample
 
 # bench/ runs from the checkout (it is not installed): make it importable from scripts/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.world import WORSE_V2, World  # noqa: E402
 
 TERMINAL = TERMINAL_PHASES
+LOAD_SAMPLE_RECORDS = 60
 
 
 class Traffic:
@@ -112,6 +121,32 @@ class Traffic:
             t.join()
 
 
+def write_load_sample(plan: dict, model: str) -> None:
+    """Fill the plan's load stage sample with demo world requests (the capture format, as
+    `rollout capture import` writes it) and make its path absolute: the controller reads it
+    on its own node, from its own working directory."""
+    sample = Path(plan["load_stage"]["sample"]).resolve()
+    shutil.rmtree(model_directory(sample, model), ignore_errors=True)  # this run's sample only
+    rng, world = random.Random(11), World()
+    records = [CaptureRecord(model, "v1", time.time(), world.slate(rng).body(top_k=1))
+               for _ in range(LOAD_SAMPLE_RECORDS)]  # fmt: skip
+    write_sample(sample, model, records)
+    plan["load_stage"]["sample"] = str(sample)
+
+
+def load_line(load: dict) -> str:
+    """One line of the load stage's progress, from the controller's status block."""
+    if load.get("summary"):
+        return f"load stage {load['phase']}: {load['summary']}"
+    figures = ""
+    if "sent" in load:
+        p99 = "-" if load.get("p99_ms") is None else f"{load['p99_ms']:g} ms"
+        figures = (f": {load.get('current_rps', 0):g} rps scheduled, {load.get('achieved_rps', 0):g} "
+                   f"answered/s, p99 {p99}, {load['sent']} sent, {load.get('errors', 0)} errors")  # fmt: skip
+    target = "-" if load.get("target_rps") is None else f"{load['target_rps']:g}"
+    return f"load stage {load.get('phase')} (target {target} rps){figures}"
+
+
 def serve_deploy(config: dict, dashboard: str, path: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     bin_dir = Path(sys.executable).parent
@@ -136,6 +171,11 @@ def main() -> int:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     config = yaml.safe_load(Path(args.config).read_text())
     plan = load_plan(Path(args.plan))
+    if plan is not None and plan.get("load_stage"):
+        if args.faulty:  # a rehearsal of the live gates: see the module docstring
+            plan = {k: v for k, v in plan.items() if k != "load_stage"}
+        else:
+            write_load_sample(plan, "recommender")
     declared = declare_plan(config, None)
     v2 = load_model_config("configs/models/recommender/v2.yaml").user_config()
     if args.faulty:  # v2 as its model config declares it, but failing half its requests
@@ -171,7 +211,7 @@ def main() -> int:
     serve_deploy(declare_plan(declared, plan), args.dashboard, state / "serve_config.rollout.yaml")
     started = time.monotonic()
     onset = rolled_back = paused_since = None
-    last, lift_printed = None, 0.0
+    last, lift_printed, last_load = None, 0.0, None
     with httpx.Client(base_url=args.url, timeout=10) as client:
         while time.monotonic() - started < args.timeout:
             weights = client.get("/status", headers=headers).json()["weights"]
@@ -196,6 +236,11 @@ def main() -> int:
                 print(line, flush=True)
                 last = line.split("] ", 1)[1]
                 lift_printed = 0.0
+            load = status.get("load_stage") or {}
+            if load and (load.get("phase"), load.get("summary")) != last_load:
+                # once per stage phase (waiting, ramp, hold, passed/failed), with its figures
+                print(f"           {load_line(load)}", flush=True)
+                last_load = (load.get("phase"), load.get("summary"))
             if lift is not None and time.monotonic() - lift_printed > 10:
                 print(f"           A/B {lift['status']}: {lift['reason']}", flush=True)
                 lift_printed = time.monotonic()

@@ -42,6 +42,9 @@ to 8 of them (2 per request, 2 per version call, 1 each for a cache lookup, fall
     rollout_gate_failures                           counter    model gate
     rollout_rollbacks                               counter    model version
     rollout_time_to_rollback_s                      histogram  model version
+    rollout_load_stage_running                      gauge      model version
+    rollout_load_stage_rps                          gauge      model version rate
+    rollout_load_stage_p99_ms                       gauge      model version
     rollout_batch_size                              histogram  model version
     rollout_model_load_s                            gauge      model version
 """
@@ -61,6 +64,7 @@ __all__ = [
     "DECISIONS",
     "ERROR_TYPES",
     "EXPORT_PREFIX",
+    "LOAD_STAGE_RATES",
     "METRICS",
     "MeteredStats",
     "Metrics",
@@ -96,6 +100,9 @@ ERROR_TYPES = (
 )  # fmt: skip
 PHASES = ("idle", "progressing", "paused", "promoting", "succeeded", "rolled_back", "aborted")
 BREAKER_STATE_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+# The load stage's rates (rollout_load_stage_rps): the stage's target, the rate its schedule
+# asks for now (rising over the ramp), and the answers per second it gets back.
+LOAD_STAGE_RATES = ("target", "scheduled", "achieved")
 
 BATCH_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128)
 ROLLBACK_BOUNDS_S = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
@@ -191,6 +198,18 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("rollout_time_to_rollback_s", "histogram",
                    "Seconds the candidate served at the weight it was rolled back from "
                    "(from that step's start to the rollback).", _MV, ROLLBACK_BOUNDS_S),
+        MetricSpec("rollout_load_stage_running", "gauge",
+                   "1 while the candidate's load stage is under way (waiting for a running "
+                   "replica, reading the sample, ramp, hold, draining), 0 once it passed, "
+                   "failed or stopped.", _MV),
+        MetricSpec("rollout_load_stage_rps", "gauge",
+                   "The load stage's replay rate at the candidate, requests/s: its target, "
+                   "the rate its schedule asks for now (0 -> target over the ramp), and the "
+                   "answers received per second over the last 5 s; scheduled and achieved "
+                   "are 0 when it is not running.", (*_MV, "rate")),
+        MetricSpec("rollout_load_stage_p99_ms", "gauge",
+                   "p99 latency of the load stage's replayed requests so far (the gate judges "
+                   "the hold's), ms.", _MV),
         # -- model servers
         MetricSpec("rollout_batch_size", "histogram",
                    "Requests per dynamic batch.", _MV, BATCH_SIZE_BOUNDS),
@@ -205,6 +224,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     "error_type": ERROR_TYPES,
     "reason": FALLBACK_REASONS,
     "phase": PHASES,
+    "rate": LOAD_STAGE_RATES,
 }
 _OUTCOMES_BY_METRIC = {
     "rollout_requests": OUTCOMES,
@@ -405,11 +425,12 @@ class RouterGauges:
 
 class ControllerMetrics:
     """The rollout controller's metrics: phase, step and candidate weight (set on every
-    change), and per event: transitions, automatic rollbacks with their time to rollback,
-    and the gates that failed."""
+    change), the load stage's replay (re-sent every second), and per event: transitions,
+    automatic rollbacks with their time to rollback, and the gates that failed."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._load_candidate: str | None = None  # the last load stage's, zeroed once it is gone
 
     def state(self, *, phase: str, step_index: int, candidate: str | None, weight: float) -> None:
         m = self._metrics
@@ -418,6 +439,35 @@ class ControllerMetrics:
         m.set("rollout_step_index", float(step_index))
         if candidate is not None:
             m.set("rollout_candidate_weight_percent", float(weight), version=candidate)
+
+    def load_stage(self, status: Mapping[str, Any] | None) -> None:
+        """The load stage gauges from its status block (the controller's `_load_status()`,
+        `LoadRun.status()`: phase, candidate, target_rps, current_rps, achieved_rps, p99_ms),
+        or None when the rollout has no load stage (then the last candidate's gauges go to 0).
+        Running is every phase but the finished ones (passed, failed, stopped (...))."""
+        m = self._metrics
+        if status is None:
+            if self._load_candidate is not None:
+                m.set("rollout_load_stage_running", 0.0, version=self._load_candidate)
+                for rate in LOAD_STAGE_RATES:
+                    m.set("rollout_load_stage_rps", 0.0, version=self._load_candidate, rate=rate)
+            return
+        version = str(status["candidate"])
+        if self._load_candidate not in (None, version):  # a new candidate: the old one is done
+            self.load_stage(None)
+        self._load_candidate = version
+        phase = str(status.get("phase", ""))
+        running = phase not in ("passed", "failed") and not phase.startswith("stopped")
+        m.set("rollout_load_stage_running", 1.0 if running else 0.0, version=version)
+        rates = {
+            "target": status.get("target_rps"),
+            "scheduled": status.get("current_rps") if running else 0.0,
+            "achieved": status.get("achieved_rps") if running else 0.0,
+        }
+        for rate, value in rates.items():
+            m.set("rollout_load_stage_rps", float(value or 0.0), version=version, rate=rate)
+        if status.get("p99_ms") is not None:
+            m.set("rollout_load_stage_p99_ms", float(status["p99_ms"]), version=version)
 
     def events(
         self, events: Iterable[Mapping[str, Any]], *, candidate: str, step_started_at: float

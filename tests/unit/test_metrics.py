@@ -121,6 +121,7 @@ def test_request_records_counter_and_latency_with_bounded_tags(metrics, factory)
         (lambda m: m.fallback("v1", "because"), "reason='because'"),
         (lambda m: m.inc("rollout_requests", version="v1"), "are not its tag keys"),
         (lambda m: m.set("rollout_phase", 1.0, phase="dancing"), "phase='dancing'"),
+        (lambda m: m.set("rollout_load_stage_rps", 1.0, version="v2", rate="peak"), "rate='peak'"),
     ],
 )
 def test_unbounded_or_missing_tag_values_are_refused(metrics, call, message):
@@ -224,6 +225,70 @@ def test_controller_metrics_do_not_count_steps_or_aborts_as_rollbacks(metrics, f
               candidate="v2", step_started_at=0.0)  # fmt: skip
     assert factory.calls("rollout_rollbacks") == []
     assert [c[2]["phase"] for c in factory.calls("rollout_transitions")] == ["aborted"]
+
+
+def _load_status(phase, **figures):
+    """A load stage status block as the controller shows it (`LoadRun.status()`)."""
+    return {"phase": phase, "candidate": "v2", "target_rps": 30.0, "observed_rps": 0.0,
+            "ramp_s": 2.0, "hold_s": 4.0, **figures}  # fmt: skip
+
+
+def _load_gauges(factory):
+    """The last value of each load stage gauge, keyed by (name, version, rate or None)."""
+    out = {}
+    for name in (
+        "rollout_load_stage_running",
+        "rollout_load_stage_rps",
+        "rollout_load_stage_p99_ms",
+    ):
+        for _, value, tags in factory.calls(name):
+            out[(name, tags["version"], tags.get("rate"))] = value
+    return out
+
+
+def test_controller_metrics_show_the_load_stage_while_it_runs_and_zero_it_after(metrics, factory):
+    cm = ControllerMetrics(metrics)
+    cm.load_stage(_load_status("ramp", current_rps=12.0, achieved_rps=10.5, p99_ms=41.0))
+    gauges = _load_gauges(factory)
+    assert gauges == {
+        ("rollout_load_stage_running", "v2", None): 1.0,
+        ("rollout_load_stage_rps", "v2", "target"): 30.0,
+        ("rollout_load_stage_rps", "v2", "scheduled"): 12.0,
+        ("rollout_load_stage_rps", "v2", "achieved"): 10.5,
+        ("rollout_load_stage_p99_ms", "v2", None): 41.0,
+    }
+    # Waiting for the candidate: under way, nothing sent yet (no rates, no p99).
+    cm.load_stage({"phase": "waiting for the candidate", "candidate": "v2", "target_rps": None})
+    assert _load_gauges(factory)[("rollout_load_stage_running", "v2", None)] == 1.0
+    assert _load_gauges(factory)[("rollout_load_stage_rps", "v2", "target")] == 0.0
+    # Finished (failed, passed or stopped): not running, no live rate; the target and the
+    # last p99 stay on the dashboard.
+    for phase in ("failed", "passed", "stopped (aborted)"):
+        cm.load_stage(_load_status(phase, current_rps=30.0, achieved_rps=9.8, p99_ms=1873.4))
+        gauges = _load_gauges(factory)
+        assert gauges[("rollout_load_stage_running", "v2", None)] == 0.0, phase
+        assert gauges[("rollout_load_stage_rps", "v2", "scheduled")] == 0.0, phase
+        assert gauges[("rollout_load_stage_rps", "v2", "achieved")] == 0.0, phase
+        assert gauges[("rollout_load_stage_rps", "v2", "target")] == 30.0, phase
+        assert gauges[("rollout_load_stage_p99_ms", "v2", None)] == 1873.4, phase
+
+
+def test_controller_metrics_zero_the_last_load_stage_when_the_rollout_has_none(metrics, factory):
+    cm = ControllerMetrics(metrics)
+    cm.load_stage(None)  # no load stage ever: nothing to send (no version to tag)
+    assert _load_gauges(factory) == {}
+    cm.load_stage(_load_status("hold", current_rps=30.0, achieved_rps=29.0, p99_ms=40.0))
+    # A new candidate's stage: the old candidate's gauges are zeroed, the new one's set.
+    cm.load_stage(_load_status("ramp", current_rps=5.0, achieved_rps=4.0) | {"candidate": "v3"})
+    gauges = _load_gauges(factory)
+    assert gauges[("rollout_load_stage_running", "v2", None)] == 0.0
+    assert gauges[("rollout_load_stage_rps", "v2", "achieved")] == 0.0
+    assert gauges[("rollout_load_stage_running", "v3", None)] == 1.0
+    cm.load_stage(None)  # the next rollout has no load stage: v3's gauges go to 0
+    gauges = _load_gauges(factory)
+    assert gauges[("rollout_load_stage_running", "v3", None)] == 0.0
+    assert all(gauges[("rollout_load_stage_rps", "v3", r)] == 0.0
+               for r in ("target", "scheduled", "achieved"))  # fmt: skip
 
 
 # -- PromQL names ----------------------------------------------------------------------------

@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCHMARKS = (
-    "abtest", "chaos", "hotpatch", "propagation", "rollback", "throughput", "waves", "world",
+    "abtest", "chaos", "hotpatch", "loadgate", "propagation", "rollback", "throughput", "waves",
+    "world",
 )  # fmt: skip
 
 

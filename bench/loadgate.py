@@ -1,0 +1,587 @@
+"""The load gate: a candidate that only hurts under load is rolled back in the load stage,
+before any user request reaches it; a good one rolls out under load without hurting p99.
+
+    cd /work/main && .venv/bin/python -m bench.loadgate [--json] [--quick | --smoke]
+
+Starts a throwaway Ray of its own (`address="local"`, 8 logical CPUs on however many cores the
+machine has, the dashboard on a free loopback port) and Serve on a free loopback port
+(bench/localapp.py), builds a tiny random BERT (`tests.support.tiny_models.build_tiny_bert`),
+writes a small captured sample (`app.serving.capture.write_sample`: 12 records of 3 bodies) and
+deploys the recommender app with four versions, v1 stable at 100% (the Router's user_config
+lists v2 and v4 as `pinnable`, so clients may pin them at weight 0):
+
+* v2, the bad candidate: one replica that serves one request at a time in ~100 ms
+  (`max_ongoing_requests: 1`, no batching, `faults: {added_latency_ms: 100}`): fine alone,
+  about 10 rps at most;
+* v3, the good candidate: like v1;
+* v4, an autoscaling candidate: bench/autoscale.py's version (`faults: {added_latency_ms:
+  300}`, `min_replicas 1, max_replicas 3, target_ongoing_requests 2`, fast delays).
+
+The load stage every plan here declares (`LOAD`): the sample replayed at the candidate, ramping
+to 30 rps (the projected peak) over 3 s and holding it 6 s, at most 16 in flight, gated on
+p99 <= 600 ms, errors <= 1%, answered/target >= 0.9 (--quick: 2 s ramp, 4 s hold).
+
+Three parts, one after the other, each printing a progress line on stderr:
+
+1. **bad**: v2 at a low rate first, as an operator would try it (pinned requests,
+   /v2/models/recommender/versions/v2/infer, one at a time, one every 0.25 s): its client-side
+   p99 must be under the load stage's p99 gate (`fine_at_low_rate`). Then, under steady user
+   load (4 clients, random `x-user-id`, one request every ~50 ms each), a canary plan for v2
+   with the load stage is declared (serve config PUT, as `serve deploy` does). The controller's
+   status (GET /admin/rollout) and history are read: `bad_candidate_caught` is true when the
+   phase is `rolled_back`, every failed gate is a `load_stage.*` gate, the last event says
+   "load stage", and every event has v2 at weight 0. `user_requests_on_bad_candidate` is the
+   routers' per-version evidence: the requests the controller counted for v2 from the
+   routers' stats pushes over the load stage (`GET /admin/rollout` `versions.v2.requests`,
+   the last poll while the load stage was the current step) plus the pinned requests the
+   Router counted for v2 over the run (`GET /status` `pinned.v2.requests`, after minus
+   before). The user clients' own count (answers with `x-model-version: v2`) is the cross-check.
+2. **good**: the same user load for `--steady-s` (15 s; --quick 5 s) with v1 alone (the
+   steady state), then a canary plan for v3: the load stage, then 10% -> 25% -> 50% with
+   `pause_s` steps (timed, the gates still judging; 8 s, --quick 4 s), then 100% (succeeded)
+   and `--steady-s` more. The
+   Router's /status is polled every 0.1 s; each span of constant v3 weight > 0 is a step
+   window. `p99_step_ratio` = the worst client-side p99 over the step windows (requests sent
+   in the window; windows with fewer than 20 requests are shown, not judged) / the p99 of the
+   steady state (its first second dropped). The user p99 while the load stage replays at v3 is
+   shown apart (`load_stage_window`): on one machine the replay competes for the same cores.
+3. **autoscale**: bench/autoscale.py's scale-up measurement (`scale_up`) on v4, pinned: 1
+   client for `--phase-s` (8 s; --quick 4 s), then 8 clients from the onset until a second v4
+   replica is RUNNING; `scale_up_s` = onset -> that replica serving.
+
+Prints one JSON object on stdout: the figures, `goals` (each with its goal, value and
+`met`), the machine and its cores, ray_version, wall_s. Progress on stderr. Exit status 1 if
+the bad candidate was not caught, a user request reached it, a user request failed, or a part
+did not finish; a missed timing goal (`p99_step_ratio`, `scale_up_s`) is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from app.rollout import RolloutPlan
+from bench.autoscale import ADDED_LATENCY_MS as SCALER_LATENCY_MS
+from bench.autoscale import AUTOSCALING, Clients, ReplicaWatch, latency, scale_up
+from bench.common import cpu_count, log
+from bench.localapp import APP, TICK_S, LocalApp, with_user_configs
+
+STABLE, BAD, GOOD, SCALER = "v1", "v2", "v3", "v4"
+# One request at a time, ~100 ms each: fine alone, ~10 rps at most.
+BAD_CONFIG = {"max_ongoing_requests": 1, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+              "faults": {"added_latency_ms": 100}}  # fmt: skip
+LOAD = {"target_rps": 30, "ramp_s": 3, "hold_s": 6, "concurrency": 16, "max_p99_ms": 600,
+        "max_error_rate": 0.01, "min_throughput_ratio": 0.9, "request_timeout_s": 5}  # fmt: skip
+QUICK_LOAD = {**LOAD, "ramp_s": 2, "hold_s": 4}
+GATES = {"min_requests": 10, "fail_fast_min_requests": 5, "max_p99_latency_ratio": None}
+USERS = 4
+THINK_S = 0.05  # each user waits this long between requests: a steady load, not a saturating one
+LOW_RATE_INTERVAL_S = 0.25
+POLL_S = 0.1
+MIN_WINDOW_REQUESTS = 20
+GOAL_STEP_RATIO = 1.5  # issue 20: p99 during a step <= 1.5 x the steady state's
+GOAL_SCALE_UP_S = 30.0  # this bench's own: a replica start on 2 cores takes ~10 s
+BODIES = [
+    {"inputs": [{"name": "user", "datatype": "BYTES", "shape": [1], "data": [user]},
+                {"name": "items", "datatype": "BYTES", "shape": [2], "data": items}]}
+    for user, items in (("user loves science fiction films", ["space opera", "cooking show"]),
+                        ("user cooks on weekends", ["baking contest", "war documentary"]),
+                        ("user watches football", ["match highlights", "garden makeover"]))
+]  # fmt: skip
+ENCODED = [json.dumps(b).encode() for b in BODIES]
+JSON = {"content-type": "application/json"}
+
+
+def p99(values: list[float] | np.ndarray) -> float | None:
+    return round(float(np.percentile(values, 99)), 1) if len(values) else None
+
+
+def p50(values: list[float] | np.ndarray) -> float | None:
+    return round(float(np.percentile(values, 50)), 1) if len(values) else None
+
+
+# -- user load ---------------------------------------------------------------------------------
+
+
+class Users:
+    """USERS client threads sending routed requests (random `x-user-id`), each waiting THINK_S
+    between requests; every request is kept as (sent at: time.monotonic, latency ms, the
+    version that answered, error or None)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.records: list[tuple[float, float, str, str | None]] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(USERS)]  # fmt: skip
+
+    def _run(self, index: int) -> None:
+        rng = random.Random(index)
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set():
+                body = ENCODED[rng.randrange(len(ENCODED))]
+                headers = {**JSON, "x-user-id": f"user-{rng.randrange(1_000_000)}"}
+                sent, error, version = time.monotonic(), None, "-"
+                try:
+                    r = client.post(f"/v2/models/{APP}/infer", content=body, headers=headers)
+                    version = r.headers.get("x-model-version", "-")
+                    if r.status_code != 200:
+                        error = f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                with self.lock:
+                    self.records.append((sent, (time.monotonic() - sent) * 1000, version, error))
+                self.stop.wait(THINK_S)
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, str, str | None]]:
+        with self.lock:
+            return [r for r in self.records if start <= r[0] < end]
+
+    def __enter__(self) -> Users:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+class WeightPoller:
+    """Polls the Router's /status every POLL_S in a thread: (time.monotonic, the candidate's
+    weight) at each change, as the Router applies it (what users get)."""
+
+    def __init__(self, app: LocalApp, candidate: str) -> None:
+        self.app, self.candidate = app, candidate
+        self.stop = threading.Event()
+        self.changes: list[tuple[float, float]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        assert self.app.client is not None
+        with httpx.Client(base_url=self.app.url, timeout=10,
+                          headers=dict(self.app.client.headers)) as client:  # fmt: skip
+            while not self.stop.is_set():
+                try:
+                    weight = float(client.get("/status").json()["weights"].get(self.candidate, 0))
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    log(f"status poll failed: {exc!r}")
+                else:
+                    if not self.changes or self.changes[-1][1] != weight:
+                        self.changes.append((time.monotonic(), weight))
+                self.stop.wait(POLL_S)
+
+    def __enter__(self) -> WeightPoller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+# -- the controller ----------------------------------------------------------------------------
+
+
+def plan_for(candidate: str, sample: Path, load: dict[str, Any],
+             steps: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    return {"strategy": "canary", "candidate": candidate, "stable": STABLE,
+            "canary": {"steps": steps}, "gates": GATES,
+            "load_stage": {"sample": str(sample), **load}}  # fmt: skip
+
+
+def declare(app: LocalApp, plan: dict[str, Any]) -> str:
+    """Deploy the app's config with `plan` in the controller's user_config (what `serve deploy`
+    of a declared plan does); return the plan's digest."""
+    app.deploy(
+        with_user_configs(app.config, RolloutController={"plan": plan, "tick_interval_s": TICK_S})
+    )
+    return RolloutPlan.model_validate(plan).digest()
+
+
+def follow(app: LocalApp, digest: str, until: tuple[str, ...], timeout_s: float,
+           what: str) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+    """Poll the controller's status until the rollout of `digest` is in a phase of `until`;
+    log each change of phase, step and load stage phase. Returns the last status and the last
+    one seen while the load stage was the current step (None if never seen)."""
+    deadline = time.monotonic() + timeout_s
+    last_line, in_stage = None, None
+    status: dict[str, Any] = {}
+    while True:
+        try:
+            status = app.admin()
+        except httpx.HTTPError as exc:  # a moment of 503 while the config lands: ask again
+            log(f"{what}: status poll failed: {exc!r}")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        if status.get("plan_digest") == digest:
+            load = status.get("load_stage") or {}
+            if status["phase"] == "progressing" and status["step_index"] == 0 and load:
+                in_stage = status
+            line = (f"{what}: {status['phase']} step {status['step_index']}/{status['steps_total']} "
+                    f"({status['step']}), weights {status['weights']}, load stage {load.get('phase')}")  # fmt: skip
+            if line != last_line:
+                log(line)
+                last_line = line
+            if status["phase"] in until:
+                return status, in_stage
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: no phase in {until} within {timeout_s:g}s: {status}")
+        time.sleep(0.2)
+
+
+def history(app: LocalApp) -> list[dict[str, Any]]:
+    assert app.client is not None
+    return app.client.get("/admin/rollout/history").json()["events"]
+
+
+def pinned_requests(app: LocalApp, version: str) -> int:
+    assert app.client is not None
+    return int(
+        app.client.get("/status").json().get("pinned", {}).get(version, {}).get("requests", 0)
+    )
+
+
+# -- 1. the bad candidate ----------------------------------------------------------------------
+
+
+def low_rate(app: LocalApp, version: str, requests: int) -> dict[str, Any]:
+    """`requests` pinned requests to `version`, one at a time, one every LOW_RATE_INTERVAL_S."""
+    latencies, failed = [], 0
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        for i in range(requests):
+            started = time.monotonic()
+            r = client.post(f"/v2/models/{APP}/versions/{version}/infer",
+                            content=ENCODED[i % len(ENCODED)], headers=JSON)  # fmt: skip
+            latencies.append((time.monotonic() - started) * 1000)
+            failed += r.status_code != 200 or r.headers.get("x-model-version") != version
+            time.sleep(max(0.0, LOW_RATE_INTERVAL_S - (time.monotonic() - started)))
+    return {"requests": requests, "rate_rps": round(1 / LOW_RATE_INTERVAL_S, 1),
+            "p50_ms": p50(latencies), "p99_ms": p99(latencies), "failed": failed}  # fmt: skip
+
+
+def bad_candidate(app: LocalApp, sample: Path, load: dict[str, Any], quick: bool) -> dict[str, Any]:
+    log(f"bad: {BAD} at a low rate first (pinned, one at a time, "
+        f"{1 / LOW_RATE_INTERVAL_S:g} rps)")  # fmt: skip
+    alone = low_rate(app, BAD, 12 if quick else 40)
+    fine = (
+        alone["failed"] == 0
+        and alone["p99_ms"] is not None
+        and alone["p99_ms"] <= load["max_p99_ms"]
+    )
+    log(f"bad: {BAD} alone: p50 {alone['p50_ms']} ms, p99 {alone['p99_ms']} ms over "
+        f"{alone['requests']} requests ({'under' if fine else 'NOT under'} the "
+        f"{load['max_p99_ms']} ms gate)")  # fmt: skip
+    pinned_before = pinned_requests(app, BAD)
+    plan = plan_for(BAD, sample, load, [{"set_weight": 10}, {"analysis_s": 30}])
+    with Users(app.url) as users:
+        time.sleep(1.0)
+        declared = time.monotonic()
+        log(f"bad: declaring a canary of {BAD} with a load stage at {load['target_rps']} rps "
+            f"under {USERS} user clients")  # fmt: skip
+        digest = declare(app, plan)
+        status, in_stage = follow(app, digest, ("rolled_back", "succeeded", "aborted", "paused"),
+                                  120, "bad")  # fmt: skip
+        time.sleep(1.0)  # answers to requests sent just before the verdict come back
+        ended = time.monotonic()
+    pinned_after = pinned_requests(app, BAD)
+    events = history(app)  # the current rollout's: v2's
+    user = users.between(declared, ended)
+    load_status = status.get("load_stage") or {}
+    gates = load_status.get("gates") or {}
+    failed_gates = sorted(g for g, r in gates.items() if r.get("status") == "failed")
+    last_event = events[-1] if events else {}
+    caught = (
+        status["phase"] == "rolled_back"
+        and bool(failed_gates)
+        and all(g.startswith("load_stage.") for g in failed_gates)
+        and "load stage" in str(last_event.get("reason", ""))
+        and all(float(e.get("weight", 0)) == 0.0 for e in events)
+    )
+    routed = int(((in_stage or {}).get("versions") or {}).get(BAD, {}).get("requests", 0))
+    pinned = pinned_after - pinned_before
+    clients_saw = sum(1 for r in user if r[2] == BAD)
+    peak_p99 = (gates.get("load_stage.max_p99_ms") or {}).get("value", load_status.get("p99_ms"))
+    log(f"bad: {status['phase']}; failed gates {failed_gates}; p99 alone {alone['p99_ms']} ms, "
+        f"at {load['target_rps']} rps {peak_p99} ms; user requests on {BAD}: routers {routed} "
+        f"routed + {pinned} pinned, clients saw {clients_saw}")  # fmt: skip
+    return {
+        "caught": caught,
+        "user_requests": routed + pinned,
+        "evidence": {
+            "router_routed": routed,
+            "router_pinned": pinned,
+            "clients_saw": clients_saw,
+            "user_requests_sent": len(user),
+            "user_requests_failed": sum(1 for r in user if r[3] is not None),
+            "controller_status_seen_in_load_stage": in_stage is not None,
+        },
+        "low_rate": alone,
+        "fine_at_low_rate": fine,
+        "p99_low_rate_ms": alone["p99_ms"],
+        "p99_at_peak_ms": peak_p99,
+        "phase": status["phase"],
+        "failed_gates": failed_gates,
+        "rollback_reason": last_event.get("reason"),
+        "load_stage": load_status,
+        "user_errors": [r[3] for r in user if r[3] is not None][:5],
+    }
+
+
+# -- 2. the good candidate ---------------------------------------------------------------------
+
+
+def windows(changes: list[tuple[float, float]], end: float) -> list[tuple[float, float, float]]:
+    """(start, end, weight) of each span of constant weight, the last one closed at `end`."""
+    spans = []
+    for i, (at, weight) in enumerate(changes):
+        until = changes[i + 1][0] if i + 1 < len(changes) else end
+        if until > at:
+            spans.append((at, until, weight))
+    return spans
+
+
+def summary(records: list[tuple[float, float, str, str | None]]) -> dict[str, Any]:
+    ms = np.asarray([r[1] for r in records if r[3] is None])
+    return {"requests": len(records), "failed": sum(1 for r in records if r[3] is not None),
+            "p50_ms": p50(ms), "p99_ms": p99(ms)}  # fmt: skip
+
+
+def good_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady_s: float,
+                   step_s: float) -> dict[str, Any]:  # fmt: skip
+    steps: list[dict[str, Any]] = []
+    for percent in (10, 25, 50):
+        steps += [{"set_weight": percent}, {"pause_s": step_s}]
+    plan = plan_for(GOOD, sample, load, steps)
+    with Users(app.url) as users, WeightPoller(app, GOOD) as poller:
+        began = time.monotonic()
+        log(f"good: {steady_s:g}s of steady state ({USERS} user clients, {STABLE} alone)")
+        time.sleep(steady_s)
+        declared = time.monotonic()
+        log(f"good: declaring a canary of {GOOD}: the load stage, then 10% -> 25% -> 50% "
+            f"({step_s:g}s each) -> 100%")  # fmt: skip
+        digest = declare(app, plan)
+        status, _ = follow(app, digest, ("succeeded", "rolled_back", "aborted", "paused"),
+                           180, "good")  # fmt: skip
+        log(f"good: {status['phase']}; {steady_s:g}s more at its final weight")
+        time.sleep(steady_s)
+        ended = time.monotonic()
+    steady = summary(users.between(began + 1.0, declared))  # the first second warms up
+    events = history(app)
+    passed_stage = any("load stage passed" in str(e.get("reason")) for e in events)
+    spans = windows(poller.changes, ended)
+    first_step = next((s for s, _, w in spans if s >= declared and w > 0), ended)
+    stage_window = summary(users.between(declared, first_step))
+    step_windows = []
+    for start, until, weight in spans:
+        if weight <= 0 or until <= declared:
+            continue
+        step_windows.append({"weight": weight, "seconds": round(until - start, 1),
+                             **summary(users.between(start, until))})  # fmt: skip
+    judged = [w["p99_ms"] for w in step_windows
+              if w["requests"] >= MIN_WINDOW_REQUESTS and w["p99_ms"] is not None]  # fmt: skip
+    worst = max(judged) if judged else None
+    ratio = round(worst / steady["p99_ms"], 3) if worst and steady["p99_ms"] else None
+    log(f"good: steady p99 {steady['p99_ms']} ms; per step "
+        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in step_windows)
+        + f"; ratio {ratio}; load stage passed: {passed_stage}")  # fmt: skip
+    every = users.between(began, ended)
+    return {
+        "p99_step_ratio": ratio,
+        "phase": status["phase"],
+        "passed_load_stage": passed_stage,
+        "last_event": events[-1].get("reason") if events else None,
+        "steady": steady,
+        "steps": step_windows,
+        "worst_step_p99_ms": worst,
+        "load_stage_window": stage_window,
+        "load_stage": status.get("load_stage"),
+        "user_requests": len(every),
+        "user_requests_failed": sum(1 for r in every if r[3] is not None),
+        "user_errors": [r[3] for r in every if r[3] is not None][:5],
+    }
+
+
+# -- 3. the autoscaling candidate --------------------------------------------------------------
+
+
+def autoscaling_candidate(app: LocalApp, phase_s: float) -> dict[str, Any]:
+    log(
+        f"autoscale: {SCALER} pinned, 1 client for {phase_s:g}s, then 8 until a second replica serves"
+    )
+    watch = ReplicaWatch(app, deployment=f"{APP}-{SCALER}")
+    clients = Clients(app.url, path=f"/v2/models/{APP}/versions/{SCALER}/infer", version=SCALER)
+    with watch, clients:
+        watch.mark()
+        onset, decided, serving = scale_up(watch, clients, phase_s)
+        time.sleep(1.0)
+        clients.set("idle", 0)
+        time.sleep(1.0)  # the last requests answer
+        records = clients.take()
+    result = {
+        "scale_up_decided_s": round(decided - onset, 2),
+        "scale_up_s": round(serving - onset, 2),
+        "before": latency(records, "before"),
+        "during": latency(records, "during"),
+        "failed": sum(1 for _, _, e in records if e is not None),
+        "autoscaling": AUTOSCALING,
+        "added_latency_ms": SCALER_LATENCY_MS,
+    }
+    log(f"autoscale: decided {result['scale_up_decided_s']}s, serving {result['scale_up_s']}s "
+        f"after onset; {result['failed']} failed")  # fmt: skip
+    return result
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def goals(bad: dict[str, Any] | None, good: dict[str, Any] | None,
+          scaled: dict[str, Any] | None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    def goal(text: str, value: Any, met: bool | None) -> dict[str, Any]:
+        return {"goal": text, "value": value, "met": met}
+
+    ratio = good["p99_step_ratio"] if good else None
+    scale_s = scaled["scale_up_s"] if scaled else None
+    return {
+        "bad_candidate_caught": goal("true", bad["caught"] if bad else None,
+                                     bool(bad and bad["caught"])),
+        "user_requests_on_bad_candidate": goal("0", bad["user_requests"] if bad else None,
+                                               bad is not None and bad["user_requests"] == 0
+                                               and bad["evidence"]["clients_saw"] == 0),
+        "p99_step_ratio": goal(f"<= {GOAL_STEP_RATIO}", ratio,
+                               None if ratio is None else ratio <= GOAL_STEP_RATIO),
+        "scale_up_s": goal(f"<= {GOAL_SCALE_UP_S:g} (this bench's own)", scale_s,
+                           None if scale_s is None else scale_s <= GOAL_SCALE_UP_S),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgate",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("--json", action="store_true",
+                        help="only the JSON object on stdout (it is always printed)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter phases and load stage (about half the time)")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="the same as --quick")
+    parser.add_argument("--steady-s", type=float, default=None,
+                        help="seconds of steady state before and after the good rollout (default 15; --quick 5)")  # fmt: skip
+    parser.add_argument("--step-s", type=float, default=None,
+                        help="seconds of each step of the good rollout (default 8; --quick 4)")  # fmt: skip
+    parser.add_argument("--phase-s", type=float, default=None,
+                        help="seconds of 1 client before the scale-up onset (default 8; --quick 4)")  # fmt: skip
+    args = parser.parse_args(argv)
+    quick = args.quick or args.smoke
+    steady_s = args.steady_s if args.steady_s is not None else (5.0 if quick else 15.0)
+    step_s = args.step_s if args.step_s is not None else (4.0 if quick else 8.0)
+    phase_s = args.phase_s if args.phase_s is not None else (4.0 if quick else 8.0)
+    if min(steady_s, step_s, phase_s) <= 0:
+        parser.error("--steady-s, --step-s and --phase-s must be positive")
+    load = QUICK_LOAD if quick else LOAD
+
+    import ray
+
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-loadgate-"))
+    app = LocalApp()
+    bad = good = scaled = None
+    failure: str | None = None
+    stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
+    try:
+        from app.serving.capture import CaptureRecord, write_sample
+        from tests.support.tiny_models import build_tiny_bert, write_model_config
+
+        log("building a tiny BERT artifact and a 12-record sample")
+        artifact = build_tiny_bert(tmp / "tiny", seed=0)
+        sample = tmp / "sample"
+        write_sample(sample, APP, [CaptureRecord(APP, STABLE, time.time(), b) for b in BODIES * 4])
+        versions = [
+            write_model_config(tmp, STABLE, artifact),
+            write_model_config(tmp, BAD, artifact, **BAD_CONFIG),
+            write_model_config(tmp, GOOD, artifact),
+            write_model_config(tmp, SCALER, artifact, autoscaling=AUTOSCALING,
+                               faults={"added_latency_ms": SCALER_LATENCY_MS}),
+        ]  # fmt: skip
+        # 8 logical CPUs: four versions at 0.5 each, two more v4 replicas, Router, controller.
+        # v2 and v4 take no weight: any client may pin them only when the table says so.
+        router = {"stable": STABLE, "weights": {STABLE: 100}, "pinnable": [BAD, SCALER]}
+        app.start(tmp, versions, router=router, num_cpus=8)
+        log(f"deployed in {time.perf_counter() - started:.0f}s")
+        for part in ("bad", "good", "autoscale"):
+            try:
+                if part == "bad":
+                    bad = bad_candidate(app, sample, load, quick)
+                elif part == "good":
+                    good = good_candidate(app, sample, load, steady_s, step_s)
+                else:
+                    scaled = autoscaling_candidate(app, phase_s)
+            except Exception as exc:
+                failure = f"{part}: {type(exc).__name__}: {exc}"
+                log(f"part {failure}")
+                break
+    finally:
+        app.close()
+        sys.stdout = stdout
+
+    met = goals(bad, good, scaled)
+    report: dict[str, Any] = {
+        "bad_candidate_caught": bad["caught"] if bad else None,
+        "user_requests_on_bad_candidate": bad["user_requests"] if bad else None,
+        "user_requests_on_bad_candidate_source": (
+            "the routers' per-version evidence: the controller's count of routed requests to "
+            f"{BAD} over the load stage (GET /admin/rollout versions.{BAD}.requests, from the "
+            "routers' stats pushes) + the Router's pinned count for it over the run (GET /status "
+            f"pinned.{BAD}.requests, after - before); cross-check: user answers with "
+            f"x-model-version {BAD} (bad.evidence.clients_saw)"
+        ),
+        "p99_low_rate_ms": bad["p99_low_rate_ms"] if bad else None,
+        "p99_at_peak_ms": bad["p99_at_peak_ms"] if bad else None,
+        "p99_step_ratio": good["p99_step_ratio"] if good else None,
+        "scale_up_s": scaled["scale_up_s"] if scaled else None,
+        "goals": met,
+        "goals_met": all(g["met"] for g in met.values()),
+        "bad": bad,
+        "good": good,
+        "autoscale": scaled,
+        "load_stage": {**load, "sample_records": len(BODIES) * 4},
+        "bad_config": BAD_CONFIG,
+        "user_clients": USERS,
+        "quick": quick,
+        "cores": cpu_count(),
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, "
+        f"{cpu_count()} CPUs, python {platform.python_version()}",
+        "ray_version": ray.__version__,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    if failure:
+        report["failure"] = failure
+    print(json.dumps(report), flush=True)
+    user_failed = sum(p["user_requests_failed"] for p in (good,) if p) + (
+        bad["evidence"]["user_requests_failed"] if bad else 0
+    )
+    fatal = (
+        failure is not None
+        or not met["bad_candidate_caught"]["met"]
+        or not met["user_requests_on_bad_candidate"]["met"]
+        or user_failed > 0
+        or bool(scaled and scaled["failed"])
+    )
+    return 1 if fatal else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
