@@ -575,3 +575,26 @@ def test_bench_runs_a_benchmark_module_with_its_arguments(capsys, monkeypatch):
         assert key in result
     with pytest.raises(SystemExit):
         main(["bench", "no-such-bench"])
+
+
+def test_rollout_alertmanager_renders_the_shipped_template_with_urls_from_files(tmp_path, capsys):
+    """`rollout alertmanager` is `python -m app.ops.alertmanager`, options and exit codes."""
+    from pathlib import Path
+
+    import yaml
+
+    template = Path(__file__).parents[2] / "configs" / "prometheus" / "alertmanager.yml"
+    (tmp_path / "page").write_text("https://hooks.example.test/page?token=s3cret\n")
+    (tmp_path / "warn").write_text("https://hooks.example.test/warn\n")
+    out = tmp_path / "alertmanager.yml"
+    argv = ["alertmanager", "--template", str(template), "--url-file", f"page={tmp_path / 'page'}"]
+    assert main([*argv, "--output", str(out)]) == 2  # the warn receiver has no URL
+    assert "warn" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--url-file", f"warn={tmp_path / 'warn'}", "--output", str(out)]) == 0
+    urls = [h["url"] for r in yaml.safe_load(out.read_text())["receivers"]
+            for h in r["webhook_configs"]]  # fmt: skip
+    assert urls == [
+        "https://hooks.example.test/page?token=s3cret",
+        "https://hooks.example.test/warn",
+    ]
+    assert "s3cret" not in capsys.readouterr().out

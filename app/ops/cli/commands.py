@@ -8,6 +8,7 @@
     rollout kuberay [CONFIG] --region R [-o F|--check F]  the KubeRay RayService manifest
     rollout bench NAME [ARGS]                          python -m bench.NAME, from the checkout
     rollout capture export|import|stats --dir D --model M   the traffic sample (capture.py)
+    rollout alertmanager --template T --url-file K=PATH --output F   Alertmanager config, URLs from files
 
 Rollout control talks to the router's admin API over HTTP (`--url`, default $ROLLOUT_URL or
 http://127.0.0.1:8000) with a bearer token (`--token`, default $ROLLOUT_ADMIN_TOKEN or the
@@ -418,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="its own arguments (--json, ...)")
     bench.set_defaults(func=_bench)
+    alertmanager = commands.add_parser(
+        "alertmanager", add_help=False,
+        help="render configs/prometheus/alertmanager.yml with its webhook URLs read from files",
+        description="Same as `python -m app.ops.alertmanager` (--template, --url-file KEY=PATH, "
+        "--output); `rollout alertmanager --help` shows its options.",
+    )  # fmt: skip
+    alertmanager.add_argument("rest", nargs=argparse.REMAINDER, help="its own arguments")
     return parser
 
 
@@ -448,6 +456,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["alertmanager"]:  # its own options (argparse's REMAINDER skips a leading --x)
+        from app.ops.alertmanager import main as render_main
+
+        return render_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
