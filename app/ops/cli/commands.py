@@ -430,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCHMARKS = (
-    "abtest", "chaos", "hotpatch", "loadgate", "propagation", "rollback", "throughput", "waves",
-    "world",
+    "abtest", "autoscale", "chaos", "hotpatch", "loadgate", "microbatch", "propagation",
+    "rollback", "throughput", "waves", "world", "wrkload",
 )  # fmt: skip
 
 
