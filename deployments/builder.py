@@ -34,6 +34,7 @@ from app.config import (
     load_app_args,
     load_version_args,
 )
+from app.constants import KV_NAMESPACE
 
 __all__ = [
     "build_app",
@@ -43,13 +44,42 @@ __all__ = [
 ]  # loaders: app.config
 
 
+CAPACITY_POLICY = "deployments.capacity_policy:CapacityFloorPolicy"
+
+
+def autoscaling_config(config: ModelConfig) -> dict[str, Any]:
+    """The version deployment's Serve `autoscaling_config`. A version that opts in to
+    capacity-aware steps gets the floor policy (docs/capacity-aware-steps.md), and Serve's own
+    upscale delay becomes 0: Serve delays a custom policy's answer too, which would hold a
+    floor rise back, so the policy applies the declared delay itself, to the load part only.
+    Its kwargs also carry what the rollout controller needs to size the floor (read back from
+    Serve's deployment details)."""
+    scaling = config.autoscaling
+    serve_config = scaling.serve_config()
+    if not scaling.capacity_aware:
+        return serve_config
+    serve_config["upscale_delay_s"] = 0.0
+    serve_config["policy"] = {
+        "policy_function": CAPACITY_POLICY,
+        "policy_kwargs": {
+            "model": config.name,
+            "version": config.version,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "namespace": KV_NAMESPACE,
+            "replica_capacity_rps": scaling.replica_capacity_rps,
+            "headroom": scaling.capacity_headroom,
+        },
+    }
+    return serve_config
+
+
 def _model_server(config: ModelConfig, placement: dict[str, Any]):
     from deployments.model_server import ModelServer
 
     return ModelServer.options(  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment; stubs keep the class
         name=config.deployment_name,
         ray_actor_options={**config.resources.ray_actor_options(), **placement},
-        autoscaling_config=config.autoscaling.serve_config(),
+        autoscaling_config=autoscaling_config(config),
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         user_config=config.user_config().model_dump(mode="json"),

@@ -21,13 +21,14 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, cast
 
 from ray import serve
 
 from app import ray_compat
 from app.config import version_app_name
+from app.config.waves import WavesDocumentError, parse_waves_document
 from app.constants import (
     DEFAULT_TICK_INTERVAL_S,
     GAUGE_INTERVAL_S,
@@ -67,6 +68,7 @@ from app.rollout import (
 from app.rollout.feedback import (
     FeedbackDesk,
 )
+from app.rollout.gates import LIFT_GATES
 from app.rollout.loadstage import (
     REPLAY_GATE,
     LoadRecorder,
@@ -79,12 +81,24 @@ from app.rollout.plan import ControllerUserConfig, LoadStage, LoadTest, RolloutP
 from app.rollout.prometheus import PrometheusUnavailable, query_scalar
 from app.rollout.timeline import Timeline
 from app.serving.capture import SampleStats, decode_record_request, iter_sample
+from deployments.capacity_floor import (
+    CapacityKeeper,
+    CapacitySettings,
+    capacity_settings,
+    gcs_floors,
+)
 from deployments.store import Claim, Fence, GcsStore, RolloutStore, StoreBusy
 
 logger = logging.getLogger("ray.serve")
 
 OUTCOMES_SUFFIX = "/outcomes"  # the outcome book's key: the state's key + this
 EPOCH_SUFFIX = "/epoch"  # the fence's key: the state's key + this
+WAVES_SUFFIX = "/waves"  # the latest region-waves state published here: the state's key + this
+# The A/B lift series (status["ab_series"]): at most one point a second, at most this many; a
+# full series is thinned (every other point dropped, the spacing doubled), so it always spans
+# the whole experiment at a bounded size.
+AB_SERIES_MAX = 600
+AB_SERIES_GAP_S = 1.0
 # While a timer runs (a hold, a scale-down delay, the progress deadline) the stored state is
 # rewritten at least this often, so its timers are never older than this: a controller that
 # crashes every minute still advances a long hold.
@@ -193,6 +207,59 @@ class LoadRun:
         return out
 
 
+def _finite(value: Any) -> float | None:
+    """A number for JSON: None for a missing or non-finite one (status must stay valid JSON)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+class LiftSeries:
+    """The A/B test's lift over time, for the operator page and `rollout report`: one point
+    `{"t", "lift", "low", "high", "verdict"}` per tick at most every `gap_s`, taken from the
+    plan's first lift gate's verdict (improvement, else non-inferiority: its estimate, its
+    always-valid interval and its conclusion, as `evaluate_lift_gates` computed them on that
+    tick; nothing is recomputed). Bounded: at `max_points` every other point is dropped and
+    the spacing doubles, so the series still covers the whole experiment. In memory only,
+    like the timeline; `reset` when a new rollout starts."""
+
+    def __init__(self, max_points: int = AB_SERIES_MAX, gap_s: float = AB_SERIES_GAP_S) -> None:
+        if max_points < 2:
+            raise ValueError(f"max_points ({max_points}) must be at least 2")
+        self.max_points = max_points
+        self.base_gap_s = gap_s
+        self.gap_s = gap_s
+        self.points: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        self.points = []
+        self.gap_s = self.base_gap_s
+
+    def record(self, now: float, verdicts: Sequence[GateVerdict]) -> bool:
+        """Add the lift gates' reading at `now` (at most one point per `gap_s`); True if added."""
+        lift = next((v for name in LIFT_GATES for v in verdicts if v.gate == name), None)
+        if lift is None:
+            return False
+        if self.points and now - self.points[-1]["t"] < self.gap_s:
+            return False
+        detail = lift.detail
+        conclusion = detail.get("conclusion")
+        self.points.append({
+            "t": float(now),
+            "lift": _finite(detail.get("lift", lift.value)),
+            "low": _finite(detail.get("low")),
+            "high": _finite(detail.get("high")),
+            "verdict": None if conclusion is None else str(conclusion),
+        })  # fmt: skip
+        if len(self.points) >= self.max_points:
+            self.points = self.points[::2]
+            self.gap_s *= 2
+        return True
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [dict(p) for p in self.points]
+
+
 def deployment_ready(deployment: dict[str, Any] | None) -> bool:
     """Whether one deployment's Serve details (`serve_details()`, a deployment entry) say it
     can serve now: a RUNNING replica, or HEALTHY with none (autoscaled to zero replicas, which
@@ -217,6 +284,7 @@ class ControllerCore:
         store: RolloutStore,
         deployed_versions: Callable[[], list[str]] | None = None,
         candidate_ready: Callable[[str], bool | None] | None = None,
+        capacity: CapacityKeeper | None = None,
         call_version: Callable[[str], VersionCall] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -234,6 +302,10 @@ class ControllerCore:
         self._wall0, self._mono0 = clock(), monotonic()
         self._deployed = deployed_versions
         self._ready_lookup = candidate_ready  # blocking; run off the event loop
+        # Capacity-aware steps (docs/capacity-aware-steps.md): Serve look-ups and floor writes
+        # off the tick, the step's floor on it. Without a keeper no step waits for capacity.
+        self.capacity = capacity if capacity is not None else CapacityKeeper(None, None)
+        self._capacity_task: asyncio.Task[None] | None = None
         self.readiness = Readiness(None, None, float("-inf"))
         self._readiness_asked_at = float("-inf")
         self._readiness_lookup: asyncio.Future[bool | None] | None = None  # the one in flight
@@ -276,6 +348,9 @@ class ControllerCore:
         # version since the current rollout started (persisted beside the state).
         self.desk = FeedbackDesk(self.versions)
         self.notifier = Notifier(model)  # webhooks for every event; posts in the background
+        self.ab_series = LiftSeries()  # the current rollout's A/B lift, tick by tick
+        # The newest region-waves state the waves orchestrator published here (status["waves"]).
+        self.waves: dict[str, Any] | None = None
         now = self.now()
         # Claim the fence before reading: every write the replica before this one acknowledged
         # was checked against the fence after it landed, so this read sees it.
@@ -294,6 +369,7 @@ class ControllerCore:
                 self.desk.dirty = True  # stored again under this replica's epoch
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("RolloutController: ignoring unreadable saved outcomes: %s", exc)
+        self.waves = self._restore_waves()
         saved = self.store.get(self.kv_key)
         if saved is not None:
             try:
@@ -313,6 +389,19 @@ class ControllerCore:
                 flush_serve_logs()
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("RolloutController: ignoring unreadable saved state: %s", exc)
+
+    def _restore_waves(self) -> dict[str, Any] | None:
+        raw = self.store.get(self.kv_key + WAVES_SUFFIX)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            received_at = _finite(data.pop("received_at", None))
+            document = parse_waves_document(data).model_dump(mode="json")
+        except (ValueError, TypeError, AttributeError) as exc:
+            logger.error("RolloutController: ignoring an unreadable saved waves state: %s", exc)
+            return None
+        return {**document, "received_at": received_at}
 
     @property
     def epoch(self) -> int:
@@ -403,6 +492,8 @@ class ControllerCore:
                     self._prometheus_task = loop.create_task(self._query_prometheus())
                 if self._readiness_task is None or self._readiness_task.done():
                     self._readiness_task = loop.create_task(self.refresh_readiness())
+                if self._capacity_task is None or self._capacity_task.done():
+                    self._capacity_task = loop.create_task(self.refresh_capacity())
                 await self.tick()
             except Exception:
                 logger.exception("RolloutController: tick failed")
@@ -475,6 +566,12 @@ class ControllerCore:
             ready = None
         self.readiness = Readiness(candidate, ready, self.now())
 
+    async def refresh_capacity(self) -> None:
+        """Look up the rollout's versions in Serve (at most every second) and write the
+        capacity floors that differ or are due (off the event loop, bounded)."""
+        await self.capacity.refresh(self.state, self.now())
+        await self.capacity.sync(self.state, self.now())
+
     def _candidate_ready(self, candidate: str, now: float) -> bool | None:
         reading = self.readiness
         if reading.version != candidate or now - reading.at > READINESS_MAX_AGE_S:
@@ -516,8 +613,14 @@ class ControllerCore:
             self._stop_load(self.state.phase.value if self.state else "no plan")
             self._sample(now, force=False)  # the baseline before, and the aftermath after
             return
-        decision = step(self.state, self.observation(now), now, load=self._load_stage(now))
+        if self.state.phase is Phase.IDLE and self.capacity.awaits_first_reading(self.state, now):
+            return  # the first step may raise the weight: not before Serve was asked
+        capacity = self.capacity.plan(self.state, self.window.rates(RATE_WINDOW_S, now), now)
+        decision = step(self.state, self.observation(now), now, load=self._load_stage(now),
+                        capacity=capacity)  # fmt: skip
+        self.capacity.waiting = decision.capacity_wait
         self.verdicts = decision.verdicts
+        self.ab_series.record(now, decision.verdicts)
         if decision.state != self.state:
             await self._set(decision.state)  # logs the decision's events
         self._sample(now, force=bool(decision.events))
@@ -663,6 +766,7 @@ class ControllerCore:
         self._gauges_at = now
         state = self.state
         try:
+            self.metrics.load_stage(self._load_status())  # None: no load stage (zeroes the last)
             if state is None:  # no plan yet: idle (so a later phase shows as a change from 0)
                 self.metrics.state(phase=Phase.IDLE.value, step_index=0, candidate=None, weight=0.0)
                 return
@@ -813,12 +917,16 @@ class ControllerCore:
         stats: StatsReport,
         shadow: dict[str, ShadowDelta] | None = None,
         served: list[ServedAnswer] | None = None,
+        sent_at: float | None = None,
     ) -> None:
         """Per-version counts since the router's last report, shadow comparisons and the
-        request ids answered (for feedback). Tuples from older routers unpack the same."""
+        request ids answered (for feedback). Tuples from older routers unpack the same.
+        `sent_at`: the router's wall clock when it sent the report (None from older routers):
+        the answers' times are moved onto this clock (FeedbackDesk.record_served)."""
         self._refuse_if_fenced()  # the newer replica judges: the router keeps its ids to resend
         self._ensure_ticker()
-        self.desk.record_served(served or (), self.clock())  # routers stamp answers in wall time
+        # Routers stamp answers in their wall time.
+        self.desk.record_served(served or (), self.clock(), sent_at)
         now = self.now()
         try:
             if stats:
@@ -857,11 +965,16 @@ class ControllerCore:
         return cast("TrafficOverride | None", self.override)
 
     async def feedback(
-        self, items: list[dict[str, Any]], hints: dict[str, FeedbackHint]
+        self,
+        items: list[dict[str, Any]],
+        hints: dict[str, FeedbackHint],
+        sent_at: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Count outcomes for answered requests (FeedbackDesk.count): one result per item."""
+        """Count outcomes for answered requests (FeedbackDesk.count): one result per item.
+        `sent_at`: the forwarding router's wall clock when it sent them (its hints' times are
+        moved onto this clock); None from older routers."""
         self._refuse_if_fenced()
-        return self.desk.count(items, hints, self.clock())
+        return self.desk.count(items, hints, self.clock(), sent_at)
 
     def _reset_outcomes(self, plan: RolloutPlan) -> None:
         """A new rollout is a new experiment: outcomes (and verdicts) from before it do not
@@ -871,6 +984,7 @@ class ControllerCore:
         # over in between must not restore the last rollout's outcomes into this one.
         self._book_saved_at = -math.inf
         self.verdicts = ()
+        self.ab_series.reset()
 
     # -- operators ---------------------------------------------------------------------------------
 
@@ -943,6 +1057,29 @@ class ControllerCore:
             await self._set(changed)
         await self._tick(now)
 
+    async def publish_waves(self, document: dict[str, Any]) -> dict[str, Any]:
+        """The waves orchestrator's latest state (`POST /admin/waves`, checked by the router
+        and again here), kept and stored if it is not older than the one held (orchestrator
+        clock: `published_at`), so a restarted replica still shows it. A failed write keeps
+        it in memory (`stored` False); the orchestrator publishes again within seconds."""
+        self._refuse_if_fenced()
+        try:
+            waves = parse_waves_document(document).model_dump(mode="json")
+        except WavesDocumentError as exc:
+            raise InvalidInput(str(exc)) from None
+        held = self.waves
+        if held is not None and waves["published_at"] < held["published_at"]:
+            return {"accepted": False, "stored": False, "published_at": held["published_at"],
+                    "reason": "older than the waves state held"}  # fmt: skip
+        self.waves = {**waves, "received_at": self.clock()}
+        stored = True
+        try:
+            await self._put(self.kv_key + WAVES_SUFFIX, json.dumps(self.waves).encode())
+        except Exception as exc:
+            stored = False
+            logger.warning("RolloutController: could not store the waves state: %r", exc)
+        return {"accepted": True, "stored": stored, "published_at": waves["published_at"]}
+
     async def status(self) -> dict[str, Any]:
         # Async so it runs on the event loop: the stats window is not thread-safe.
         self._refuse_if_fenced()  # its view is stale: the current replica answers
@@ -994,6 +1131,10 @@ class ControllerCore:
             "epoch": self.epoch,
             "progress_deadline": self._deadline_status(now),
             "load_stage": self._load_status(),
+            "capacity": self.capacity.status(),
+            "waves": self.waves,
+            "notifications": self.notifier.stats() if self.notifier.settings.webhooks else None,
+            "ab_series": self.ab_series.to_list(),
             "prometheus": None
             if self.prometheus_url is None
             else {
@@ -1037,13 +1178,17 @@ class RolloutController(ControllerCore):
     versions (version_apps mode) and the candidate's replicas read from Serve."""
 
     def __init__(self, model: str, versions: list[str] | None) -> None:
+        app_name = serve.get_replica_context().app_name
         super().__init__(
             model,
             versions,
-            app_name=serve.get_replica_context().app_name,
+            app_name=app_name,
             store=GcsStore(),
             deployed_versions=self._serve_versions,
             candidate_ready=self._serve_ready,
+            capacity=CapacityKeeper(
+                gcs_floors(app_name, model, version_apps=versions is None), self._serve_capacity
+            ),
             call_version=self._serve_call,
         )
 
@@ -1073,6 +1218,14 @@ class RolloutController(ControllerCore):
         apps = ray_compat.serve_details().get("applications", {})
         deployments = (apps.get(app) or {}).get("deployments") or {}
         return deployment_ready(deployments.get(name))
+
+    def _serve_capacity(self, version: str) -> CapacitySettings | None:
+        """`version`'s capacity-aware settings and RUNNING replicas from Serve's details
+        (None: it did not opt in). Blocking: a Serve controller call."""
+        name = version_app_name(self.model, version)
+        app = self.app_name if self.versions is not None else name
+        apps = ray_compat.serve_details().get("applications", {})
+        return capacity_settings(((apps.get(app) or {}).get("deployments") or {}).get(name))
 
     def _serve_versions(self) -> list[str]:
         prefix = f"{self.model}-"

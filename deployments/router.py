@@ -39,6 +39,7 @@ from app.config import (
     TrafficConfig,
 )
 from app.config.router import MicroBatchSettings
+from app.config.waves import WavesDocumentError, parse_waves_document
 from app.constants import (
     ADMIN_CALL_TIMEOUT_S,
     GENERATION_WAIT_S,
@@ -685,6 +686,19 @@ class Router:
             )
         return await self._ask_controller("command", command, _caller(request))
 
+    @api.post("/admin/waves")
+    async def waves_publish(self, request: Request) -> dict[str, Any]:
+        """The waves orchestrator's state (app/ops/waves.py), for `status["waves"]`: checked
+        here (400 naming the field), kept by the controller if it is the newest."""
+        self._authorize(request)
+        body = await _read_body(request, self.settings.max_body_bytes, self._admin_deadline())
+        try:
+            document = parse_waves_document(json.loads(body))
+        except (ValueError, RecursionError) as exc:  # WavesDocumentError is a ValueError
+            why = str(exc) if isinstance(exc, WavesDocumentError) else f"not valid JSON: {exc}"
+            raise InvalidInput(f"the waves body: {why}") from None
+        return await self._ask_controller("publish_waves", document.model_dump(mode="json"))
+
     @api.post("/v2/models/{model}/feedback")
     async def feedback(self, model: str, request: Request) -> Response:
         """Outcomes for earlier answers: `{"request_id", "outcome", "value"}` (value true/false
@@ -721,7 +735,10 @@ class Router:
                     *entry, counted, self.recent.unit(item.request_id)
                 )
         payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
-        results: list[dict[str, Any]] = await self._ask_controller("feedback", payload, hints)
+        # Its wall clock now: the controller moves the hints' times onto its own (F16).
+        results: list[dict[str, Any]] = await self._ask_controller(
+            "feedback", payload, hints, time.time()
+        )
         for item, result in zip(items, results):
             if result.get("counted") and item.request_id in self.recent:
                 self.recent.first_count(item.request_id, item.outcome)

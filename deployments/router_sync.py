@@ -253,8 +253,10 @@ class RouterSync:
             try:
                 # Not None: ensure_running starts this loop only when there is a controller.
                 controller = cast("DeploymentHandle", router.controller)
+                # Its wall clock now: the controller moves the answers' times onto its own.
                 await asyncio.wait_for(
-                    controller.report.remote(report, shadow, served), timeout=REPORT_TIMEOUT_S
+                    controller.report.remote(report, shadow, served, time.time()),
+                    timeout=REPORT_TIMEOUT_S,
                 )
             except Exception as exc:  # lost reports only delay a verdict; never block serving
                 logger.warning("Router: stats report to the controller failed: %s", exc)

@@ -91,6 +91,29 @@ class Autoscaling(StrictModel):
         "replaces it with environment variables) but it is the only push interval it reads; "
         "a value other than 10 makes Serve log a DeprecationWarning where it builds the config.",
     )
+    capacity_aware: bool = Field(
+        default=False,
+        description="Capacity-aware rollout steps (docs/capacity-aware-steps.md): before a "
+        "rollout raises this version's weight, the controller asks for the replicas the new "
+        "share needs and the step waits until they run. Serve's upscale delay is then applied "
+        "by the version's own autoscaling policy, to the load only.",
+    )
+    replica_capacity_rps: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        allow_inf_nan=False,
+        description="Requests per second one replica sustains within its latency goal; "
+        "required when capacity_aware is true.",
+    )
+    capacity_headroom: float = Field(
+        default=1.5,
+        ge=1,
+        le=10,
+        allow_inf_nan=False,
+        description="Factor over the projected traffic that a capacity-aware step asks "
+        "replicas for (bursts, traffic growing while the step holds).",
+    )
 
     @model_validator(mode="after")
     def _max_at_least_min(self) -> Autoscaling:
@@ -109,6 +132,15 @@ class Autoscaling(StrictModel):
             raise ValueError(
                 f"look_back_period_s ({self.look_back_period_s:g}) must be greater than "
                 f"metrics_interval_s ({self.metrics_interval_s:g})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _capacity_aware_needs_a_rate(self) -> Autoscaling:
+        if self.capacity_aware and self.replica_capacity_rps is None:
+            raise ValueError(
+                "replica_capacity_rps is required when capacity_aware is true "
+                "(requests per second one replica sustains)"
             )
         return self
 

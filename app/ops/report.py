@@ -10,8 +10,11 @@ started:
     traffic weights per version      (step lines; every event a dotted line, labelled)
     error rate per version           (as the gates count it: fallbacks included)
     p99 latency per version
-    A/B lift                         (only with lift gates: each reading's estimate and its
-                                      always-valid interval, the bar it must clear, the verdict)
+    A/B lift                         (only with lift gates: the estimate and its always-valid
+                                      interval as a curve, tick by tick, from the status's
+                                      `ab_series`; each event's reading marked on it; the bar
+                                      it must clear, the verdict. Older controllers, with no
+                                      `ab_series`: the readings at events only)
     gate verdicts                    (one row per gate: passed, pending, skipped, failed)
 
 and the last events, with the reason for each, in a table under them. matplotlib draws it
@@ -27,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ReportError", "lift_readings", "render_report", "rollout_identity"]
+__all__ = ["ReportError", "lift_readings", "lift_series", "render_report", "rollout_identity"]
 
 STATUS_COLORS = {
     "passed": "#2e7d32",
@@ -84,6 +87,9 @@ def render_report(
     xs = [float(s["time_s"]) - start for s in timeline]
 
     lift = lift_readings(events, status, start)
+    series = lift_series(status, start)
+    if series and not lift:  # a curve, but no event or verdict to name the gate by
+        lift = {"lift": []}
     table_ratio = 0.3 + 0.13 * min(len(events), MAX_EVENT_ROWS)
     ratios = [2.2, 1.6, 1.6] + ([1.6] if lift else []) + [1.3, table_ratio]
     fig = plt.figure(figsize=(13, 12 + (2 if lift else 0)), dpi=100, layout="constrained")
@@ -95,7 +101,7 @@ def render_report(
     ax_g = fig.add_subplot(grid[len(ratios) - 2], sharex=ax_w)
     ax_t = fig.add_subplot(grid[len(ratios) - 1])
     if ax_l is not None:
-        _draw_lift(ax_l, lift, plt.get_cmap("Dark2"))
+        _draw_lift(ax_l, lift, plt.get_cmap("Dark2"), series)
 
     # Weights: from the timeline; with no samples (a restarted controller), from the events.
     if timeline:
@@ -226,17 +232,54 @@ def lift_readings(
     return points
 
 
-def _draw_lift(ax: Any, lift: Mapping[str, list[dict[str, Any]]], cmap: Any) -> None:
-    """The A/B panel: each lift gate's estimate with its always-valid interval at every
-    reading, the bar it must clear (dashed), and its latest conclusion in the legend."""
+def lift_series(status: Mapping[str, Any] | None, start: float) -> list[dict[str, float]]:
+    """The controller's A/B lift series (`status["ab_series"]`: one point per tick, at most
+    one a second, of the plan's first lift gate) as `{"t", "lift", "low", "high"}` with `t` in
+    seconds since `start` and NaN for a missing number; empty when the status has none (no
+    lift gate, or a controller older than the series) or no point has an estimate yet."""
+    raw = (status or {}).get("ab_series")
+    if not isinstance(raw, list):
+        return []
+    points = []
+    for point in raw:
+        if not isinstance(point, Mapping) or not isinstance(point.get("t"), (int, float)):
+            continue
+        points.append({"t": float(point["t"]) - start, "lift": _number(point.get("lift")),
+                       "low": _number(point.get("low")), "high": _number(point.get("high"))})  # fmt: skip
+    if all(math.isnan(p["lift"]) for p in points):
+        return []
+    return sorted(points, key=lambda p: p["t"])
+
+
+def _draw_lift(
+    ax: Any,
+    lift: Mapping[str, list[dict[str, Any]]],
+    cmap: Any,
+    series: Sequence[Mapping[str, float]] = (),
+) -> None:
+    """The A/B panel: the lift series as a curve with its always-valid interval as a band
+    (when the controller keeps one), each lift gate's reading at every event marked with its
+    interval, the bar it must clear (dashed), and its latest conclusion in the legend."""
+    if series:
+        ts = [p["t"] for p in series]
+        first = sorted(lift)[0] if lift else None
+        color = cmap(0)
+        ax.plot(ts, [p["lift"] for p in series], color=color, lw=1.6,
+                label="lift, tick by tick" + (f" ({first})" if first else ""))  # fmt: skip
+        ax.fill_between(ts, [p["low"] for p in series], [p["high"] for p in series],
+                        color=color, alpha=0.15, lw=0, label="always-valid interval")  # fmt: skip
     for i, (gate, pts) in enumerate(sorted(lift.items())):
+        if not pts:
+            continue
         color = cmap(i % 8)
         ts = [p["t"] for p in pts]
         ax.plot(ts, [p["lift"] for p in pts], marker="o", ms=4, color=color,
+                ls=":" if series else "-",
                 label=f"{gate} ({pts[-1]['outcome']}, {pts[-1]['scale']}): "
                       f"{pts[-1]['conclusion']}")  # fmt: skip
         lows, highs = [p["low"] for p in pts], [p["high"] for p in pts]
-        ax.fill_between(ts, lows, highs, color=color, alpha=0.18, step=None)
+        if not series:  # with a series its band is the interval; here, the readings'
+            ax.fill_between(ts, lows, highs, color=color, alpha=0.18, step=None)
         ax.vlines(ts, lows, highs, color=color, lw=1.5)
         bars = {p["bar"] for p in pts if not math.isnan(p["bar"])}
         for bar in bars:

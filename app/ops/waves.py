@@ -49,6 +49,13 @@ a second orchestrator off the same waves; a lock whose holder process is gone (s
 stale and taken over. Commands for a running orchestrator (`pause`, `resume`, `promote`,
 `abort`) go through an inbox directory it reads on every tick.
 
+Every region of the waves file (all waves) is told the whole waves state, for its operator
+page (`status["waves"]`): after each tick that changed it, and at least every
+`PUBLISH_EVERY_S` while the waves run, the orchestrator POSTs `waves_document()` to the
+region's `POST /admin/waves` with its admin token (`WavesPublisher`). The posts run in the
+background, latest document wins, with a short timeout and no retry: a region that refuses
+or is down is logged and never fails, blocks or slows a tick (the next publish tries again).
+
 Exceptions:
 
     WavesError                 the orchestrator cannot go on (bad state, declare failed)
@@ -58,14 +65,17 @@ Exceptions:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -80,6 +90,7 @@ from app.config import (
     load_yaml,
     project_root,
 )
+from app.config.waves import MAX_TEXT
 from app.errors import ConfigError
 from app.ops.cli.admin_client import error_detail
 
@@ -94,6 +105,7 @@ __all__ = [
     "WavesLock",
     "WavesLocked",
     "WavesPhase",
+    "WavesPublisher",
     "WavesRunner",
     "WavesSpec",
     "load_waves",
@@ -109,6 +121,9 @@ DEFAULT_STATE_DIR = Path(".rollout/waves")
 STATE_SCHEMA = 1
 DEPLOY_PATH = "/api/serve/applications/"
 ADMIN_PATH = "/admin/rollout"
+WAVES_PATH = "/admin/waves"  # where a region takes the waves state (deployments/router.py)
+PUBLISH_EVERY_S = 5.0  # the waves state is published at least this often while they run
+PUBLISH_TIMEOUT_S = 2.0  # per post (at most request_timeout_s); a failed one is not retried
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 HISTORY_LIMIT = 1000
 
@@ -474,14 +489,23 @@ class RegionClient:
         except ConfigError as exc:
             raise RegionUnreachable(f"admin token: {exc}") from None
 
-    def _admin(self, method: str, path: str) -> dict[str, Any]:
+    def _admin(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         token = self._token()
         headers = {"accept": "application/json", "x-rollout-actor": _actor()}
         if token:
             headers["authorization"] = f"Bearer {token}"
         url = f"{self.target.url}{path}"
         try:
-            response = _http().request(method, url, headers=headers, timeout=self.timeout_s)
+            response = _http().request(
+                method, url, headers=headers, json=None if body is None else dict(body),
+                timeout=self.timeout_s if timeout_s is None else timeout_s,
+            )  # fmt: skip
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise RegionUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from None
         if response.status_code == 409:
@@ -503,6 +527,12 @@ class RegionClient:
 
     def command(self, name: str) -> dict[str, Any]:
         return self._admin("POST", f"{ADMIN_PATH}/{name}")
+
+    def publish_waves(
+        self, document: Mapping[str, Any], timeout_s: float = PUBLISH_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """POST the waves state to the region (`POST /admin/waves`), with a short timeout."""
+        return self._admin("POST", WAVES_PATH, document, min(self.timeout_s, timeout_s))
 
     def end_reason(self, phase: str) -> str | None:
         """Why the region's rollout reached `phase`: its last such history event's reason
@@ -544,6 +574,91 @@ def _actor() -> str:
     return os.environ.get("ROLLOUT_ACTOR") or f"rollout-waves@{socket.gethostname()}"
 
 
+class WavesPublisher:
+    """Posts the waves state to every region in the background, so a slow or dead region never
+    holds a tick: one post in flight per region at a time, the latest document wins (one
+    published while a post is on the way replaces any not yet sent), no retry (the next
+    publish is the retry). A failure is logged when a region's error changes, not every time."""
+
+    def __init__(self, clients: Mapping[str, RegionClient], log: Callable[[str], None]) -> None:
+        self.clients = dict(clients)
+        self.log = log
+        self.timeout_s = PUBLISH_TIMEOUT_S  # per post
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._busy: dict[str, concurrent.futures.Future[None]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.errors: dict[str, str | None] = {}  # region -> its last publish error (None: ok)
+        self.sent: dict[str, int] = {}  # region -> posts it accepted
+
+    def publish(self, document: Mapping[str, Any]) -> None:
+        """Queue `document` for every region; returns at once."""
+        with self._lock:
+            if self._pool is None:
+                workers = max(1, min(8, len(self.clients)))
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    workers, thread_name_prefix="waves-publish"
+                )
+            for region in self.clients:
+                self._pending[region] = dict(document)
+                if region not in self._busy:
+                    self._busy[region] = self._pool.submit(self._drain, region)
+
+    def _drain(self, region: str) -> None:
+        while True:
+            with self._lock:
+                document = self._pending.pop(region, None)
+                if document is None:
+                    del self._busy[region]
+                    return
+            try:
+                self.clients[region].publish_waves(document, self.timeout_s)
+            except Exception as exc:  # RegionUnreachable, a bug: logged, never raised
+                error = str(exc)[:300]
+                if self.errors.get(region) != error:
+                    self.log(f"could not publish the waves state to {region}: {error}")
+                self.errors[region] = error
+                continue
+            if self.errors.get(region):
+                self.log(f"publishing the waves state to {region} works again")
+            self.errors[region] = None
+            self.sent[region] = self.sent.get(region, 0) + 1
+
+    def wait(self, timeout_s: float | None = None, regions: Iterable[str] | None = None) -> bool:
+        """Wait until nothing is queued or on the way to `regions` (default: all) (tests, and
+        before the process exits); True if it all went out (or failed) within `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        names = None if regions is None else set(regions)
+        while True:
+            with self._lock:
+                futures = [f for r, f in self._busy.items() if names is None or r in names]
+            if not futures:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            concurrent.futures.wait(futures, left)
+
+
+def _text(value: Any) -> str | None:
+    """A string for the waves document: at most MAX_TEXT characters (the regions refuse more)."""
+    if value is None:
+        return None
+    text = str(value)
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def _weights(value: Any) -> dict[str, float] | None:
+    if not isinstance(value, Mapping):
+        return None
+    weights: dict[str, float] = {}
+    for version, weight in list(value.items())[:64]:
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            if math.isfinite(weight) and 0 <= weight <= 100:
+                weights[str(version)[:MAX_TEXT]] = float(weight)
+    return weights
+
+
 # --------------------------------------------------------------------------------- the runner
 
 LIVE_PHASES = frozenset({"idle", "progressing", "paused", "promoting"})
@@ -572,6 +687,9 @@ class WavesRunner:
             t.region: RegionClient(t, self.spec.request_timeout_s) for t in self.targets
         }
         self.by_region = {t.region: t for t in self.targets}
+        self.publisher = WavesPublisher(self.clients, self.log)
+        self._published: dict[str, Any] | None = None  # the last document, less published_at
+        self._published_at = -math.inf
         self.state = read_state(self.state_dir, self.spec.name) or self._new_state()
         if self.state.get("name") != self.spec.name:
             raise WavesError(f"{self.state_path}: holds waves {self.state.get('name')!r}")
@@ -846,7 +964,12 @@ class WavesRunner:
     # -- the reconcile ------------------------------------------------------------------------
 
     def tick(self) -> WavesPhase:
-        """Read, decide, act, persist. Safe to repeat."""
+        """Read, decide, act, persist, then tell the regions if anything changed. Safe to repeat."""
+        phase = self._reconcile()
+        self.publish_state()
+        return phase
+
+    def _reconcile(self) -> WavesPhase:
         for command in self._take_inbox():
             self.apply_command(command["command"], str(command.get("actor") or ""))
         if self.done:
@@ -894,6 +1017,80 @@ class WavesRunner:
                 self._next_wave(names)
         self.save()
         return self.phase
+
+    # -- publishing to the regions ------------------------------------------------------------
+
+    def waves_document(self) -> dict[str, Any]:
+        """The whole waves state as every region shows it (`status["waves"]`, less the region's
+        `received_at`): app/config/waves.py `WavesDocument` is its schema."""
+        state, phase = self.state, self.phase
+        current = int(state["wave"])
+        paused = bool(state["paused"]) and not phase.terminal
+        current_state = {
+            WavesPhase.RUNNING: "running", WavesPhase.BAKING: "baking",
+            WavesPhase.SUCCEEDED: "succeeded", WavesPhase.HALTED: "failed",
+            WavesPhase.ROLLED_BACK: "rolled_back", WavesPhase.ABORTED: "aborted",
+        }[phase]  # fmt: skip
+        waves = []
+        for index, wave in enumerate(self.spec.waves):
+            regions = [self._region_document(entry.region) for entry in wave.regions]
+            rolled_back = any(r["state"] == "rolled_back" for r in regions)
+            if index < current:
+                wave_state = "rolled_back" if rolled_back else "succeeded"
+            elif index > current:
+                wave_state = "pending"
+            else:
+                wave_state = "paused" if paused else current_state
+            waves.append({"index": index, "state": wave_state, "regions": regions,
+                          "bake_until": self._bake_until() if index == current else None})  # fmt: skip
+        return {
+            "name": self.spec.name,
+            "published_at": self.clock(),
+            "on_failure": self.spec.on_failure,
+            "phase": "paused" if paused else phase.value,
+            "current_wave": current,
+            "waves": waves,
+        }
+
+    def _region_document(self, region: str) -> dict[str, Any]:
+        record = self.state["regions"][region]
+        reading = record.get("reading") or {}
+        return {
+            "region": _text(region),
+            "state": record["status"],
+            "phase": _text(record.get("phase")),
+            "step": _text(reading.get("step")),
+            "weights": _weights(reading.get("weights")),
+            "reason": _text(record.get("error")),
+        }
+
+    def _bake_until(self) -> float | None:
+        """When the current bake ends on the orchestrator's clock (None: not baking); while
+        paused it moves on with the clock, as a pause does not count."""
+        bake = self.state["bake"]
+        if self.phase is not WavesPhase.BAKING or bake is None or bake.get("skipped"):
+            return None
+        paused = bake["paused_s"]
+        if self.state["paused"] and self.state["paused_since"] is not None:
+            paused += max(0.0, self.clock() - self.state["paused_since"])
+        return float(bake["started_at"] + bake["bake_s"] + paused)
+
+    def publish_state(self, *, force: bool = False) -> bool:
+        """Publish the waves state to every region if it changed since the last publish, or
+        `PUBLISH_EVERY_S` passed while the waves run (or `force`). Never raises, never waits
+        for a region. True if a publish was queued."""
+        try:
+            document = self.waves_document()
+            same = {k: v for k, v in document.items() if k != "published_at"}
+            due = not self.done and document["published_at"] - self._published_at >= PUBLISH_EVERY_S
+            if not (force or due or same != self._published):
+                return False
+            self._published, self._published_at = same, document["published_at"]
+            self.publisher.publish(document)
+            return True
+        except Exception as exc:  # the regions' pages are not worth a tick
+            self.log(f"could not publish the waves state: {type(exc).__name__}: {exc}")
+            return False
 
     def bake_remaining_s(self) -> float:
         """Seconds of the current bake left (wall clock; paused time does not count)."""
@@ -951,6 +1148,8 @@ class WavesRunner:
                 phase = self.tick()
                 ticks += 1
                 if phase.terminal or (max_ticks is not None and ticks >= max_ticks):
+                    # The last state reaches the regions before the process exits (bounded).
+                    self.publisher.wait(PUBLISH_TIMEOUT_S * 2)
                     return phase
                 self.sleep(self.spec.poll_interval_s)
 
@@ -972,6 +1171,8 @@ def send_command(runner: WavesRunner, name: str, actor: str) -> str:
     try:
         result = runner.apply_command(name, actor)
         runner.save()
+        runner.publish_state(force=True)
+        runner.publisher.wait(PUBLISH_TIMEOUT_S * 2)
         return f"{name}: {result}"
     finally:
         runner.lock.release()

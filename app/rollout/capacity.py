@@ -18,8 +18,10 @@ from dataclasses import dataclass
 __all__ = [
     "DEFAULT_HEADROOM",
     "CapacityNeed",
+    "StepCapacity",
     "replicas_for_share",
     "settling_floor",
+    "step_capacity",
     "total_traffic",
 ]
 
@@ -101,3 +103,63 @@ def settling_floor(replicas_at_step: int, step_at: float, now: float, settle_s: 
     if not math.isfinite(settle_s) or settle_s < 0:
         raise ValueError(f"settle_s ({settle_s}) must be a finite number >= 0")
     return replicas_at_step if now < step_at + settle_s else 0
+
+
+@dataclass(frozen=True)
+class StepCapacity:
+    """The capacity side of one step that raises the candidate's weight: the floors to publish
+    and whether the step must wait. The state machine takes it as an input of `step`."""
+
+    candidate: str
+    weight: float  # the candidate's weight after the step, %
+    candidate_floor: int  # replicas the candidate must run before the step
+    stable_floor: int  # replicas the stable keeps through the step (what it ran at the step)
+    candidate_running: int | None  # the candidate's RUNNING replicas (None: not known)
+    capped: bool = False  # max_replicas is below what the share wants: the p99 gate judges
+
+    @property
+    def waits(self) -> bool:
+        """Whether the step must wait: the candidate runs fewer replicas than its floor. An
+        unknown count (Serve's details unreadable) does not hold the step: without the
+        reading the step goes on as it would without the feature."""
+        running = self.candidate_running
+        return running is not None and running < self.candidate_floor
+
+    def reason(self) -> str:
+        cap = " (capped at max_replicas)" if self.capped else ""
+        return (
+            f"scaling {self.candidate} to {self.candidate_floor} replicas for "
+            f"{self.weight:g}%{cap}: {self.candidate_running} running"
+        )
+
+
+def step_capacity(
+    candidate: str,
+    next_weight: float,
+    *,
+    traffic_rps: float,
+    replica_rps: float,
+    headroom: float = DEFAULT_HEADROOM,
+    candidate_running: int | None,
+    stable_running: int | None,
+    min_replicas: int = 1,
+    max_replicas: int | None = None,
+) -> StepCapacity:
+    """The floors for a step that moves the candidate to `next_weight`% of `traffic_rps` (the
+    model's public requests per second, every version together): the candidate's from
+    `replicas_for_share`, the stable's the replicas it runs now (0 when not known), kept until
+    the switch has settled (`settling_floor`)."""
+    need = replicas_for_share(
+        traffic_rps, replica_rps, next_weight, headroom,
+        min_replicas=min_replicas, max_replicas=max_replicas,
+    )  # fmt: skip
+    if stable_running is not None and stable_running < 0:
+        raise ValueError(f"stable_running ({stable_running}) must be >= 0")
+    return StepCapacity(
+        candidate=candidate,
+        weight=next_weight,
+        candidate_floor=need.replicas,
+        stable_floor=stable_running or 0,
+        candidate_running=candidate_running,
+        capped=need.capped,
+    )

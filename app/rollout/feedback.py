@@ -476,6 +476,17 @@ class OutcomeBook:
         return result
 
 
+def rebase(now: float, sent_at: float | None) -> float:
+    """What to add to a time stamped by another process's wall clock (a router's) to put it
+    on this one's: `now - sent_at`, where `sent_at` is that clock when the message left, so
+    the two clocks' skew cancels and only the message's transit (milliseconds: answers read
+    as that much later) is left. 0 for a message without `sent_at` (an older router) or
+    with one that is not a finite number."""
+    if sent_at is None or not math.isfinite(sent_at):
+        return 0.0
+    return now - sent_at
+
+
 class FeedbackDesk:
     """The controller's feedback accounting: the global ledger of answered request ids, the
     outcome book of the current experiment, and the counts shown in status. Pure: time comes
@@ -508,31 +519,44 @@ class FeedbackDesk:
         self.started_at = now
         self.dirty = True
 
-    def record_served(self, served: Iterable[Sequence[Any]], now: float) -> None:
+    def record_served(
+        self, served: Iterable[Sequence[Any]], now: float, sent_at: float | None = None
+    ) -> None:
         """Answers routers pushed: ServedAnswer tuples (id, version, answered at, decision,
-        unit); older routers' shorter tuples read as no decision and no unit."""
+        unit); older routers' shorter tuples read as no decision and no unit. `sent_at`: the
+        router's wall clock when it sent them; their times are moved onto this clock
+        (`rebase`), so a router whose clock runs ahead or behind neither lets answers from
+        before the experiment into its arms nor keeps later ones out (F16)."""
+        shift = rebase(now, sent_at)
         for request_id, version, answered_at, *rest in served:
             decision = rest[0] if rest else None
             unit = rest[1] if len(rest) > 1 and rest[1] is not None else None
-            self.ledger.record(str(request_id), str(version), float(answered_at), now,
+            self.ledger.record(str(request_id), str(version), float(answered_at) + shift, now,
                                decision, None if unit is None else str(unit))  # fmt: skip
 
     def count(
-        self, items: Iterable[Mapping[str, Any]], hints: Mapping[str, Sequence[Any]], now: float
+        self,
+        items: Iterable[Mapping[str, Any]],
+        hints: Mapping[str, Sequence[Any]],
+        now: float,
+        sent_at: float | None = None,
     ) -> list[dict[str, Any]]:
         """Count outcomes for answered requests. `items` are parsed FeedbackItem dicts (with
         `kind`); `hints` what the forwarding router's own ledger knows of an id (FeedbackHint:
-        version, answered at, decision, outcomes it saw counted). One result per item: counted,
-        duplicate, excluded (a pinned or fallback answer, or one from before the current
-        experiment: accepted, not in an A/B arm), or an error with its HTTP status (404
-        unknown, 410 expired, 400 wrong kind or too many outcome names)."""
+        version, answered at, decision, outcomes it saw counted), its times on the router's
+        clock, which read `sent_at` when it sent them (moved onto this clock, as in
+        `record_served`). One result per item: counted, duplicate, excluded (a pinned or
+        fallback answer, or one from before the current experiment: accepted, not in an A/B
+        arm), or an error with its HTTP status (404 unknown, 410 expired, 400 wrong kind or
+        too many outcome names)."""
+        shift = rebase(now, sent_at)
         results = []
         for raw in items:
             item = FeedbackItem(str(raw["request_id"]), str(raw["outcome"]), float(raw["value"]),
                                 OutcomeKind(raw["kind"]))  # fmt: skip
             result: dict[str, Any] = {"request_id": item.request_id, "outcome": item.outcome}
             try:
-                self._take_hint(item.request_id, hints.get(item.request_id), now)
+                self._take_hint(item.request_id, hints.get(item.request_id), now, shift)
                 result.update(self._count_one(item, now))
             except ServingError as exc:
                 status = http_status(exc)
@@ -541,11 +565,13 @@ class FeedbackDesk:
             results.append(result)
         return results
 
-    def _take_hint(self, request_id: str, hint: Sequence[Any] | None, now: float) -> None:
+    def _take_hint(
+        self, request_id: str, hint: Sequence[Any] | None, now: float, shift: float
+    ) -> None:
         if hint is None or (self.versions is not None and hint[0] not in self.versions):
             return
         unit = hint[4] if len(hint) > 4 and hint[4] is not None else None
-        self.ledger.record(request_id, str(hint[0]), float(hint[1]), now,
+        self.ledger.record(request_id, str(hint[0]), float(hint[1]) + shift, now,
                            hint[2] if len(hint) > 2 else None,
                            None if unit is None else str(unit))  # fmt: skip
         if len(hint) > 3 and request_id in self.ledger:

@@ -78,6 +78,12 @@ Choices worth knowing (each one is the reason for some code below):
   it is first seen not ready, stops when it is seen ready, restarts on `resume` from a user
   pause (which suspends it), and ignores readings that are unknown; it does not restart with
   each step, so a plan of short timed pauses cannot carry a dead candidate to 100%.
+* **A step waits for capacity** (docs/capacity-aware-steps.md): for a candidate that opts in,
+  the controller passes `capacity` (`StepCapacity`: the replica floor of the step that raises
+  the candidate's weight, and the replicas it runs). A SetWeight or Switch to that weight
+  returns early while the candidate runs fewer ("scaling v2 to 3 replicas for 50%"), for at
+  most progress_deadline_s from the step's start; then PAUSED (promote goes on without the
+  capacity, resume waits again). Commands pass no capacity: promote never waits for it.
 
 Why one module of ~750 lines: the state, the commands and the reconcile function change
 together (a new step kind touches all three), and most of it is this docstring and the
@@ -97,6 +103,7 @@ from app.config import (
 )
 from app.config.traffic import apply_override
 from app.messages import SHADOW_DECLARED
+from app.rollout.capacity import StepCapacity
 from app.rollout.gates import (
     LIFT_GATES,
     GateStatus,
@@ -429,6 +436,8 @@ class Decision:
     verdicts: tuple[GateVerdict, ...]  # this tick's gate verdicts; () when none were taken
     events: tuple[Event, ...]  # the events this call added to the history
     traffic_changed: bool  # weights, stable or shadow differ from the input state's: push
+    # Why the current step waits for the candidate's replicas (None: it does not).
+    capacity_wait: str | None = None
 
     def traffic_config(self, base: TrafficConfig) -> TrafficConfig:
         """`base` (the declared router config) with this decision's traffic, as a router
@@ -519,6 +528,7 @@ def _run_steps(
     *,
     skip_first_wait: bool = False,
     load: LoadResult | None = None,
+    capacity: StepCapacity | None = None,
 ) -> RolloutState:
     """Execute steps from state.step_index until one must wait (or the rollout is done).
 
@@ -539,6 +549,19 @@ def _run_steps(
             return after
         current = steps[index]
         where = f"step {index + 1}/{total}"
+        short = _capacity_short(s, capacity)
+        if short is not None:
+            deadline_s = s.plan.progress_deadline_s
+            waited_s = s.elapsed_s(now)
+            if deadline_s is None or waited_s < deadline_s:
+                return s
+            after = replace(s, phase=Phase.PAUSED, paused_by_user=False)
+            reason = (
+                f"{where}: no capacity after {waited_s:.0f}s (progress_deadline_s: "
+                f"{deadline_s:g}): {short.reason()}; promote to go on without it"
+            )
+            events.append(_event(s, after, now, reason, verdicts))
+            return after
         if isinstance(current, SetWeight):
             after = _next_step(s, now, weight=current.set_weight)
             events.append(_event(s, after, now, f"{where}: {current.describe()}", verdicts))
@@ -610,6 +633,23 @@ def _run_steps(
         s = after
 
 
+def _capacity_short(state: RolloutState, capacity: StepCapacity | None) -> StepCapacity | None:
+    """`capacity` when the current step raises the candidate's weight to `capacity.weight` and
+    the candidate runs fewer replicas than that weight's floor; else None."""
+    current = state.current_step
+    if capacity is None or state.phase is not Phase.PROGRESSING:
+        return None
+    if isinstance(current, SetWeight):
+        target = current.set_weight
+    elif isinstance(current, Switch):
+        target = current.weight
+    else:
+        return None
+    if target <= state.candidate_weight or target != capacity.weight or not capacity.waits:
+        return None
+    return capacity
+
+
 def _lift_wait_s(gates: Gates, undecided: list[GateVerdict]) -> float:
     """How much longer than its duration an analysis may hold for `undecided` gates: the
     smallest max_wait_s among them, 0 if any is not a lift gate."""
@@ -651,6 +691,7 @@ def _decide(
     after: RolloutState,
     verdicts: tuple[GateVerdict, ...],
     events: list[Event],
+    capacity_wait: str | None = None,
 ) -> Decision:
     changed = traffic_key(after) != traffic_key(before)
     history = (before.history + tuple(events))[-MAX_HISTORY_EVENTS:]
@@ -663,18 +704,26 @@ def _decide(
         verdicts=verdicts,
         events=tuple(events),
         traffic_changed=changed,
+        capacity_wait=capacity_wait,
     )
 
 
 def step(
-    state: RolloutState, observation: Observation, now: float, *, load: LoadResult | None = None
+    state: RolloutState,
+    observation: Observation,
+    now: float,
+    *,
+    load: LoadResult | None = None,
+    capacity: StepCapacity | None = None,
 ) -> Decision:
     """One reconcile tick: judge the gates, then run the plan as far as it can go now.
 
     `observation` covers `state.window_started_at` .. `now`; `load` is the finished replay of
     the plan's load stage while it is the current step (else None, and ignored). A failed gate rolls back at once
     (in any live phase); a paused rollout only has its gates judged; otherwise the steps run
-    until one must wait. Pure: the same inputs give the same Decision."""
+    until one must wait. `capacity` (a candidate that opts in to capacity-aware steps) holds
+    the step that raises its weight until it runs the replicas the new share needs. Pure: the
+    same inputs give the same Decision."""
     if state.phase.terminal:
         return _decide(state, state, (), [])
     events: list[Event] = []
@@ -707,8 +756,9 @@ def step(
     elif overdue is not None:
         s = _end(s, now, Phase.ROLLED_BACK, f"rolled back: {overdue}", verdicts, events)
     elif s.phase is not Phase.PAUSED:
-        s = _run_steps(s, now, verdicts, events, load=load)
-    return _decide(state, s, verdicts, events)
+        s = _run_steps(s, now, verdicts, events, load=load, capacity=capacity)
+    short = _capacity_short(s, capacity)
+    return _decide(state, s, verdicts, events, short.reason() if short is not None else None)
 
 
 _ALLOWED: dict[Command, frozenset[Phase]] = {
@@ -765,6 +815,8 @@ def apply_command(
             excluded = state.hold_excluded_s + max(0.0, now - state.paused_at)
         elif isinstance(current, Hold) and current.analyze:
             excluded = max(0.0, now - state.step_started_at)  # run the analysis timer again
+        elif isinstance(current, (SetWeight, Switch)):
+            excluded = max(0.0, now - state.step_started_at)  # wait for capacity again
         else:
             raise ValueError(
                 f"cannot resume: the rollout is paused at step {state.step_index + 1} waiting "
@@ -797,5 +849,8 @@ def apply_command(
             s = _run_steps(s, now, None, events)
         else:
             events.append(_event(state, s, now, note))
-            s = _run_steps(s, now, None, events, skip_first_wait=True)
+            # At a SetWeight or Switch the wait is for capacity: promote ends that one (the
+            # step goes on without it), not the wait after it.
+            waiting_for_capacity = isinstance(s.current_step, (SetWeight, Switch))
+            s = _run_steps(s, now, None, events, skip_first_wait=not waiting_for_capacity)
     return _decide(state, s, (), events).state

@@ -98,6 +98,46 @@ def test_admin_api_needs_the_bearer_token(rollout_app):
     assert r.status_code == 409 and "no rollout" in r.json()["error"]
 
 
+def _waves_document(published_at: float) -> dict:
+    return {
+        "name": "recommender-v2", "published_at": published_at, "on_failure": "halt",
+        "phase": "running", "current_wave": 0,
+        "waves": [{"index": 0, "state": "running", "bake_until": None, "regions": [
+            {"region": "us-east-1", "state": "running", "phase": "progressing",
+             "step": "set_weight 10", "weights": {"v1": 90.0, "v2": 10.0}, "reason": None},
+            {"region": "eu-west-1", "state": "unreachable", "phase": None, "step": None,
+             "weights": None, "reason": "GET /admin/rollout: ConnectError"}]}],
+    }  # fmt: skip
+
+
+def test_the_waves_orchestrators_state_is_taken_with_the_token_and_shown_in_status(rollout_app):
+    """POST /admin/waves (what `rollout waves` publishes to every region): 401 without the
+    admin token, 400 naming the field for a bad body, else in GET /admin/rollout's `waves`."""
+    cluster, _, _ = rollout_app
+    document = _waves_document(time.time())
+    url = "/admin/waves"
+    assert cluster.client.post(url, json=document).status_code == 401
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    bad = copy.deepcopy(document)
+    bad["waves"][0]["regions"][1]["state"] = "exploded"
+    r = cluster.client.post(url, json=bad, headers=bearer)
+    assert r.status_code == 400 and "waves.0.regions.1.state" in r.json()["error"], r.text
+    r = cluster.client.post(url, content=b"{not json", headers=bearer)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
+    r = cluster.client.post(url, json=document, headers=bearer)
+    assert r.status_code == 200 and r.json()["accepted"] is True, r.text
+    status = admin(cluster, "GET", "").json()
+    shown = status["waves"]
+    assert shown["published_at"] == document["published_at"] and shown["received_at"] > 0
+    regions = [r["region"] for w in shown["waves"] for r in w["regions"]]
+    assert regions == ["us-east-1", "eu-west-1"]
+    assert "notifications" in status and isinstance(status["ab_series"], list)
+    older = _waves_document(document["published_at"] - 60)
+    r = cluster.client.post(url, json=older, headers=bearer)
+    assert r.status_code == 200 and r.json()["accepted"] is False
+    assert admin(cluster, "GET", "").json()["waves"]["published_at"] == document["published_at"]
+
+
 def test_status_and_weight_0_pins_need_the_admin_token(rollout_app):
     """/status names every deployed version and its breaker: it needs the admin token unless
     the router publishes it. A version at weight 0 (here v2, before any rollout) can be pinned

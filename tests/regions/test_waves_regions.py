@@ -9,7 +9,11 @@ in both regions throughout and must see no failed request.
    started again: it takes over the stale lock, finishes the bake, and both regions end on v2.
 2. v2 -> v3, where r2's v3 fails every call (fault injection): r1 succeeds, r2's gates roll
    it back, the waves halt, r1 stays on v3, and a third wave's region r3 (its admin API a
-   tripwire server that records every call) is never contacted.
+   tripwire server that records every call) is never contacted but to be told the waves
+   state (which it refuses, and the waves go on).
+
+After each run every region's `GET /admin/rollout` shows the waves state (`waves`), every
+region of the waves file in it.
 """
 
 from __future__ import annotations
@@ -139,9 +143,15 @@ def test_waves_succeed_across_regions_and_resume_after_a_kill_mid_bake(project, 
     baked = next(e["time"] for e in state["history"] if e["decision"].startswith("wave 1 succ"))
     done = next(e["time"] for e in state["history"] if e["decision"].startswith("bake done"))
     assert done - baked >= 15
-    for region in ray_regions.values():
+    for name, region in ray_regions.items():
         status = region.admin_status()
         assert status["phase"] == "succeeded" and status["weights"].get("v2") == 100
+        # Every region was told the whole waves state, both waves (the operator page's).
+        waves = status["waves"]
+        assert waves is not None and waves["name"] == "to-v2", (name, waves)
+        assert waves["phase"] == "succeeded" and waves["received_at"] > 0
+        shown = {r["region"]: r["state"] for w in waves["waves"] for r in w["regions"]}
+        assert shown == {"r1": "succeeded", "r2": "succeeded"}, (name, waves)
     assert not (root / "state/to-v2.lock").exists()
     _no_failed_requests(loads)
 
@@ -160,10 +170,17 @@ def test_a_failing_second_region_is_rolled_back_and_the_first_keeps_the_new_vers
         tripwire.server_close()
     state = _state(root, "to-v3")
     assert state["phase"] == "halted" and state["halted_at_region"] == "r2"
-    assert calls == [] and state["regions"]["r3"]["status"] == "pending", (calls, state)
+    # r3 is only told the waves state (its admin API refuses it: the waves go on regardless).
+    rollout_calls = [c for c in calls if c != "POST /admin/waves"]
+    assert rollout_calls == [] and state["regions"]["r3"]["status"] == "pending", (calls, state)
     assert state["regions"]["r2"]["reading"]["phase"] == "rolled_back"
     assert state["reason"].startswith("r2: rolled back")  # the reason from r2's own history
     r1, r2 = ray_regions["r1"].admin_status(), ray_regions["r2"].admin_status()
     assert r1["phase"] == "succeeded" and r1["weights"].get("v3") == 100
     assert r2["phase"] == "rolled_back" and r2["weights"].get("v2") == 100
+    for status in (r1, r2):
+        waves = status["waves"]
+        assert waves["name"] == "to-v3" and waves["phase"] == "halted", waves
+        shown = {r["region"]: r["state"] for w in waves["waves"] for r in w["regions"]}
+        assert shown == {"r1": "succeeded", "r2": "failed", "r3": "pending"}, waves
     _no_failed_requests(loads)

@@ -112,7 +112,12 @@ def forget_rollouts(app: str = APP, model: str = APP) -> None:
     deployed again resumes it (by design), and a module that starts from idle must not."""
     # Deleting the epoch key also fences a controller still running from that module: it
     # finds its claim gone and stops writing (deployments/store.py, Fence).
-    for suffix in ("rollout-state", "rollout-state/outcomes", "rollout-state/epoch"):
+    for suffix in (
+        "rollout-state",
+        "rollout-state/outcomes",
+        "rollout-state/epoch",
+        "rollout-state/waves",
+    ):
         ray_compat.kv_delete(f"{app}/{model}/{suffix}", KV_NAMESPACE)
 
 

@@ -135,3 +135,36 @@ def test_the_stable_keeps_its_replicas_until_the_switch_settles():
     assert settling_floor(4, step_at=100.0, now=100.0, settle_s=0) == 0
     with pytest.raises(ValueError, match=re.escape("settle_s (-1) must be a finite number >= 0")):
         settling_floor(4, 0.0, 0.0, -1)
+
+
+# ----------------------------------------------------------------------------- one step's floors
+
+
+def test_step_capacity_floors_and_wait():
+    from app.rollout.capacity import step_capacity
+
+    # 100 req/s in all, the candidate going to 50% at 25 req/s per replica: 3 replicas.
+    plan = step_capacity(
+        "v2", 50, traffic_rps=100, replica_rps=25, candidate_running=1, stable_running=4,
+    )  # fmt: skip
+    assert (plan.candidate_floor, plan.stable_floor, plan.waits) == (3, 4, True)
+    assert plan.reason() == "scaling v2 to 3 replicas for 50%: 1 running"
+    ready = step_capacity("v2", 50, traffic_rps=100, replica_rps=25,
+                          candidate_running=3, stable_running=4)  # fmt: skip
+    assert not ready.waits
+
+
+def test_step_capacity_caps_at_max_replicas_and_does_not_wait_on_an_unknown_count():
+    from app.rollout.capacity import step_capacity
+
+    capped = step_capacity("v2", 100, traffic_rps=100, replica_rps=10, candidate_running=2,
+                           stable_running=None, max_replicas=4)  # fmt: skip
+    assert (capped.candidate_floor, capped.capped, capped.stable_floor) == (4, True, 0)
+    assert capped.waits  # it still asks for the replicas it may have
+    assert "capped at max_replicas" in capped.reason()
+    unknown = step_capacity("v2", 100, traffic_rps=100, replica_rps=10,
+                            candidate_running=None, stable_running=None)  # fmt: skip
+    assert not unknown.waits
+    with pytest.raises(ValueError, match=r"stable_running \(-1\)"):
+        step_capacity("v2", 10, traffic_rps=1, replica_rps=1, candidate_running=0,
+                      stable_running=-1)  # fmt: skip

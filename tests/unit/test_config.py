@@ -478,3 +478,28 @@ def test_repo_recommender_hyperparameters_parse():
     for version in ("v1", "v2"):
         config = load_model_config(REPO / "configs" / "models" / "recommender" / f"{version}.yaml")
         RecommenderAdapter.parse_hyperparameters(config.hyperparameters)
+
+
+# ----------------------------------------------------------------------------- capacity-aware steps
+
+
+def test_capacity_aware_is_off_by_default_and_needs_a_declared_rate():
+    assert Autoscaling().capacity_aware is False
+    assert "replica_capacity_rps is required when capacity_aware is true" in errors_of(
+        Autoscaling, {"capacity_aware": True}
+    )
+    scaling = Autoscaling(capacity_aware=True, replica_capacity_rps=25)
+    assert (scaling.replica_capacity_rps, scaling.capacity_headroom) == (25.0, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"replica_capacity_rps": 0}, "here: replica_capacity_rps: Input should be greater than 0"),
+        ({"replica_capacity_rps": "inf"}, "here: replica_capacity_rps: Input should be a finite"),
+        ({"capacity_headroom": 0.5}, "here: capacity_headroom: Input should be greater than or equal to 1"),
+        ({"capacity_aware": "sometimes"}, "here: capacity_aware: Input should be a valid boolean"),
+    ],
+)  # fmt: skip
+def test_capacity_fields_name_the_field(data, message):
+    assert message in errors_of(Autoscaling, data)

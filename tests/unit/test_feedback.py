@@ -181,6 +181,46 @@ def test_desk_takes_a_routers_hint_for_an_answer_not_pushed_yet():
     assert ignored[0]["status"] == 404  # a hint naming a version this app does not serve
 
 
+@pytest.mark.parametrize("skew_s", [120.0, -120.0])
+def test_a_routers_clock_skew_does_not_move_answers_across_the_experiments_start(skew_s):
+    """F16, cross-host: a router stamps answers with its own wall clock. Its times are moved
+    onto the controller's by the clock it sends with them, so an answer from before the
+    experiment stays out of the arms with the router 2 minutes ahead, and one from after it
+    counts with the router 2 minutes behind; pushed answers and a forwarding router's hints
+    alike."""
+    from app.messages import FeedbackHint
+    from app.rollout.feedback import FeedbackDesk
+
+    desk = FeedbackDesk(["v1", "v2"], FeedbackSettings(ttl_s=600))
+    desk.reset(now=1000.0)  # the experiment starts at 1000 on the controller's clock
+    router = skew_s  # router clock = controller clock + skew
+    # Answered 5 s before the start and 5 s after it (controller time), pushed at 1010.
+    desk.record_served([("before", "v2", 995.0 + router, "weighted"),
+                        ("after", "v2", 1005.0 + router, "weighted")],
+                       now=1010.0, sent_at=1010.0 + router)  # fmt: skip
+    hints = {"hint-before": FeedbackHint("v2", 996.0 + router, "weighted", []),
+             "hint-after": FeedbackHint("v2", 1006.0 + router, "weighted", [])}  # fmt: skip
+    results = desk.count(
+        [_item("before"), _item("after"), _item("hint-before"), _item("hint-after")],
+        hints, now=1011.0, sent_at=1011.0 + router,
+    )  # fmt: skip
+    assert ["excluded" in r for r in results] == [True, False, True, False], results
+    assert [r.get("counted") for r in results] == [False, True, False, True]
+    assert desk.book.arm("click", "v2").n == 2
+
+
+def test_answers_from_a_router_that_sends_no_clock_keep_their_times():
+    """An older router sends no clock: its times are taken as they are (no rebase)."""
+    from app.rollout.feedback import FeedbackDesk, rebase
+
+    assert rebase(50.0, None) == 0.0 and rebase(50.0, float("nan")) == 0.0
+    assert rebase(50.0, 45.0) == 5.0
+    desk = FeedbackDesk(["v1", "v2"])
+    desk.reset(now=100.0)
+    desk.record_served([("a", "v2", 99.0, "weighted")], now=101.0)
+    assert "excluded" in desk.count([_item("a")], {}, now=102.0)[0]
+
+
 def test_desk_persists_its_experiment_and_book():
     from app.rollout.feedback import FeedbackDesk
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from app.ops.cli import main
-from app.ops.report import ReportError, lift_readings, render_report, rollout_identity
+from app.ops.report import (
+    ReportError,
+    lift_readings,
+    lift_series,
+    render_report,
+    rollout_identity,
+)
 
 T0 = 1_760_000_000.0
 
@@ -181,3 +188,64 @@ def test_report_draws_the_ab_panel_when_lift_gates_decided(tmp_path, monkeypatch
     labels.clear()
     render_report(_history(), tmp_path / "plain.png")
     assert not any(label.startswith("A/B lift") for label in labels), labels
+
+
+def _ab_series(n: int = 40) -> list[dict]:
+    """The controller's `ab_series`: a point a second, the interval narrowing around +8%."""
+    series = []
+    for i in range(n):
+        width = 0.5 / (1 + i / 4)
+        lift = None if i < 3 else 0.08
+        series.append({"t": T0 + i, "lift": lift, "low": None if lift is None else lift - width,
+                       "high": None if lift is None else lift + width,
+                       "verdict": "better" if lift is not None and lift - width > 0.01 else "not_yet_known"})  # fmt: skip
+    return series
+
+
+def _lift_axes(monkeypatch) -> list:
+    """The A/B panel of every figure saved from now on."""
+    import matplotlib.figure
+
+    found: list = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        found.extend(ax for ax in self.axes if ax.get_ylabel().startswith("A/B lift"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return found
+
+
+def test_lift_series_reads_the_controllers_curve():
+    series = list(reversed(_ab_series(6))) + [{"lift": 1.0}, "junk"]  # no t, not a point
+    points = lift_series({"ab_series": series}, T0)
+    assert [p["t"] for p in points] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # sorted, since start
+    assert all(math.isnan(points[i]["lift"]) for i in range(3))  # null: no estimate yet
+    assert points[3]["lift"] == 0.08 and points[3]["low"] < 0.08 < points[3]["high"]
+    assert lift_series({"ab_series": []}, T0) == []  # the plan has no lift gate
+    assert lift_series({"ab_series": _ab_series(3)}, T0) == []  # no estimate at all yet
+    assert lift_series({"model": "rec"}, T0) == [] and lift_series(None, T0) == []  # older
+
+
+def test_report_draws_the_lift_as_a_curve_from_the_series(tmp_path, monkeypatch):
+    axes = _lift_axes(monkeypatch)
+    history, status = _ab_history()
+    render_report(history, tmp_path / "curve.png", status={**status, "ab_series": _ab_series()})
+    (ax,) = axes
+    sizes = sorted(len(line.get_xdata()) for line in ax.get_lines())
+    assert 40 in sizes  # the curve: one point per series point, not per event
+    assert any("tick by tick" in text.get_text() for text in ax.get_legend().get_texts())
+
+    # An older controller (no ab_series): the readings at events only, as before.
+    axes.clear()
+    render_report(history, tmp_path / "events.png", status=status)
+    (ax,) = axes
+    assert max(len(line.get_xdata()) for line in ax.get_lines()) == 2
+
+
+def test_report_draws_the_series_when_no_event_carries_a_reading(tmp_path, monkeypatch):
+    axes = _lift_axes(monkeypatch)
+    status = {"model": "rec", "candidate": "v2", "ab_series": _ab_series()}
+    render_report(_history(), tmp_path / "series-only.png", status=status)
+    assert len(axes) == 1

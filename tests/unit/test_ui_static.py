@@ -157,3 +157,68 @@ def test_the_router_serves_the_page_at_ui_with_json_errors():
         assert "nope.js" in missing.json()["error"]
         bare = client.get("/ui", follow_redirects=False)
         assert bare.status_code in (307, 308) and bare.headers["location"].endswith("/ui/")
+
+
+def _js_object(name: str) -> dict[str, str]:
+    """The entries of a `const NAME = { key: value, ... };` literal in app.js, values as text."""
+    block = re.search(rf"const {name} = \{{\n(.*?)\n  \}};", _read("app.js"), re.S)
+    assert block, f"no {name} object in app.js"
+    entries = re.findall(r'^\s+"?([\w-]+)"?: (.*?),?$', block.group(1), re.M)
+    return dict(entries)
+
+
+def test_every_operator_command_has_a_button_with_a_confirmation():
+    """A button per command the admin API takes (start and promote-full included), each named
+    by its API path segment, each with its confirmation text and its phases."""
+    from app.rollout.machine import OPERATOR_COMMANDS, command_path
+
+    document = _parse_html()
+    buttons = [
+        a["data-command"] for tag, a in document.tags if tag == "button" and "data-command" in a
+    ]
+    assert sorted(buttons) == sorted(command_path(c) for c in OPERATOR_COMMANDS)
+    assert {"start", "promote-full"} <= set(buttons)
+    assert set(_js_object("CONFIRM_TEXT")) == set(buttons)
+    assert set(_js_object("ALLOWED")) == set(buttons)
+    js = _read("app.js")
+    # Every click asks first: the click handler's one call goes through the dialog.
+    assert re.search(
+        r"async function command\(name, label\) \{\n\s+if \(!\(await confirmCommand\(", js
+    )
+    assert 'addEventListener("click", () => command(button.dataset.command' in js
+    # A refusal (409) is shown with the API's message.
+    assert 'name + " refused: " + e.message' in js
+
+
+def test_the_buttons_are_greyed_out_by_the_controllers_own_phase_rules():
+    """The page's ALLOWED mirrors the state machine (app/rollout/machine.py `_ALLOWED`) and
+    the controller's rule for start (a new rollout once the last one has ended)."""
+    from app.rollout.machine import _ALLOWED, Phase, command_path
+
+    allowed = {
+        name: set(re.findall(r'"(\w+)"', phases)) for name, phases in _js_object("ALLOWED").items()
+    }
+    expected = {command_path(c.value): {p.value for p in phases} for c, phases in _ALLOWED.items()}
+    expected["start"] = {p.value for p in Phase if p.terminal}
+    assert allowed == expected
+
+
+@pytest.mark.parametrize("key", ["waves", "notifications", "ab_series"])
+def test_the_page_reads_the_status_sections(key):
+    """Regions (`waves`), webhook counters (`notifications`) and the A/B lift curve
+    (`ab_series`): each read from the status, each a section of its own that hides itself
+    when the key is missing or null (an older controller)."""
+    js = _read("app.js")
+    assert f"status.{key}" in js
+    assert re.search(rf'section\("[\w /]+", \(\) => render\w+\(status\.{key}\b', js), key
+
+
+def test_each_section_is_drawn_on_its_own():
+    """One section that cannot draw what it got does not blank the others: render calls
+    every section through `section(...)`, which logs to the console instead of throwing."""
+    js = _read("app.js")
+    body = re.search(r"function render\(status, history, router\) \{\n(.*?)\n  \}\n", js, re.S)
+    assert body
+    calls = re.findall(r"^\s+(render\w+)\(", body.group(1), re.M)
+    assert calls == ["renderCommands"], calls  # everything else goes through section()
+    assert "console.error(" in js

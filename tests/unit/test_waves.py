@@ -51,6 +51,10 @@ class FakeRegion:
         self.requests: list[tuple[str, str]] = []
         self.events: list[dict[str, Any]] = []
         self.declared: list[dict[str, Any] | None] = []
+        # POST /admin/waves: the waves states published here (apart from `requests`, which
+        # are the rollout API's), and the status it answers them with (503: refuses them).
+        self.published: list[dict[str, Any]] = []
+        self.waves_reply = 200
         self.port = port or _free_port()
         self.server: ThreadingHTTPServer | None = None
 
@@ -133,6 +137,15 @@ class FakeRegion:
                         self._reply(404, {"error": "not found"})
 
             def do_POST(self) -> None:
+                if self.path == "/admin/waves":
+                    length = int(self.headers.get("content-length") or 0)
+                    body = json.loads(self.rfile.read(length))
+                    with region.lock:
+                        if self._authorized():
+                            if region.waves_reply == 200:
+                                region.published.append(body)
+                            self._reply(region.waves_reply, {"accepted": True})
+                    return
                 with region.lock:
                     region.requests.append(("POST", self.path))
                     name = self.path.removeprefix("/admin/rollout/")

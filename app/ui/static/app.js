@@ -1,9 +1,12 @@
 // The operator page: polls the admin API (GET /admin/rollout, /admin/rollout/history) and the
-// router's /status with the admin token, draws what it reads, and sends the four commands.
+// router's /status with the admin token, draws what it reads, and sends the six commands.
 //
 // The token is asked for once and kept in sessionStorage (this tab only, gone when it closes).
 // It is sent only in the Authorization header: never in a URL, never as a cookie. Everything
 // the API says is put on the page as text (textContent), never parsed as HTML.
+//
+// Every key of the status may be missing or null (an older controller, no waves, no lift
+// gate): each section reads what is there and hides itself otherwise.
 "use strict";
 
 (function () {
@@ -14,17 +17,26 @@
   const API = "../admin/rollout";
   const ROUTER_STATUS = "../status";
   const COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c"];
+  // Region waves older than this are marked stale (the publisher writes every few seconds).
+  const WAVES_STALE_S = 30;
+  // The command names are the admin API's path segments (POST /admin/rollout/<command>).
   const CONFIRM_TEXT = {
+    start: "Start: begin a new rollout of the declared plan, from its first step?",
     promote: "Promote: move the rollout on to its next step now?",
+    "promote-full": "Promote full: send all traffic to the candidate now, skipping the " +
+      "remaining steps and their gates?",
     pause: "Pause the rollout where it is?",
     resume: "Resume the rollout?",
     abort: "Abort the rollout? All traffic goes back to the stable version.",
   };
 
-  // The phases each command applies to (app/rollout/machine.py, _ALLOWED); the API refuses
-  // the others with a 409, so the page greys those buttons out.
+  // The phases each command applies to (app/rollout/machine.py, _ALLOWED; start: the
+  // controller's own rule, a rollout that has ended); the API refuses the others with a 409,
+  // so the page greys those buttons out. Every command needs a declared plan.
   const ALLOWED = {
+    start: ["succeeded", "rolled_back", "aborted"],
     promote: ["progressing", "paused", "promoting"],
+    "promote-full": ["progressing", "paused", "promoting"],
     pause: ["progressing"],
     resume: ["paused"],
     abort: ["idle", "progressing", "paused", "promoting"],
@@ -217,23 +229,46 @@
     const events = (history && history.events) || [];
     const samples = (history && history.timeline) || [];
     $("model").textContent = status.model || (router && router.model) || "";
-    const phase = status.phase || "-";
-    $("phase").textContent = phase.replace("_", " ");
+    const phase = typeof status.phase === "string" ? status.phase : "-";
+    $("phase").textContent = phase.replace(/_/g, " ");
     $("phase").className = "phase phase-" + phase;
     $("strategy").textContent = status.strategy || "-";
     $("step").textContent = stepText(status);
-    $("generation").textContent = status.generation === undefined ? "-" : status.generation;
+    $("generation").textContent = status.generation === undefined || status.generation === null
+      ? "-" : status.generation;
     $("message").hidden = !status.message;
     $("message").textContent = status.message || "";
-    for (const button of document.querySelectorAll("[data-command]")) {
-      const allowed = ALLOWED[button.dataset.command].includes(phase);
-      button.disabled = !allowed;
-      button.title = allowed ? "" : button.dataset.command + " does not apply to a rollout that is " + phase;
+    renderCommands(status, phase);
+    // One section that cannot draw what it got must not blank the others; the browser's
+    // console says which and why.
+    section("versions", () => renderVersions(status, router));
+    section("regions", () => renderWaves(status.waves, status));
+    section("gates", () => renderGates(Array.isArray(status.verdicts) ? status.verdicts : []));
+    section("A/B lift", () => renderLift(status.ab_series, status.verdicts));
+    section("timeline", () => renderCharts(samples, events, status));
+    section("notifications", () => renderNotifications(status.notifications));
+    section("history", () => renderEvents(events));
+  }
+
+  function section(name, draw) {
+    try {
+      draw();
+    } catch (e) {
+      console.error("operator page: cannot draw the " + name + " section:", e);
     }
-    renderVersions(status, router);
-    renderGates(status.verdicts || []);
-    renderCharts(samples, events, status);
-    renderEvents(events);
+  }
+
+  function renderCommands(status, phase) {
+    // A controller without a plan reports phase idle; it takes no command at all.
+    const declared = Boolean(status.strategy);
+    for (const button of document.querySelectorAll("[data-command]")) {
+      const name = button.dataset.command;
+      const allowed = declared && (ALLOWED[name] || []).includes(phase);
+      button.disabled = !allowed;
+      button.title = allowed ? ""
+        : !declared ? name + ": no rollout plan is declared"
+        : name + " does not apply to a rollout that is " + phase.replace(/_/g, " ");
+    }
   }
 
   function stepText(status) {
@@ -255,7 +290,9 @@
         if (!seen.includes(v)) seen.push(v);
       }
     }
-    const first = [status.stable, status.candidate].filter((v) => v && seen.includes(v));
+    // Once a rollout has succeeded the candidate is the stable version: list it once.
+    const first = [status.stable, status.candidate]
+      .filter((v, i, both) => v && seen.includes(v) && both.indexOf(v) === i);
     return first.concat(seen.filter((v) => !first.includes(v)).sort());
   }
 
@@ -347,6 +384,267 @@
       if (v.reason) li.appendChild(el("span", v.reason, "reason"));
       return li;
     }));
+  }
+
+  // -- the A/B lift over time ---------------------------------------------------------------------
+
+  const LIFT_H = 130;
+
+  function renderLift(series, verdicts) {
+    const box = $("ab-chart");
+    const points = (Array.isArray(series) ? series : [])
+      .filter((p) => p && num(p.t) !== null)
+      .sort((a, b) => a.t - b.t);
+    box.hidden = !points.length;
+    if (!points.length) {
+      replaceChildren(box, []);
+      return;
+    }
+    $("ab").hidden = false;
+    const first = (Array.isArray(verdicts) ? verdicts : [])
+      .find((v) => v && v.conclusion !== undefined && v.conclusion !== null);
+    const scale = first ? first.scale : undefined;
+    const w = Math.max(280, Math.round(box.clientWidth || 600));
+    const t0 = points[0].t;
+    const t1 = Math.max(points[points.length - 1].t, t0 + 1);
+    // The scale holds every reading, its interval and zero (the line that matters).
+    let lo = 0;
+    let hi = 0;
+    for (const p of points) {
+      for (const value of [p.lift, p.low, p.high]) {
+        const v = num(value);
+        if (v !== null) {
+          lo = Math.min(lo, v);
+          hi = Math.max(hi, v);
+        }
+      }
+    }
+    const dataLo = lo;
+    const dataHi = hi;
+    const span = hi - lo || 0.01;
+    lo -= span * 0.08;
+    hi += span * 0.08;
+    const x = (t) => PAD.left + ((t - t0) / (t1 - t0)) * (w - PAD.left - PAD.right);
+    const y = (v) => PAD.top + ((hi - v) / (hi - lo)) * (LIFT_H - PAD.top - PAD.bottom);
+    const chart = svg("svg", { viewBox: "0 0 " + w + " " + LIFT_H, class: "chart lift-chart",
+      role: "img", "aria-label": "A/B lift over time" });
+    const title = svg("text", { x: PAD.left, y: 12, class: "chart-title" });
+    title.textContent = "Lift and its interval";
+    chart.appendChild(title);
+    // The interval: one shaded band per run of samples that have both ends.
+    let run = [];
+    const bands = [];
+    for (const p of points) {
+      if (num(p.low) !== null && num(p.high) !== null) {
+        run.push(p);
+      } else if (run.length) {
+        bands.push(run);
+        run = [];
+      }
+    }
+    if (run.length) bands.push(run);
+    for (const band of bands) {
+      const upper = band.map((p) => x(p.t).toFixed(1) + " " + y(p.high).toFixed(1));
+      const lower = band.slice().reverse().map((p) => x(p.t).toFixed(1) + " " + y(p.low).toFixed(1));
+      if (band.length === 1) {
+        // A single sample: a short vertical bar, so it is still seen.
+        chart.appendChild(svg("line", { x1: x(band[0].t), x2: x(band[0].t), y1: y(band[0].high),
+          y2: y(band[0].low), class: "lift-band-single" }));
+      } else {
+        chart.appendChild(svg("path", { d: "M" + upper.concat(lower).join(" L") + " Z", class: "lift-band" }));
+      }
+    }
+    chart.appendChild(svg("line", { x1: PAD.left, x2: w - PAD.right, y1: y(0), y2: y(0), class: "zero" }));
+    const ticks = [[0, "0"]];
+    // The extremes, where they are far enough from zero (in pixels) not to overprint it.
+    if (y(0) - y(dataHi) > 12) ticks.push([dataHi, lift(dataHi, scale)]);
+    if (y(dataLo) - y(0) > 12) ticks.push([dataLo, lift(dataLo, scale)]);
+    for (const [value, text] of ticks) {
+      const label = svg("text", { x: PAD.left - 4, y: y(value) + 4, class: "tick", "text-anchor": "end" });
+      label.textContent = text;
+      chart.appendChild(label);
+    }
+    let d = "";
+    let pen = "M";
+    for (const p of points) {
+      const v = num(p.lift);
+      if (v === null) {
+        pen = "M";
+        continue;
+      }
+      d += pen + x(p.t).toFixed(1) + " " + y(v).toFixed(1) + " ";
+      pen = "L";
+    }
+    if (d) chart.appendChild(svg("path", { d: d, class: "series lift-line" }));
+    const lastLift = points.slice().reverse().find((p) => num(p.lift) !== null);
+    if (lastLift && !d.includes("L")) {
+      chart.appendChild(svg("circle", { cx: x(lastLift.t), cy: y(lastLift.lift), r: 3, class: "lift-dot" }));
+    }
+    // The latest verdict, top right.
+    const judged = points.slice().reverse().find((p) => p.verdict !== undefined && p.verdict !== null);
+    const verdict = judged ? String(judged.verdict) : "no verdict yet";
+    const tag = svg("text", { x: w - PAD.right, y: 12, "text-anchor": "end",
+      class: "lift-verdict verdict-" + cssName(verdict) });
+    tag.textContent = verdict.replace(/_/g, " ") +
+      (lastLift ? " · lift " + lift(lastLift.lift, scale) : "");
+    chart.appendChild(tag);
+    const start = svg("text", { x: PAD.left, y: LIFT_H - 2, class: "tick" });
+    start.textContent = clock(t0);
+    const end = svg("text", { x: w - PAD.right, y: LIFT_H - 2, class: "tick", "text-anchor": "end" });
+    end.textContent = clock(t1) + " UTC";
+    chart.appendChild(start);
+    chart.appendChild(end);
+    replaceChildren(box, [chart]);
+  }
+
+  // A value from the API made safe to use in a class name.
+  function cssName(value) {
+    return String(value).toLowerCase().replace(/[^a-z0-9_-]+/g, "_");
+  }
+
+  // -- region waves -----------------------------------------------------------------------------
+
+  function weightsBar(weights) {
+    // Weights as the controller reports them (percent); drawn as shares of their sum, so
+    // fractions would draw the same.
+    const entries = Object.entries(weights || {})
+      .map(([v, w]) => [v, Math.max(0, num(w) || 0)])
+      .filter(([, w]) => w > 0);
+    const total = entries.reduce((sum, [, w]) => sum + w, 0);
+    const wrap = el("span", null, "region-traffic");
+    if (!entries.length) {
+      wrap.appendChild(el("span", "no traffic reported", "weights-text"));
+      return wrap;
+    }
+    const bar = el("span", null, "stack");
+    const parts = [];
+    for (const [v, w] of entries) {
+      const share = (w / total) * 100;
+      const fill = el("span", null, "fill");
+      fill.style.width = share + "%";
+      fill.style.background = color(v);
+      fill.title = v + " " + fmt(share, 3) + "%";
+      bar.appendChild(fill);
+      parts.push(v + " " + fmt(share, 3) + "%");
+    }
+    wrap.appendChild(bar);
+    wrap.appendChild(el("span", parts.join(" · "), "weights-text"));
+    return wrap;
+  }
+
+  function badge(state) {
+    const text = state === undefined || state === null ? "unknown" : String(state);
+    return el("span", text.replace(/_/g, " "), "badge state-" + cssName(text));
+  }
+
+  function renderWaves(doc, status) {
+    const card = $("regions-card");
+    if (!doc || typeof doc !== "object") {
+      card.hidden = true;
+      replaceChildren($("waves"), []);
+      return;
+    }
+    card.hidden = false;
+    // The controller's wall clock (the status's updated_at), so a skewed browser clock does
+    // not make fresh data look stale; the browser's when the status has none.
+    const now = num(status.updated_at) !== null ? status.updated_at : Date.now() / 1000;
+    const summary = [];
+    if (doc.name) summary.push(el("span", doc.name, "waves-name"));
+    if (doc.phase) summary.push(badge(doc.phase));
+    const waves = Array.isArray(doc.waves) ? doc.waves : [];
+    if (num(doc.current_wave) !== null && waves.length) {
+      summary.push(el("span", "wave " + (doc.current_wave + 1) + " of " + waves.length));
+    }
+    if (doc.on_failure) {
+      summary.push(el("span", "on failure: " + String(doc.on_failure).replace(/_/g, " "), "muted"));
+    }
+    // When this controller received it (its own clock, like updated_at), so an orchestrator
+    // whose clock is skewed does not make fresh data look stale; else when it was published.
+    const received = num(doc.received_at) !== null ? doc.received_at : num(doc.published_at);
+    const age = received === null ? null : Math.max(0, now - received);
+    const asOf = el("span", age === null ? "age unknown" : "as of " + Math.round(age) + " s ago",
+      "as-of" + (age === null || age > WAVES_STALE_S ? " stale" : ""));
+    if (age !== null && age > WAVES_STALE_S) asOf.textContent += " (stale)";
+    asOf.id = "waves-age";
+    summary.push(asOf);
+    replaceChildren($("waves-summary"), summary);
+    const groups = waves.map((wave, i) => {
+      wave = wave || {};
+      const index = num(wave.index) !== null ? wave.index : i;
+      const group = el("div", null, "wave");
+      group.dataset.wave = String(index);
+      if (index === doc.current_wave) group.classList.add("current");
+      const head = el("h3", null, "wave-head");
+      head.appendChild(el("span", "Wave " + (index + 1)));
+      head.appendChild(badge(wave.state));
+      const bakeUntil = num(wave.bake_until);
+      if (bakeUntil !== null && bakeUntil > now) {
+        head.appendChild(el("span", "bake " + duration(bakeUntil - now) + " left", "bake"));
+      }
+      group.appendChild(head);
+      const list = el("ul", null, "regions");
+      for (const r of Array.isArray(wave.regions) ? wave.regions : []) {
+        if (!r || typeof r !== "object") continue;
+        const li = el("li", null, "region");
+        li.dataset.region = String(r.region);
+        const top = el("div", null, "region-top");
+        top.appendChild(el("span", r.region === undefined || r.region === null ? "?" : r.region, "region-name"));
+        const b = badge(r.state);
+        b.classList.add("region-state");
+        top.appendChild(b);
+        top.appendChild(el("span", r.phase ? String(r.phase).replace(/_/g, " ") : "-", "region-phase"));
+        top.appendChild(el("span", r.step || "", "region-step"));
+        li.appendChild(top);
+        li.appendChild(weightsBar(r.weights));
+        if (r.reason) li.appendChild(el("span", r.reason, "reason"));
+        list.appendChild(li);
+      }
+      if (!list.firstChild) list.appendChild(el("li", "No regions in this wave.", "empty"));
+      group.appendChild(list);
+      return group;
+    });
+    if (!groups.length) groups.push(el("p", "No waves.", "empty"));
+    replaceChildren($("waves"), groups);
+  }
+
+  function duration(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 120) return s + " s";
+    if (s < 7200) return Math.round(s / 60) + " min";
+    return (s / 3600).toFixed(1) + " h";
+  }
+
+  // -- notifications ----------------------------------------------------------------------------
+
+  const NOTIFY_COLUMNS = ["queued", "sent", "failed", "dropped", "retries", "pending"];
+
+  function renderNotifications(notifications) {
+    const card = $("notifications-card");
+    const names = notifications && typeof notifications === "object" ? Object.keys(notifications).sort() : [];
+    card.hidden = !names.length;
+    const rows = [];
+    for (const name of names) {
+      const n = notifications[name] || {};
+      const tr = el("tr");
+      tr.dataset.webhook = name;
+      tr.appendChild(el("td", name, "webhook"));
+      for (const key of NOTIFY_COLUMNS) {
+        const value = n[key];
+        const text = typeof value === "boolean" ? (value ? "yes" : "no") : num(value) === null ? "-" : fmt(value, 6);
+        const td = el("td", text, "num " + key);
+        if ((key === "failed" || key === "dropped") && num(value) > 0) td.classList.add("bad");
+        tr.appendChild(td);
+      }
+      rows.push(tr);
+      if (n.last_error) {
+        const errorRow = el("tr", null, "last-error");
+        const td = el("td", "last error: " + n.last_error, "reason");
+        td.colSpan = NOTIFY_COLUMNS.length + 1;
+        errorRow.appendChild(td);
+        rows.push(errorRow);
+      }
+    }
+    replaceChildren($("notifications").tBodies[0], rows);
   }
 
   // -- the timeline -----------------------------------------------------------------------------
@@ -475,10 +773,10 @@
 
   // -- commands -------------------------------------------------------------------------------
 
-  function confirmCommand(command) {
+  function confirmCommand(command, label) {
     const dialog = $("confirm");
     $("confirm-text").textContent = CONFIRM_TEXT[command];
-    $("confirm-ok").textContent = command.charAt(0).toUpperCase() + command.slice(1);
+    $("confirm-ok").textContent = label;
     return new Promise((resolve) => {
       const done = (answer) => {
         $("confirm-ok").onclick = null;
@@ -494,8 +792,8 @@
     });
   }
 
-  async function command(name) {
-    if (!(await confirmCommand(name))) return;
+  async function command(name, label) {
+    if (!(await confirmCommand(name, label))) return;
     const result = $("command-result");
     result.hidden = false;
     result.className = "result";
@@ -531,7 +829,7 @@
       showLogin("");
     });
     for (const button of document.querySelectorAll("[data-command]")) {
-      button.addEventListener("click", () => command(button.dataset.command));
+      button.addEventListener("click", () => command(button.dataset.command, button.textContent));
     }
     setInterval(updateLive, 1000);
     if (token()) {
