@@ -7,7 +7,7 @@ Starts a throwaway Ray of its own (`address="local"`, 8 logical CPUs on however 
 machine has, the dashboard on a free loopback port) and Serve on a free loopback port
 (bench/localapp.py), builds a tiny random BERT (`tests.support.tiny_models.build_tiny_bert`),
 writes a small captured sample (`app.serving.capture.write_sample`: 12 records of 3 bodies) and
-deploys the recommender app with four versions, v1 stable at 100% (the Router's user_config
+deploys the recommender app with five versions, v1 stable at 100% (the Router's user_config
 lists v2 and v4 as `pinnable`, so clients may pin them at weight 0):
 
 * v2, the bad candidate: one replica that serves one request at a time in ~100 ms
@@ -15,13 +15,18 @@ lists v2 and v4 as `pinnable`, so clients may pin them at weight 0):
   about 10 rps at most;
 * v3, the good candidate: like v1;
 * v4, an autoscaling candidate: bench/autoscale.py's version (`faults: {added_latency_ms:
-  300}`, `min_replicas 1, max_replicas 3, target_ongoing_requests 2`, fast delays).
+  300}`, `min_replicas 1, max_replicas 3, target_ongoing_requests 2`, fast delays);
+* v5, the capacity-aware candidate: v3 opted in to capacity-aware steps
+  (docs/capacity-aware-steps.md: `autoscaling: {min_replicas: 1, max_replicas: 3,
+  capacity_aware: true, replica_capacity_rps: 25, upscale_delay_s: 600}`). At the users' ~40
+  rps and the default headroom 1.5 its floors are 1, 1, 2 and 3 replicas for 10%, 25%, 50%
+  and 100%; the long declared delay leaves the adding of replicas to the floors alone.
 
 The load stage every plan here declares (`LOAD`): the sample replayed at the candidate, ramping
 to 30 rps (the projected peak) over 3 s and holding it 6 s, at most 16 in flight, gated on
 p99 <= 600 ms, errors <= 1%, answered/target >= 0.9 (--quick: 2 s ramp, 4 s hold).
 
-Three parts, one after the other, each printing a progress line on stderr:
+Four parts, one after the other, each printing a progress line on stderr:
 
 1. **bad**: v2 at a low rate first, as an operator would try it (pinned requests,
    /v2/models/recommender/versions/v2/infer, one at a time, one every 0.25 s): its client-side
@@ -45,14 +50,29 @@ Three parts, one after the other, each printing a progress line on stderr:
    in the window; windows with fewer than 20 requests are shown, not judged) / the p99 of the
    steady state (its first second dropped). The user p99 while the load stage replays at v3 is
    shown apart (`load_stage_window`): on one machine the replay competes for the same cores.
+   The controller's status and then Serve's details (the Serve controller) are polled every
+   0.25 s (`RolloutWatch`, in both this part and the next): v3's RUNNING replicas when each
+   step's weight rose (`good.replicas_at_raise`) and whether v3, not opted in (min = max = 1),
+   autoscaled on load during its steps (`good.autoscaled_during_steps`, also at the top).
+2b. **capacity**: right after v3's rollout, the same user load (`SETTLE_S`, 3 s, on v3 alone
+   first) and the same plan (load stage, steps, step durations) for v5 over v3, then
+   `--steady-s` more. `p99_step_ratio_capacity_aware` = v5's worst step p99 (same windows,
+   same rule) / the same steady p99 as `p99_step_ratio` (v1 alone, before v3's rollout).
+   Per weight raise (`capacity_aware.replicas_at_raise`, summed up in `capacity_aware_steps`):
+   v5's RUNNING replicas in the first status at the new weight (counted after that status was
+   read, as tests/integration/test_capacity.py does), the floor the controller asked for it
+   (status `capacity.candidate_floor`) and how long before the raise, and whether the raise
+   waited for capacity (status `capacity.waiting`), how long and why
+   (`capacity_aware_waited_for_capacity`).
 3. **autoscale**: bench/autoscale.py's scale-up measurement (`scale_up`) on v4, pinned: 1
    client for `--phase-s` (8 s; --quick 4 s), then 8 clients from the onset until a second v4
    replica is RUNNING; `scale_up_s` = onset -> that replica serving.
 
 Prints one JSON object on stdout: the figures, `goals` (each with its goal, value and
 `met`), the machine and its cores, ray_version, wall_s. Progress on stderr. Exit status 1 if
-the bad candidate was not caught, a user request reached it, a user request failed, or a part
-did not finish; a missed timing goal (`p99_step_ratio`, `scale_up_s`) is reported, not fatal.
+the bad candidate was not caught, a user request reached it, a user request failed (in any
+part), or a part did not finish; a missed timing goal (`p99_step_ratio`, `scale_up_s`, and
+`capacity_aware_ratio_goal_met`, outside `goals`) is reported, not fatal.
 """
 
 from __future__ import annotations
@@ -77,7 +97,7 @@ from bench.autoscale import AUTOSCALING, Clients, ReplicaWatch, latency, scale_u
 from bench.common import cpu_count, log
 from bench.localapp import APP, TICK_S, LocalApp, with_user_configs
 
-STABLE, BAD, GOOD, SCALER = "v1", "v2", "v3", "v4"
+STABLE, BAD, GOOD, SCALER, CAPACITY = "v1", "v2", "v3", "v4", "v5"
 # One request at a time, ~100 ms each: fine alone, ~10 rps at most.
 BAD_CONFIG = {"max_ongoing_requests": 1, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
               "faults": {"added_latency_ms": 100}}  # fmt: skip
@@ -92,6 +112,16 @@ POLL_S = 0.1
 MIN_WINDOW_REQUESTS = 20
 GOAL_STEP_RATIO = 1.5  # issue 20: p99 during a step <= 1.5 x the steady state's
 GOAL_SCALE_UP_S = 30.0  # this bench's own: a replica start on 2 cores takes ~10 s
+# v5, v3 opted in to capacity-aware steps (docs/capacity-aware-steps.md). The user load is
+# ~40 rps, so with the default headroom (1.5) the floors are ceil(40 x w/100 x 1.5 / 25):
+# 1 replica for 10% and 25%, 2 for 50%, 3 for 100% (the same for any load from 34 to 50
+# rps). A long declared upscale delay: only the floors, never the load, add replicas (as in
+# tests/integration/test_capacity.py), so the arm measures the floors alone.
+CAPACITY_RPS = 25
+CAPACITY_AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 600,
+                        "capacity_aware": True, "replica_capacity_rps": CAPACITY_RPS}  # fmt: skip
+WATCH_S = 0.25  # the controller's status, then Serve's details, every WATCH_S
+SETTLE_S = 3.0  # user load on the stable alone before the capacity-aware candidate is declared
 BODIES = [
     {"inputs": [{"name": "user", "datatype": "BYTES", "shape": [1], "data": [user]},
                 {"name": "items", "datatype": "BYTES", "shape": [2], "data": items}]}
@@ -193,12 +223,70 @@ class WeightPoller:
         self.thread.join(timeout=10)
 
 
+class RolloutWatch:
+    """Polls, every WATCH_S in a thread, the controller's status (GET /admin/rollout) and then
+    Serve's details (`app.ray_compat.serve_details`, the Serve controller), as
+    tests/integration/test_capacity.py does: a replica count read after the status, so a
+    weight in the status was published before the count was read. Keeps one sample per poll:
+    (time.monotonic of the status, plan digest, the candidate's weight in the status, its
+    RUNNING replicas, all its replicas, the status's `capacity` field)."""
+
+    def __init__(self, app: LocalApp, candidate: str) -> None:
+        self.app, self.candidate = app, candidate
+        self.deployment = f"{APP}-{candidate}"
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.samples: list[tuple[float, str | None, float, int, int, dict[str, Any] | None]] = []
+        # The candidate's autoscaling_config, as Serve runs it.
+        self.autoscaling: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from app import ray_compat  # after ray.init: the driver's Serve client
+
+        assert self.app.client is not None
+        with httpx.Client(base_url=self.app.url, timeout=10,
+                          headers=dict(self.app.client.headers)) as client:  # fmt: skip
+            while not self.stop.is_set():
+                try:
+                    status = client.get("/admin/rollout").json()
+                    at = time.monotonic()
+                    details = ray_compat.serve_details()
+                    deployment = details["applications"][APP]["deployments"][self.deployment]
+                except Exception as exc:  # a busy controller for a moment: poll again
+                    log(f"rollout watch failed: {exc!r}")
+                else:
+                    replicas = deployment.get("replicas") or []
+                    running = sum(r.get("state") == "RUNNING" for r in replicas)
+                    weight = float((status.get("weights") or {}).get(self.candidate, 0.0))
+                    config = deployment.get("deployment_config") or {}
+                    with self.lock:
+                        self.autoscaling = config.get("autoscaling_config") or {}
+                        self.samples.append((at, status.get("plan_digest"), weight, running,
+                                             len(replicas), status.get("capacity")))  # fmt: skip
+                self.stop.wait(WATCH_S)
+
+    def between(self, start: float, end: float,
+                digest: str | None = None) -> list[tuple[float, str | None, float, int, int, dict[str, Any] | None]]:  # fmt: skip
+        with self.lock:
+            return [x for x in self.samples
+                    if start <= x[0] < end and (digest is None or x[1] == digest)]  # fmt: skip
+
+    def __enter__(self) -> RolloutWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 # -- the controller ----------------------------------------------------------------------------
 
 
 def plan_for(candidate: str, sample: Path, load: dict[str, Any],
-             steps: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    return {"strategy": "canary", "candidate": candidate, "stable": STABLE,
+             steps: list[dict[str, Any]], stable: str = STABLE) -> dict[str, Any]:  # fmt: skip
+    return {"strategy": "canary", "candidate": candidate, "stable": stable,
             "canary": {"steps": steps}, "gates": GATES,
             "load_stage": {"sample": str(sample), **load}}  # fmt: skip
 
@@ -362,13 +450,77 @@ def summary(records: list[tuple[float, float, str, str | None]]) -> dict[str, An
             "p50_ms": p50(ms), "p99_ms": p99(ms)}  # fmt: skip
 
 
+def step_windows(users: Users, changes: list[tuple[float, float]], declared: float,
+                 ended: float) -> list[dict[str, Any]]:  # fmt: skip
+    """Each span of constant candidate weight > 0 after `declared` (as the Router applied it),
+    with the users' requests sent in it."""
+    out = []
+    for start, until, weight in windows(changes, ended):
+        if weight <= 0 or until <= declared:
+            continue
+        out.append({"weight": weight, "seconds": round(until - start, 1),
+                    **summary(users.between(start, until))})  # fmt: skip
+    return out
+
+
+def worst_p99(steps: list[dict[str, Any]]) -> float | None:
+    judged = [w["p99_ms"] for w in steps
+              if w["requests"] >= MIN_WINDOW_REQUESTS and w["p99_ms"] is not None]  # fmt: skip
+    return max(judged) if judged else None
+
+
+def at_raises(watch: RolloutWatch, digest: str, declared: float, ended: float,
+              weights: list[float]) -> list[dict[str, Any]]:  # fmt: skip
+    """For each weight the candidate rose to: its RUNNING (and all) replicas in the first
+    sample whose status had it at that weight (counted after the status was read), the floor
+    the controller asked for that weight (the status's `capacity`, last seen before the raise,
+    and how long before the raise it was first asked), and whether the raise waited for
+    capacity (`capacity.waiting` for that weight: from the first such sample to the raise)."""
+    samples = watch.between(declared, ended, digest)
+    out = []
+    for weight in weights:
+        rose = next((x for x in samples if x[2] >= weight - 1e-6), None)
+        before = [x for x in samples if rose is None or x[0] < rose[0]]
+        asked = [x for x in before if x[5] and x[5].get("next_weight") is not None
+                 and abs(float(x[5]["next_weight"]) - weight) < 1e-6]  # fmt: skip
+        waited = [x for x in asked if x[5] and x[5].get("waiting")]
+        raised_at = rose[0] if rose else ended
+        out.append({
+            "weight": weight,
+            "running_at_raise": rose[3] if rose else None,
+            "replicas_at_raise": rose[4] if rose else None,
+            "floor": asked[-1][5].get("candidate_floor") if asked and asked[-1][5] else None,
+            "floor_asked_s_before_raise": round(raised_at - asked[0][0], 1) if asked else None,
+            "capped": bool(asked and asked[-1][5] and asked[-1][5].get("capped")),
+            "waited_for_capacity": bool(waited),
+            "waited_s": round(raised_at - waited[0][0], 1) if waited else 0.0,
+            "waiting": waited[0][5].get("waiting") if waited and waited[0][5] else None,
+        })  # fmt: skip
+    return out
+
+
+def replicas_over_time(watch: RolloutWatch, declared: float,
+                       ended: float) -> list[list[float]]:  # fmt: skip
+    """[seconds since the declaration, the candidate's weight in the status, RUNNING, all] at
+    each change."""
+    out: list[list[float]] = []
+    for at, _, weight, running, total, _ in watch.between(declared, ended):
+        if not out or out[-1][1:] != [weight, running, total]:
+            out.append([round(at - declared, 1), weight, running, total])
+    return out
+
+
 def good_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady_s: float,
                    step_s: float) -> dict[str, Any]:  # fmt: skip
     steps: list[dict[str, Any]] = []
     for percent in (10, 25, 50):
         steps += [{"set_weight": percent}, {"pause_s": step_s}]
     plan = plan_for(GOOD, sample, load, steps)
-    with Users(app.url) as users, WeightPoller(app, GOOD) as poller:
+    with (
+        Users(app.url) as users,
+        WeightPoller(app, GOOD) as poller,
+        RolloutWatch(app, GOOD) as watch,
+    ):
         began = time.monotonic()
         log(f"good: {steady_s:g}s of steady state ({USERS} user clients, {STABLE} alone)")
         time.sleep(steady_s)
@@ -384,22 +536,25 @@ def good_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady_s: 
     steady = summary(users.between(began + 1.0, declared))  # the first second warms up
     events = history(app)
     passed_stage = any("load stage passed" in str(e.get("reason")) for e in events)
-    spans = windows(poller.changes, ended)
-    first_step = next((s for s, _, w in spans if s >= declared and w > 0), ended)
+    first_step = next((s for s, _, w in windows(poller.changes, ended) if s >= declared and w > 0),
+                      ended)  # fmt: skip
     stage_window = summary(users.between(declared, first_step))
-    step_windows = []
-    for start, until, weight in spans:
-        if weight <= 0 or until <= declared:
-            continue
-        step_windows.append({"weight": weight, "seconds": round(until - start, 1),
-                             **summary(users.between(start, until))})  # fmt: skip
-    judged = [w["p99_ms"] for w in step_windows
-              if w["requests"] >= MIN_WINDOW_REQUESTS and w["p99_ms"] is not None]  # fmt: skip
-    worst = max(judged) if judged else None
+    step_list = step_windows(users, poller.changes, declared, ended)
+    worst = worst_p99(step_list)
     ratio = round(worst / steady["p99_ms"], 3) if worst and steady["p99_ms"] else None
+    # Fairness of the comparison with the capacity-aware arm: did v3 scale on load?
+    during = watch.between(declared, ended)
+    running_max = max((x[3] for x in during), default=None)
+    autoscaled = bool(during) and (
+        max(x[3] for x in during) > during[0][3] or max(x[4] for x in during) > during[0][4]
+    )
+    raises = at_raises(watch, digest, declared, ended, [w["weight"] for w in step_list])
     log(f"good: steady p99 {steady['p99_ms']} ms; per step "
-        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in step_windows)
-        + f"; ratio {ratio}; load stage passed: {passed_stage}")  # fmt: skip
+        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in step_list)
+        + f"; ratio {ratio}; load stage passed: {passed_stage}; {GOOD} RUNNING replicas at each "
+        f"raise {[r['running_at_raise'] for r in raises]}, at most {running_max} "
+        f"({'it AUTOSCALED on load during its steps' if autoscaled else 'no autoscaling'}; "
+        f"min/max {watch.autoscaling.get('min_replicas')}/{watch.autoscaling.get('max_replicas')})")  # fmt: skip
     every = users.between(began, ended)
     return {
         "p99_step_ratio": ratio,
@@ -407,10 +562,84 @@ def good_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady_s: 
         "passed_load_stage": passed_stage,
         "last_event": events[-1].get("reason") if events else None,
         "steady": steady,
-        "steps": step_windows,
+        "steps": step_list,
         "worst_step_p99_ms": worst,
         "load_stage_window": stage_window,
         "load_stage": status.get("load_stage"),
+        "user_requests": len(every),
+        "user_requests_failed": sum(1 for r in every if r[3] is not None),
+        "user_errors": [r[3] for r in every if r[3] is not None][:5],
+        "replicas_at_raise": raises,
+        "replicas_running_max": running_max,
+        "autoscaled_during_steps": autoscaled,
+        "autoscaling": {k: watch.autoscaling.get(k) for k in ("min_replicas", "max_replicas")},
+    }
+
+
+# -- 2b. the capacity-aware candidate ----------------------------------------------------------
+
+
+def capacity_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady: dict[str, Any],
+                       tail_s: float, step_s: float) -> dict[str, Any]:  # fmt: skip
+    """v5 (v3 opted in to capacity-aware steps) rolled out with v3's plan, under the same user
+    load, right after v3's rollout; its step p99s over v3's steady state (`steady`)."""
+    stable = str(app.admin().get("stable") or GOOD)  # v3, once its rollout succeeded
+    steps: list[dict[str, Any]] = []
+    for percent in (10, 25, 50):
+        steps += [{"set_weight": percent}, {"pause_s": step_s}]
+    plan = plan_for(CAPACITY, sample, load, steps, stable=stable)
+    with (
+        Users(app.url) as users,
+        WeightPoller(app, CAPACITY) as poller,
+        RolloutWatch(app, CAPACITY) as watch,
+    ):
+        began = time.monotonic()
+        time.sleep(SETTLE_S)
+        declared = time.monotonic()
+        log(f"capacity: declaring a canary of {CAPACITY} ({GOOD} opted in to capacity-aware "
+            f"steps, {CAPACITY_RPS} rps a replica) over {stable}: the load stage, then 10% -> 25% "
+            f"-> 50% ({step_s:g}s each) -> 100%")  # fmt: skip
+        digest = declare(app, plan)
+        status, _ = follow(app, digest, ("succeeded", "rolled_back", "aborted", "paused"),
+                           300, "capacity")  # fmt: skip
+        log(f"capacity: {status['phase']}; {tail_s:g}s more at its final weight")
+        time.sleep(tail_s)
+        ended = time.monotonic()
+    events = history(app)
+    passed_stage = any("load stage passed" in str(e.get("reason")) for e in events)
+    first_step = next((s for s, _, w in windows(poller.changes, ended) if s >= declared and w > 0),
+                      ended)  # fmt: skip
+    step_list = step_windows(users, poller.changes, declared, ended)
+    worst = worst_p99(step_list)
+    ratio = round(worst / steady["p99_ms"], 3) if worst and steady.get("p99_ms") else None
+    raises = at_raises(watch, digest, declared, ended, [w["weight"] for w in step_list])
+    waits = [{"weight": r["weight"], "waited_s": r["waited_s"], "waiting": r["waiting"]}
+             for r in raises if r["waited_for_capacity"]]  # fmt: skip
+    log("capacity: per step "
+        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in step_list)
+        + f"; ratio {ratio} (over {GOOD}'s steady p99 {steady.get('p99_ms')} ms); RUNNING at each "
+        f"raise {[(r['weight'], r['running_at_raise'], r['floor']) for r in raises]} "
+        f"(weight, running, floor); waited for capacity: {waits or 'never'}")  # fmt: skip
+    every = users.between(began, ended)
+    return {
+        "p99_step_ratio": ratio,
+        "steady_p99_ms": steady.get("p99_ms"),
+        "steady_source": f"{STABLE} alone before {GOOD}'s rollout (good.steady)",
+        "phase": status["phase"],
+        "stable": stable,
+        "passed_load_stage": passed_stage,
+        "last_event": events[-1].get("reason") if events else None,
+        "before": summary(users.between(began + 1.0, declared)),
+        "steps": step_list,
+        "worst_step_p99_ms": worst,
+        "replicas_at_raise": raises,
+        "waited_for_capacity": bool(waits),
+        "capacity_waits": waits,
+        "replicas_over_time": replicas_over_time(watch, declared, ended),
+        "load_stage_window": summary(users.between(declared, first_step)),
+        "load_stage": status.get("load_stage"),
+        "autoscaling_declared": CAPACITY_AUTOSCALING,
+        "autoscaling": watch.autoscaling,
         "user_requests": len(every),
         "user_requests_failed": sum(1 for r in every if r[3] is not None),
         "user_errors": [r[3] for r in every if r[3] is not None][:5],
@@ -470,6 +699,16 @@ def goals(bad: dict[str, Any] | None, good: dict[str, Any] | None,
     }  # fmt: skip
 
 
+def capacity_steps(capacity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The capacity-aware arm per step: p99, and RUNNING replicas and floor at the raise."""
+    return [
+        {"weight": w["weight"], "p99_ms": w["p99_ms"], "requests": w["requests"],
+         "running_at_raise": r["running_at_raise"], "floor": r["floor"],
+         "waited_s": r["waited_s"]}
+        for w, r in zip(capacity["steps"], capacity["replicas_at_raise"], strict=True)
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgate",
                                      description=__doc__.split("\n")[0])  # fmt: skip
@@ -479,9 +718,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="shorter phases and load stage (about half the time)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="the same as --quick")
     parser.add_argument("--steady-s", type=float, default=None,
-                        help="seconds of steady state before and after the good rollout (default 15; --quick 5)")  # fmt: skip
+                        help="seconds of steady state before and after the good rollout, and after the capacity-aware one (default 15; --quick 5)")  # fmt: skip
     parser.add_argument("--step-s", type=float, default=None,
-                        help="seconds of each step of the good rollout (default 8; --quick 4)")  # fmt: skip
+                        help="seconds of each step of the good and capacity-aware rollouts (default 8; --quick 4)")  # fmt: skip
     parser.add_argument("--phase-s", type=float, default=None,
                         help="seconds of 1 client before the scale-up onset (default 8; --quick 4)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -498,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-loadgate-"))
     app = LocalApp()
-    bad = good = scaled = None
+    bad = good = capacity = scaled = None
     failure: str | None = None
     stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's own print()s go to stderr
     try:
@@ -515,18 +754,24 @@ def main(argv: list[str] | None = None) -> int:
             write_model_config(tmp, GOOD, artifact),
             write_model_config(tmp, SCALER, artifact, autoscaling=AUTOSCALING,
                                faults={"added_latency_ms": SCALER_LATENCY_MS}),
+            write_model_config(tmp, CAPACITY, artifact, autoscaling=CAPACITY_AUTOSCALING),
         ]  # fmt: skip
-        # 8 logical CPUs: four versions at 0.5 each, two more v4 replicas, Router, controller.
+        # 8 logical CPUs: five versions at 0.5 each, two more v4 and two more v5 replicas,
+        # Router (0.25), controller (0): 4.75.
         # v2 and v4 take no weight: any client may pin them only when the table says so.
         router = {"stable": STABLE, "weights": {STABLE: 100}, "pinnable": [BAD, SCALER]}
         app.start(tmp, versions, router=router, num_cpus=8)
         log(f"deployed in {time.perf_counter() - started:.0f}s")
-        for part in ("bad", "good", "autoscale"):
+        for part in ("bad", "good", "capacity", "autoscale"):
             try:
                 if part == "bad":
                     bad = bad_candidate(app, sample, load, quick)
                 elif part == "good":
                     good = good_candidate(app, sample, load, steady_s, step_s)
+                elif part == "capacity":
+                    assert good is not None
+                    capacity = capacity_candidate(app, sample, load, good["steady"], steady_s,
+                                                  step_s)  # fmt: skip
                 else:
                     scaled = autoscaling_candidate(app, phase_s)
             except Exception as exc:
@@ -552,10 +797,20 @@ def main(argv: list[str] | None = None) -> int:
         "p99_at_peak_ms": bad["p99_at_peak_ms"] if bad else None,
         "p99_step_ratio": good["p99_step_ratio"] if good else None,
         "scale_up_s": scaled["scale_up_s"] if scaled else None,
+        "p99_step_ratio_capacity_aware": capacity["p99_step_ratio"] if capacity else None,
+        "capacity_aware_steps": capacity_steps(capacity) if capacity else None,
+        "capacity_aware_waited_for_capacity": capacity["waited_for_capacity"] if capacity else None,
+        "capacity_aware_ratio_goal_met": (
+            capacity["p99_step_ratio"] <= GOAL_STEP_RATIO
+            if capacity and capacity["p99_step_ratio"] is not None
+            else None
+        ),
+        "good_autoscaled_during_steps": good["autoscaled_during_steps"] if good else None,
         "goals": met,
         "goals_met": all(g["met"] for g in met.values()),
         "bad": bad,
         "good": good,
+        "capacity_aware": capacity,
         "autoscale": scaled,
         "load_stage": {**load, "sample_records": len(BODIES) * 4},
         "bad_config": BAD_CONFIG,
@@ -570,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     if failure:
         report["failure"] = failure
     print(json.dumps(report), flush=True)
-    user_failed = sum(p["user_requests_failed"] for p in (good,) if p) + (
+    user_failed = sum(p["user_requests_failed"] for p in (good, capacity) if p) + (
         bad["evidence"]["user_requests_failed"] if bad else 0
     )
     fatal = (

@@ -223,12 +223,11 @@ class CapacityKeeper:
 
     async def refresh(self, state: RolloutState | None, now: float) -> None:
         lookup = self._lookup
-        if (
-            lookup is None
-            or state is None
-            or state.phase.terminal
-            or now - self._asked_at < LOOKUP_INTERVAL_S
-        ):
+        if lookup is None or state is None or state.phase.terminal:
+            return
+        # A new rollout asks at once (its first step waits for this reading), else once a second.
+        new = self.reading is None or self.reading.key != self._key(state)
+        if not new and now - self._asked_at < LOOKUP_INTERVAL_S:
             return
         self._asked_at = now
         plan = state.plan

@@ -978,8 +978,10 @@ class ControllerCore:
 
     def _reset_outcomes(self, plan: RolloutPlan) -> None:
         """A new rollout is a new experiment: outcomes (and verdicts) from before it do not
-        count. Continuous outcomes are clipped to the bounds the plan's gates declare."""
-        self.desk.reset(self.clock(), plan.gates.outcome_bounds())
+        count. Continuous outcomes are clipped to the bounds the plan's gates declare; with
+        feedback.pre_period_s set, users' earlier outcomes on the plan's stable version are
+        frozen as the CUPED covariates of this experiment."""
+        self.desk.reset(self.clock(), plan.gates.outcome_bounds(), plan.stable)
         # Written with the new rollout's state, not up to a second later: a replica that takes
         # over in between must not restore the last rollout's outcomes into this one.
         self._book_saved_at = -math.inf

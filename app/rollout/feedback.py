@@ -5,7 +5,10 @@
                                        unit); bounded, with TTL
     OutcomeBook                        outcome name -> version -> ArmStats, each (id, outcome)
                                        counted once; continuous values clipped to the gates'
-                                       bounds; per-unit moments for a cluster-robust variance
+                                       bounds; per-unit moments for a cluster-robust variance;
+                                       CUPED covariates from a frozen pre-period table
+    PrePeriodBook(max_units)           unit -> outcome -> version -> (sum, count) of outcomes
+                                       before a rollout, for CUPED; bounded, oldest dropped
 
 Where each piece runs. Router replicas keep a small local ledger of the ids they answered and
 push new records to the rollout controller with their stats (~250 ms). The controller keeps
@@ -34,6 +37,13 @@ traffic, which makes the request its own unit). The book keeps, per arm, the run
 each unit's cluster (`UNIT_CLUSTERS` of them, by a stable hash of the unit, so memory and the
 persisted book stay bounded whatever the number of users; grouping whole users into clusters
 keeps the variance cluster-robust) and the per-unit moments the sequential test needs.
+
+CUPED. With `pre_period_s` set, the desk also keeps each unit's outcomes in a `PrePeriodBook`
+(per unit, not per cluster: a cluster mixes users that land in different arms). A rollout's
+start (`FeedbackDesk.reset`) freezes the units seen within pre_period_s, on the plan's stable
+version, as the covariate table; the first time a unit's outcome is counted in an arm, its
+pre-period (sum, count) joins its cluster's totals there, from which the arm's nine
+`COVARIATE_MOMENTS` follow. Keyless answers have no unit and so no covariate.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from pydantic import Field
 from app.config import NAME_PATTERN, StrictModel
 from app.errors import Gone, InvalidInput, ModelNotFound, ServingError, http_status
 from app.rollout.abtest import (
+    COVARIATE_MOMENTS,
     MAX_ABS_OUTCOME,
     ArmStats,
     OutcomeKind,
@@ -64,6 +75,7 @@ __all__ = [
     "FeedbackItem",
     "FeedbackSettings",
     "OutcomeBook",
+    "PrePeriodBook",
     "RequestLedger",
     "parse_feedback",
     "MAX_ITEMS_PER_REQUEST",
@@ -110,6 +122,20 @@ class FeedbackSettings(StrictModel):
     max_outcomes: int = Field(
         default=32, ge=1, le=1000,
         description="Distinct outcome names counted at most (a new name beyond them is a 400).",
+    )  # fmt: skip
+    pre_period_s: float = Field(
+        default=0.0, ge=0, le=90 * 24 * 3600,
+        description=(
+            "Seconds of each user's outcomes before a rollout starts kept for CUPED (lift "
+            "gates with cuped: true); 0 keeps none."
+        ),
+    )  # fmt: skip
+    max_pre_period_units: int = Field(
+        default=100_000, ge=100, le=5_000_000,
+        description=(
+            "Users whose pre-period outcomes are kept at most (the least recently seen "
+            "dropped first, and counted)."
+        ),
     )  # fmt: skip
 
 
@@ -297,13 +323,15 @@ class _Tally:
     look), with the running total of each unit cluster so that the per-unit moments of
     `UnitMoments` are updated in O(1) per outcome."""
 
-    __slots__ = ("clipped", "clusters", "cross", "n", "n_sq", "sum", "sum_sq", "unit_sum_sq",
-                 "units")  # fmt: skip
+    __slots__ = ("clipped", "clusters", "cross", "n", "n_sq", "pre", "sum", "sum_sq",
+                 "unit_sum_sq", "units")  # fmt: skip
 
     def __init__(self) -> None:
         self.n, self.sum, self.sum_sq, self.clipped = 0, 0.0, 0.0, 0
         self.units, self.unit_sum_sq, self.cross, self.n_sq = 0, 0.0, 0.0, 0.0
         self.clusters: dict[int, list[float]] = {}  # cluster -> [outcomes, sum]
+        # CUPED: cluster -> [pre-period sum, pre-period count] of the units seen in this arm
+        self.pre: dict[int, list[float]] = {}
 
     def add(self, value: float, cluster: int | None) -> None:
         """One outcome; `cluster` None: a unit of its own (a keyless answer)."""
@@ -321,9 +349,29 @@ class _Tally:
         self.cross += before_sum + value * (before_n + 1)
         self.n_sq += 2 * before_n + 1
 
-    def arm(self, kind: OutcomeKind, bounds: tuple[float, float] | None) -> ArmStats:
+    def add_pre(self, cluster: int, pre_sum: float, pre_n: float) -> None:
+        """A unit's pre-period (sum, count), once, when its first outcome joins this arm."""
+        total = self.pre.setdefault(cluster, [0.0, 0.0])
+        total[0] += pre_sum
+        total[1] += pre_n
+
+    def covariates(self) -> tuple[float, ...]:
+        """The nine COVARIATE_MOMENTS over clusters, from each cluster's (S, n) and (P, M)
+        (O(clusters) per look; keyless units have no pre-period and add nothing)."""
+        sums = [0.0] * len(COVARIATE_MOMENTS)
+        for cluster, (p, m) in self.pre.items():
+            n, s = self.clusters.get(cluster, (0.0, 0.0))
+            for i, x in enumerate((p, m, p * p, p * m, m * m, s * p, s * m, n * p, n * m)):
+                sums[i] += x
+        return tuple(sums)
+
+    def arm(
+        self, kind: OutcomeKind, bounds: tuple[float, float] | None, cuped: bool = False
+    ) -> ArmStats:
         units = UnitMoments(self.units, self.unit_sum_sq, self.cross, self.n_sq)
-        return ArmStats(kind, self.n, self.sum, self.sum_sq, units, self.clipped, bounds)
+        covariates = self.covariates() if cuped else None
+        return ArmStats(kind, self.n, self.sum, self.sum_sq, units, self.clipped, bounds,
+                        covariates)  # fmt: skip
 
     def to_dict(self, kind: OutcomeKind) -> dict[str, Any]:
         return {
@@ -331,6 +379,7 @@ class _Tally:
             "clipped": self.clipped,
             "units": [self.units, self.unit_sum_sq, self.cross, self.n_sq],
             "clusters": {str(c): total for c, total in self.clusters.items()},
+            "pre": {str(c): total for c, total in self.pre.items()},
         }  # fmt: skip
 
     @classmethod
@@ -349,6 +398,10 @@ class _Tally:
             if not 0 <= int(cluster) < UNIT_CLUSTERS:
                 raise ValueError(f"cluster {cluster} is not below {UNIT_CLUSTERS}")
             tally.clusters[int(cluster)] = [float(n), float(total)]
+        for cluster, (pre_sum, pre_n) in (data.get("pre") or {}).items():
+            if not 0 <= int(cluster) < UNIT_CLUSTERS:
+                raise ValueError(f"cluster {cluster} is not below {UNIT_CLUSTERS}")
+            tally.pre[int(cluster)] = [float(pre_sum), float(pre_n)]
         return tally
 
 
@@ -365,20 +418,59 @@ def _check_bounds(bounds: Mapping[str, Sequence[float]]) -> dict[str, tuple[floa
     return checked
 
 
+# CUPED's frozen pre-period: outcome -> unit -> [sum, count, versions whose arm it joined]
+CovariateTable = dict[str, dict[str, list[Any]]]
+
+
+def _check_covariates(table: Mapping[str, Any] | None) -> CovariateTable | None:
+    if table is None:
+        return None
+    checked: CovariateTable = {}
+    for outcome, by_unit in table.items():
+        rows = checked[str(outcome)] = {}
+        for unit, (pre_sum, pre_n, versions) in by_unit.items():
+            pre_sum, pre_n = float(pre_sum), float(pre_n)
+            if not (math.isfinite(pre_sum) and math.isfinite(pre_n) and pre_n >= 0):
+                raise ValueError(f"pre-period of unit {unit!r} ({pre_sum}, {pre_n}) is not a "
+                                 "finite sum and count")  # fmt: skip
+            rows[str(unit)] = [pre_sum, pre_n, [str(v) for v in versions]]
+    return checked
+
+
 class OutcomeBook:
     """Outcome name -> version -> arm, since `reset`; continuous values clipped to `bounds`
     (outcome -> (min_value, max_value), from the plan's lift gates) or else to
-    +-MAX_ABS_OUTCOME."""
+    +-MAX_ABS_OUTCOME.
 
-    def __init__(self, bounds: Mapping[str, Sequence[float]] | None = None) -> None:
+    `covariates` (CUPED): the pre-period table frozen at the rollout's start; with it (even
+    empty) every arm carries its nine COVARIATE_MOMENTS, without it (None) none."""
+
+    def __init__(
+        self,
+        bounds: Mapping[str, Sequence[float]] | None = None,
+        covariates: Mapping[str, Any] | None = None,
+    ) -> None:
         self.kinds: dict[str, OutcomeKind] = {}
         self.tallies: dict[str, dict[str, _Tally]] = {}
         self.bounds = _check_bounds(bounds or {})
+        self.covariates = _check_covariates(covariates)
 
-    def reset(self, bounds: Mapping[str, Sequence[float]] | None = None) -> None:
+    def reset(
+        self,
+        bounds: Mapping[str, Sequence[float]] | None = None,
+        covariates: Mapping[str, Any] | None = None,
+    ) -> None:
         self.bounds = _check_bounds(bounds or {})
+        self.covariates = _check_covariates(covariates)
         self.kinds.clear()
         self.tallies.clear()
+
+    def clip(self, item: FeedbackItem) -> float:
+        """The value as counted: a continuous one clipped to its outcome's bounds."""
+        if item.kind is not OutcomeKind.CONTINUOUS:
+            return item.value
+        low, high = self.bounds.get(item.outcome, (-MAX_ABS_OUTCOME, MAX_ABS_OUTCOME))
+        return min(max(item.value, low), high)
 
     def check_kind(self, item: FeedbackItem, max_outcomes: int = 32) -> None:
         if item.outcome not in self.kinds and len(self.kinds) >= max_outcomes:
@@ -402,13 +494,16 @@ class OutcomeBook:
         tally = self.tallies.setdefault(item.outcome, {}).get(version)
         if tally is None:
             tally = self.tallies[item.outcome][version] = _Tally()
-        value = item.value
-        if item.kind is OutcomeKind.CONTINUOUS:
-            low, high = self.bounds.get(item.outcome, (-MAX_ABS_OUTCOME, MAX_ABS_OUTCOME))
-            if not low <= value <= high:
-                value = min(max(value, low), high)
-                tally.clipped += 1
-        tally.add(value, None if unit is None else unit_cluster(unit))
+        value = self.clip(item)
+        if value != item.value:
+            tally.clipped += 1
+        cluster = None if unit is None else unit_cluster(unit)
+        tally.add(value, cluster)
+        if cluster is not None and self.covariates is not None:
+            pre = self.covariates.get(item.outcome, {}).get(cast(str, unit))
+            if pre is not None and version not in pre[2]:  # the unit's first outcome here
+                pre[2].append(version)
+                tally.add_pre(cluster, pre[0], pre[1])
 
     def _bounds_of(self, outcome: str) -> tuple[float, float] | None:
         if self.kinds.get(outcome) is not OutcomeKind.CONTINUOUS:
@@ -422,13 +517,14 @@ class OutcomeBook:
         if kind is None:
             return None
         tally = self.tallies.get(outcome, {}).get(version) or _Tally()
-        return tally.arm(kind, self._bounds_of(outcome))
+        return tally.arm(kind, self._bounds_of(outcome), self.covariates is not None)
 
     @property
     def arms(self) -> dict[str, dict[str, ArmStats]]:
         """Every outcome's arms (outcome -> version -> ArmStats)."""
         return {
-            outcome: {v: t.arm(self.kinds[outcome], self._bounds_of(outcome))
+            outcome: {v: t.arm(self.kinds[outcome], self._bounds_of(outcome),
+                               self.covariates is not None)
                       for v, t in by_version.items()}
             for outcome, by_version in self.tallies.items()
         }  # fmt: skip
@@ -446,9 +542,12 @@ class OutcomeBook:
 
     @classmethod
     def from_dict(
-        cls, data: dict[str, Any], bounds: Mapping[str, Sequence[float]] | None = None
+        cls,
+        data: dict[str, Any],
+        bounds: Mapping[str, Sequence[float]] | None = None,
+        covariates: Mapping[str, Any] | None = None,
     ) -> OutcomeBook:
-        book = cls(bounds)
+        book = cls(bounds, covariates)
         for outcome, by_version in data.items():
             for version, a in by_version.items():
                 book.kinds[outcome] = OutcomeKind(a["kind"])
@@ -474,6 +573,87 @@ class OutcomeBook:
                     row.update(low=interval.low, high=interval.high, level=level)
                 result.setdefault(outcome, {})[version] = row
         return result
+
+
+class PrePeriodBook:
+    """Each unit's outcomes before a rollout, for CUPED: unit (the routing-unit hash) ->
+    outcome -> version -> [sum, count], with the time of its latest answer.
+
+    Per unit, not per cluster: a cluster mixes users that land in different arms, and only a
+    unit's own past predicts its outcomes. Bounded like the request ledger: at most
+    `max_units` units, the least recently seen dropped first (counted in `dropped`), and a
+    unit with no answer within the window is dropped when `trim` reaches it. The window is
+    per unit: a unit's sums run from its first outcome after it was last dropped, so a user
+    who never pauses for a whole window may add up more than `pre_period_s`; every sum still
+    comes from before the rollout that freezes it, which is what keeps CUPED unbiased."""
+
+    def __init__(self, max_units: int) -> None:
+        self.max_units = max_units
+        # unit -> [latest answer's time, {outcome: {version: [sum, count]}}], least recent first
+        self._units: OrderedDict[str, list[Any]] = OrderedDict()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    def clear(self) -> None:
+        self._units.clear()
+
+    def add(self, unit: str, outcome: str, version: str, value: float, answered_at: float,
+            now: float, window_s: float) -> None:  # fmt: skip
+        """One counted outcome of an answer the traffic split chose for `unit`."""
+        entry = self._units.get(unit)
+        if entry is None:
+            entry = self._units[unit] = [answered_at, {}]
+        else:
+            entry[0] = max(entry[0], answered_at)
+            self._units.move_to_end(unit)
+        total = entry[1].setdefault(outcome, {}).setdefault(version, [0.0, 0.0])
+        total[0] += value
+        total[1] += 1.0
+        self.trim(now, window_s)
+
+    def trim(self, now: float, window_s: float) -> None:
+        units = self._units
+        while len(units) > self.max_units:
+            units.popitem(last=False)
+            self.dropped += 1
+        horizon = now - window_s
+        while units and next(iter(units.values()))[0] < horizon:
+            units.popitem(last=False)  # expired: its last answer left the window
+
+    def freeze(self, now: float, window_s: float, version: str) -> CovariateTable:
+        """The covariate table at a rollout's start `now`: outcome -> unit -> [sum, count,
+        []] of the outcomes of `version` (the plan's stable one) of each unit whose latest
+        answer is within `window_s` before `now`."""
+        table: CovariateTable = {}
+        horizon = now - window_s
+        for unit, (latest, by_outcome) in self._units.items():
+            if not horizon <= latest <= now:
+                continue
+            for outcome, by_version in by_outcome.items():
+                total = by_version.get(version)
+                if total is not None:
+                    table.setdefault(outcome, {})[unit] = [total[0], total[1], []]
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dropped": self.dropped,
+                "units": [[unit, at, by_outcome] for unit, (at, by_outcome) in self._units.items()]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], max_units: int) -> PrePeriodBook:
+        """The inverse of `to_dict`; not trimmed here (the next `add` or reconfigure does, so a
+        restart before the settings are read keeps every unit)."""
+        book = cls(max_units)
+        book.dropped = int(data.get("dropped", 0))
+        for unit, at, by_outcome in data.get("units") or []:
+            totals = {
+                str(o): {str(v): [float(t[0]), float(t[1])] for v, t in by_version.items()}
+                for o, by_version in by_outcome.items()
+            }
+            book._units[str(unit)] = [float(at), totals]
+        return book
 
 
 def rebase(now: float, sent_at: float | None) -> float:
@@ -502,6 +682,7 @@ class FeedbackDesk:
         self.settings = settings or FeedbackSettings()
         self.ledger = RequestLedger(self.settings.max_request_ids, self.settings.ttl_s)
         self.book = OutcomeBook()
+        self.pre_period = PrePeriodBook(self.settings.max_pre_period_units)
         self.counts = {"counted": 0, "duplicate": 0, "excluded": 0, "unknown": 0,
                        "expired": 0, "invalid": 0}  # fmt: skip
         self.started_at = 0.0  # answers from before the current experiment are not counted
@@ -510,12 +691,28 @@ class FeedbackDesk:
     def reconfigure(self, settings: FeedbackSettings, now: float) -> None:
         self.settings = settings
         self.ledger.reconfigure(settings.max_request_ids, settings.ttl_s, now)
+        self.pre_period.max_units = settings.max_pre_period_units
+        if settings.pre_period_s > 0:
+            self.pre_period.trim(now, settings.pre_period_s)
+        elif len(self.pre_period):
+            self.pre_period.clear()  # CUPED off: its data are not kept
+            self.dirty = True
 
-    def reset(self, now: float, bounds: Mapping[str, Sequence[float]] | None = None) -> None:
+    def reset(
+        self,
+        now: float,
+        bounds: Mapping[str, Sequence[float]] | None = None,
+        stable: str | None = None,
+    ) -> None:
         """A new rollout is a new experiment: outcomes from before it do not count. `bounds`:
         outcome -> (min_value, max_value) its continuous values are clipped to, the plan's
-        `gates.outcome_bounds()`."""
-        self.book.reset(bounds)
+        `gates.outcome_bounds()`. With `pre_period_s` set and the plan's `stable` version
+        given, the pre-period book's units within the window on that version are frozen as
+        the experiment's CUPED covariates."""
+        table = None
+        if self.settings.pre_period_s > 0 and stable is not None:
+            table = self.pre_period.freeze(now, self.settings.pre_period_s, stable)
+        self.book.reset(bounds, table)
         self.started_at = now
         self.dirty = True
 
@@ -588,14 +785,37 @@ class FeedbackDesk:
             excluded = "answered before the current rollout (experiment) started"
         if excluded is not None:
             self.counts["excluded"] += 1
+            randomised = decision is None or decision in RANDOMISED_DECISIONS
+            if randomised and self._keep_pre_period(item, version, answered_at, now, True):
+                excluded += " (kept in the pre-period for the next rollout's CUPED)"
             return {"version": version, "counted": False, "excluded": excluded}
         if self.ledger.first_count(item.request_id, item.outcome):
             self.book.add(item, version, self.ledger.unit(item.request_id))
+            self._keep_pre_period(item, version, answered_at, now, False)
             self.dirty = True
             self.counts["counted"] += 1
             return {"version": version, "counted": True}
         self.counts["duplicate"] += 1
         return {"version": version, "counted": False, "duplicate": True}
+
+    def _keep_pre_period(
+        self, item: FeedbackItem, version: str, answered_at: float, now: float, mark: bool
+    ) -> bool:
+        """Keep a randomised answer's outcome in the pre-period book (CUPED on, a keyed
+        answer, the first time this (id, outcome) comes): what a later rollout's covariates
+        come from. `mark`: the outcome was not counted in an arm (an answer from before the
+        experiment), so mark it counted in the ledger here, which keeps a repeat out. Whether
+        it was kept."""
+        window = self.settings.pre_period_s
+        unit = self.ledger.unit(item.request_id)
+        if window <= 0 or unit is None:
+            return False
+        if mark and not self.ledger.first_count(item.request_id, item.outcome):
+            return False
+        self.pre_period.add(unit, item.outcome, version, self.book.clip(item), answered_at,
+                            now, window)  # fmt: skip
+        self.dirty = True
+        return True
 
     def arms(self, versions: Sequence[str]) -> dict[str, dict[str, ArmStats]]:
         """Outcome name -> version -> ArmStats of the current experiment, for the gates."""
@@ -613,19 +833,38 @@ class FeedbackDesk:
             # continuous values clipped to their declared bounds, per outcome
             "clipped": self.book.clipped(),
             "bounds": {o: list(b) for o, b in self.book.bounds.items()},
+            "pre_period": self._pre_period_status(),
+        }
+
+    def _pre_period_status(self) -> dict[str, Any]:
+        """CUPED's data: units kept for the next rollout (and dropped at the bound), and the
+        units per outcome in the current experiment's frozen table (null: no table)."""
+        table = self.book.covariates
+        return {
+            "pre_period_s": self.settings.pre_period_s,
+            "units": len(self.pre_period),
+            "max_units": self.pre_period.max_units,
+            "dropped": self.pre_period.dropped,
+            "covariate_units": None if table is None else {o: len(t) for o, t in table.items()},
         }
 
     def to_dict(self) -> dict[str, Any]:
         """What survives a controller restart: the experiment's start, its outcome bounds and
-        its outcome book."""
+        its outcome book, and for CUPED the experiment's covariate table and the pre-period
+        book collecting the next one's."""
         return {
             "started_at": self.started_at,
             "bounds": {o: list(b) for o, b in self.book.bounds.items()},
             "book": self.book.to_dict(),
+            "covariates": self.book.covariates,
+            "pre_period": self.pre_period.to_dict(),
         }
 
     def restore(self, data: Mapping[str, Any]) -> None:
         """Load `to_dict`'s output; ValueError, KeyError or TypeError if it is unreadable."""
-        book = OutcomeBook.from_dict(data["book"], data.get("bounds"))
+        book = OutcomeBook.from_dict(data["book"], data.get("bounds"), data.get("covariates"))
         started_at = float(data["started_at"])
-        self.book, self.started_at = book, started_at
+        pre_period = PrePeriodBook.from_dict(
+            data.get("pre_period") or {}, self.settings.max_pre_period_units
+        )
+        self.book, self.started_at, self.pre_period = book, started_at, pre_period

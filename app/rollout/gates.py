@@ -267,6 +267,12 @@ def _lift_reason(
     }[conclusion]
     if verdict.looks == 0:
         return f"{outcome}: {said}; {verdict.reason}"
+    cuped = ""
+    if verdict.cuped_variance_factor is not None:
+        cuped = (
+            f", CUPED theta {verdict.cuped_theta or 0.0:.3g}, variance "
+            f"x{verdict.cuped_variance_factor:.3g}"
+        )
     mc, ms = verdict.candidate_mean, verdict.control_mean
     interval = f"{level:.0%} always-valid interval"
     if verdict.stop_alpha is not None:  # one-sided bounds, each at its own level
@@ -275,7 +281,7 @@ def _lift_reason(
         f"{outcome}: lift {_on_scale(verdict.lift, verdict.scale)}, "
         f"{interval} [{_on_scale(verdict.low, verdict.scale)}, "
         f"{_on_scale(verdict.high, verdict.scale)}]; candidate {mc:.4g} (n={verdict.candidate_samples}), "
-        f"stable {ms:.4g} (n={verdict.control_samples}): {said}"
+        f"stable {ms:.4g} (n={verdict.control_samples}){cuped}: {said}"
     )
 
 
@@ -337,6 +343,10 @@ def evaluate_lift_gates(
             "mde": gate.mde,
             "min_samples_per_arm": gate.min_samples_per_arm,
             "p_value": verdict.p_value,
+            # CUPED: theta and the factor the variance was multiplied by (null: not applied)
+            "cuped": gate.cuped,
+            "cuped_theta": verdict.cuped_theta,
+            "cuped_variance_factor": verdict.cuped_variance_factor,
             "candidate": {"n": cand.n, "mean": cand.mean},
             "stable": {"n": base.n, "mean": base.mean},
         }

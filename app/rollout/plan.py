@@ -628,6 +628,21 @@ class ControllerUserConfig(StrictModel):
     def _null_feedback(cls, value: Any) -> Any:
         return {} if value is None else value  # `feedback: null`: the defaults
 
+    @model_validator(mode="after")
+    def _cuped_needs_a_pre_period(self) -> ControllerUserConfig:
+        if self.plan is None or self.feedback.pre_period_s > 0:
+            return self
+        for name in ("improvement", "non_inferiority"):
+            gate = getattr(self.plan.gates, name)
+            if gate is not None and gate.cuped:
+                raise ValueError(
+                    f"plan.gates.{name}.cuped (true) needs feedback.pre_period_s "
+                    f"({self.feedback.pre_period_s:g}) greater than 0: CUPED adjusts by each "
+                    "user's outcomes from before the rollout, which the controller keeps only "
+                    "for that many seconds"
+                )
+        return self
+
     def check_versions(self, deployed: list[str]) -> None:
         """ValueError when the plan names versions that are not deployed."""
         if self.plan is None:

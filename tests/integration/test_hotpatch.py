@@ -136,4 +136,8 @@ def test_patches_under_load_fail_nothing_and_restart_nothing(patch_app):
                            timeout_s=60, message="the router's new weights")  # fmt: skip
     assert load.errors == [], load.errors[:5]
     assert load.sent > 100
+    # A replica applying a user_config shows UPDATING, not RUNNING, for a moment after its new
+    # behaviour answers: compare once every replica is RUNNING again. A restart would show as
+    # a new replica id.
+    cluster.wait_running()
     assert replicas() == before  # no replica of any deployment restarted

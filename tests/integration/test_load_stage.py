@@ -150,4 +150,32 @@ def test_a_healthy_candidate_passes_the_load_stage_and_takes_its_first_step(load
     passed = next(e for e in events if "load stage passed" in e["reason"])
     assert passed["weight"] == 0.0
     assert passed["gates"]["load_stage.max_p99_ms"]["status"] == "passed"
+    # The load stage's gauges reach Ray's metrics endpoints (what Prometheus scrapes; the
+    # observability test's story has no load stage): its rates and p99, and, once the export
+    # has caught up with the stage's end, running 0.
+    gauges = wait_for_condition(
+        lambda: (g := _load_stage_gauges(cluster, "v2")).get("running") == 0.0 and g,
+        timeout_s=30, message="the load stage's gauges on Ray's metrics endpoints, running 0",
+    )  # fmt: skip
+    assert gauges["target"] == 30.0 and gauges["p99_ms"] > 0, gauges
     rollout(cluster, "POST", "/abort")
+
+
+def _load_stage_gauges(cluster, version: str) -> dict[str, float]:
+    """The load stage gauges for `version` on every node's metrics endpoint (Ray's service
+    discovery file lists them): running, p99_ms and each rate tag (target, scheduled, ...)."""
+    import json
+    import re
+
+    targets = json.loads((cluster.session_dir / "prom_metrics_service_discovery.json").read_text())
+    found: dict[str, float] = {}
+    line = re.compile(r"^ray_rollout_load_stage_(running|p99_ms|rps)\{([^}]*)\} (\S+)$", re.M)
+    for group in targets:
+        for target in group["targets"]:
+            text = httpx.get(f"http://{target}/metrics", timeout=10).text
+            for name, labels, value in line.findall(text):
+                if f'version="{version}"' not in labels or f'model="{APP}"' not in labels:
+                    continue
+                rate = re.search(r'rate="([^"]+)"', labels)
+                found[rate.group(1) if name == "rps" and rate else name] = float(value)
+    return found

@@ -7,7 +7,8 @@ decides whether the candidate is better, worse, or not yet known, and may be ask
     ArmStats(kind, n, sum, sum_sq, units)   sums, so router replicas merge them by addition;
                                             `units` (UnitMoments): per-user moments, so the
                                             variance is cluster-robust (a user's outcomes
-                                            are correlated)
+                                            are correlated); `covariates`: the CUPED
+                                            pre-period sums (COVARIATE_MOMENTS)
     confidence_interval(arm, level)         Wilson (binary) or normal (continuous), one arm
     difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
                                             (delta method); fixed-horizon, NOT safe to peek at
@@ -26,6 +27,7 @@ in docs/ab-testing.md ("The statistics").
 """
 
 from app.rollout.abtest.arms import (
+    COVARIATE_MOMENTS,
     MAX_ABS_OUTCOME,
     ArmStats,
     Interval,
@@ -46,6 +48,7 @@ from app.rollout.abtest.sequential import (
 )
 
 __all__ = [
+    "COVARIATE_MOMENTS",
     "MAX_ABS_OUTCOME",
     "ArmStats",
     "Conclusion",

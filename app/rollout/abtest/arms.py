@@ -4,6 +4,7 @@ ArmStats(kind, n, sum, sum_sq, units)   sums, so router replicas merge them by a
                                         `units` holds the per-unit (user) moments that make
                                         the variance cluster-robust
 UnitMoments(count, sum_sq, cross, n_sq) those moments
+COVARIATE_MOMENTS                       CUPED: the nine pre-period sums an arm may carry
 confidence_interval(arm, level)         Wilson (binary) or normal (continuous), one arm
 difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
                                         (delta method); fixed-horizon, NOT safe to peek at
@@ -42,6 +43,20 @@ class OutcomeKind(str, Enum):
 
 # -- one arm ---------------------------------------------------------------------------------
 
+
+# CUPED: an arm's pre-experiment sums over its units (clusters) g, with S_g, n_g the unit's
+# outcomes in the experiment and P_g, M_g its outcomes' sum and count in the pre-period.
+COVARIATE_MOMENTS = (
+    "pre_sum",  # sum P_g
+    "pre_n",  # sum M_g
+    "pre_sum_sq",  # sum P_g^2
+    "pre_cross",  # sum P_g M_g
+    "pre_n_sq",  # sum M_g^2
+    "sum_pre_sum",  # sum S_g P_g
+    "sum_pre_n",  # sum S_g M_g
+    "n_pre_sum",  # sum n_g P_g
+    "n_pre_n",  # sum n_g M_g
+)
 
 # Outcomes are clipped to at most this magnitude even where no bounds are declared, so that
 # sums of squares stay finite for any count (n * 1e24 < 1.8e308 for n below 1e284).
@@ -96,6 +111,11 @@ class ArmStats:
     stats built from values); the feedback book fills it from the routing unit of each
     answer. `clipped` counts continuous outcomes that were clipped (winsorised) to `bounds`,
     the [min_value, max_value] a gate declared (None: only +-MAX_ABS_OUTCOME applied).
+
+    `covariates`, for CUPED: the nine `COVARIATE_MOMENTS` sums of the arm's units'
+    pre-experiment outcomes (None: no pre-period was kept). A unit without a pre-period adds
+    0 to each, so an outcome added by `add` (a unit of its own) leaves them as they are, and
+    arms whose units are disjoint add them.
     """
 
     kind: OutcomeKind
@@ -105,6 +125,7 @@ class ArmStats:
     units: UnitMoments | None = None
     clipped: int = 0
     bounds: tuple[float, float] | None = None
+    covariates: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", OutcomeKind(self.kind))  # accept "binary" too
@@ -141,6 +162,16 @@ class ArmStats:
                 )
         if self.clipped < 0 or self.clipped > self.n:
             raise ValueError(f"clipped ({self.clipped}) must be between 0 and n ({self.n})")
+        if self.covariates is not None:
+            covariates = tuple(float(x) for x in self.covariates)
+            if len(covariates) != len(COVARIATE_MOMENTS) or not all(
+                math.isfinite(x) for x in covariates
+            ):
+                raise ValueError(
+                    f"covariates ({self.covariates}) must be {len(COVARIATE_MOMENTS)} finite "
+                    f"sums ({', '.join(COVARIATE_MOMENTS)})"
+                )
+            object.__setattr__(self, "covariates", covariates)
 
     @classmethod
     def binary(cls, successes: int, n: int) -> ArmStats:
@@ -181,9 +212,15 @@ class ArmStats:
         units = None
         if self.units is not None or other.units is not None:
             units = self.unit_moments.merge(other.unit_moments)
+        covariates = None
+        if self.covariates is not None or other.covariates is not None:
+            zeros = (0.0,) * len(COVARIATE_MOMENTS)
+            covariates = tuple(
+                a + b for a, b in zip(self.covariates or zeros, other.covariates or zeros)
+            )
         return ArmStats(
             self.kind, self.n + other.n, self.sum + other.sum, self.sum_sq + other.sum_sq,
-            units, self.clipped + other.clipped, self.bounds,
+            units, self.clipped + other.clipped, self.bounds, covariates,
         )  # fmt: skip
 
     @property

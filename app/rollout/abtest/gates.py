@@ -105,6 +105,16 @@ class _LiftGate(FiniteStrictModel):
         ),
     )
 
+    cuped: bool = Field(
+        default=False,
+        description=(
+            "CUPED: adjust the test by each user's outcomes on the stable version before the "
+            "rollout started, which narrows the interval when users' rates differ (keyed, "
+            "sticky traffic only). Needs feedback.pre_period_s > 0 in the controller's "
+            "user_config."
+        ),
+    )
+
     @model_validator(mode="after")
     def _stop_confidence_needs_separate_directions(self) -> _LiftGate:
         if self.stop_confidence is not None and self.directions != "separate":
@@ -160,6 +170,7 @@ class _LiftGate(FiniteStrictModel):
             min_units_per_arm=self.min_units_per_arm,
             kind=OutcomeKind(self.kind),
             bounds=self.bounds,
+            cuped=self.cuped,
         )
 
     def _check(self, verdict: Verdict) -> None:

@@ -9,7 +9,8 @@
 `directions` shared (the default) runs one two-sided test whose alpha covers a false 'better'
 and a false 'worse' together; separate runs a one-sided test per direction (half-normal
 mixtures), alpha for a false 'better' (a promotion) and stop_alpha for a false 'worse' (a
-stop). `evaluate_paths` also takes CUPED covariates (each unit's pre-experiment outcomes).
+stop). With `cuped`, `evaluate` adjusts by each unit's pre-experiment outcomes (the arms'
+`covariates`), as `evaluate_paths` does with the covariates it is given.
 
 Why sequential, and how the variance, the mixing scale and the alphas are chosen:
 docs/ab-testing.md ("The statistics").
@@ -27,6 +28,7 @@ from pydantic import Field, model_validator
 
 from app.config import FiniteStrictModel
 from app.rollout.abtest.arms import (
+    COVARIATE_MOMENTS,
     ArmStats,
     OutcomeKind,
     Scale,
@@ -102,6 +104,11 @@ class Verdict:
     # of a false 'worse' when they are separate; "shared" in readings stored before.
     directions: Directions = "shared"
     stop_alpha: float | None = None
+    # CUPED (SequentialTest.cuped, with both arms' covariates): the pooled theta of this look
+    # and the factor it multiplied the variance of the difference by (below 1: narrower);
+    # None when the look ran without covariates.
+    cuped_theta: float | None = None
+    cuped_variance_factor: float | None = None
 
     def improvement(self, min_lift: float = 0.0) -> Conclusion:
         """BETTER once the lift surely exceeds min_lift (lower bound > min_lift); WORSE once it
@@ -142,6 +149,8 @@ class Verdict:
             "control_clipped": self.control_clipped,
             "directions": self.directions,
             "stop_alpha": self.stop_alpha,
+            "cuped_theta": _finite_or_none(self.cuped_theta),
+            "cuped_variance_factor": _finite_or_none(self.cuped_variance_factor),
         }
 
     @classmethod
@@ -184,6 +193,8 @@ class Verdict:
             control_clipped=count("control_clipped"),
             directions=cast(Directions, data.get("directions", "shared")),
             stop_alpha=maybe("stop_alpha"),
+            cuped_theta=maybe("cuped_theta"),
+            cuped_variance_factor=maybe("cuped_variance_factor"),
         )
 
 
@@ -287,6 +298,15 @@ class SequentialTest(FiniteStrictModel):
         ),
     )
 
+    cuped: bool = Field(
+        default=False,
+        description=(
+            "CUPED: adjust the difference by each arm's pre-experiment outcomes per unit "
+            "(ArmStats.covariates), when both arms carry them; a look without them runs the "
+            "per-unit test unadjusted."
+        ),
+    )
+
     @model_validator(mode="after")
     def _stop_alpha_needs_separate_directions(self) -> SequentialTest:
         if self.stop_alpha is not None and self.directions == "shared":
@@ -326,11 +346,17 @@ class SequentialTest(FiniteStrictModel):
             looks = previous.looks
         relative = self.scale == "relative"
         binary = candidate.kind is OutcomeKind.BINARY
+        covariates = None
+        if self.cuped and candidate.covariates is not None and control.covariates is not None:
+            covariates = (_arrays(candidate.covariates), _arrays(control.covariates))
+        cuped: dict[str, Any] = {}
         p, d_low, d_high, counted, control_scale, why = _advance(
             binary, relative, self.effective_tau, self.alpha, self.effective_stop_alpha,
             self.min_samples_per_arm, self.effective_min_units, _arrays(state),
-            _arrays(_columns(candidate)), _arrays(_columns(control)),
+            _arrays(_columns(candidate)), _arrays(_columns(control)), covariates, cuped,
         )  # fmt: skip
+        theta = _finite_or_none(float(cuped["theta"])) if cuped else None
+        factor = _finite_or_none(float(cuped["variance_factor"])) if cuped else None
         refused = self._refusal(candidate, control)
         if refused:  # the arms are not what this test may judge: the look does not count
             (p, d_low, d_high), counted, why = state, False, refused
@@ -365,13 +391,15 @@ class SequentialTest(FiniteStrictModel):
             candidate_mean=mc,
             control_mean=ms,
             looks=looks + int(counted),
-            reason=self._reason(decision, lift, low, high, p, candidate, control, why),
+            reason=self._reason(decision, lift, low, high, p, candidate, control, why, cuped),
             candidate_units=candidate.unit_count,
             control_units=control.unit_count,
             candidate_clipped=candidate.clipped,
             control_clipped=control.clipped,
             directions=self.directions,
             stop_alpha=self.effective_stop_alpha,
+            cuped_theta=theta,
+            cuped_variance_factor=factor,
         )
 
     def _refusal(self, candidate: ArmStats, control: ArmStats) -> str:
@@ -481,6 +509,7 @@ class SequentialTest(FiniteStrictModel):
         candidate: ArmStats,
         control: ArmStats,
         why: str,
+        cuped: dict[str, Any] | None = None,
     ) -> str:
         def fmt(value: float | None) -> str:
             if value is None or not math.isfinite(value):
@@ -493,6 +522,13 @@ class SequentialTest(FiniteStrictModel):
         clipped = ""
         if candidate.clipped or control.clipped:
             clipped = f", {candidate.clipped}/{control.clipped} clipped to {candidate.bounds}"
+        if cuped:
+            clipped += (
+                f", CUPED theta {float(cuped['theta']):.3g}, variance "
+                f"x{float(cuped['variance_factor']):.3g}"
+            )
+        elif self.cuped:
+            clipped += ", CUPED off for this look (no pre-period covariates)"
         level = f"{1 - self.alpha:.0%} interval"
         stop_alpha = self.effective_stop_alpha
         if stop_alpha is not None:
@@ -570,24 +606,18 @@ def _on_scale(
     return (np.maximum(low, -1.0) if binary else low), high
 
 
-# CUPED: an arm's pre-experiment sums over its units (clusters) g, with S_g, n_g the unit's
-# outcomes in the experiment and P_g, M_g its outcomes' sum and count in the pre-period.
-COVARIATE_MOMENTS = (
-    "pre_sum",  # sum P_g
-    "pre_n",  # sum M_g
-    "pre_sum_sq",  # sum P_g^2
-    "pre_cross",  # sum P_g M_g
-    "pre_n_sq",  # sum M_g^2
-    "sum_pre_sum",  # sum S_g P_g
-    "sum_pre_n",  # sum S_g M_g
-    "n_pre_sum",  # sum n_g P_g
-    "n_pre_n",  # sum n_g M_g
-)
-
-
 def _cuped(candidate: tuple[Any, ...], control: tuple[Any, ...], pre: tuple[Any, ...]) -> Any:
+    """(adjustment of d, variance factor of the candidate, of the control): `_cuped_terms`
+    without theta."""
+    _, shift, reduce_c, reduce_s = _cuped_terms(candidate, control, pre)
+    return shift, reduce_c, reduce_s
+
+
+def _cuped_terms(
+    candidate: tuple[Any, ...], control: tuple[Any, ...], pre: tuple[Any, ...]
+) -> tuple[Any, Any, Any, Any]:
     """CUPED (Deng, Xu, Kohavi, Walker, WSDM 2013) on ratio means with unit clusters:
-    (adjustment of d, variance factor of the candidate, of the control), elementwise.
+    (theta, adjustment of d, variance factor of the candidate, of the control), elementwise.
 
     Each arm's mean m = sum S / sum n has per-unit influence e_g = (S_g - m n_g) / N; its
     pre-period mean q = sum P / sum M has f_g = (P_g - q M_g) / M. The pre-period comes before
@@ -612,7 +642,7 @@ def _cuped(candidate: tuple[Any, ...], control: tuple[Any, ...], pre: tuple[Any,
     for ee, ff_arm, ef in ((eec, ffc, efc), (ees, ffs, efs)):
         reduced = np.maximum(ee - 2 * theta * ef + theta * theta * ff_arm, 0.0)
         factors.append(np.where(ee > 0, reduced / np.where(ee > 0, ee, 1.0), 1.0))
-    return theta * (qc - qs), factors[0], factors[1]
+    return theta, theta * (qc - qs), factors[0], factors[1]
 
 
 _erfc = np.frompyfunc(math.erfc, 1, 1)
@@ -653,13 +683,16 @@ def _advance(
     candidate: tuple[Any, ...],
     control: tuple[Any, ...],
     covariates: tuple[Any, ...] | None = None,
+    cuped: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
     """One look of the mSPRT on the difference in means, elementwise over numpy arrays:
     (p, low, high, counted, control_scale, why), the interval in absolute units. `previous`
     is (p, low, high); each arm is (n, sum, sum_sq, units, unit_sum_sq, unit_cross, unit_n_sq).
     stop_alpha None: one two-sided test at alpha (the normal mixture); else the lower bound
     is a one-sided test at alpha and the upper one at stop_alpha (half-normal mixtures).
-    covariates: (candidate's, control's) COVARIATE_MOMENTS, for CUPED.
+    covariates: (candidate's, control's) COVARIATE_MOMENTS, for CUPED; with them, `cuped`
+    (a dict, if given) receives theta and variance_factor (the variance of the difference
+    with CUPED over without, at this look).
 
     The one kernel behind `evaluate` (0-d arrays) and `evaluate_paths` (one column of
     experiments), so the simulations in tests and benchmarks run exactly this arithmetic."""
@@ -672,21 +705,25 @@ def _advance(
         # independent-outcome one times its design effect (cluster-robust over independent;
         # exactly 1 with one outcome per unit), see UnitMoments.
         effect_c, effect_s = _design_effect(*candidate), _design_effect(*control)
-        if covariates is not None:
-            shift, reduce_c, reduce_s = _cuped(candidate, control, covariates)
-            d = d - shift
-            effect_c, effect_s = effect_c * reduce_c, effect_s * reduce_s
         if binary:
             pc, ps = (sc + 1) / (nc + 2), (ss + 1) / (ns + 2)
-            variance = pc * (1 - pc) / nc * effect_c + ps * (1 - ps) / ns * effect_s
+            vc, vs = pc * (1 - pc) / nc, ps * (1 - ps) / ns
             control_scale = ps
             pooled = (sc + ss + 1) / (nc + ns + 2)
         else:
             vc = np.maximum(ssc - sc * sc / nc, 0) / (nc - 1) / nc
             vs = np.maximum(sss - ss * ss / ns, 0) / (ns - 1) / ns
-            variance = vc * effect_c + vs * effect_s
             control_scale = ss / ns
             pooled = (sc + ss) / (nc + ns)
+        variance = vc * effect_c + vs * effect_s
+        if covariates is not None:
+            theta, shift, reduce_c, reduce_s = _cuped_terms(candidate, control, covariates)
+            d = d - shift
+            plain = variance
+            variance = vc * effect_c * reduce_c + vs * effect_s * reduce_s
+            if cuped is not None:
+                cuped["theta"] = theta
+                cuped["variance_factor"] = np.where(plain > 0, variance / plain, 1.0)
         # A relative tau in absolute units: times the pooled mean, not the control's, because
         # under H0 the pooled mean does not depend on which arm happens to run high (with the
         # control's, a high control both makes d negative and widens tau: in a 20,000-experiment
