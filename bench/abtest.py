@@ -62,7 +62,6 @@ status 0.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -75,7 +74,7 @@ from app.rollout.abtest import OutcomeKind, SequentialTest, horizon_tau, require
 from app.rollout.abtest.arms import _design_effect
 from app.rollout.abtest.sequential import COVARIATE_MOMENTS, _cuped
 from app.rollout.feedback import UNIT_CLUSTERS
-from bench.common import cpu_count, log
+from bench.common import bench_parser, cpu_count, log
 
 BASELINE = 0.10
 MDE = 0.03  # relative
@@ -437,13 +436,13 @@ def correlated_summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.abtest", description=__doc__.split("\n")[0]
+    parser = bench_parser(
+        "bench.abtest",
+        __doc__,
+        json_help="only the JSON object on stdout (without it, one line per scenario first)",
     )
     parser.add_argument("--experiments", type=int, default=None,
                         help="experiments per scenario (default 2000; --smoke 30)")  # fmt: skip
-    parser.add_argument("--json", action="store_true",
-                        help="only the JSON object on stdout (without it, one line per scenario first)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="30 experiments per scenario")
     parser.add_argument("--seed", type=int, default=0, help="numpy Generator seed (default 0)")
     parser.add_argument("--skip-correlated", action="store_true",

@@ -42,20 +42,18 @@ read, them). No environment variable is needed on this bench's cluster.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
 
-from bench.common import cpu_count, log
+from bench.common import Background, bench_parser, cpu_count, log
 from bench.localapp import APP, LocalApp  # sets RAY_AUTH_MODE before Ray is imported
 
 VERSION = "v1"
@@ -86,20 +84,19 @@ BODY = json.dumps(
 PATH = f"/v2/models/{APP}/infer"
 
 
-class Clients:
+class Clients(Background):
     """`HIGH` closed-loop client threads, of which the first `level` send; each request is kept
     as (phase, latency s, error or None). They POST to `path` (the model's routed path by
     default; a version-pinned one for a candidate at 0%) and expect `version` to answer."""
 
+    join_timeout_s = 180.0
+
     def __init__(self, url: str, path: str = PATH, version: str = VERSION) -> None:
+        super().__init__(HIGH)
         self.url, self.path, self.version = url, path, version
         self.level = 0
         self.phase = "idle"
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.records: list[tuple[str, float, str | None]] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(HIGH)]  # fmt: skip
 
     def _run(self, index: int) -> None:
         headers = {"content-type": "application/json", "x-user-id": f"bench-{index}"}
@@ -123,41 +120,31 @@ class Clients:
     def set(self, phase: str, level: int) -> None:
         self.phase, self.level = phase, level
 
-    def __enter__(self) -> Clients:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=180)
-
     def take(self) -> list[tuple[str, float, str | None]]:
         with self.lock:
             records, self.records = self.records, []
         return records
 
 
-class ReplicaWatch:
+class ReplicaWatch(Background):
     """Polls a version's replicas (Serve details; v1's by default) in a thread; keeps each
     change of (RUNNING, all)."""
 
+    join_timeout_s = 10.0
+
     def __init__(self, app: LocalApp, deployment: str = DEPLOYMENT) -> None:
+        super().__init__()
         self.app, self.deployment = app, deployment
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.origin = time.monotonic()
         self.current = (0, 0)
         self.changes: list[tuple[float, int, int]] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def counts(self) -> tuple[int, int]:
         deployment = self.app.details()["applications"][APP]["deployments"][self.deployment]
         replicas = deployment.get("replicas", [])
         return sum(r["state"] == "RUNNING" for r in replicas), len(replicas)
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         while not self.stop.is_set():
             try:
                 counts = self.counts()
@@ -190,16 +177,11 @@ class ReplicaWatch:
             self.changes.append((self.since, *self.current))
         return self.since
 
-    def __enter__(self) -> ReplicaWatch:
+    def __enter__(self) -> Self:
         self.current = self.counts()
         self.since = self.origin
         self.changes.append((time.monotonic(), *self.current))
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
+        return super().__enter__()
 
 
 def latency(records: list[tuple[str, float, str | None]], phase: str) -> dict[str, Any]:
@@ -268,15 +250,15 @@ def median(values: list[float]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.autoscale", description=__doc__.split("\n")[0]
+    parser = bench_parser(
+        "bench.autoscale",
+        __doc__,
+        json_help="only the JSON object on stdout (without it, one line per trial first)",
     )
     parser.add_argument("--trials", type=int, default=None,
                         help="scale-up/scale-down cycles (default 3; --smoke 1)")  # fmt: skip
     parser.add_argument("--phase-s", type=float, default=None,
                         help="seconds of each steady phase (default 8; --smoke 3)")  # fmt: skip
-    parser.add_argument("--json", action="store_true",
-                        help="only the JSON object on stdout (without it, one line per trial first)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true",
                         help="1 short trial: checks that the bench works")  # fmt: skip
     args = parser.parse_args(argv)

@@ -89,7 +89,6 @@ when a request failed outside a killed Router or the final phase is not the expe
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import random
@@ -108,7 +107,7 @@ import ray  # noqa: E402
 
 from app import ray_compat  # noqa: E402
 from app.config import CONTROLLER_DEPLOYMENT, ROUTER_DEPLOYMENT  # noqa: E402
-from bench.common import cpu_count, log  # noqa: E402
+from bench.common import bench_parser, cpu_count, log  # noqa: E402
 from bench.localapp import (  # noqa: E402 - sets RAY_AUTH_MODE first
     APP,
     ROOT,
@@ -449,10 +448,7 @@ def phase(app: LocalApp) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.chaos", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser = bench_parser("bench.chaos", __doc__, json_help="one JSON object on stdout")
     parser.add_argument(
         "--seed", type=int, default=0, help="the chaos RNG and the clients' user ids"
     )

@@ -1,17 +1,21 @@
-"""Helpers the benchmarks share: progress lines on stderr, a free loopback port, the CPU count."""
+"""Helpers the benchmarks share: progress lines on stderr, a free loopback port, the CPU count,
+the argument parser every bench starts from."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
+import threading
 import time
+from typing import Self
 
 from tests.support.waiting import (
     free_port,  # one port picker for tests and benches (outside Ray's port ranges)
 )
 
-__all__ = ["cpu_count", "free_port", "log", "shutdown"]
+__all__ = ["Background", "bench_parser", "cpu_count", "free_port", "log", "shutdown"]
 
 
 def log(message: str) -> None:
@@ -40,3 +44,44 @@ def shutdown(*, serve_started: bool, ray_started: bool, tmp) -> None:
 
         ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_parser(
+    module: str,
+    doc: str | None,
+    json_help: str = "only the JSON object on stdout (table on stderr)",
+) -> argparse.ArgumentParser:
+    """The parser every bench starts from: `python -m <module>`, the first line of the
+    module's docstring as its description, and `--json`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=(doc or "").split("\n")[0]
+    )
+    parser.add_argument("--json", action="store_true", help=json_help)
+    return parser
+
+
+class Background:
+    """`threads` daemon threads that each run `self._run(index)` until `stop` is set: `with`
+    starts them, leaving sets `stop` and joins each for at most `join_timeout_s`. The benches'
+    client loads and pollers; `lock` guards what they record."""
+
+    join_timeout_s = 60.0
+
+    def __init__(self, threads: int = 1) -> None:
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(threads)]  # fmt: skip
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=self.join_timeout_s)

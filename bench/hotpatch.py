@@ -34,7 +34,6 @@ showed.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -50,7 +49,7 @@ import ray  # noqa: E402
 
 from app.config import config_hash  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
-from bench.common import cpu_count, log  # noqa: E402
+from bench.common import bench_parser, cpu_count, log  # noqa: E402
 from bench.localapp import APP, TICK_S, LocalApp, wait_for  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.rollback import Load  # noqa: E402
 from tests.support.waiting import handle_call  # noqa: E402
@@ -137,10 +136,7 @@ def measure(app: LocalApp, load: Load, kind: str, config: dict[str, Any], shown:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.hotpatch", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--json", action="store_true", help="only the JSON object on stdout")
+    parser = bench_parser("bench.hotpatch", __doc__, json_help="only the JSON object on stdout")
     parser.add_argument("--smoke", action="store_true", help="the same run (it is short); for CI")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -77,13 +77,11 @@ part), or a part did not finish; a missed timing goal (`p99_step_ratio`, `scale_
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -94,7 +92,7 @@ import numpy as np
 from app.rollout import RolloutPlan
 from bench.autoscale import ADDED_LATENCY_MS as SCALER_LATENCY_MS
 from bench.autoscale import AUTOSCALING, Clients, ReplicaWatch, latency, scale_up
-from bench.common import cpu_count, log
+from bench.common import Background, bench_parser, cpu_count, log
 from bench.localapp import APP, TICK_S, LocalApp, with_user_configs
 
 STABLE, BAD, GOOD, SCALER, CAPACITY = "v1", "v2", "v3", "v4", "v5"
@@ -144,18 +142,15 @@ def p50(values: list[float] | np.ndarray) -> float | None:
 # -- user load ---------------------------------------------------------------------------------
 
 
-class Users:
+class Users(Background):
     """USERS client threads sending routed requests (random `x-user-id`), each waiting THINK_S
     between requests; every request is kept as (sent at: time.monotonic, latency ms, the
     version that answered, error or None)."""
 
     def __init__(self, url: str) -> None:
+        super().__init__(USERS)
         self.url = url
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.records: list[tuple[float, float, str, str | None]] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(USERS)]  # fmt: skip
 
     def _run(self, index: int) -> None:
         rng = random.Random(index)
@@ -179,28 +174,19 @@ class Users:
         with self.lock:
             return [r for r in self.records if start <= r[0] < end]
 
-    def __enter__(self) -> Users:
-        for t in self.threads:
-            t.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-
-class WeightPoller:
+class WeightPoller(Background):
     """Polls the Router's /status every POLL_S in a thread: (time.monotonic, the candidate's
     weight) at each change, as the Router applies it (what users get)."""
 
-    def __init__(self, app: LocalApp, candidate: str) -> None:
-        self.app, self.candidate = app, candidate
-        self.stop = threading.Event()
-        self.changes: list[tuple[float, float]] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
+    join_timeout_s = 10.0
 
-    def _run(self) -> None:
+    def __init__(self, app: LocalApp, candidate: str) -> None:
+        super().__init__()
+        self.app, self.candidate = app, candidate
+        self.changes: list[tuple[float, float]] = []
+
+    def _run(self, index: int) -> None:
         assert self.app.client is not None
         with httpx.Client(base_url=self.app.url, timeout=10,
                           headers=dict(self.app.client.headers)) as client:  # fmt: skip
@@ -214,16 +200,8 @@ class WeightPoller:
                         self.changes.append((time.monotonic(), weight))
                 self.stop.wait(POLL_S)
 
-    def __enter__(self) -> WeightPoller:
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
-
-
-class RolloutWatch:
+class RolloutWatch(Background):
     """Polls, every WATCH_S in a thread, the controller's status (GET /admin/rollout) and then
     Serve's details (`app.ray_compat.serve_details`, the Serve controller), as
     tests/integration/test_capacity.py does: a replica count read after the status, so a
@@ -234,14 +212,11 @@ class RolloutWatch:
     def __init__(self, app: LocalApp, candidate: str) -> None:
         self.app, self.candidate = app, candidate
         self.deployment = f"{APP}-{candidate}"
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.samples: list[tuple[float, str | None, float, int, int, dict[str, Any] | None]] = []
         # The candidate's autoscaling_config, as Serve runs it.
         self.autoscaling: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         from app import ray_compat  # after ray.init: the driver's Serve client
 
         assert self.app.client is not None
@@ -271,14 +246,6 @@ class RolloutWatch:
         with self.lock:
             return [x for x in self.samples
                     if start <= x[0] < end and (digest is None or x[1] == digest)]  # fmt: skip
-
-    def __enter__(self) -> RolloutWatch:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
 
 
 # -- the controller ----------------------------------------------------------------------------
@@ -710,10 +677,9 @@ def capacity_steps(capacity: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadgate",
-                                     description=__doc__.split("\n")[0])  # fmt: skip
-    parser.add_argument("--json", action="store_true",
-                        help="only the JSON object on stdout (it is always printed)")  # fmt: skip
+    parser = bench_parser(
+        "bench.loadgate", __doc__, json_help="only the JSON object on stdout (it is always printed)"
+    )
     parser.add_argument("--quick", action="store_true",
                         help="shorter phases and load stage (about half the time)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="the same as --quick")

@@ -17,7 +17,6 @@ call while on. Exit 1 if any request failed. Starts its own throwaway Ray and st
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import cpu_count, log
+from bench.common import bench_parser, cpu_count, log
 from bench.load import LoadResult, closed_loop
 from bench.localapp import LocalApp, wait_for  # sets RAY_AUTH_MODE before Ray is imported
 
@@ -141,12 +140,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.microbatch", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="only the JSON object on stdout (table on stderr)"
-    )
+    parser = bench_parser("bench.microbatch", __doc__)
     parser.add_argument(
         "--seconds", type=float, default=6.0, help="measuring time per block (default 6)"
     )

@@ -69,7 +69,6 @@ or the rollout did not succeed; flips are reported, not an exit status (the inte
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import random
@@ -87,7 +86,7 @@ import ray
 
 from app.constants import TRAFFIC_GENERATION_HEADER
 from app.serving.buckets import BucketMap, bucket_of
-from bench.common import cpu_count, log
+from bench.common import bench_parser, cpu_count, log
 from bench.localapp import APP, TICK_S, LocalApp, serve_config, wait_for, with_user_configs
 from tests.support import loadgen
 
@@ -531,8 +530,11 @@ def place_flips(flips: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.propagation",
-                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser = bench_parser(
+        "bench.propagation",
+        __doc__,
+        json_help="only the JSON object on stdout (without it, one line per decision first)",
+    )
     parser.add_argument("--decisions", type=int, default=None,
                         help="promote commands (default 24; --smoke 4)")  # fmt: skip
     parser.add_argument("--routers", type=int, default=2, help="Router replicas (default 2)")
@@ -545,8 +547,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-echo", action="store_true",
                         help="clients do not echo x-traffic-generation (no monotonic reads: "
                         "what a client that ignores the header sees)")  # fmt: skip
-    parser.add_argument("--json", action="store_true",
-                        help="only the JSON object on stdout (without it, one line per decision first)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="4 decisions: checks that it works")
     args = parser.parse_args(argv)
     decisions = args.decisions or (4 if args.smoke else 24)

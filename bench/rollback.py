@@ -75,7 +75,6 @@ per trial comes before it. Progress on stderr. Exit status
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -95,7 +94,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from app.rollout import RolloutPlan  # noqa: E402
-from bench.common import cpu_count, log  # noqa: E402
+from bench.common import bench_parser, cpu_count, log  # noqa: E402
 from bench.localapp import APP, TICK_S, LocalApp, serve_config, wait_for, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.propagation import ReplicaProbes  # noqa: E402
 from tests.support import loadgen  # noqa: E402
@@ -541,16 +540,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.rollback", description=__doc__.split("\n")[0]
+    parser = bench_parser(
+        "bench.rollback",
+        __doc__,
+        json_help="only the JSON object on stdout (without it, one line per trial comes first)",
     )
     parser.add_argument(
         "--trials", type=int, default=None, help="rollouts to time (default 20; --smoke 3)"
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="only the JSON object on stdout (without it, one line per trial comes first)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="3 trials: checks that the bench works"

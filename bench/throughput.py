@@ -79,7 +79,7 @@ import yaml  # noqa: E402
 from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
 from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
-from bench.common import cpu_count, log  # noqa: E402
+from bench.common import bench_parser, cpu_count, log  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.world import World  # noqa: E402
@@ -546,12 +546,7 @@ def transport_figure(default: str, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.throughput", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="only the JSON object on stdout (table on stderr)"
-    )
+    parser = bench_parser("bench.throughput", __doc__)
     parser.add_argument(
         "--seconds", type=float, default=15.0, help="measuring time per figure (default 15)"
     )

@@ -26,7 +26,6 @@ Needs ~1.5 GB of memory per region. Run Ray benches one at a time on a shared ma
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bench.common import bench_parser
 
 
 def run(regions_n: int, bake_s: float) -> dict[str, Any]:
@@ -101,10 +102,9 @@ def run(regions_n: int, bake_s: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.waves", __doc__, json_help="print the result as JSON")
     parser.add_argument("--regions", type=int, default=2, help="regions (clusters), 2 to 4")
     parser.add_argument("--bake-s", type=float, default=5.0, help="bake between waves")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--smoke", action="store_true", help="2 regions, 2 s bake")
     args = parser.parse_args(argv)
     if not 2 <= args.regions <= 4:

@@ -39,7 +39,7 @@ from typing import Any
 
 import ray
 
-from bench.common import cpu_count, log
+from bench.common import bench_parser, cpu_count, log
 from bench.localapp import ROOT, LocalApp  # before Ray starts: sets RAY_AUTH_MODE
 from bench.throughput import (
     APP,
@@ -137,12 +137,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.wrkload", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="only the JSON object on stdout (table on stderr)"
-    )
+    parser = bench_parser("bench.wrkload", __doc__)
     parser.add_argument(
         "--seconds", type=int, default=20, help="wrk -d per arm per round (default 20)"
     )
