@@ -124,6 +124,20 @@ def _screenshot(driver, artifacts: Path, name: str) -> Path:
     return path
 
 
+def _at_phone_width(browser, artifacts=None, screenshot: str | None = None) -> None:
+    """At 375 px the page must not scroll sideways (a screenshot there, if asked); the window
+    goes back to 1200x1500 after."""
+    browser.set_window_size(375, 800)
+    try:
+        _wait(browser, lambda d: d.execute_script("return window.innerWidth <= 375"), "375 px")
+        width = browser.execute_script("return document.scrollingElement.scrollWidth")
+        assert width <= 375, f"the page scrolls sideways at phone width: {width} px"
+        if screenshot is not None:
+            _screenshot(browser, artifacts, screenshot)
+    finally:
+        browser.set_window_size(1200, 1500)
+
+
 def _wait(driver, condition, message: str):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
@@ -275,14 +289,7 @@ def test_the_page_shows_the_canary_live(canary, browser, artifacts):
     path = _screenshot(browser, artifacts, "operator-page.png")
     assert path.stat().st_size > 10_000
 
-    browser.set_window_size(375, 800)
-    try:
-        _wait(browser, lambda d: d.execute_script("return window.innerWidth <= 375"), "375 px")
-        width = browser.execute_script("return document.scrollingElement.scrollWidth")
-        assert width <= 375, f"the page scrolls sideways at phone width: {width} px"
-        _screenshot(browser, artifacts, "operator-page-phone.png")
-    finally:
-        browser.set_window_size(1200, 1500)
+    _at_phone_width(browser, artifacts, "operator-page-phone.png")
 
 
 # Wraps the page's fetch: the status it reads gets these keys where the controller sent none
@@ -370,13 +377,7 @@ def test_the_page_draws_regions_notifications_and_the_lift_curve(canary, browser
     path = _screenshot(browser, artifacts, "operator-page-sections.png")
     assert path.stat().st_size > 10_000
 
-    browser.set_window_size(375, 800)
-    try:
-        _wait(browser, lambda d: d.execute_script("return window.innerWidth <= 375"), "375 px")
-        width = browser.execute_script("return document.scrollingElement.scrollWidth")
-        assert width <= 375, f"the page scrolls sideways at phone width: {width} px"
-    finally:
-        browser.set_window_size(1200, 1500)
+    _at_phone_width(browser)
     time.sleep(2)  # a redraw or two more at each width; anything thrown is in the console
     errors = _script_errors(browser)
     assert not errors, errors
