@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from typing import Any
 
@@ -74,7 +73,7 @@ from app.rollout.abtest import OutcomeKind, SequentialTest, horizon_tau, require
 from app.rollout.abtest.arms import _design_effect
 from app.rollout.abtest.sequential import COVARIATE_MOMENTS, _cuped
 from app.rollout.feedback import UNIT_CLUSTERS
-from bench.common import bench_parser, cpu_count, log
+from bench.common import bench_parser, log, machine
 
 BASELINE = 0.10
 MDE = 0.03  # relative
@@ -505,8 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "experiments": experiments,
         "seed": args.seed,
         "smoke": args.smoke,
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-        f"python {platform.python_version()}",  # fmt: skip
+        "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 2),
     }
     if not args.json:  # per-scenario details first; the JSON object is the last line

@@ -43,7 +43,6 @@ read, them). No environment variable is needed on this bench's cluster.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from bench.common import Background, bench_parser, cpu_count, log
+from bench.common import Background, bench_parser, log, machine
 from bench.localapp import APP, LocalApp  # sets RAY_AUTH_MODE before Ray is imported
 
 VERSION = "v1"
@@ -327,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "clients": {"before": LOW, "during": HIGH, "after": LOW},
         "phase_s": phase_s,
         "smoke": args.smoke,
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{cpu_count()} CPUs, python {platform.python_version()}",
+        "machine": machine(),
         "ray_version": ray.__version__,
         "wall_s": round(time.perf_counter() - started, 1),
     }

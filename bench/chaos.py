@@ -90,7 +90,6 @@ when a request failed outside a killed Router or the final phase is not the expe
 from __future__ import annotations
 
 import json
-import platform
 import random
 import re
 import sys
@@ -107,7 +106,7 @@ import ray  # noqa: E402
 
 from app import ray_compat  # noqa: E402
 from app.config import CONTROLLER_DEPLOYMENT, ROUTER_DEPLOYMENT  # noqa: E402
-from bench.common import bench_parser, cpu_count, log  # noqa: E402
+from bench.common import bench_parser, log, machine  # noqa: E402
 from bench.localapp import (  # noqa: E402 - sets RAY_AUTH_MODE first
     APP,
     ROOT,
@@ -624,8 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         "chaos_to_end_s": round(t_end - t0, 1),
         "chaos_errors": chaos.errors if chaos else [],
         "smoke": args.smoke,
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-        f"python {platform.python_version()}",  # fmt: skip
+        "machine": machine(),
         "ray_version": ray.__version__,
         "wall_s": round(time.perf_counter() - started, 1),
     }

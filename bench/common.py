@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -15,7 +16,7 @@ from tests.support.waiting import (
     free_port,  # one port picker for tests and benches (outside Ray's port ranges)
 )
 
-__all__ = ["Background", "bench_parser", "cpu_count", "free_port", "log", "shutdown"]
+__all__ = ["Background", "bench_parser", "cpu_count", "free_port", "log", "machine", "shutdown"]
 
 
 def log(message: str) -> None:
@@ -27,6 +28,12 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def machine() -> str:
+    """The machine a bench ran on, for its report: OS, kernel, architecture, CPUs, Python."""
+    return (f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
+            f"python {platform.python_version()}")  # fmt: skip
 
 
 def shutdown(*, serve_started: bool, ray_started: bool, tmp) -> None:

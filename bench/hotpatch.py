@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import ray  # noqa: E402
 
 from app.config import config_hash  # noqa: E402
 from app.rollout import RolloutPlan  # noqa: E402
-from bench.common import bench_parser, cpu_count, log  # noqa: E402
+from bench.common import bench_parser, log, machine  # noqa: E402
 from bench.localapp import APP, TICK_S, LocalApp, wait_for  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.rollback import Load  # noqa: E402
 from tests.support.waiting import handle_call  # noqa: E402
@@ -252,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "replicas_restarted_elsewhere": sum(r["replicas_restarted"] for r in results.values()),
         "requests_sent": load.sent if load else 0,
         "client_error_messages": (load.errors[:10] if load else []),
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-        f"python {platform.python_version()}",  # fmt: skip
+        "machine": machine(),
         "ray_version": ray.__version__,
         "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),

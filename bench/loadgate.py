@@ -78,7 +78,6 @@ part), or a part did not finish; a missed timing goal (`p99_step_ratio`, `scale_
 from __future__ import annotations
 
 import json
-import platform
 import random
 import sys
 import tempfile
@@ -92,7 +91,7 @@ import numpy as np
 from app.rollout import RolloutPlan
 from bench.autoscale import ADDED_LATENCY_MS as SCALER_LATENCY_MS
 from bench.autoscale import AUTOSCALING, Clients, ReplicaWatch, latency, scale_up
-from bench.common import Background, bench_parser, cpu_count, log
+from bench.common import Background, bench_parser, cpu_count, log, machine
 from bench.localapp import APP, TICK_S, LocalApp, with_user_configs
 
 STABLE, BAD, GOOD, SCALER, CAPACITY = "v1", "v2", "v3", "v4", "v5"
@@ -783,8 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         "user_clients": USERS,
         "quick": quick,
         "cores": cpu_count(),
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{cpu_count()} CPUs, python {platform.python_version()}",
+        "machine": machine(),
         "ray_version": ray.__version__,
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_parser, cpu_count, log
+from bench.common import bench_parser, log, machine
 from bench.load import LoadResult, closed_loop
 from bench.localapp import LocalApp, wait_for  # sets RAY_AUTH_MODE before Ray is imported
 
@@ -214,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({
         "failed_requests": failed, "first_error": first_error, "order": list(ORDER),
         "seconds_per_block": seconds, "microbatch_on": microbatch,
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, "
-                   f"{cpu_count()} CPUs, python {platform.python_version()}",
+        "machine": machine(),
         "smoke": args.smoke, "wall_s": round(time.perf_counter() - started, 1),
     })  # fmt: skip
     print(table(report), file=sys.stderr if args.json else sys.stdout, flush=True)

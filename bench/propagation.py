@@ -70,7 +70,6 @@ or the rollout did not succeed; flips are reported, not an exit status (the inte
 from __future__ import annotations
 
 import json
-import platform
 import random
 import sys
 import tempfile
@@ -86,7 +85,7 @@ import ray
 
 from app.constants import TRAFFIC_GENERATION_HEADER
 from app.serving.buckets import BucketMap, bucket_of
-from bench.common import bench_parser, cpu_count, log
+from bench.common import bench_parser, log, machine
 from bench.localapp import APP, TICK_S, LocalApp, serve_config, wait_for, with_user_configs
 from tests.support import loadgen
 
@@ -669,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
         "smoke": args.smoke,
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-        f"python {platform.python_version()}",  # fmt: skip
+        "machine": machine(),
         "ray_version": ray.__version__,
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -94,7 +93,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from app.rollout import RolloutPlan  # noqa: E402
-from bench.common import bench_parser, cpu_count, log  # noqa: E402
+from bench.common import bench_parser, log, machine  # noqa: E402
 from bench.localapp import APP, TICK_S, LocalApp, serve_config, wait_for, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.propagation import ReplicaProbes  # noqa: E402
 from tests.support import loadgen  # noqa: E402
@@ -678,8 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "fallbacks": load.fallbacks,
         "replicas_restarted": replicas_before != replicas_after,
         "smoke": args.smoke,
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-        f"python {platform.python_version()}",  # fmt: skip
+        "machine": machine(),
         "ray_version": ray.__version__,
         "wall_s": round(time.perf_counter() - started, 1),
         # Where the time went (medians over the trials) and the controller's loop meanwhile.

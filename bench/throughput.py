@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -79,7 +78,7 @@ import yaml  # noqa: E402
 from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
 from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
-from bench.common import bench_parser, cpu_count, log  # noqa: E402
+from bench.common import bench_parser, log, machine  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.world import World  # noqa: E402
@@ -773,8 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             "app_env": args.app_env,
             "app_logging": args.app_logging,
         },  # fmt: skip
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-        f"python {platform.python_version()}",  # fmt: skip
+        "machine": machine(),
         "ray_version": ray.__version__,
         "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Any
 
 import ray
 
-from bench.common import bench_parser, cpu_count, log
+from bench.common import bench_parser, cpu_count, log, machine
 from bench.localapp import ROOT, LocalApp  # before Ray starts: sets RAY_AUTH_MODE
 from bench.throughput import (
     APP,
@@ -239,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         },  # fmt: skip
         "wrk": wrk_version.splitlines()[0].strip() if wrk_version else "wrk",
         "cores": cpu_count(),
-        "machine": f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_count()} CPUs, "
-        f"python {platform.python_version()}",  # fmt: skip
+        "machine": machine(),
         "ray_version": ray.__version__,
         "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),

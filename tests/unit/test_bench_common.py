@@ -33,3 +33,12 @@ def test_background_runs_each_thread_until_the_block_ends():
         assert all(t.is_alive() for t in counter.threads)
     assert counter.stop.is_set() and counter.seen == {0, 1, 2}
     assert not any(t.is_alive() for t in counter.threads)
+
+
+def test_machine_names_the_os_cpus_and_python():
+    import platform
+
+    from bench.common import cpu_count, machine
+
+    assert machine() == (f"{platform.system()} {platform.release()} {platform.machine()}, "
+                         f"{cpu_count()} CPUs, python {platform.python_version()}")  # fmt: skip
