@@ -7,6 +7,13 @@ The redis-server (Debian package `redis-server`; .ci/run installs it) listens on
 loopback port with a password, keeps nothing on disk, and is killed with the cluster, also when
 a test fails. `HEADLOSS_WITHOUT_REDIS=1` starts the head without it (GCS tables in memory
 only), the control that shows what the test catches.
+
+The head's own processes get the first CPU and Ray's workers (replicas, proxies) the others
+(`CpuSplit`), as on a production cluster, whose head runs no replica (`CPU: 0` in cluster/*.yaml
+and the RayService). While the GCS is down, the dashboard's head modules and a driver spin on
+their reconnect loops (30-70% of a core each, measured with top); on one 2-core machine shared
+by everything, that starved the replicas (which Ray starts at nice 15) and requests took 2-3 s.
+`HEADLOSS_SHARED_CPUS=1` leaves every process on every CPU, the control that shows it.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,11 +82,92 @@ class Redis:
             self.process.wait(timeout=10)
 
 
+class CpuSplit:
+    """Pins the processes this test started (its descendants, and itself) as a cluster's
+    machines would split them: the head's processes (GCS, raylet, dashboard and its agents,
+    Redis, the Serve controller, this driver and its clients) on the first CPU, Ray's workers
+    (replicas, proxies, idle workers) on the others. A thread repeats it every `interval_s`,
+    since Ray starts workers and threads at any time; every thread of a process is pinned."""
+
+    HEAD_ACTORS = ("ServeController", "DashboardAgent", "RuntimeEnvAgent")
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        self.head_cpus, self.worker_cpus = {cpus[0]}, set(cpus[1:])
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+        self.pinned: dict[str, int] = {"head": 0, "worker": 0}  # processes, last pass
+        self.thread = threading.Thread(target=self._run, name="cpu-split", daemon=True)
+
+    @property
+    def possible(self) -> bool:
+        return bool(self.worker_cpus)
+
+    def __enter__(self) -> CpuSplit:
+        if self.possible:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.pin_once()
+            self.stop.wait(self.interval_s)
+
+    def pin_once(self) -> None:
+        parents: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:  # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces
+                    stat = Path(entry.path, "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue  # exited meanwhile
+        root = os.getpid()
+        ours, frontier = {root}, [root]
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parents.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in ours:
+                    ours.add(child)
+                    frontier.append(child)
+        counts = {"head": 0, "worker": 0}
+        for pid in ours:
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            except (OSError, UnicodeDecodeError):
+                continue
+            worker = command.startswith("ray::") and not any(
+                name in command for name in self.HEAD_ACTORS
+            )
+            cpus = self.worker_cpus if worker else self.head_cpus
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    os.sched_setaffinity(int(tid), cpus)
+                except OSError:  # the thread ended meanwhile
+                    pass
+            counts["worker" if worker else "head"] += 1
+        self.pinned = counts
+
+
 class HeadLoss:
     """The cluster (`ray.cluster_utils.Cluster`, one head node), its ports and its Redis."""
 
-    def __init__(self, cluster: Any, redis: Redis, http_port: int, dashboard_port: int) -> None:
+    def __init__(
+        self, cluster: Any, redis: Redis, http_port: int, dashboard_port: int, split: CpuSplit
+    ) -> None:
         self.cluster = cluster
+        self.split = split
         self.redis = redis
         self.http_port = http_port
         self.dashboard_port = dashboard_port
@@ -145,8 +234,12 @@ def headloss(tmp_path_factory):
             lambda: httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code == 200,
             timeout_s=60, message="Ray dashboard",
         )  # fmt: skip
-        nodes = HeadLoss(cluster, redis, http_port, dashboard_port)
-        yield nodes
+        split = CpuSplit()
+        if os.environ.get("HEADLOSS_SHARED_CPUS"):  # the control: everything on every CPU
+            split.worker_cpus = set()
+        with split:
+            nodes = HeadLoss(cluster, redis, http_port, dashboard_port, split)
+            yield nodes
     finally:
         try:
             if cluster is not None:

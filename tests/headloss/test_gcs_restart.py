@@ -166,6 +166,12 @@ def test_gcs_killed_mid_rollout_comes_back_from_redis(app):
     report = {
         "gcs_down_s": round(restarted_at - killed_at, 2),
         "gcs_restart_to_controller_stored_s": round(resumed_at - restarted_at, 2),
+        # Where the processes ran (conftest.CpuSplit): head processes apart from the workers,
+        # or every process on every CPU (HEADLOSS_SHARED_CPUS=1).
+        "cpus": ({"head": sorted(headloss.split.head_cpus),
+                  "workers": sorted(headloss.split.worker_cpus),
+                  "processes_pinned": headloss.split.pinned}
+                 if headloss.split.possible else "shared"),
         "requests": windows,
         "requests_total": load.sent, "failed_total": len(load.errors),
         "status_while_down": statuses_while_down,
