@@ -67,7 +67,7 @@ from app.errors import (
     Unavailable,
     http_status,
 )
-from app.messages import FeedbackHint, ServedAnswer
+from app.messages import ServedAnswer
 from app.observability.access_log import (
     ACCESS_MESSAGE,
     access_record,
@@ -722,26 +722,15 @@ class Router:
                 f"(burst {self.settings.feedback_burst}); this batch has {len(items)}",
                 retry_after_s=wait_s,
             )
-        now = time.time()
-        # What this replica knows of each id: who answered, when, how it was chosen, and which
-        # outcomes it already saw counted (so a controller that lost its record, after a
-        # restart, still counts a repeat once).
-        hints: dict[str, FeedbackHint] = {}
-        for item in items:
-            entry = self.recent.entry(item.request_id, now)
-            if entry is not None:
-                counted = self.recent.counted_outcomes(item.request_id)
-                hints[item.request_id] = FeedbackHint(
-                    *entry, counted, self.recent.unit(item.request_id)
-                )
+        # What this replica knows of each id (RequestLedger.hints), so that a controller that
+        # lost its record, after a restart, still counts a repeat once.
+        hints = self.recent.hints([item.request_id for item in items], time.time())
         payload = [{**item.to_dict(), "kind": item.kind.value} for item in items]
         # Its wall clock now: the controller moves the hints' times onto its own (F16).
         results: list[dict[str, Any]] = await self._ask_controller(
             "feedback", payload, hints, time.time()
         )
-        for item, result in zip(items, results):
-            if result.get("counted") and item.request_id in self.recent:
-                self.recent.first_count(item.request_id, item.outcome)
+        self.recent.remember([(item.request_id, item.outcome) for item in items], results)
         if batch:
             n_counted = sum(1 for r in results if r.get("counted"))
             return JSONResponse({"counted": n_counted, "results": results})

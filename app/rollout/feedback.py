@@ -60,6 +60,7 @@ from pydantic import Field
 
 from app.config import NAME_PATTERN, StrictModel
 from app.errors import Gone, InvalidInput, ModelNotFound, ServingError, http_status
+from app.messages import FeedbackHint
 from app.rollout.abtest import (
     COVARIATE_MOMENTS,
     MAX_ABS_OUTCOME,
@@ -304,6 +305,27 @@ class RequestLedger:
         """Record outcomes counted elsewhere (a router's memory, after this ledger lost it)."""
         for outcome in outcomes:
             self.first_count(request_id, outcome)
+
+    def hints(self, request_ids: Iterable[str], now: float) -> dict[str, FeedbackHint]:
+        """A router's side of a feedback forward: what this ledger knows of each id (who
+        answered, when, how it was chosen, the outcomes it saw taken, the unit), so a
+        controller that lost its own record (a restart) still judges the id, and a repeat once."""
+        hints: dict[str, FeedbackHint] = {}
+        for request_id in request_ids:
+            entry = self.entry(request_id, now)
+            if entry is not None:
+                hints[request_id] = FeedbackHint(
+                    *entry, self.counted_outcomes(request_id), self.unit(request_id)
+                )
+        return hints
+
+    def remember(self, outcomes: Iterable[tuple[str, str]],
+                 results: Iterable[Mapping[str, Any]]) -> None:  # fmt: skip
+        """After the controller answered a forward: mark each (request id, outcome) it took
+        (`taken`: counted, kept in the pre-period, or a duplicate), for the next `hints`."""
+        for (request_id, outcome), result in zip(outcomes, results):
+            if taken(result) and request_id in self:
+                self.first_count(request_id, outcome)
 
     def first_count(self, request_id: str, outcome: str) -> bool:
         """Mark `outcome` counted for `request_id`; False if it already was (a duplicate)."""
@@ -656,6 +678,14 @@ class PrePeriodBook:
         return book
 
 
+def taken(result: Mapping[str, Any]) -> bool:
+    """Whether a router that forwarded an item should remember its (request id, outcome) as
+    taken, so that the hint it sends with a repeat says so (FeedbackHint's counted outcomes):
+    counted in an arm, kept in the CUPED pre-period book, or a duplicate of either. A
+    restarted controller has only the router's hint to keep that repeat out of its books."""
+    return bool(result.get("counted") or result.get("pre_period") or result.get("duplicate"))
+
+
 def rebase(now: float, sent_at: float | None) -> float:
     """What to add to a time stamped by another process's wall clock (a router's) to put it
     on this one's: `now - sent_at`, where `sent_at` is that clock when the message left, so
@@ -786,9 +816,11 @@ class FeedbackDesk:
         if excluded is not None:
             self.counts["excluded"] += 1
             randomised = decision is None or decision in RANDOMISED_DECISIONS
+            result: dict[str, Any] = {"version": version, "counted": False}
             if randomised and self._keep_pre_period(item, version, answered_at, now, True):
                 excluded += " (kept in the pre-period for the next rollout's CUPED)"
-            return {"version": version, "counted": False, "excluded": excluded}
+                result["pre_period"] = True  # the router remembers it as taken (`taken`)
+            return {**result, "excluded": excluded}
         if self.ledger.first_count(item.request_id, item.outcome):
             self.book.add(item, version, self.ledger.unit(item.request_id))
             self._keep_pre_period(item, version, answered_at, now, False)

@@ -285,6 +285,11 @@ class FeedbackResult(_Model):
         description="Why an accepted outcome is not in an A/B arm (a pinned or fallback "
         "answer, or one from before the current experiment).",
     )
+    pre_period: bool | None = Field(
+        default=None,
+        description="An excluded outcome from before the current experiment that was kept "
+        "for the next rollout's CUPED pre-period (feedback.pre_period_s set).",
+    )
     status: int | None = Field(
         default=None, description="In a batch: the HTTP status this item alone would get."
     )

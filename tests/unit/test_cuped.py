@@ -20,7 +20,14 @@ from app.rollout.abtest import (
     SequentialTest,
     Verdict,
 )
-from app.rollout.feedback import FeedbackDesk, FeedbackSettings, PrePeriodBook, unit_cluster
+from app.rollout.feedback import (
+    FeedbackDesk,
+    FeedbackSettings,
+    PrePeriodBook,
+    RequestLedger,
+    taken,
+    unit_cluster,
+)
 from app.rollout.plan import ControllerUserConfig, Gates
 
 START = 10_000.0  # the rollout (experiment) starts here
@@ -76,6 +83,37 @@ def test_the_pre_period_keeps_keyed_randomised_outcomes_and_freezes_the_stable_o
     assert desk.book.arms == {}  # nothing in an arm
     assert desk.book.covariates["click"]["ub"] == [0.0, 1.0, []]
     assert desk.pre_period.freeze(START + 10, 600.0, STABLE)["click"]["ub"][:2] == [1.0, 2.0]
+
+
+def test_a_repeat_of_pre_period_feedback_after_a_controller_restart_is_kept_once():
+    """The router remembers what the controller kept in the pre-period (RequestLedger.remember,
+    `taken`) and says so in its hint, so a restarted controller, whose own ledger is gone,
+    keeps a repeat out of the pre-period book, as it does for an outcome counted in an arm.
+    Before, only `counted` answers were remembered and the repeat was kept twice."""
+    desk = _desk(pre_period_s=3_600.0)
+    desk.reset(now=START, stable=STABLE)  # a rollout runs; answers from before it are excluded
+    router = RequestLedger(max_entries=1000, ttl_s=3600)
+    answer = ("p1", STABLE, START - 100.0, "sticky", "ua")
+    router.record(answer[0], answer[1], answer[2], START - 100.0, answer[3], answer[4])
+    desk.record_served([answer], now=START - 99.0)
+
+    def forward(to: FeedbackDesk, now: float) -> dict:
+        (result,) = to.count([_item("p1")], router.hints(["p1"], now), now=now)
+        router.remember([("p1", "click")], [result])
+        return result
+
+    first = forward(desk, START + 10.0)
+    assert first["counted"] is False and first["pre_period"] is True and taken(first)
+    assert "kept in the pre-period" in first["excluded"]
+    kept = desk.pre_period.to_dict()["units"]
+    assert [u[0] for u in kept] == ["ua"] and kept[0][2]["click"][STABLE] == [1.0, 1.0]
+
+    restarted = _desk(pre_period_s=3_600.0)
+    restarted.restore(json.loads(json.dumps(desk.to_dict())))
+    again = forward(restarted, START + 20.0)
+    assert again["counted"] is False and "pre_period" not in again, again
+    assert restarted.pre_period.to_dict()["units"][0][2]["click"][STABLE] == [1.0, 1.0]
+    assert taken({"duplicate": True}) and not taken({"counted": False, "excluded": "pinned"})
 
 
 def test_without_a_pre_period_nothing_is_kept_and_arms_carry_no_covariates():

@@ -107,15 +107,19 @@ def test_feedback_results_match_their_models():
     status popped (router.feedback), or the batch envelope."""
     from app.rollout.feedback import FeedbackDesk
 
-    desk = FeedbackDesk(["v1", "v2"])
-    desk.reset(now=100.0)
+    from app.rollout.feedback import FeedbackSettings
+
+    desk = FeedbackDesk(["v1", "v2"], FeedbackSettings(pre_period_s=600.0))
+    desk.record_served([("old", "v1", 99.0, "sticky", "u1")], now=99.0)
+    desk.reset(now=100.0, stable="v1")
     desk.record_served([("a", "v2", 101.0, "weighted"), ("p", "v1", 101.0, "pinned")], now=101.0)
     items = [
         {"request_id": rid, "outcome": "click", "value": True, "kind": "binary"}
-        for rid in ("a", "a", "p", "nope")
+        for rid in ("a", "a", "p", "nope", "old")
     ]
     results = desk.count(items, {}, now=102.0)
-    assert {"counted", "duplicate", "excluded", "status"} <= {k for r in results for k in r}
+    keys = {k for r in results for k in r}
+    assert {"counted", "duplicate", "excluded", "status", "pre_period"} <= keys
     for result in results:
         if "status" not in result:
             openapi.FeedbackResult.model_validate(result)
