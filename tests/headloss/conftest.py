@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.waiting import free_port, serve_deploy, wait_for_condition
+from tests.support.waiting import free_port, serve_deploy, throwaway_serving, wait_for_condition
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -86,7 +86,7 @@ class CpuSplit:
     """Pins the processes this test started (its descendants, and itself) as a cluster's
     machines would split them: the head's processes (GCS, raylet, dashboard and its agents,
     Redis, the Serve controller, this driver and its clients) on the first CPU, Ray's workers
-    (replicas, proxies, idle workers) on the others. A thread repeats it every `interval_s`,
+    (replicas, proxies, HAProxy, idle workers) on the others. A thread repeats it every `interval_s`,
     since Ray starts workers and threads at any time; every thread of a process is pinned."""
 
     HEAD_ACTORS = ("ServeController", "DashboardAgent", "RuntimeEnvAgent")
@@ -143,7 +143,8 @@ class CpuSplit:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
             except (OSError, UnicodeDecodeError):
                 continue
-            worker = command.startswith("ray::") and not any(
+            # HAProxy (Serve runs one per node, in front of the replicas) serves with them.
+            worker = (command.startswith("ray::") or Path(command).name == "haproxy") and not any(
                 name in command for name in self.HEAD_ACTORS
             )
             cpus = self.worker_cpus if worker else self.head_cpus
@@ -203,9 +204,18 @@ def headloss(tmp_path_factory):
     if ray.is_initialized():
         pytest.fail("tests/headloss needs its own pytest process (make test runs it apart)")
     redis = Redis(tmp_path_factory.mktemp("redis"))
+    # Served as the project serves (app/ops/serving_mode.py): HAProxy on the HTTP port in front
+    # of the Router's own server, with this cluster's own HAProxy files and ports; read by
+    # Serve's controller and HAProxy manager, which the head's raylet starts.
+    # HEADLOSS_SERVING=proxy: behind Serve's Python proxy instead.
+    haproxy_state, _, serving = throwaway_serving()
+    if os.environ.get("HEADLOSS_SERVING", "haproxy") == "proxy":
+        serving = {}
     # What `ray start --head` reads on a production head (cluster/*.yaml): the GCS stores its
     # tables in this Redis, under a namespace of the cluster's own.
-    saved = {k: os.environ.get(k) for k in ("RAY_REDIS_ADDRESS", "RAY_external_storage_namespace")}
+    saved = {k: os.environ.get(k)
+             for k in ("RAY_REDIS_ADDRESS", "RAY_external_storage_namespace", *serving)}  # fmt: skip
+    os.environ.update(serving)
     if not os.environ.get("HEADLOSS_WITHOUT_REDIS"):  # the control: a GCS that keeps nothing
         os.environ["RAY_REDIS_ADDRESS"] = redis.address
         os.environ["RAY_external_storage_namespace"] = STORAGE_NAMESPACE
@@ -253,6 +263,7 @@ def headloss(tmp_path_factory):
                     cluster.shutdown()
         finally:
             redis.stop()
+            shutil.rmtree(haproxy_state, ignore_errors=True)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
