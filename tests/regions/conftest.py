@@ -31,7 +31,7 @@ from app.ops.overlay import load_overlay, render
 from tests.support.loadgen import Load
 from tests.support.serving import infer_body, serve_config
 from tests.support.tiny_models import build_tiny_bert, write_model_config
-from tests.support.waiting import free_port, serve_deploy, wait_for_condition
+from tests.support.waiting import free_port, serve_deploy, throwaway_serving, wait_for_condition
 
 BIN = Path(sys.executable).parent
 MARKER = "RAY_ROLLOUT_REGION_TEST"
@@ -65,9 +65,15 @@ class RayRegion:
         self.temp_dir = Path(f"/tmp/rr-{name}-{self.marker[:6]}")  # short: socket path limits
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        # Served as the project serves (app/ops/serving_mode.py): HAProxy on the region's HTTP
+        # port in front of the Router's own server, with HAProxy files and ports of its own
+        # (REGIONS_SERVING=proxy: behind Serve's Python proxy instead).
+        self.haproxy_state, _, self.serving = throwaway_serving()
+        if os.environ.get("REGIONS_SERVING", "haproxy") == "proxy":
+            self.serving = {}
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, MARKER: self.marker, "RAY_AUTH_MODE": "disabled",
+        return {**os.environ, **self.serving, MARKER: self.marker, "RAY_AUTH_MODE": "disabled",
                 "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
 
     def start(self) -> None:
@@ -126,7 +132,7 @@ class RayRegion:
         for pid in _marked_pids(self.marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
+        subprocess.run(["rm", "-rf", str(self.temp_dir), str(self.haproxy_state)], check=False)
 
 
 @pytest.fixture(scope="session")
