@@ -8,13 +8,19 @@ fixture calls `ray.init` for a single-node cluster, and one process can join onl
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.waiting import free_port, serve_deploy, wait_for_condition  # noqa: F401 - re-exported
+from tests.support.waiting import (  # noqa: F401 - re-exported
+    free_port,
+    serve_deploy,
+    throwaway_serving,
+    wait_for_condition,
+)
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -59,6 +65,14 @@ def multinode():
     if ray.is_initialized():
         pytest.fail("tests/multinode needs its own pytest process (make test runs it apart)")
     dashboard_port, http_port = free_port(), free_port()
+    # Served as the project serves (app/ops/serving_mode.py): HAProxy on the HTTP port in front
+    # of the Routers' own servers, with HAProxy files and ports of its own; every node's raylet
+    # reads them (MULTINODE_SERVING=proxy: behind Serve's Python proxy instead).
+    haproxy_state, _, serving = throwaway_serving()
+    if os.environ.get("MULTINODE_SERVING", "haproxy") == "proxy":
+        serving = {}
+    saved = {key: os.environ.get(key) for key in serving}
+    os.environ.update(serving)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -79,7 +93,8 @@ def multinode():
             log_to_driver=False,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
         )
-        # One proxy, on the head: proxies on several "nodes" of one machine would share a port.
+        # One proxy (HAProxy), on the head: proxies on several "nodes" of one machine would
+        # share a port.
         serve.start(
             proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port}
         )
@@ -94,3 +109,9 @@ def multinode():
         finally:
             ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(haproxy_state, ignore_errors=True)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
