@@ -105,9 +105,7 @@ def test_feedback_bodies_valid_for_the_model_are_valid_for_the_parser(body):
 def test_feedback_results_match_their_models():
     """Results as the controller's desk makes them and the router sends them: one item with its
     status popped (router.feedback), or the batch envelope."""
-    from app.rollout.feedback import FeedbackDesk
-
-    from app.rollout.feedback import FeedbackSettings
+    from app.rollout.feedback import FeedbackDesk, FeedbackSettings
 
     desk = FeedbackDesk(["v1", "v2"], FeedbackSettings(pre_period_s=600.0))
     desk.record_served([("old", "v1", 99.0, "sticky", "u1")], now=99.0)
