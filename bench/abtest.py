@@ -2,6 +2,7 @@
 
     cd /work/main && .venv/bin/python -m bench.abtest [--json] [--experiments N] [--smoke]
                                                       [--skip-correlated] [--pre-period X]
+                                                      [--variants NAME,NAME]
 
 Simulates A/B experiments on a 10% baseline conversion rate, with no Ray: per-look counts from
 a seeded numpy Generator, run through `app.rollout.abtest.SequentialTest.evaluate_paths` (the
@@ -36,7 +37,13 @@ Tests (`variant_tests`), each run on the same data, each fixed before any data:
 * separate: the same with tau = horizon_tau(...) = 1.95%, the tau whose boundary is lowest at
   the cap (computed from the baseline and the cap alone);
 * separate_stop_10: separate, with a false stop allowed 10% of the time (a false promotion
-  still 5%).
+  still 5%);
+* horizon_shared, horizon_separate, horizon_separate_stop_10: the same three error
+  allocations (alpha 5% two-sided; 5% per direction; 5% promote and 10% stop) with boundary
+  horizon, horizon_samples_per_arm = the cap: valid for any number of looks up to the cap,
+  the test ends there; horizon_separate_promote_2_5: a promotion at 2.5%, a stop at 5%
+  (added after the first horizon runs, see docs/benchmarks.md).
+`--variants name,name` runs a subset (`shared` always runs: the top-level keys are its).
 Relative lift, min_samples_per_arm 1000; the decision is the always-valid interval against 0
 (`Verdict.decision`, i.e. `improvement(0)` and `non_inferiority(0)`), taken at the first look
 that decides.
@@ -89,6 +96,9 @@ ACTIVITY_SHAPE = 1.0
 RATE_BETA = (1.0, 9.0)
 CORRELATED = {"correlated_aa": 0.0, "correlated_lift": MDE, "correlated_drop": -MDE}
 STOP_ALPHA = 0.10  # the separate_stop_10 variant's chance of a false stop
+# horizon_separate_promote_2_5: a false promotion at the shared test's 2.5% a side, a false
+# stop at 5% (its lower bound is horizon_shared's, its upper one horizon_separate's)
+PROMOTE_ALPHA = 0.025
 
 
 def max_samples_per_arm() -> int:
@@ -213,23 +223,45 @@ def naive_peeking_promotions(candidate, control) -> float:
     return round(float(np.mean((z > Z95).any(axis=1))), 4)
 
 
-def variant_tests() -> dict[str, SequentialTest]:
+def variant_tests(names: list[str] | None = None) -> dict[str, SequentialTest]:
     """The tests the bench compares, each fixed before any data: `shared` is today's default
     (alpha 5% two-sided, tau = mde); `separate` a one-sided test per direction, alpha 5% each,
     with tau = mde and with the tau whose boundary is lowest at the cap (`horizon_tau`, from
     the baseline and the cap alone); `separate_stop_10` the same with a false stop allowed
-    twice as often as a false promotion (a stop only delays a rollout)."""
+    twice as often as a false promotion (a stop only delays a rollout); `horizon_*` those
+    three allocations with the horizon boundary at the cap, and one promoting at 2.5% and
+    stopping at 5%. `names`: a subset (`shared`
+    always kept); ValueError on an unknown name."""
     common: dict[str, Any] = {"scale": "relative", "mde": MDE, "min_samples_per_arm": MIN_SAMPLES}
     tau = round(horizon_tau(math.sqrt(BASELINE * (1 - BASELINE)), max_samples_per_arm(),
                             ALPHA, "separate", mean=BASELINE), 4)  # fmt: skip
-    return {
+    horizon: dict[str, Any] = {
+        **common,
+        "boundary": "horizon",
+        "horizon_samples_per_arm": max_samples_per_arm(),
+    }
+    tests = {
         "shared": SequentialTest(alpha=ALPHA, **common),
         "separate_tau_mde": SequentialTest(alpha=ALPHA, directions="separate", **common),
         "separate": SequentialTest(alpha=ALPHA, directions="separate", tau=tau, **common),
         "separate_stop_10": SequentialTest(
             alpha=ALPHA, directions="separate", stop_alpha=STOP_ALPHA, tau=tau, **common
         ),
+        "horizon_shared": SequentialTest(alpha=ALPHA, **horizon),
+        "horizon_separate": SequentialTest(alpha=ALPHA, directions="separate", **horizon),
+        "horizon_separate_stop_10": SequentialTest(
+            alpha=ALPHA, directions="separate", stop_alpha=STOP_ALPHA, **horizon
+        ),
+        "horizon_separate_promote_2_5": SequentialTest(
+            alpha=PROMOTE_ALPHA, directions="separate", stop_alpha=ALPHA, **horizon
+        ),
     }
+    if names is None:
+        return tests
+    unknown = sorted(set(names) - set(tests))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}: the bench has {sorted(tests)}")
+    return {name: test for name, test in tests.items() if name == "shared" or name in names}
 
 
 def _calls(code: np.ndarray, index: np.ndarray) -> dict[str, Any]:
@@ -372,6 +404,8 @@ def _describe(test: SequentialTest) -> dict[str, Any]:
         "alpha": test.alpha,
         "stop_alpha": test.effective_stop_alpha,
         "tau": test.effective_tau,
+        "boundary": test.boundary,
+        "horizon_samples_per_arm": test.horizon_samples_per_arm,
     }
 
 
@@ -449,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pre-period", type=float, default=1.0,
                         help="CUPED pre-period, in lengths of the experiment at the cap "
                              "(default 1; 0: no CUPED)")  # fmt: skip
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated tests to run (default all; shared always runs): "
+                             + ", ".join(variant_tests()))  # fmt: skip
     args = parser.parse_args(argv)
     experiments = args.experiments or (30 if args.smoke else 2000)
     if experiments < 1:
@@ -456,8 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pre_period < 0:
         parser.error(f"--pre-period ({args.pre_period}) must be at least 0")
 
+    names = None if args.variants is None else [n for n in args.variants.split(",") if n]
+    try:
+        tests = variant_tests(names)
+    except ValueError as exc:
+        parser.error(str(exc))
     started = time.perf_counter()
-    tests = variant_tests()
     test = tests["shared"]
     max_samples = max_samples_per_arm()
     looks = max_samples // PEEK_EVERY

@@ -274,14 +274,20 @@ def _lift_reason(
             f"x{verdict.cuped_variance_factor:.3g}"
         )
     mc, ms = verdict.candidate_mean, verdict.control_mean
-    interval = f"{level:.0%} always-valid interval"
+    kind = "always-valid" if verdict.boundary == "mixture" else "horizon-bounded"
+    interval = f"{level:.0%} {kind} interval"
     if verdict.stop_alpha is not None:  # one-sided bounds, each at its own level
-        interval = f"always-valid bounds ({level:.0%} lower, {1 - verdict.stop_alpha:.0%} upper)"
+        interval = f"{kind} bounds ({level:.0%} lower, {1 - verdict.stop_alpha:.0%} upper)"
+    horizon = ""
+    if verdict.information_time is not None:
+        horizon = f", t={verdict.information_time:.2f} of {verdict.horizon_samples_per_arm}/arm"
+        if verdict.ended and conclusion is Conclusion.NOT_YET_KNOWN:
+            said += " (the test reached its horizon and ended without a call)"
     return (
         f"{outcome}: lift {_on_scale(verdict.lift, verdict.scale)}, "
         f"{interval} [{_on_scale(verdict.low, verdict.scale)}, "
         f"{_on_scale(verdict.high, verdict.scale)}]; candidate {mc:.4g} (n={verdict.candidate_samples}), "
-        f"stable {ms:.4g} (n={verdict.control_samples}){cuped}: {said}"
+        f"stable {ms:.4g} (n={verdict.control_samples}){horizon}{cuped}: {said}"
     )
 
 
@@ -347,6 +353,11 @@ def evaluate_lift_gates(
             "cuped": gate.cuped,
             "cuped_theta": verdict.cuped_theta,
             "cuped_variance_factor": verdict.cuped_variance_factor,
+            # horizon: the cap, how far the test is towards it (n_eff / N) and whether it ended
+            "boundary": verdict.boundary,
+            "horizon_samples_per_arm": verdict.horizon_samples_per_arm,
+            "information_time": verdict.information_time,
+            "ended": verdict.ended,
             "candidate": {"n": cand.n, "mean": cand.mean},
             "stable": {"n": base.n, "mean": base.mean},
         }

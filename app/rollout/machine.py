@@ -652,11 +652,13 @@ def _capacity_short(state: RolloutState, capacity: StepCapacity | None) -> StepC
 
 def _lift_wait_s(gates: Gates, undecided: list[GateVerdict]) -> float:
     """How much longer than its duration an analysis may hold for `undecided` gates: the
-    smallest max_wait_s among them, 0 if any is not a lift gate."""
+    smallest max_wait_s among them, 0 if any is not a lift gate or is a horizon test that
+    has ended (no later look can decide it)."""
     waits = []
     for verdict in undecided:
         gate = getattr(gates, verdict.gate, None) if verdict.gate in LIFT_GATES else None
-        waits.append(gate.max_wait_s if gate is not None else 0.0)
+        ended = bool(verdict.detail.get("ended"))
+        waits.append(gate.max_wait_s if gate is not None and not ended else 0.0)
     return min(waits, default=0.0)
 
 

@@ -556,7 +556,10 @@ def test_bench_smoke(capsys):
     assert correlated["unit_clusters"] == 256 and correlated["users_per_arm"] == 20_000
     # Each test the bench compares, with Monte-Carlo standard errors; CUPED on correlated users.
     variants = report["variants"]
-    assert set(variants) == {"shared", "separate_tau_mde", "separate", "separate_stop_10"}
+    assert set(variants) == {"shared", "separate_tau_mde", "separate", "separate_stop_10",
+                             "horizon_shared", "horizon_separate", "horizon_separate_stop_10",
+                             "horizon_separate_promote_2_5"}  # fmt: skip
+    assert variants["horizon_separate"]["horizon_samples_per_arm"] == 318_500
     assert variants["shared"]["aa_false_promotion_rate"] == report["aa_false_promotion_rate"]
     assert variants["separate_stop_10"]["stop_alpha"] == 0.1
     assert set(variants["separate"]["standard_error"]) == {

@@ -126,6 +126,25 @@ def test_an_undecided_lift_gate_holds_the_analysis_up_to_max_wait_then_pauses():
     assert held == pytest.approx(8.0, abs=TICK)
 
 
+def test_a_horizon_test_that_ended_undecided_does_not_hold_the_analysis_for_max_wait():
+    # A/A under a horizon of 300 outcomes per arm (n_eff, the arms' harmonic mean, reaches it
+    # at ~4.2 s at 10%): the test ends undecided before the 5 s analysis is up, so waiting
+    # max_wait_s (600 s) for it to decide is pointless; the analysis is inconclusive at 5 s.
+    gate = {**IMPROVE, "min_samples_per_arm": 50, "max_wait_s": 600, "boundary": "horizon",
+            "horizon_samples_per_arm": 300}  # fmt: skip
+    state = RolloutState.start(plan({"improvement": gate}), T0)
+    state, decisions = run(state, Feedback(0.2, 0.2, rate_per_s=400), 60)
+    assert state.phase is Phase.PAUSED, state.history[-1].reason
+    inconclusive = state.history[-1]
+    assert "analysis inconclusive" in inconclusive.reason
+    assert inconclusive.time_s - state.step_started_at == pytest.approx(5.0, abs=TICK)
+    lift = [v for v in decisions[-1].verdicts if v.gate == "improvement"][0]
+    assert lift.detail["ended"] is True and lift.detail["information_time"] == 1.0
+    assert lift.detail["boundary"] == "horizon" and lift.detail["horizon_samples_per_arm"] == 300
+    assert "95% horizon-bounded interval" in lift.reason and "t=1.00 of 300/arm" in lift.reason
+    assert "reached its horizon and ended without a call" in lift.reason
+
+
 def test_without_max_wait_an_undecided_lift_gate_makes_the_analysis_inconclusive_at_once():
     state = RolloutState.start(plan({"improvement": IMPROVE}), T0)
     state, _ = run(state, Feedback(0.2, 0.2, rate_per_s=400), 60)

@@ -13,7 +13,8 @@ decides whether the candidate is better, worse, or not yet known, and may be ask
     difference_interval(c, s, level, scale) absolute gap (Newcombe / Welch) or relative lift
                                             (delta method); fixed-horizon, NOT safe to peek at
     SequentialTest.evaluate(c, s, previous) mixture SPRT: always-valid p-value and confidence
-                                            sequence; safe to look at every tick
+                                            sequence; safe to look at every tick (boundary
+                                            horizon: valid up to a declared cap, ends there)
     Verdict.improvement(min_lift)           better / worse / not_yet_known against a bar
     Verdict.non_inferiority(margin)
     ImprovementGate, NonInferiorityGate     the rollout plan's lift gates (rollout/gates.py judges them)

@@ -9,7 +9,13 @@ from pydantic import Field, model_validator
 
 from app.config import FiniteStrictModel
 from app.rollout.abtest.arms import MAX_ABS_OUTCOME, OutcomeKind, Scale
-from app.rollout.abtest.sequential import Conclusion, Directions, SequentialTest, Verdict
+from app.rollout.abtest.sequential import (
+    Boundary,
+    Conclusion,
+    Directions,
+    SequentialTest,
+    Verdict,
+)
 
 # -- gate configs ----------------------------------------------------------------------------
 
@@ -115,6 +121,44 @@ class _LiftGate(FiniteStrictModel):
         ),
     )
 
+    boundary: Boundary = Field(
+        default="mixture",
+        description=(
+            "mixture: the always-valid mSPRT, no end; horizon: valid for any number of looks "
+            "up to horizon_samples_per_arm, more power there, and the test ends at it (an "
+            "undecided gate then makes the analysis inconclusive when its time is up; "
+            "max_wait_s does not extend it)."
+        ),
+    )
+    horizon_samples_per_arm: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "boundary horizon: the rollout's cap in outcomes per arm, fixed before it starts "
+            "(at least min_samples_per_arm). Required with horizon, not allowed with mixture."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _horizon_samples_with_horizon_boundary(self) -> _LiftGate:
+        horizon = self.horizon_samples_per_arm
+        if self.boundary == "horizon" and horizon is None:
+            raise ValueError(
+                f"horizon_samples_per_arm is required with boundary horizon (outcome "
+                f"{self.outcome!r}): the cap in outcomes per arm the test is valid up to"
+            )
+        if self.boundary == "mixture" and horizon is not None:
+            raise ValueError(
+                f"horizon_samples_per_arm ({horizon}) needs boundary horizon (boundary is "
+                "mixture, which has no horizon)"
+            )
+        if horizon is not None and horizon < self.min_samples_per_arm:
+            raise ValueError(
+                f"horizon_samples_per_arm ({horizon}) must be at least min_samples_per_arm "
+                f"({self.min_samples_per_arm})"
+            )
+        return self
+
     @model_validator(mode="after")
     def _stop_confidence_needs_separate_directions(self) -> _LiftGate:
         if self.stop_confidence is not None and self.directions != "separate":
@@ -171,18 +215,20 @@ class _LiftGate(FiniteStrictModel):
             kind=OutcomeKind(self.kind),
             bounds=self.bounds,
             cuped=self.cuped,
+            boundary=self.boundary,
+            horizon_samples_per_arm=self.horizon_samples_per_arm,
         )
 
     def _check(self, verdict: Verdict) -> None:
         test = self.sequential_test()
         theirs = (verdict.alpha, verdict.tau, verdict.scale, verdict.directions,
-                  verdict.stop_alpha)  # fmt: skip
+                  verdict.stop_alpha, verdict.boundary, verdict.horizon_samples_per_arm)  # fmt: skip
         ours = (test.alpha, test.effective_tau, test.scale, test.directions,
-                test.effective_stop_alpha)  # fmt: skip
+                test.effective_stop_alpha, test.boundary, test.horizon_samples_per_arm)  # fmt: skip
         if theirs != ours:
             raise ValueError(
-                f"verdict came from another test (alpha, tau, scale, directions, stop_alpha = "
-                f"{theirs}) than this gate's ({ours})"
+                f"verdict came from another test (alpha, tau, scale, directions, stop_alpha, "
+                f"boundary, horizon_samples_per_arm = {theirs}) than this gate's ({ours})"
             )
 
 

@@ -12,6 +12,18 @@ mixtures), alpha for a false 'better' (a promotion) and stop_alpha for a false '
 stop). With `cuped`, `evaluate` adjusts by each unit's pre-experiment outcomes (the arms'
 `covariates`), as `evaluate_paths` does with the covariates it is given.
 
+`boundary` mixture (the default) is valid for ever, however long the test runs; horizon
+(with `horizon_samples_per_arm`, a cap N declared in advance) is valid for any number of
+looks up to N and ends there. With information time t = n_eff / N (n_eff the harmonic mean
+of the arms' outcome counts) and Z = (d - delta) / sqrt(V), the B-value W(t) = Z sqrt(t) is
+about Brownian motion under delta, and P(sup_{t <= 1} W(t) >= c) = 2 (1 - Phi(c)) (the
+reflection principle): the interval d -+ c sqrt(V / t) with c = Phi^-1(1 - a / 2) per side
+is a confidence sequence over t in (0, 1]. The continuous-monitoring O'Brien-Fleming shape
+(Lan-DeMets): z = c / sqrt(t) at a look, c = 1.96 one-sided at 5% at the horizon, against
+~2.8-3.1 for the mixture there. With correlated users information grows slower than n
+(concave), so the true information fraction s >= t and W(t) = W_true(s) sqrt(t / s) is
+never larger than the true B-value: the boundary is conservative, never anti-conservative.
+
 Why sequential, and how the variance, the mixing scale and the alphas are chosen:
 docs/ab-testing.md ("The statistics").
 """
@@ -21,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from statistics import NormalDist
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -43,6 +56,9 @@ from app.rollout.abtest.arms import (
 # separate: a one-sided test per direction, alpha bounds a false 'better' (a promotion) and
 # stop_alpha a false 'worse' (a stop), each on its own.
 Directions = Literal["shared", "separate"]
+# mixture: the mSPRT's boundary, valid for ever; horizon: a continuous-monitoring
+# O'Brien-Fleming boundary on the B-value scale, valid up to horizon_samples_per_arm.
+Boundary = Literal["mixture", "horizon"]
 
 
 class Conclusion(str, Enum):
@@ -109,6 +125,27 @@ class Verdict:
     # None when the look ran without covariates.
     cuped_theta: float | None = None
     cuped_variance_factor: float | None = None
+    # The boundary (SequentialTest.boundary) and, for horizon, the cap it is valid up to;
+    # "mixture" and None in readings stored before.
+    boundary: Boundary = "mixture"
+    horizon_samples_per_arm: int | None = None
+
+    @property
+    def information_time(self) -> float | None:
+        """boundary horizon: n_eff / N of this look's counts, at most 1; None for the mixture."""
+        if self.horizon_samples_per_arm is None:
+            return None
+        return min(self._information(), 1.0)
+
+    @property
+    def ended(self) -> bool:
+        """boundary horizon: this look is at or past the horizon, so no later look can move
+        the verdict (an undecided test stays undecided); False for the mixture."""
+        return self.horizon_samples_per_arm is not None and self._information() >= 1.0
+
+    def _information(self) -> float:
+        n = cast(int, self.horizon_samples_per_arm)
+        return float(_information_time(self.candidate_samples, self.control_samples, n))
 
     def improvement(self, min_lift: float = 0.0) -> Conclusion:
         """BETTER once the lift surely exceeds min_lift (lower bound > min_lift); WORSE once it
@@ -151,6 +188,8 @@ class Verdict:
             "stop_alpha": self.stop_alpha,
             "cuped_theta": _finite_or_none(self.cuped_theta),
             "cuped_variance_factor": _finite_or_none(self.cuped_variance_factor),
+            "boundary": self.boundary,
+            "horizon_samples_per_arm": self.horizon_samples_per_arm,
         }
 
     @classmethod
@@ -195,6 +234,8 @@ class Verdict:
             stop_alpha=maybe("stop_alpha"),
             cuped_theta=maybe("cuped_theta"),
             cuped_variance_factor=maybe("cuped_variance_factor"),
+            boundary=cast(Boundary, data.get("boundary", "mixture")),
+            horizon_samples_per_arm=count("horizon_samples_per_arm"),
         )
 
 
@@ -222,8 +263,10 @@ class PathResult:
 
 
 class SequentialTest(FiniteStrictModel):
-    """Always-valid two-sample test of the candidate's lift over control (mSPRT with a normal
-    mixture). The module docstring has the math and the choices."""
+    """Always-valid two-sample test of the candidate's lift over control: an mSPRT with a
+    normal mixture (boundary mixture), or an O'Brien-Fleming boundary for continuous
+    monitoring up to a declared cap (boundary horizon). The module docstring has the math and
+    the choices."""
 
     alpha: float = Field(
         default=0.05,
@@ -307,6 +350,45 @@ class SequentialTest(FiniteStrictModel):
         ),
     )
 
+    boundary: Boundary = Field(
+        default="mixture",
+        description=(
+            "mixture: the mSPRT, valid however long the test runs; horizon: valid for any "
+            "number of looks up to horizon_samples_per_arm, with a lower boundary there (more "
+            "power at the cap), and the test ends at it (later looks do not count)."
+        ),
+    )
+    horizon_samples_per_arm: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "boundary horizon: the cap N, outcomes per arm, declared before any data; "
+            "information time is n_eff / N, n_eff the harmonic mean of the arms' outcome "
+            "counts. Required with horizon, not allowed with mixture (tau and mde are unused "
+            "by horizon)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _horizon_samples_with_horizon_boundary(self) -> SequentialTest:
+        if self.boundary == "horizon" and self.horizon_samples_per_arm is None:
+            raise ValueError(
+                "horizon_samples_per_arm (None) is required with boundary horizon: the cap "
+                "the boundary is valid up to, declared before any data"
+            )
+        if self.boundary == "mixture" and self.horizon_samples_per_arm is not None:
+            raise ValueError(
+                f"horizon_samples_per_arm ({self.horizon_samples_per_arm}) needs boundary "
+                "horizon (boundary is mixture, which has no horizon)"
+            )
+        horizon = self.horizon_samples_per_arm
+        if horizon is not None and horizon < self.min_samples_per_arm:
+            raise ValueError(
+                f"horizon_samples_per_arm ({horizon}) must be at least min_samples_per_arm "
+                f"({self.min_samples_per_arm})"
+            )
+        return self
+
     @model_validator(mode="after")
     def _stop_alpha_needs_separate_directions(self) -> SequentialTest:
         if self.stop_alpha is not None and self.directions == "shared":
@@ -331,6 +413,19 @@ class SequentialTest(FiniteStrictModel):
     def effective_min_units(self) -> int:
         return min(self.min_units_per_arm, self.min_samples_per_arm)
 
+    @property
+    def horizon_z(self) -> tuple[float, float] | None:
+        """boundary horizon: (c_low, c_high), the B-value boundaries of the lower and upper
+        bound (c = Phi^-1(1 - a / 2) for a one-sided level a, a = alpha / 2 each when shared:
+        1.96 one-sided at 5%, 2.24 shared at 5%); None for the mixture."""
+        if self.boundary != "horizon":
+            return None
+        stop_alpha = self.effective_stop_alpha
+        if stop_alpha is None:
+            c = _horizon_c(self.alpha / 2)
+            return c, c
+        return _horizon_c(self.alpha), _horizon_c(stop_alpha)
+
     def evaluate(
         self, candidate: ArmStats, control: ArmStats, previous: Verdict | None = None
     ) -> Verdict:
@@ -340,10 +435,12 @@ class SequentialTest(FiniteStrictModel):
         if previous is None:
             state = (1.0, -math.inf, math.inf)
             looks = 0
+            reached = 0.0
         else:
             self._check_previous(previous, candidate, control)
             state = (previous.p_value, previous.difference_low, previous.difference_high)
             looks = previous.looks
+            reached = self._information(previous.candidate_samples, previous.control_samples)
         relative = self.scale == "relative"
         binary = candidate.kind is OutcomeKind.BINARY
         covariates = None
@@ -354,6 +451,7 @@ class SequentialTest(FiniteStrictModel):
             binary, relative, self.effective_tau, self.alpha, self.effective_stop_alpha,
             self.min_samples_per_arm, self.effective_min_units, _arrays(state),
             _arrays(_columns(candidate)), _arrays(_columns(control)), covariates, cuped,
+            self.horizon_z, self.horizon_samples_per_arm, np.asarray(reached),
         )  # fmt: skip
         theta = _finite_or_none(float(cuped["theta"])) if cuped else None
         factor = _finite_or_none(float(cuped["variance_factor"])) if cuped else None
@@ -400,7 +498,16 @@ class SequentialTest(FiniteStrictModel):
             stop_alpha=self.effective_stop_alpha,
             cuped_theta=theta,
             cuped_variance_factor=factor,
+            boundary=self.boundary,
+            horizon_samples_per_arm=self.horizon_samples_per_arm,
         )
+
+    def _information(self, candidate_n: float, control_n: float) -> float:
+        """boundary horizon: the information time n_eff / N of these counts (not clipped);
+        0 for the mixture."""
+        if self.horizon_samples_per_arm is None:
+            return 0.0
+        return float(_information_time(candidate_n, control_n, self.horizon_samples_per_arm))
 
     def _refusal(self, candidate: ArmStats, control: ArmStats) -> str:
         """Why these arms may not be judged by this test ('' if they may)."""
@@ -469,14 +576,20 @@ class SequentialTest(FiniteStrictModel):
         d_high = np.full(experiments, np.inf)
         out = {name: np.empty(shape) for name in ("p", "low", "high")}
         relative = self.scale == "relative"
+        reached = np.zeros(experiments)  # the information time of the previous look
         for t in range(looks):
             look_pre = tuple(tuple(a[:, t] for a in cov) for cov in pre)
             p, d_low, d_high, _, control_scale, _ = _advance(
                 kind is OutcomeKind.BINARY, relative, self.effective_tau, self.alpha,
                 self.effective_stop_alpha, self.min_samples_per_arm, self.effective_min_units,
                 (p, d_low, d_high), tuple(a[:, t] for a in full[0]),
-                tuple(a[:, t] for a in full[1]), look_pre or None,
+                tuple(a[:, t] for a in full[1]), look_pre or None, None, self.horizon_z,
+                self.horizon_samples_per_arm, reached,
             )  # fmt: skip
+            if self.horizon_samples_per_arm is not None:
+                reached = _information_time(
+                    full[0][0][:, t], full[1][0][:, t], self.horizon_samples_per_arm
+                )
             out["p"][:, t] = p
             out["low"][:, t], out["high"][:, t] = _on_scale(
                 d_low, d_high, control_scale, relative, kind is OutcomeKind.BINARY
@@ -485,13 +598,15 @@ class SequentialTest(FiniteStrictModel):
 
     def _check_previous(self, previous: Verdict, candidate: ArmStats, control: ArmStats) -> None:
         ours = (self.alpha, self.effective_tau, self.scale, self.directions,
-                self.effective_stop_alpha)  # fmt: skip
+                self.effective_stop_alpha, self.boundary, self.horizon_samples_per_arm)  # fmt: skip
         theirs = (previous.alpha, previous.tau, previous.scale, previous.directions,
-                  previous.stop_alpha)  # fmt: skip
+                  previous.stop_alpha, previous.boundary,
+                  previous.horizon_samples_per_arm)  # fmt: skip
         if ours != theirs:
             raise ValueError(
                 f"previous verdict came from another test (alpha, tau, scale, directions, "
-                f"stop_alpha = {theirs}) than this one ({ours})"
+                f"stop_alpha, boundary, horizon_samples_per_arm = {theirs}) than this one "
+                f"({ours})"
             )
         if candidate.n < previous.candidate_samples or control.n < previous.control_samples:
             raise ValueError(
@@ -533,10 +648,16 @@ class SequentialTest(FiniteStrictModel):
         stop_alpha = self.effective_stop_alpha
         if stop_alpha is not None:
             level = f"bounds ({1 - self.alpha:.0%} lower, {1 - stop_alpha:.0%} upper, one-sided)"
+        kind = "always-valid"
+        horizon = ""
+        if self.horizon_samples_per_arm is not None:
+            kind = "horizon-bounded"
+            t = min(self._information(candidate.n, control.n), 1.0)
+            horizon = f", t={t:.2f} of {self.horizon_samples_per_arm}/arm"
         text = (
-            f"{self.scale} lift {fmt(lift)}, always-valid {level} "
+            f"{self.scale} lift {fmt(lift)}, {kind} {level} "
             f"[{fmt(low)}, {fmt(high)}], p={p:.3g}, {candidate.n}/{control.n} samples{units}"
-            f"{clipped} (candidate/control): {decision.value}"
+            f"{horizon}{clipped} (candidate/control): {decision.value}"
         )
         return f"{text} ({why})" if why else text
 
@@ -671,6 +792,21 @@ def _one_sided_z(r: Any, alpha: float) -> Any:
     return u
 
 
+def _horizon_c(level: float) -> float:
+    """The B-value boundary c of a one-sided level under continuous monitoring to the horizon:
+    P(sup_{t <= 1} W(t) >= c) = 2 (1 - Phi(c)) = level (the reflection principle)."""
+    return NormalDist().inv_cdf(1 - level / 2)
+
+
+def _information_time(candidate_n: Any, control_n: Any, horizon: int) -> Any:
+    """n_eff / N, n_eff = 2 nc ns / (nc + ns) (the harmonic mean of the arms' counts, n at an
+    even split: the variance of the difference goes as 1 / n_eff), elementwise, not clipped."""
+    nc, ns = np.asarray(candidate_n, dtype=float), np.asarray(control_n, dtype=float)
+    total = nc + ns
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, 2 * nc * ns / np.where(total > 0, total, 1.0), 0.0) / horizon
+
+
 def _advance(
     binary: bool,
     relative: bool,
@@ -684,8 +820,12 @@ def _advance(
     control: tuple[Any, ...],
     covariates: tuple[Any, ...] | None = None,
     cuped: dict[str, Any] | None = None,
+    horizon_z: tuple[float, float] | None = None,
+    horizon: int | None = None,
+    reached: Any = 0.0,
 ) -> tuple[Any, ...]:
-    """One look of the mSPRT on the difference in means, elementwise over numpy arrays:
+    """One look of the sequential test on the difference in means, elementwise over numpy
+    arrays:
     (p, low, high, counted, control_scale, why), the interval in absolute units. `previous`
     is (p, low, high); each arm is (n, sum, sum_sq, units, unit_sum_sq, unit_cross, unit_n_sq).
     stop_alpha None: one two-sided test at alpha (the normal mixture); else the lower bound
@@ -693,6 +833,12 @@ def _advance(
     covariates: (candidate's, control's) COVARIATE_MOMENTS, for CUPED; with them, `cuped`
     (a dict, if given) receives theta and variance_factor (the variance of the difference
     with CUPED over without, at this look).
+
+    horizon_z None: the mixture boundary (tau, alpha, stop_alpha). Else (c_low, c_high), the
+    horizon boundary's B-value boundaries, with horizon N (samples per arm) and `reached`, the
+    information time of the previous look (0 before the first): the interval is
+    d - c_low sqrt(V / t), d + c_high sqrt(V / t) at t = n_eff / N clipped to 1 (the look that
+    crosses the horizon counts at t = 1), and no look after one at t >= 1 counts.
 
     The one kernel behind `evaluate` (0-d arrays) and `evaluate_paths` (one column of
     experiments), so the simulations in tests and benchmarks run exactly this arithmetic."""
@@ -732,25 +878,42 @@ def _advance(
         samples = (nc >= min_samples) & (ns >= min_samples)
         enough = samples & (gc >= min_units) & (gs >= min_units)
         defined = enough & (tau_abs > 0) & ((control_scale > 0) | (not relative))
+        # horizon: a look after the one that reached the horizon has no guarantee left
+        ended = np.asarray(reached) >= 1 if horizon_z is not None else np.False_
+        defined = defined & ~ended
         exact = defined & (variance == 0)  # continuous arms with no spread at all
         counted = defined & ((variance > 0) | (exact & (d != 0)))
         v = np.where(variance > 0, variance, 1.0)
-        t2 = np.where(tau_abs > 0, tau_abs, 1.0) ** 2
-        # log Lambda, with Lambda = sqrt(V / (V + tau^2)) exp(d^2 tau^2 / (2 V (V + tau^2)))
-        log_lr = 0.5 * np.log(v / (v + t2)) + d * d * t2 / (2 * v * (v + t2))
-        if stop_alpha is None:
-            half_low = np.sqrt(v * (v + t2) / t2 * (2 * np.log(1 / alpha) + np.log((v + t2) / v)))
-            half_high = half_low
+        if horizon_z is not None and horizon is not None:
+            # W(t) = Z sqrt(t) is about Brownian motion on (0, 1]: |W| >= c at any look has
+            # chance at most 2 (1 - Phi(c)) per side, so the interval is d -+ c sqrt(V / t).
+            t = np.minimum(_information_time(nc, ns, horizon), 1.0)
+            t = np.where(t > 0, t, 1.0)
+            spread = np.sqrt(v / t)
+            half_low, half_high = horizon_z[0] * spread, horizon_z[1] * spread
+            # 2 (1 - Phi(|W|)): one side's p; shared doubles it (the interval's c is for a / 2)
+            tail = np.asarray(_erfc(np.abs(d) / spread / math.sqrt(2)), dtype=float)
+            p_now = np.minimum(tail if stop_alpha is not None else 2 * tail, 1.0)
         else:
-            # One side each: Lambda+- = 2 Lambda Phi(+-d tau / sqrt(V (V + tau^2))); the
-            # p-value is the smaller side's.
-            r = t2 / (v + t2)
-            log_lr = log_lr + math.log(2) + _log_phi(np.abs(d) * np.sqrt(r / v))
-            half_low = _one_sided_z(r, alpha) * np.sqrt(v)
-            half_high = (
-                half_low if stop_alpha == alpha else _one_sided_z(r, stop_alpha) * np.sqrt(v)
-            )
-        p_now = np.where(exact, 0.0, np.exp(-np.maximum(log_lr, 0.0)))
+            t2 = np.where(tau_abs > 0, tau_abs, 1.0) ** 2
+            # log Lambda, with Lambda = sqrt(V / (V + tau^2)) exp(d^2 tau^2 / (2 V (V + tau^2)))
+            log_lr = 0.5 * np.log(v / (v + t2)) + d * d * t2 / (2 * v * (v + t2))
+            if stop_alpha is None:
+                half_low = np.sqrt(
+                    v * (v + t2) / t2 * (2 * np.log(1 / alpha) + np.log((v + t2) / v))
+                )
+                half_high = half_low
+            else:
+                # One side each: Lambda+- = 2 Lambda Phi(+-d tau / sqrt(V (V + tau^2))); the
+                # p-value is the smaller side's.
+                r = t2 / (v + t2)
+                log_lr = log_lr + math.log(2) + _log_phi(np.abs(d) * np.sqrt(r / v))
+                half_low = _one_sided_z(r, alpha) * np.sqrt(v)
+                half_high = (
+                    half_low if stop_alpha == alpha else _one_sided_z(r, stop_alpha) * np.sqrt(v)
+                )
+            p_now = np.exp(-np.maximum(log_lr, 0.0))
+        p_now = np.where(exact, 0.0, p_now)
         half_low = np.where(exact, 0.0, half_low)
         half_high = np.where(exact, 0.0, half_high)
         low = np.maximum(prev_low, d - half_low)
@@ -763,7 +926,9 @@ def _advance(
         high = np.where(counted, high, prev_high)
     why = ""
     if np.ndim(counted) == 0:
-        if not samples:
+        if ended:
+            why = f"horizon of {horizon} samples per arm reached: the test has ended"
+        elif not samples:
             why = f"waiting for {min_samples} samples in each arm"
         elif not enough:
             why = f"waiting for {min_units} units (users) in each arm, {gc:.0f}/{gs:.0f} so far"
