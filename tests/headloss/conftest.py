@@ -18,6 +18,7 @@ by everything, that starved the replicas (which Ray starts at nice 15) and reque
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -29,7 +30,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.waiting import free_port, serve_deploy, throwaway_serving, wait_for_condition
+from tests.support.waiting import (
+    environ,
+    free_port,
+    serve_deploy,
+    serving_environ,
+    wait_for_condition,
+)
 
 # A throwaway cluster of the test's own: token auth off (real clusters keep it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -208,17 +215,13 @@ def headloss(tmp_path_factory):
     # of the Router's own server, with this cluster's own HAProxy files and ports; read by
     # Serve's controller and HAProxy manager, which the head's raylet starts.
     # HEADLOSS_SERVING=proxy: behind Serve's Python proxy instead.
-    haproxy_state, _, serving = throwaway_serving()
-    if os.environ.get("HEADLOSS_SERVING", "haproxy") == "proxy":
-        serving = {}
+    settings = contextlib.ExitStack()
+    settings.enter_context(serving_environ("HEADLOSS_SERVING"))
     # What `ray start --head` reads on a production head (cluster/*.yaml): the GCS stores its
     # tables in this Redis, under a namespace of the cluster's own.
-    saved = {k: os.environ.get(k)
-             for k in ("RAY_REDIS_ADDRESS", "RAY_external_storage_namespace", *serving)}  # fmt: skip
-    os.environ.update(serving)
     if not os.environ.get("HEADLOSS_WITHOUT_REDIS"):  # the control: a GCS that keeps nothing
-        os.environ["RAY_REDIS_ADDRESS"] = redis.address
-        os.environ["RAY_external_storage_namespace"] = STORAGE_NAMESPACE
+        settings.enter_context(environ({"RAY_REDIS_ADDRESS": redis.address,
+                                        "RAY_external_storage_namespace": STORAGE_NAMESPACE}))  # fmt: skip
     cluster = nodes = None
     try:
         dashboard_port, http_port = free_port(), free_port()
@@ -263,9 +266,4 @@ def headloss(tmp_path_factory):
                     cluster.shutdown()
         finally:
             redis.stop()
-            shutil.rmtree(haproxy_state, ignore_errors=True)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            settings.close()

@@ -7,8 +7,8 @@ fixture calls `ray.init` for a single-node cluster, and one process can join onl
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from tests.support.waiting import (  # noqa: F401 - re-exported
     free_port,
     serve_deploy,
-    throwaway_serving,
+    serving_environ,
     wait_for_condition,
 )
 
@@ -68,11 +68,8 @@ def multinode():
     # Served as the project serves (app/ops/serving_mode.py): HAProxy on the HTTP port in front
     # of the Routers' own servers, with HAProxy files and ports of its own; every node's raylet
     # reads them (MULTINODE_SERVING=proxy: behind Serve's Python proxy instead).
-    haproxy_state, _, serving = throwaway_serving()
-    if os.environ.get("MULTINODE_SERVING", "haproxy") == "proxy":
-        serving = {}
-    saved = {key: os.environ.get(key) for key in serving}
-    os.environ.update(serving)
+    serving = contextlib.ExitStack()
+    serving.enter_context(serving_environ("MULTINODE_SERVING"))
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -109,9 +106,4 @@ def multinode():
         finally:
             ray.shutdown()
             cluster.shutdown()
-            shutil.rmtree(haproxy_state, ignore_errors=True)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            serving.close()

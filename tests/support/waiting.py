@@ -5,18 +5,29 @@ real `serve deploy` CLI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "handle_call", "serve_deploy", "throwaway_serving", "wait_for_condition"]
+__all__ = [
+    "environ",
+    "free_port",
+    "handle_call",
+    "serve_deploy",
+    "serving_environ",
+    "throwaway_serving",
+    "wait_for_condition",
+]
 
 # A throwaway cluster's stopping Router replica keeps serving this long so HAProxy takes it out
 # first (Serve's default is 30 s, which every Router redeploy and each shutdown would wait for;
@@ -80,6 +91,38 @@ def throwaway_serving() -> tuple[Path, int, dict[str, str]]:
     env = serving_env(state, ports, haproxy_threads=1, haproxy_metrics=False,
                       drain_s=THROWAWAY_DRAIN_S)  # fmt: skip
     return state, ports.fallback_http, env
+
+
+@contextlib.contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` set in os.environ for the block, then os.environ as it was (keys that were not
+    set are removed): for the processes a cluster this process starts inherits."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def serving_environ(switch: str) -> Iterator[dict[str, str]]:
+    """HAProxy mode (`throwaway_serving`: files and ports of its own) in os.environ for a
+    cluster this process starts in the block (`ray.cluster_utils.Cluster` nodes inherit it),
+    unless the variable `switch` is `proxy` (Serve's Python proxy: nothing set). Yields what it
+    set; os.environ is restored and the HAProxy folder removed after."""
+    state, _, serving = throwaway_serving()
+    if os.environ.get(switch, "haproxy") == "proxy":
+        serving = {}
+    try:
+        with environ(serving):
+            yield serving
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def wait_for_condition(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2,
