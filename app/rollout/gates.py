@@ -266,6 +266,8 @@ def _lift_reason(
         Conclusion.NOT_YET_KNOWN: f"not yet known against {bar}",
     }[conclusion]
     if verdict.looks == 0:
+        if verdict.ended:
+            said += " (the test reached its horizon before any look counted)"
         return f"{outcome}: {said}; {verdict.reason}"
     cuped = ""
     if verdict.cuped_variance_factor is not None:
@@ -324,11 +326,13 @@ def evaluate_lift_gates(
             continue
         test = gate.sequential_test()
         before = Verdict.from_reading(dict(previous[name])) if name in previous else None
-        if before is not None and (before.candidate_samples, before.control_samples) == (
-            cand.n,
-            base.n,
+        if before is not None and (
+            before.ended or (before.candidate_samples, before.control_samples) == (cand.n, base.n)
         ):
-            verdict = before  # no new outcome: the same look (and the state stays equal)
+            # No new outcome: the same look (and the state stays equal). Or a horizon test
+            # that ended: its verdict is final, also after a restart whose restored outcomes
+            # are behind it (a new test from there would look past the horizon).
+            verdict = before
         else:
             try:
                 verdict = test.evaluate(cand, base, before)

@@ -19,6 +19,7 @@ by everything, that starved the replicas (which Ray starts at nice 15) and reque
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -99,8 +100,12 @@ class CpuSplit:
     HEAD_ACTORS = ("ServeController", "DashboardAgent", "RuntimeEnvAgent")
 
     def __init__(self, interval_s: float = 0.5) -> None:
-        cpus = sorted(os.sched_getaffinity(0))
-        self.head_cpus, self.worker_cpus = {cpus[0]}, set(cpus[1:])
+        # Linux only (sched_setaffinity); as PID 1 (a container's init) every orphan in the
+        # container would count as a descendant: neither splits.
+        linux = hasattr(os, "sched_getaffinity") and os.getpid() != 1
+        self.original = os.sched_getaffinity(0) if linux else set()
+        cpus = sorted(self.original)
+        self.head_cpus, self.worker_cpus = set(cpus[:1]), set(cpus[1:])
         self.interval_s = interval_s
         self.stop = threading.Event()
         self.pinned: dict[str, int] = {"head": 0, "worker": 0}  # processes, last pass
@@ -119,11 +124,30 @@ class CpuSplit:
         self.stop.set()
         if self.thread.is_alive():
             self.thread.join(timeout=10)
+            # This process (the test's driver) gets every CPU back for the teardown.
+            self._pin(os.getpid(), self.original)
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.pin_once()
+            try:
+                self.pin_once()
+            except Exception:  # never end the thread quietly: say why, and try again
+                logging.getLogger(__name__).exception("CpuSplit: pinning failed")
             self.stop.wait(self.interval_s)
+
+    @staticmethod
+    def _pin(pid: int, cpus: set[int]) -> bool:
+        """Every thread of `pid` on `cpus`; False if the process is gone."""
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return False
+        for tid in tasks:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:  # the thread ended meanwhile
+                pass
+        return True
 
     def pin_once(self) -> None:
         parents: dict[int, int] = {}
@@ -154,17 +178,8 @@ class CpuSplit:
             worker = (command.startswith("ray::") or Path(command).name == "haproxy") and not any(
                 name in command for name in self.HEAD_ACTORS
             )
-            cpus = self.worker_cpus if worker else self.head_cpus
-            try:
-                tasks = os.listdir(f"/proc/{pid}/task")
-            except OSError:
-                continue
-            for tid in tasks:
-                try:
-                    os.sched_setaffinity(int(tid), cpus)
-                except OSError:  # the thread ended meanwhile
-                    pass
-            counts["worker" if worker else "head"] += 1
+            if self._pin(pid, self.worker_cpus if worker else self.head_cpus):
+                counts["worker" if worker else "head"] += 1
         self.pinned = counts
 
 

@@ -7,7 +7,6 @@ fixture calls `ray.init` for a single-node cluster, and one process can join onl
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -68,42 +67,40 @@ def multinode():
     # Served as the project serves (app/ops/serving_mode.py): HAProxy on the HTTP port in front
     # of the Routers' own servers, with HAProxy files and ports of its own; every node's raylet
     # reads them (MULTINODE_SERVING=proxy: behind Serve's Python proxy instead).
-    serving = contextlib.ExitStack()
-    serving.enter_context(serving_environ("MULTINODE_SERVING"))
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": NODE_CPUS,
-            "num_gpus": 0,  # the head never runs a GPU replica, as in cluster/*.yaml
-            "labels": {"region": REGION},
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": dashboard_port,
-        },
-    )
-    nodes = MultiNode(cluster, http_port, dashboard_port)
-    try:
-        nodes.add_gpu_worker()
-        nodes.add_gpu_worker()
-        ray.init(
-            address=cluster.address,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
+    with serving_environ("MULTINODE_SERVING"):  # restored, whatever fails below
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": NODE_CPUS,
+                "num_gpus": 0,  # the head never runs a GPU replica, as in cluster/*.yaml
+                "labels": {"region": REGION},
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dashboard_port,
+            },
         )
-        # One proxy (HAProxy), on the head: proxies on several "nodes" of one machine would
-        # share a port.
-        serve.start(
-            proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port}
-        )
-        wait_for_condition(
-            lambda: httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code == 200,
-            timeout_s=60, message="Ray dashboard",
-        )  # fmt: skip
-        yield nodes
-    finally:
+        nodes = MultiNode(cluster, http_port, dashboard_port)
         try:
-            serve.shutdown()
+            nodes.add_gpu_worker()
+            nodes.add_gpu_worker()
+            ray.init(
+                address=cluster.address,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
+            )
+            # One proxy (HAProxy), on the head: proxies on several "nodes" of one machine would
+            # share a port.
+            serve.start(
+                proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port}
+            )
+            wait_for_condition(
+                lambda: httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code == 200,
+                timeout_s=60, message="Ray dashboard",
+            )  # fmt: skip
+            yield nodes
         finally:
-            ray.shutdown()
-            cluster.shutdown()
-            serving.close()
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                cluster.shutdown()

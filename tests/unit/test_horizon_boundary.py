@@ -65,8 +65,13 @@ def test_horizon_needs_its_cap_and_the_mixture_refuses_one_naming_the_field():
         SequentialTest(boundary="horizon")
     with pytest.raises(ValidationError, match=r"horizon_samples_per_arm \(5000\) needs boundary"):
         SequentialTest(horizon_samples_per_arm=5000)
-    with pytest.raises(ValidationError, match=r"\(500\) must be at least min_samples_per_arm"):
+    with pytest.raises(ValidationError, match=r"\(500\) must be at least twice min_samples"):
         SequentialTest(boundary="horizon", horizon_samples_per_arm=500)
+    # n_eff (what the horizon counts) is below twice the smaller arm: with N under 2 x 1000 a
+    # 5% candidate could end the test before it had 1000 outcomes, i.e. before any look.
+    with pytest.raises(ValidationError, match=r"\(1500\) must be at least twice min_samples"):
+        SequentialTest(boundary="horizon", horizon_samples_per_arm=1500)
+    assert horizon(2000).horizon_samples_per_arm == 2000
     with pytest.raises(ValidationError, match="boundary"):
         SequentialTest(boundary="fixed")
     # The gates, as a rollout plan declares them.
@@ -178,12 +183,17 @@ def test_the_look_that_crosses_the_horizon_counts_at_t_1_and_later_ones_do_not()
         2 * 2.2414 * math.sqrt(0.11 * 0.89 / 10_002 + 0.1 * 0.9 / 10_002) / math.sqrt(0.5),
         rel=1e-3,
     )
-    c, s = ArmStats.binary(2750, 25_000), ArmStats.binary(2500, 25_000)
+    # A first look past the horizon by more than HORIZON_OVERSHOOT (5%: after a pause) does
+    # not count: its data would make a call anti-conservative. The test has ended.
+    late = test.evaluate(ArmStats.binary(2750, 25_000), ArmStats.binary(2500, 25_000), first)
+    assert late.looks == 1 and late.ended and "more than 5% past the horizon" in late.reason
+    assert (late.low, late.high) == (first.low, first.high)
+    c, s = ArmStats.binary(2255, 20_500), ArmStats.binary(2050, 20_500)
     crossing = test.evaluate(c, s, first)
     assert crossing.looks == 2 and "t=1.00 of 20000/arm" in crossing.reason
     # Counted at t = 1 exactly: the interval of a test whose horizon is this look, intersected
     # with the first look's.
-    alone = horizon(25_000, scale="absolute", min_samples_per_arm=1000).evaluate(c, s)
+    alone = horizon(20_500, scale="absolute", min_samples_per_arm=1000).evaluate(c, s)
     assert crossing.difference_low == max(alone.difference_low, first.difference_low)
     assert crossing.difference_high == min(alone.difference_high, first.difference_high)
     after = test.evaluate(ArmStats.binary(3300, 30_000), ArmStats.binary(3000, 30_000), crossing)
@@ -279,3 +289,36 @@ def test_cuped_with_the_horizon_keeps_aa_within_alpha_and_finds_more():
         assert verdict is not None and verdict.cuped_variance_factor is not None
         assert "horizon-bounded" in verdict.reason and "CUPED theta" in verdict.reason
     assert found["cuped"] > found["plain"] + 0.2
+
+
+def test_an_ended_tests_relative_interval_is_final_and_a_restart_does_not_revive_it():
+    """Review findings: on a relative scale the frozen absolute interval used to be rescaled by
+    each later look's control mean (a bar near it could flip after the end), and a restart
+    whose restored outcomes were behind the stored verdict re-ran the test from scratch past
+    its horizon."""
+    from app.rollout import Observation, evaluate_lift_gates
+    from app.rollout.plan import Gates
+
+    test = horizon(20_000, min_samples_per_arm=1000)  # relative scale
+    first = test.evaluate(ArmStats.binary(1100, 10_000), ArmStats.binary(1000, 10_000))
+    ended = test.evaluate(ArmStats.binary(2255, 20_500), ArmStats.binary(2050, 20_500), first)
+    assert ended.ended and ended.looks == 2
+    # Later looks whose control mean differs: the interval on its relative scale stays put.
+    for cand, ctrl in ((2800, 2300), (2600, 2700)):
+        later = test.evaluate(ArmStats.binary(cand, 25_000), ArmStats.binary(ctrl, 25_000), ended)
+        assert (later.low, later.high) == (ended.low, ended.high)
+    # The same three looks through evaluate_paths: (n, sum, sum of squares) per arm, 0/1 values.
+    n = np.array([[10_000.0, 20_500.0, 25_000.0]])
+    cand, ctrl = np.array([[1100.0, 2255.0, 2800.0]]), np.array([[1000.0, 2050.0, 2300.0]])
+    paths = test.evaluate_paths(BINARY, (n, cand, cand), (n, ctrl, ctrl))
+    assert paths.low[0, 2] == paths.low[0, 1] and paths.high[0, 2] == paths.high[0, 1]
+
+    gates = Gates.model_validate({"improvement": {
+        "outcome": "conversion", "boundary": "horizon", "horizon_samples_per_arm": 20_000}})  # fmt: skip
+    previous = {"improvement": ended.reading()}
+    # A restarted controller whose restored book is behind the stored verdict.
+    behind = Observation(outcomes={"conversion": {"v2": ArmStats.binary(1500, 15_000),
+                                                  "v1": ArmStats.binary(1400, 15_000)}})  # fmt: skip
+    (verdict,), state = evaluate_lift_gates(gates, behind, previous, candidate="v2", stable="v1")
+    assert state["improvement"] == ended.reading()  # final: not a new test from scratch
+    assert verdict.detail["ended"] is True

@@ -15,6 +15,7 @@ from app.rollout.abtest.sequential import (
     Directions,
     SequentialTest,
     Verdict,
+    _check_horizon,
 )
 
 # -- gate configs ----------------------------------------------------------------------------
@@ -135,7 +136,8 @@ class _LiftGate(FiniteStrictModel):
         ge=2,
         description=(
             "boundary horizon: the rollout's cap in outcomes per arm, fixed before it starts "
-            "(at least min_samples_per_arm). Required with horizon, not allowed with mixture."
+            "(at least twice min_samples_per_arm). Required with horizon, not allowed with "
+            "mixture."
         ),
     )
 
@@ -152,11 +154,7 @@ class _LiftGate(FiniteStrictModel):
                 f"horizon_samples_per_arm ({horizon}) needs boundary horizon (boundary is "
                 "mixture, which has no horizon)"
             )
-        if horizon is not None and horizon < self.min_samples_per_arm:
-            raise ValueError(
-                f"horizon_samples_per_arm ({horizon}) must be at least min_samples_per_arm "
-                f"({self.min_samples_per_arm})"
-            )
+        _check_horizon(horizon, self.min_samples_per_arm)
         return self
 
     @model_validator(mode="after")
