@@ -209,6 +209,7 @@ class RolloutWatch(Background):
     RUNNING replicas, all its replicas, the status's `capacity` field)."""
 
     def __init__(self, app: LocalApp, candidate: str) -> None:
+        super().__init__()
         self.app, self.candidate = app, candidate
         self.deployment = f"{APP}-{candidate}"
         self.samples: list[tuple[float, str | None, float, int, int, dict[str, Any] | None]] = []
