@@ -82,6 +82,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -477,66 +478,99 @@ def replicas_over_time(watch: RolloutWatch, declared: float,
     return out
 
 
-def good_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady_s: float,
-                   step_s: float) -> dict[str, Any]:  # fmt: skip
+@dataclass
+class CanaryRun:
+    """One arm's canary under user load: its watchers and times (time.monotonic)."""
+
+    users: Users
+    poller: WeightPoller
+    watch: RolloutWatch
+    digest: str
+    status: dict[str, Any]
+    began: float
+    declared: float
+    ended: float
+
+
+def run_canary(app: LocalApp, candidate: str, sample: Path, load: dict[str, Any], stable: str,
+               before_s: float, tail_s: float, timeout_s: float, label: str) -> CanaryRun:  # fmt: skip
+    """Under USERS user clients: `before_s` with `stable` alone, then a canary of `candidate`
+    (the load stage, then 10% -> 25% -> 50%, STEP each, -> 100%) followed to its end, then
+    `tail_s` at its final weight; the Router's weights and the rollout watched throughout."""
     steps: list[dict[str, Any]] = []
     for percent in (10, 25, 50):
-        steps += [{"set_weight": percent}, {"pause_s": step_s}]
-    plan = plan_for(GOOD, sample, load, steps)
+        steps += [{"set_weight": percent}, {"pause_s": load["step_s"]}]
+    plan = plan_for(candidate, sample, load["stage"], steps, stable=stable)
     with (
         Users(app.url) as users,
-        WeightPoller(app, GOOD) as poller,
-        RolloutWatch(app, GOOD) as watch,
+        WeightPoller(app, candidate) as poller,
+        RolloutWatch(app, candidate) as watch,
     ):
         began = time.monotonic()
-        log(f"good: {steady_s:g}s of steady state ({USERS} user clients, {STABLE} alone)")
-        time.sleep(steady_s)
+        time.sleep(before_s)
         declared = time.monotonic()
-        log(f"good: declaring a canary of {GOOD}: the load stage, then 10% -> 25% -> 50% "
-            f"({step_s:g}s each) -> 100%")  # fmt: skip
+        log(f"{label}: declaring a canary of {candidate} over {stable}: the load stage, then "
+            f"10% -> 25% -> 50% ({load['step_s']:g}s each) -> 100%")  # fmt: skip
         digest = declare(app, plan)
         status, _ = follow(app, digest, ("succeeded", "rolled_back", "aborted", "paused"),
-                           180, "good")  # fmt: skip
-        log(f"good: {status['phase']}; {steady_s:g}s more at its final weight")
-        time.sleep(steady_s)
+                           timeout_s, label)  # fmt: skip
+        log(f"{label}: {status['phase']}; {tail_s:g}s more at its final weight")
+        time.sleep(tail_s)
         ended = time.monotonic()
-    steady = summary(users.between(began + 1.0, declared))  # the first second warms up
+    return CanaryRun(users, poller, watch, digest, status, began, declared, ended)
+
+
+def step_figures(app: LocalApp, run: CanaryRun, steady_p99_ms: float | None) -> dict[str, Any]:
+    """What both arms report of their canary: its steps' p99s over `steady_p99_ms`, the load
+    stage, the replicas at each raise, and the users' requests over the whole run."""
     events = history(app)
-    passed_stage = any("load stage passed" in str(e.get("reason")) for e in events)
-    first_step = next((s for s, _, w in windows(poller.changes, ended) if s >= declared and w > 0),
-                      ended)  # fmt: skip
-    stage_window = summary(users.between(declared, first_step))
-    step_list = step_windows(users, poller.changes, declared, ended)
+    first_step = next((s for s, _, w in windows(run.poller.changes, run.ended)
+                       if s >= run.declared and w > 0), run.ended)  # fmt: skip
+    step_list = step_windows(run.users, run.poller.changes, run.declared, run.ended)
     worst = worst_p99(step_list)
-    ratio = round(worst / steady["p99_ms"], 3) if worst and steady["p99_ms"] else None
+    every = run.users.between(run.began, run.ended)
+    return {
+        "p99_step_ratio": round(worst / steady_p99_ms, 3) if worst and steady_p99_ms else None,
+        "phase": run.status["phase"],
+        "passed_load_stage": any("load stage passed" in str(e.get("reason")) for e in events),
+        "last_event": events[-1].get("reason") if events else None,
+        "steps": step_list,
+        "worst_step_p99_ms": worst,
+        "load_stage_window": summary(run.users.between(run.declared, first_step)),
+        "load_stage": run.status.get("load_stage"),
+        "replicas_at_raise": at_raises(
+            run.watch, run.digest, run.declared, run.ended, [w["weight"] for w in step_list]
+        ),
+        "user_requests": len(every),
+        "user_requests_failed": sum(1 for r in every if r[3] is not None),
+        "user_errors": [r[3] for r in every if r[3] is not None][:5],
+    }
+
+
+def good_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady_s: float,
+                   step_s: float) -> dict[str, Any]:  # fmt: skip
+    log(f"good: {steady_s:g}s of steady state ({USERS} user clients, {STABLE} alone)")
+    run = run_canary(app, GOOD, sample, {"stage": load, "step_s": step_s}, STABLE, steady_s,
+                     steady_s, 180, "good")  # fmt: skip
+    steady = summary(run.users.between(run.began + 1.0, run.declared))  # 1 s warms up
+    figures = step_figures(app, run, steady["p99_ms"])
     # Fairness of the comparison with the capacity-aware arm: did v3 scale on load?
-    during = watch.between(declared, ended)
+    watch = run.watch
+    during = watch.between(run.declared, run.ended)
     running_max = max((x[3] for x in during), default=None)
     autoscaled = bool(during) and (
         max(x[3] for x in during) > during[0][3] or max(x[4] for x in during) > during[0][4]
     )
-    raises = at_raises(watch, digest, declared, ended, [w["weight"] for w in step_list])
     log(f"good: steady p99 {steady['p99_ms']} ms; per step "
-        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in step_list)
-        + f"; ratio {ratio}; load stage passed: {passed_stage}; {GOOD} RUNNING replicas at each "
-        f"raise {[r['running_at_raise'] for r in raises]}, at most {running_max} "
+        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in figures["steps"])
+        + f"; ratio {figures['p99_step_ratio']}; load stage passed: {figures['passed_load_stage']}; "
+        f"{GOOD} RUNNING replicas at each raise "
+        f"{[r['running_at_raise'] for r in figures['replicas_at_raise']]}, at most {running_max} "
         f"({'it AUTOSCALED on load during its steps' if autoscaled else 'no autoscaling'}; "
         f"min/max {watch.autoscaling.get('min_replicas')}/{watch.autoscaling.get('max_replicas')})")  # fmt: skip
-    every = users.between(began, ended)
     return {
-        "p99_step_ratio": ratio,
-        "phase": status["phase"],
-        "passed_load_stage": passed_stage,
-        "last_event": events[-1].get("reason") if events else None,
+        **figures,
         "steady": steady,
-        "steps": step_list,
-        "worst_step_p99_ms": worst,
-        "load_stage_window": stage_window,
-        "load_stage": status.get("load_stage"),
-        "user_requests": len(every),
-        "user_requests_failed": sum(1 for r in every if r[3] is not None),
-        "user_errors": [r[3] for r in every if r[3] is not None][:5],
-        "replicas_at_raise": raises,
         "replicas_running_max": running_max,
         "autoscaled_during_steps": autoscaled,
         "autoscaling": {k: watch.autoscaling.get(k) for k in ("min_replicas", "max_replicas")},
@@ -551,69 +585,30 @@ def capacity_candidate(app: LocalApp, sample: Path, load: dict[str, Any], steady
     """v5 (v3 opted in to capacity-aware steps) rolled out with v3's plan, under the same user
     load, right after v3's rollout; its step p99s over v3's steady state (`steady`)."""
     stable = str(app.admin().get("stable") or GOOD)  # v3, once its rollout succeeded
-    steps: list[dict[str, Any]] = []
-    for percent in (10, 25, 50):
-        steps += [{"set_weight": percent}, {"pause_s": step_s}]
-    plan = plan_for(CAPACITY, sample, load, steps, stable=stable)
-    with (
-        Users(app.url) as users,
-        WeightPoller(app, CAPACITY) as poller,
-        RolloutWatch(app, CAPACITY) as watch,
-    ):
-        began = time.monotonic()
-        time.sleep(SETTLE_S)
-        declared = time.monotonic()
-        log(f"capacity: declaring a canary of {CAPACITY} ({GOOD} opted in to capacity-aware "
-            f"steps, {CAPACITY_RPS} rps a replica) over {stable}: the load stage, then 10% -> 25% "
-            f"-> 50% ({step_s:g}s each) -> 100%")  # fmt: skip
-        digest = declare(app, plan)
-        status, _ = follow(app, digest, ("succeeded", "rolled_back", "aborted", "paused"),
-                           300, "capacity")  # fmt: skip
-        log(f"capacity: {status['phase']}; {tail_s:g}s more at its final weight")
-        time.sleep(tail_s)
-        ended = time.monotonic()
-    events = history(app)
-    passed_stage = any("load stage passed" in str(e.get("reason")) for e in events)
-    first_step = next((s for s, _, w in windows(poller.changes, ended) if s >= declared and w > 0),
-                      ended)  # fmt: skip
-    step_list = step_windows(users, poller.changes, declared, ended)
-    worst = worst_p99(step_list)
-    ratio = round(worst / steady["p99_ms"], 3) if worst and steady.get("p99_ms") else None
-    raises = at_raises(watch, digest, declared, ended, [w["weight"] for w in step_list])
+    log(f"capacity: {GOOD} opted in to capacity-aware steps, {CAPACITY_RPS} rps a replica")
+    run = run_canary(app, CAPACITY, sample, {"stage": load, "step_s": step_s}, stable, SETTLE_S,
+                     tail_s, 300, "capacity")  # fmt: skip
+    figures = step_figures(app, run, steady.get("p99_ms"))
+    raises = figures["replicas_at_raise"]
     waits = [{"weight": r["weight"], "waited_s": r["waited_s"], "waiting": r["waiting"]}
              for r in raises if r["waited_for_capacity"]]  # fmt: skip
     log("capacity: per step "
-        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in step_list)
-        + f"; ratio {ratio} (over {GOOD}'s steady p99 {steady.get('p99_ms')} ms); RUNNING at each "
-        f"raise {[(r['weight'], r['running_at_raise'], r['floor']) for r in raises]} "
+        + ", ".join(f"{w['weight']:g}%: {w['p99_ms']} ms ({w['requests']})" for w in figures["steps"])
+        + f"; ratio {figures['p99_step_ratio']} (over {GOOD}'s steady p99 {steady.get('p99_ms')} "
+        f"ms); RUNNING at each raise {[(r['weight'], r['running_at_raise'], r['floor']) for r in raises]} "
         f"(weight, running, floor); waited for capacity: {waits or 'never'}")  # fmt: skip
-    every = users.between(began, ended)
     return {
-        "p99_step_ratio": ratio,
+        **figures,
         "steady_p99_ms": steady.get("p99_ms"),
         "steady_source": f"{STABLE} alone before {GOOD}'s rollout (good.steady)",
-        "phase": status["phase"],
         "stable": stable,
-        "passed_load_stage": passed_stage,
-        "last_event": events[-1].get("reason") if events else None,
-        "before": summary(users.between(began + 1.0, declared)),
-        "steps": step_list,
-        "worst_step_p99_ms": worst,
-        "replicas_at_raise": raises,
+        "before": summary(run.users.between(run.began + 1.0, run.declared)),
         "waited_for_capacity": bool(waits),
         "capacity_waits": waits,
-        "replicas_over_time": replicas_over_time(watch, declared, ended),
-        "load_stage_window": summary(users.between(declared, first_step)),
-        "load_stage": status.get("load_stage"),
+        "replicas_over_time": replicas_over_time(run.watch, run.declared, run.ended),
         "autoscaling_declared": CAPACITY_AUTOSCALING,
-        "autoscaling": watch.autoscaling,
-        "user_requests": len(every),
-        "user_requests_failed": sum(1 for r in every if r[3] is not None),
-        "user_errors": [r[3] for r in every if r[3] is not None][:5],
+        "autoscaling": run.watch.autoscaling,
     }
-
-
-# -- 3. the autoscaling candidate --------------------------------------------------------------
 
 
 def autoscaling_candidate(app: LocalApp, phase_s: float) -> dict[str, Any]:
