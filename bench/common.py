@@ -4,6 +4,7 @@ the argument parser every bench starts from."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -16,11 +17,28 @@ from tests.support.waiting import (
     free_port,  # one port picker for tests and benches (outside Ray's port ranges)
 )
 
-__all__ = ["Background", "bench_parser", "cpu_count", "free_port", "log", "machine", "shutdown"]
+__all__ = [
+    "Background",
+    "bench_parser",
+    "cpu_count",
+    "emit",
+    "free_port",
+    "log",
+    "machine",
+    "shutdown",
+]
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def emit(text: str, report: dict, as_json: bool) -> None:
+    """A bench's results: its table for people (on stderr under --json), then with --json the
+    report as one JSON line on stdout, for tools."""
+    print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
+    if as_json:
+        print(json.dumps(report), flush=True)
 
 
 def cpu_count() -> int:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_parser, log, machine
+from bench.common import bench_parser, emit, log, machine
 from bench.load import LoadResult, closed_loop
 from bench.localapp import LocalApp, wait_for  # sets RAY_AUTH_MODE before Ray is imported
 
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "smoke": args.smoke, "wall_s": round(time.perf_counter() - started, 1),
     })  # fmt: skip
-    print(table(report), file=sys.stderr if args.json else sys.stdout, flush=True)
-    if args.json:
-        print(json.dumps(report), flush=True)
+    emit(table(report), report, args.json)
     return 1 if failed else 0
 
 

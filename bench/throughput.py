@@ -78,7 +78,7 @@ import yaml  # noqa: E402
 from app.config import ModelConfig, RouterSettings  # noqa: E402
 from app.errors import ConfigError  # noqa: E402
 from app.serving.artifacts import PACKAGE_PREFIX  # noqa: E402
-from bench.common import bench_parser, log, machine  # noqa: E402
+from bench.common import bench_parser, emit, log, machine  # noqa: E402
 from bench.load import LoadResult, closed_loop, interleaved_p50_ms  # noqa: E402
 from bench.localapp import ROOT, LocalApp, with_user_configs  # noqa: E402 - sets RAY_AUTH_MODE first
 from bench.world import World  # noqa: E402
@@ -777,9 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(table(report), file=sys.stderr if args.json else sys.stdout, flush=True)
-    if args.json:
-        print(json.dumps(report), flush=True)
+    emit(table(report), report, args.json)
     return 1 if failed else 0
 
 

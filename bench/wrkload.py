@@ -38,7 +38,7 @@ from typing import Any
 
 import ray
 
-from bench.common import bench_parser, cpu_count, log, machine
+from bench.common import bench_parser, cpu_count, emit, log, machine
 from bench.localapp import ROOT, LocalApp  # before Ray starts: sets RAY_AUTH_MODE
 from bench.throughput import (
     APP,
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(table(report), file=sys.stderr if args.json else sys.stdout, flush=True)
-    if args.json:
-        print(json.dumps(report), flush=True)
+    emit(table(report), report, args.json)
     if failed:
         first = next(
             r for r in [*warmup.values(), *found["routed"], *found["plain"]] if failures(r)
