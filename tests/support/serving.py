@@ -90,6 +90,22 @@ class Cluster:
             return bool(apps) and all(a.status == "RUNNING" for a in apps.values())
 
         wait_for_condition(running, timeout_s, message="every app RUNNING")
+        if APP in serve.status().applications:
+            self.wait_traffic_table(timeout_s)
+
+    def wait_traffic_table(self, timeout_s: float = 60) -> dict[str, Any]:
+        """The Router's /status once it serves a traffic table and none waits for its versions.
+
+        With one application per version, every application can read RUNNING while the Router
+        still holds the update that waits for its versions: it retries on its next health poll
+        (`health_poll_interval_s`, 1 s), and until then it has no table (503s, empty weights)."""
+
+        def applied():
+            status = self.router_status()
+            pending = (status.get("rejected_update") or {}).get("pending")
+            return status.get("generation", 0) > 0 and not pending and status
+
+        return wait_for_condition(applied, timeout_s, message="the Router's traffic table")
 
 
 def settled(app: dict[str, Any] | None) -> bool:
