@@ -110,3 +110,14 @@ def actor_error_class() -> type[BaseException]:
     from ray.exceptions import RayActorError
 
     return RayActorError
+
+
+def serve_loops() -> dict[str, bool]:
+    """Where this replica runs its user code and its handles' replica choice: on loops of their
+    own (Serve's default) or on the main loop (`router_main_loop`, deployments/builder.py)."""
+    from ray.serve._private import constants
+
+    return {
+        "user_code_on_main_loop": not constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD,
+        "handles_on_main_loop": not constants.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP,
+    }

@@ -8,10 +8,17 @@ way operators do: a serve config PUT to the dashboard's REST API
 runtime_env names an admin token file and a feedback token file (random 32 characters each), so
 the router's admin API and its feedback endpoint are on (`feedback_token` for the latter).
 `close()` stops only what it started.
+
+Served as the project serves (app/ops/serving_mode.py, docs/serving.md): HAProxy on the HTTP
+port in front of the Router's own server (direct ingress), with this cluster's own HAProxy
+files and ports, unless `BENCH_SERVING=proxy` (Serve's Python proxy, as before issue 19) or the
+caller set HAProxy mode itself before `start` (throughput and wrkload do: they also call the
+Python fallback proxy). `serving` says which.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -25,8 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
+from app.ops.serving_mode import HAPROXY_FLAG  # noqa: E402
 from bench.common import log, shutdown  # noqa: E402
-from tests.support.waiting import free_port, wait_for_condition  # noqa: E402
+from tests.support.waiting import free_port, serving_environ, wait_for_condition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "recommender"
@@ -87,6 +95,8 @@ class LocalApp:
         self.ray_started = self.serve_started = False
         self.tmp: Path | None = None
         self.client: httpx.Client | None = None
+        self._serving = contextlib.ExitStack()  # HAProxy mode's environment and folder
+        self.serving = "proxy"
 
     def start(self, tmp: Path, versions: list[Path], router: dict[str, Any],
               build: Callable[[int, dict[str, str]], dict[str, Any]] | None = None,
@@ -109,6 +119,9 @@ class LocalApp:
         feedback_token_file.write_text(self.feedback_token + "\n")
         feedback_token_file.chmod(0o600)
         http_port, dashboard_port = free_port(), free_port()
+        if os.environ.get(HAPROXY_FLAG) != "1":  # before ray.init: every Ray process reads it
+            self._serving.enter_context(serving_environ("BENCH_SERVING"))
+        self.serving = "haproxy" if os.environ.get(HAPROXY_FLAG) == "1" else "proxy"
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         base_env = {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
         log(
@@ -124,7 +137,7 @@ class LocalApp:
             runtime_env={"env_vars": base_env},
         )
         self.ray_started = True
-        log(f"starting Serve on http://127.0.0.1:{http_port}")
+        log(f"starting Serve on http://127.0.0.1:{http_port} (served by {self.serving})")
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         self.serve_started = True
         dashboard_url = f"http://127.0.0.1:{dashboard_port}"
@@ -186,4 +199,7 @@ class LocalApp:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
-        shutdown(serve_started=self.serve_started, ray_started=self.ray_started, tmp=self.tmp)
+        try:
+            shutdown(serve_started=self.serve_started, ray_started=self.ray_started, tmp=self.tmp)
+        finally:
+            self._serving.close()  # os.environ as it was; this cluster's HAProxy folder removed

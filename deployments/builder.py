@@ -36,6 +36,14 @@ from app.config import (
 )
 from app.constants import KV_NAMESPACE
 
+# `router_main_loop`: the Router's code and its handles' replica choice on the replica's main
+# event loop (what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, for the router replicas only; Serve
+# merges these into the application's runtime_env env_vars). docs/benchmarks.md, tuning record.
+MAIN_LOOP_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
 __all__ = [
     "build_app",
     "build_version",
@@ -126,6 +134,7 @@ def build_app(args: dict[str, Any]):
                 if app_args.router_memory_mb is not None
                 else {}
             ),
+            **({"runtime_env": {"env_vars": MAIN_LOOP_ENV}} if app_args.router_main_loop else {}),
             **placement,
         },
     )

@@ -73,6 +73,15 @@ class AppArgs(StrictModel):
         "it holds (router_max_ongoing_requests x the body limit) and the large bodies it parses "
         "(about 20x their size, PARSE_SLOTS at once). null: no reservation.",
     )
+    router_main_loop: bool = Field(
+        default=True,
+        description="Run the Router's code and its handles' replica choice on each router "
+        "replica's main event loop (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and "
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, "
+        "here for the router replicas only): no hand-off between loops and threads per request. "
+        "The Router never blocks its loop (blocking reads run in threads). false: Serve's "
+        "defaults (a loop of its own for each).",
+    )
     region: str | None = Field(
         default=None,
         pattern=LABEL_VALUE_PATTERN,

@@ -56,7 +56,10 @@ def test_server_and_health_endpoints(deployed):
     assert c.get("/v2/health/ready").status_code == 200
     assert c.get(f"/v2/models/{APP}/ready").status_code == 200
     assert c.get(f"/v2/models/{APP}/versions/v2/ready").status_code == 200
-    assert deployed.router_status()["model_transport"] == "grpc"  # the default
+    status = deployed.router_status()
+    assert status["model_transport"] == "grpc"  # the default
+    # router_main_loop (default): the Router and its handles on the replica's main loop.
+    assert status["serve_loops"] == {"user_code_on_main_loop": True, "handles_on_main_loop": True}
 
 
 def test_model_metadata(deployed):
