@@ -82,6 +82,9 @@ GENERATION_EPOCH_STRIDE = 1_000_000_000
 # routed with, and a request that echoes a newer one waits this long at most for its Router to
 # apply that generation (it is on its way: the skew between Routers was 6-146 ms measured).
 TRAFFIC_GENERATION_HEADER = "x-traffic-generation"
+# An admin command's idempotency key (the `rollout` CLI, the waves orchestrator and the operator
+# page send a fresh one per command): the controller applies a re-sent command once.
+IDEMPOTENCY_HEADER = "idempotency-key"
 GENERATION_WAIT_S = _env_float("GENERATION_WAIT_S", 0.5)
 # How long a router waits before asking an unreachable controller again.
 CONTROLLER_RETRY_S = _env_float("CONTROLLER_RETRY_S", 1.0)

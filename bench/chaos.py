@@ -50,9 +50,10 @@ body and request id. Each kill is recorded with `t_kill` (just before `ray.kill`
 20 ms, so t_dead - t_kill bounds when it died). A failed request (not 200, or a transport error)
 is attributed to a Router kill K only when all of these hold:
 
-1. the failure came from Serve's proxy, not from a Router: the Router answers every error as JSON
-   `{"error": ...}`; a non-JSON error body (the proxy's plain-text 500 when the replica it called
-   died) or a dropped connection is the proxy's. A JSON error came from a live Router, so it is
+1. the failure came from the ingress (HAProxy, or Serve's proxy with BENCH_SERVING=proxy), not
+   from a Router: the Router answers every error as JSON `{"error": ...}`; a non-JSON error body
+   (the ingress's plain-text 500 when the replica it called died) or a dropped connection is the
+   ingress's. A JSON error came from a live Router, so it is
    never attributed to a kill;
 2. it was in flight at K: it started at or before K's t_dead and ended at or after K's t_kill;
 3. the proxy's log agrees, when it has a record for the request id: the lines Serve's proxy logged
@@ -66,6 +67,16 @@ Router, then retried the request on the other one, whose body read found nothing
 the request's deadline (seen once in seed 3, after the fix below; no live client sends a body
 of 0 bytes with a content-length). It is counted as in flight on the killed Router, with its
 own cause, `body_lost_with_killed_router`.
+
+4. (the ingress's reaction time) a failure that is not the Router's (rule 1), that started within
+   DEAD_ROUTER_WINDOW_S (1 s) after a Router K was dead and that the proxy's log does not tie to
+   another actor is a request the ingress sent to K before it took K out of rotation: Serve's
+   proxy at its first failed call; HAProxy after `observe layer4` errors or a failed health
+   check, and on a keep-alive connection it had open to K. It counts as
+   `failed_sent_to_dead_router` (per kill `failed_sent_after_death`), not as in flight and not
+   as outside. HAProxy re-sends such a request to the other Router when K closed the connection
+   without an answer (RAY_SERVE_HAPROXY_RETRY_ON, app/ops/serving_mode.py); what is left is
+   counted here.
 
 Everything else failed is `failed_outside_killed_router` and is listed in `outside_failures` with
 its status, error text, timing, the nearest kill and the proxy's log lines. Among those, a proxy
@@ -128,6 +139,9 @@ EXPECTED_PHASE = "succeeded"  # both versions are healthy
 ENDED = ("succeeded", "rolled_back", "aborted", "paused")
 KINDS = ("router", "controller", f"model:{STABLE}", f"model:{CANDIDATE}")
 DEAD_POLL_S = 0.02
+# Rule 4 (module docstring): how long after a Router died a request sent to it counts as the
+# ingress not having taken it out yet. Measured under HAProxy: 0.03-0.05 s after the death.
+DEAD_ROUTER_WINDOW_S = 1.0
 BODY = {
     "inputs": [
         {"name": "user", "datatype": "BYTES", "shape": [1], "data": ["user loves space opera"]},
@@ -231,6 +245,8 @@ class Kill:
     t_dead: float | None = None  # first failed call to the actor
     t_repaired: float | None = None  # every deployment back at its target RUNNING replicas
     attributed: list[str] = field(default_factory=list)  # request ids failed in flight
+    # request ids sent just after its death, before the ingress took it out (rule 4)
+    sent_after_death: list[str] = field(default_factory=list)
     confirmed: int = 0  # of those, how many the proxy's log names this actor for
     answers: Counter[str] = field(default_factory=Counter)  # what those clients got
 
@@ -245,6 +261,7 @@ class Kill:
             "repaired_after_s": None if self.t_repaired is None else round(self.t_repaired - self.t_kill, 2),
             "in_flight": in_flight,
             "failed_in_flight": len(self.attributed),
+            "failed_sent_after_death": len(self.sent_after_death),
             "confirmed_by_proxy_log": self.confirmed,
             "failed_as": dict(self.answers),
         }  # fmt: skip
@@ -405,6 +422,15 @@ def attribute(records: list[Sent], kills: list[Kill], proxy_logs: dict[str, str]
                 continue
             if names and all(s.start > (k.t_dead or k.t_kill) for k in names):
                 cause = "sent_to_dead_router"
+            if not logged or names:  # rule 4: sent to a Router the ingress had not taken out yet
+                after = [
+                    k for k in routers
+                    if 0 < s.start - (k.t_dead or k.t_kill) <= DEAD_ROUTER_WINDOW_S
+                ]  # fmt: skip
+                if after:
+                    after[0].sent_after_death.append(s.request_id)
+                    after[0].answers[f"{s.status} {s.error} (sent after its death)"] += 1
+                    continue
         nearest = min(kills, key=lambda k: abs(k.t_kill - s.start), default=None)
         outside.append({
             "t_s": round(s.start - t0, 2), "latency_s": round(s.end - s.start, 3),
@@ -584,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed": len(failed),
         "failed_outside_killed_router": len(outside),
         "failed_in_flight_on_killed_router": sum(len(k.attributed) for k in router_kills),
+        "failed_sent_to_dead_router": sum(len(k.sent_after_death) for k in router_kills),
         "max_failed_per_router_kill": max((len(k.attributed) for k in router_kills), default=0),
         "kills": {kind: sum(1 for k in kills if k.kind == kind) for kind in KINDS},
         "final_phase": final_phase,
@@ -654,8 +681,8 @@ def table(report: dict[str, Any]) -> str:
         f"requests {report['requests']}, failed {report['failed']} "
         f"({report['failures_by_status']}), in flight on a killed Router "
         f"{report['failed_in_flight_on_killed_router']} (max {report['max_failed_per_router_kill']} "
-        f"per kill), outside killed Routers {report['failed_outside_killed_router']} "
-        f"{report['outside_causes'] or ''}",
+        f"per kill), sent to a dead Router {report['failed_sent_to_dead_router']}, outside "
+        f"killed Routers {report['failed_outside_killed_router']} {report['outside_causes'] or ''}",
         f"latency of answered requests {report['latency_ms']} ms, "
         f"{report['requests_over_5s']} over 5 s; fallbacks {report['fallbacks']}",
         f"kills {report['kills']}; final phase {report['final_phase']} "

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -108,6 +108,9 @@ MIN_TICK_GAP_S = 0.02
 # A replica with nothing to write still checks the fence this often, so a superseded one stops
 # ticking, answering long-polls and taking commands within about a second.
 FENCE_CHECK_S = 1.0
+# Idempotency-Keys of applied commands remembered (in memory: a re-sent command arrives within
+# HAProxy's retries, seconds after the first).
+COMMAND_KEYS = 1024
 # How often the candidate's replicas are looked up in Serve (for progress_deadline_s), and how
 # old a reading may be before it counts as unknown.
 READINESS_INTERVAL_S = 2.0
@@ -342,6 +345,10 @@ class ControllerCore:
         self._published_key: tuple[Any, ...] | None = None
         # Ticks, commands and declarations change the state one at a time (each awaits storage).
         self._lock = asyncio.Lock()
+        # Idempotency-Key -> the command it applied (the newest COMMAND_KEYS): a command re-sent
+        # with the same key (HAProxy re-sends a request whose Router died before it answered;
+        # app/ops/serving_mode.py) is applied once.
+        self._command_keys: OrderedDict[str, str] = OrderedDict()
         self._ticker: asyncio.Task | None = None
         self._dirty = False  # the state in memory is newer than the stored one
         # Feedback: who answered each request id (pushed by routers), and the outcomes per
@@ -990,17 +997,35 @@ class ControllerCore:
 
     # -- operators ---------------------------------------------------------------------------------
 
-    async def command(self, name: str, caller: str | None = None) -> dict[str, Any]:
+    async def command(
+        self, name: str, caller: str | None = None, key: str | None = None
+    ) -> dict[str, Any]:
         """An operator command (`Command` values: start, promote, promote_full, pause, resume,
         abort; the admin API's dashed spelling is accepted), recorded in the history with its
         `caller` (the router passes who and from where). CommandRefused (409): not now;
         Unavailable (503): accepted in memory but not stored, so not answered as done; Fenced
-        (503): this replica was superseded, so the command may not be applied."""
+        (503): this replica was superseded, so the command may not be applied.
+
+        `key` (the client's Idempotency-Key): a command this controller already applied under
+        the same key is not applied again (a second `promote` would skip a step); it is answered
+        as the first was, once stored. The same key with another command is refused (400)."""
         path = command_path(name.replace("-", "_"))
         self._refuse_if_fenced()
         async with self._lock:
             self._refuse_if_fenced()
-            await self._command(name, caller)
+            applied = self._command_keys.get(key) if key is not None else None
+            if applied is not None and applied != path:
+                raise InvalidInput(
+                    f"Idempotency-Key {key!r} was used for {applied}; send a new key for {path}"
+                )
+            if applied is None:
+                await self._command(name, caller)
+                if key is not None:
+                    self._command_keys[key] = path
+                    while len(self._command_keys) > COMMAND_KEYS:
+                        self._command_keys.popitem(last=False)
+            else:
+                logger.info("rollout %s with Idempotency-Key %r again: applied once", path, key)
             # Answered as done only once stored *and* this replica still holds the fence after
             # the write: then any replica that claims later reads it.
             confirmed = (

@@ -43,6 +43,7 @@ from app.config.waves import WavesDocumentError, parse_waves_document
 from app.constants import (
     ADMIN_CALL_TIMEOUT_S,
     GENERATION_WAIT_S,
+    IDEMPOTENCY_HEADER,
     OFF_LOOP_PARSE_BYTES,
     PARSE_SLOTS,
     RECENT_REQUEST_IDS,
@@ -111,6 +112,7 @@ from deployments.router_sync import RouterSync
 logger = logging.getLogger("ray.serve")
 
 _VERSION_NAME = re.compile(NAME_PATTERN)
+_IDEMPOTENCY_KEY = re.compile(r"[!-~]+")  # printable ASCII, no space
 # What a handle raises for a full queue, and for a replica that died or cannot be reached.
 _BACKPRESSURE = ray_compat.backpressure_error_class()
 _ACTOR_LOST = ray_compat.actor_error_class()
@@ -283,6 +285,21 @@ def _caller(request: Request) -> str:
     shared, so the name is the caller's word; the address is what the proxy saw."""
     actor = printable(request.headers.get("x-rollout-actor", "").strip())[:80] or "unnamed"
     return f"{actor} from {_client_address(request)}"
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The client's `Idempotency-Key` for an admin command (None: none sent): a command re-sent
+    with it (HAProxy re-sends a request whose Router died before answering) is applied once.
+    400 naming the header for one that is not 1-MAX_REQUEST_ID_CHARS printable ASCII characters."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_REQUEST_ID_CHARS or not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidInput(
+            f"header {IDEMPOTENCY_HEADER}: 1 to {MAX_REQUEST_ID_CHARS} printable ASCII "
+            "characters (e.g. a UUID), no spaces"
+        )
+    return key
 
 
 def routing_unit(key: str | None) -> str | None:
@@ -601,6 +618,7 @@ class Router:
                 **self.microbatch.snapshot(),
             },
             "model_transport": self.settings.model_transport,
+            "serve_loops": ray_compat.serve_loops(),
             "body_limit_bytes": self._body_limit(),
             "rejected_update": self.rejected,
             "refused_rollout_traffic": None
@@ -684,7 +702,9 @@ class Router:
             raise InvalidInput(
                 f"unknown command {command!r}; commands: {', '.join(ADMIN_COMMANDS)}"
             )
-        return await self._ask_controller("command", command, _caller(request))
+        return await self._ask_controller(
+            "command", command, _caller(request), _idempotency_key(request)
+        )
 
     @api.post("/admin/waves")
     async def waves_publish(self, request: Request) -> dict[str, Any]:

@@ -22,9 +22,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HAPROXY_FLAG", "HaproxyPorts", "serving_env", "shell_exports"]
+__all__ = ["HAPROXY_FLAG", "HAPROXY_RETRY_ON", "HaproxyPorts", "serving_env", "shell_exports"]
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+# What HAProxy re-sends, to another Router replica (`option redispatch 1`, up to `retries`, 3):
+# besides a refused connection (Serve's default, `conn-failure`), a request whose Router closed
+# the connection without any answer (`empty-response`): a Router replica that died, or a reused
+# keep-alive connection to it (HAProxy's backends `http-reuse always`). With Serve's default a
+# client of a killed Router saw "server disconnected" for every request in flight on it and for
+# some sent just after (bench.chaos, docs/benchmarks.md). A re-sent request may run twice where
+# the Router died after passing it on: inference and feedback (counted once per request id)
+# are safe to repeat; admin commands carry an `Idempotency-Key` (the `rollout` CLI sends one), so
+# the controller applies a repeat once. HAProxy re-sends only a body that fits its buffer (16 KiB).
+HAPROXY_RETRY_ON = "conn-failure empty-response"
 # HAProxy refuses a unix socket path over 97 characters, and Serve puts each node's sockets in
 # a folder named by the node id (56 hex characters) under the state directory:
 # <state_dir>/<node id>/admin.sock.
@@ -67,8 +77,8 @@ def serving_env(
     `haproxy_threads`: HAProxy's nbthread (Serve's default 4; 1 on a 2-core box). `drain_s`: how
     long a stopping Router replica keeps serving so HAProxy can take it out of rotation first
     (Serve's default 30 s; throwaway test clusters shorten it because every redeploy of the
-    Router waits for it)."""
-    env = {HAPROXY_FLAG: "1"}
+    Router waits for it). Always: `RAY_SERVE_HAPROXY_RETRY_ON` (HAPROXY_RETRY_ON, above)."""
+    env = {HAPROXY_FLAG: "1", "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON}
     if state_dir is not None:
         base = Path(state_dir).resolve()
         if len(str(base)) + NODE_FOLDER_AND_SOCKET > MAX_SOCKET_PATH:

@@ -91,6 +91,7 @@ from app.config import (
     project_root,
 )
 from app.config.waves import MAX_TEXT
+from app.constants import IDEMPOTENCY_HEADER
 from app.errors import ConfigError
 from app.ops.cli.admin_client import error_detail
 
@@ -495,9 +496,12 @@ class RegionClient:
         path: str,
         body: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
         token = self._token()
         headers = {"accept": "application/json", "x-rollout-actor": _actor()}
+        if key is not None:
+            headers[IDEMPOTENCY_HEADER] = key
         if token:
             headers["authorization"] = f"Bearer {token}"
         url = f"{self.target.url}{path}"
@@ -526,7 +530,8 @@ class RegionClient:
         return self._admin("GET", ADMIN_PATH)
 
     def command(self, name: str) -> dict[str, Any]:
-        return self._admin("POST", f"{ADMIN_PATH}/{name}")
+        # A fresh key per command: one the region's ingress re-sends is applied once.
+        return self._admin("POST", f"{ADMIN_PATH}/{name}", key=uuid.uuid4().hex)
 
     def publish_waves(
         self, document: Mapping[str, Any], timeout_s: float = PUBLISH_TIMEOUT_S

@@ -19,6 +19,7 @@ from app.config import load_yaml, project_root
 from app.ops.kuberay import project_version
 from app.ops.overlay import load_overlay, region_overlays, render
 from app.ops.placement import check_fit, launcher_errors, load_launcher, node_types, replica_demands
+from app.ops.serving_mode import HAPROXY_RETRY_ON
 from tests.support.configs import router_app, version_app
 
 ROOT = project_root()
@@ -150,6 +151,8 @@ def test_every_node_serves_through_haproxy_and_direct_ingress(path):
     its own HAProxy and Serve reads the flag in every process."""
     for command in start_commands(load_launcher(path)):
         assert "RAY_SERVE_ENABLE_HA_PROXY=1 " in command, command
+        # HAProxy re-sends a request whose Router died without answering to another Router.
+        assert f"RAY_SERVE_HAPROXY_RETRY_ON='{HAPROXY_RETRY_ON}' " in command, command
 
 
 # ------------------------------------------------------------- setup: code and dependencies

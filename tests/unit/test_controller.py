@@ -14,7 +14,7 @@ import pytest
 
 from app import ray_compat
 from app.constants import GENERATION_EPOCH_STRIDE, OUTCOMES_WRITE_INTERVAL_S
-from app.errors import CommandRefused, Unavailable, http_status
+from app.errors import CommandRefused, InvalidInput, Unavailable, http_status
 from app.observability.stats import RouterStats
 from deployments.controller import (
     CHECKPOINT_S,
@@ -138,6 +138,39 @@ def test_every_command_records_its_caller_in_the_history():
     assert core.state.history[0].reason == "command start (rollout start by bob@ci from 10.0.0.8)"
     stored = json.loads(store.data[KEY])["history"]
     assert "by bob@ci" in stored[0]["reason"]  # persisted with the state
+
+
+def test_a_command_re_sent_with_its_idempotency_key_is_applied_once():
+    # HAProxy re-sends a request whose Router died before answering (app/ops/serving_mode.py):
+    # the controller may then get the same promote twice, which must not skip a step.
+    steps = [{"set_weight": 10}, {"pause_s": None}, {"set_weight": 30}, {"pause_s": None},
+             {"set_weight": 50}, {"pause_s": None}]  # fmt: skip
+    plan = {**PLAN, "canary": {"steps": steps}}
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(declared(controller(store, clock), {**DECLARED, "plan": plan}))
+    first = run(core.command("promote", "alice", key="k-1"))
+    step, events = core.state.step_index, len(core.state.history)
+    again = run(core.command("promote", "alice", key="k-1"))
+    assert core.state.step_index == step and len(core.state.history) == events
+    assert again["step_index"] == first["step_index"] == step
+    # The same key for another command is the client's mistake: 400, nothing applied.
+    with pytest.raises(InvalidInput, match="Idempotency-Key 'k-1' was used for promote") as bad:
+        run(core.command("abort", "alice", key="k-1"))
+    assert http_status(bad.value) == 400 and core.state.phase.value != "aborted"
+    # A new key is a new command.
+    run(core.command("promote", "alice", key="k-2"))
+    assert core.state.step_index > step
+
+
+def test_only_the_newest_idempotency_keys_are_remembered(monkeypatch):
+    from deployments import controller as module
+
+    monkeypatch.setattr(module, "COMMAND_KEYS", 2)
+    core = run(declared(controller(InMemoryStore(), FakeClock())))
+    for key in ("a", "b", "c"):
+        run(core.command("pause", key=key))
+        run(core.command("resume", key=key + "-resume"))
+    assert list(core._command_keys) == ["c", "c-resume"]
 
 
 def test_promote_full_spelled_either_way():

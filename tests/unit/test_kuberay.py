@@ -16,6 +16,7 @@ from app.ops.cli import main
 from app.ops.kuberay import generate, manifest_text, pod_labels, project_version
 from app.ops.overlay import load_overlay, render
 from app.ops.placement import load_launcher, node_types
+from app.ops.serving_mode import HAPROXY_RETRY_ON
 from tests.support.configs import router_app
 
 ROOT = project_root()
@@ -132,6 +133,7 @@ def test_every_ray_container_serves_through_haproxy_and_direct_ingress():
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", container["name"]
+            assert env.get("RAY_SERVE_HAPROXY_RETRY_ON") == HAPROXY_RETRY_ON, container["name"]
 
 
 # ------------------------------------------------------------------------ NetworkPolicies

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import httpx
 
+from app.constants import IDEMPOTENCY_HEADER
 from app.rollout.machine import OPERATOR_COMMANDS, command_path
 from app.serving.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
@@ -64,13 +66,18 @@ class AdminClient:
         return self._call("GET", f"{ADMIN_PATH}/history")
 
     def command(self, name: str) -> dict[str, Any]:
-        return self._call("POST", f"{ADMIN_PATH}/{COMMAND_PATHS[name]}")
+        # A fresh key per command: one the ingress re-sends is applied once (a second promote
+        # would skip a step).
+        headers = {IDEMPOTENCY_HEADER: uuid.uuid4().hex}
+        return self._call("POST", f"{ADMIN_PATH}/{COMMAND_PATHS[name]}", headers)
 
-    def _call(self, method: str, path: str) -> dict[str, Any]:
+    def _call(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         httpx = self._httpx
         where = f"{method} {self.url}{path}"
         try:
-            response = self._client.request(method, path)
+            response = self._client.request(method, path, headers=headers)
         except httpx.ConnectError as exc:
             raise AdminError(
                 f"cannot reach the router's admin API at {self.url}: {exc} "

@@ -75,10 +75,25 @@
 
   class Refused extends Error {}
 
+  // A fresh Idempotency-Key per command: one the ingress re-sends (its Router died before
+  // answering) is applied once, so a promote never skips a step.
+  function idempotencyKey() {
+    if (window.crypto && typeof window.crypto.randomUUID === "function") {
+      return window.crypto.randomUUID();
+    }
+    const bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);  // also outside a secure context (plain http)
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
   async function call(method, url) {
+    const headers = { Authorization: "Bearer " + token(), "x-rollout-actor": "operator-page" };
+    if (method === "POST") {
+      headers["Idempotency-Key"] = idempotencyKey();
+    }
     const response = await fetch(url, {
       method: method,
-      headers: { Authorization: "Bearer " + token(), "x-rollout-actor": "operator-page" },
+      headers: headers,
       cache: "no-store",
       credentials: "omit",
     });
