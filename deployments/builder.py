@@ -53,6 +53,8 @@ __all__ = [
 
 
 CAPACITY_POLICY = "deployments.capacity_policy:CapacityFloorPolicy"
+# Serve's queue-length policy, counting a coalesced call's requests one by one.
+REQUEST_LOAD_POLICY = "deployments.capacity_policy:request_load_policy"
 
 
 def autoscaling_config(config: ModelConfig) -> dict[str, Any]:
@@ -65,6 +67,9 @@ def autoscaling_config(config: ModelConfig) -> dict[str, Any]:
     scaling = config.autoscaling
     serve_config = scaling.serve_config()
     if not scaling.capacity_aware:
+        # Serve's default policy, on the requests the replicas hold (a Router's coalesced call
+        # counts each request it carries): Router -> model micro-batching must not hide load.
+        serve_config["policy"] = {"policy_function": REQUEST_LOAD_POLICY}
         return serve_config
     serve_config["upscale_delay_s"] = 0.0
     serve_config["policy"] = {

@@ -35,6 +35,7 @@ cannot, the floor stays 0 and the version scales on load alone.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -48,7 +49,15 @@ from typing import Any
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
 
-__all__ = ["DEFAULT_REFRESH_S", "DEFAULT_STALE_S", "CapacityFloorPolicy", "floor_key"]
+__all__ = [
+    "DEFAULT_REFRESH_S",
+    "DEFAULT_STALE_S",
+    "REQUESTS_IN_REPLICA",
+    "CapacityFloorPolicy",
+    "counted_in_requests",
+    "floor_key",
+    "request_load_policy",
+]
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,6 +72,38 @@ FLOOR_STATE = "capacity_floor.floor"
 _EPS_S = 1e-6
 
 KvRead = Callable[[str], bytes | None]
+# What ModelServer.record_autoscaling_stats reports: the requests in the replica, each request a
+# Router coalesced into one call (`infer_many`, app/serving/coalesce.py) counted on its own.
+REQUESTS_IN_REPLICA = "rollout_requests_in_replica"
+
+
+def counted_in_requests(ctx: AutoscalingContext) -> AutoscalingContext:
+    """`ctx` with its load counted in requests rather than Serve calls.
+
+    Serve counts ongoing and queued *calls* (`total_num_requests`); with Router -> model
+    micro-batching one call carries several requests, so a version under load read as a few
+    calls and never scaled out. The replicas report the requests they hold (REQUESTS_IN_REPLICA,
+    averaged over the look-back window like Serve's own count); the load is their sum plus the
+    calls still queued in handles, or Serve's count when that is larger (the two are sampled at
+    different moments) or when no replica reported yet. Never below Serve's own count, so with
+    micro-batching off the answer is Serve's."""
+    per_replica = (ctx.aggregated_metrics or {}).get(REQUESTS_IN_REPLICA)
+    if not per_replica:
+        return ctx
+    requests = sum(per_replica.values()) + (ctx.total_queued_requests or 0.0)
+    if not math.isfinite(requests) or requests <= ctx.total_num_requests:
+        return ctx
+    view = copy.copy(ctx)
+    # `total_num_requests` is a cached_property: an instance attribute of that name wins.
+    view.__dict__["total_num_requests"] = requests
+    return view
+
+
+def request_load_policy(ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
+    """Serve's queue-length policy over requests (`counted_in_requests`): what every version
+    deployment that does not opt in to capacity-aware steps scales with. Serve wraps it with
+    the same bounds, smoothing and delays as its default policy."""
+    return replica_queue_length_autoscaling_policy(counted_in_requests(ctx))
 
 
 def floor_key(app: str, model: str, version: str) -> str:
@@ -216,7 +257,7 @@ class CapacityFloorPolicy:
         self._ensure_refreshing(ctx.app_name)
         now = ctx.current_time if ctx.current_time is not None else self._clock()
         floor = self.floor(now)
-        load, _ = replica_queue_length_autoscaling_policy(ctx)
+        load, _ = replica_queue_length_autoscaling_policy(counted_in_requests(ctx))
         load_desired = math.ceil(load)
         target = ctx.target_num_replicas
 

@@ -37,6 +37,7 @@ from app.observability.metrics import Metrics
 from app.serving.artifacts import resolve_artifact, verify_artifact
 from app.serving.batching import Batcher
 from app.serving.faults import plan_fault
+from deployments.capacity_policy import REQUESTS_IN_REPLICA
 
 logger = logging.getLogger("ray.serve")
 
@@ -73,6 +74,7 @@ class ModelServer:
         self.config_hash = config_hash(config.user_config().model_dump(mode="json"))
         self.load_s = 0.0
         self.metrics = Metrics(config.name)
+        self.requests_in_replica = 0  # in _infer now: the autoscaler's load (see below)
         self.infer_many_calls = 0  # coalesced calls from routers (infer_many), for info()
         self.infer_many_items = 0
         self._gauges_at = float("-inf")
@@ -207,7 +209,22 @@ class ModelServer:
                 answers.append({"outputs": outputs, "config": config})
         return answers
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (pushed every `metrics_interval_s`): the requests
+        this replica holds, each request of a Router's coalesced call counted on its own, which
+        the version's autoscaling policy scales on (deployments/capacity_policy.py)."""
+        return {REQUESTS_IN_REPLICA: float(self.requests_in_replica)}
+
     async def _infer(self, inputs: Tensors, parameters: dict[str, Any]) -> tuple[Tensors, str]:
+        self.requests_in_replica += 1
+        try:
+            return await self._infer_counted(inputs, parameters)
+        finally:
+            self.requests_in_replica -= 1
+
+    async def _infer_counted(
+        self, inputs: Tensors, parameters: dict[str, Any]
+    ) -> tuple[Tensors, str]:
         await self._ensure_loaded()
         plan = plan_fault(self.faults, self.rng)
         if plan.delay_s:
@@ -306,4 +323,5 @@ class ModelServer:
                 "isolated_batches": self.batcher.isolated,
             },
             "infer_many": {"calls": self.infer_many_calls, "items": self.infer_many_items},
+            "requests_in_replica": self.requests_in_replica,
         }

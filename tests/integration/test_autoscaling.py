@@ -9,6 +9,7 @@ timing is shortened (`upscale_delay_s`, `downscale_delay_s`, `look_back_period_s
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -60,10 +61,11 @@ def slow_app(cluster, tiny_models, tmp_path_factory):
         batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
     )  # fmt: skip
     forget_rollouts()
-    cluster.serve_deploy(serve_config([version], {VERSION: 100}), tmp)
+    config = serve_config([version], {VERSION: 100})
+    cluster.serve_deploy(config, tmp)
     cluster.wait_running()
     wait_for_condition(lambda: running_replicas() == 1, 60, message=f"{DEPLOYMENT}: 1 replica")
-    yield cluster
+    yield cluster, config, tmp
     # The next module deploys its own app; it must not find this one's deprecated field.
     from ray import serve
 
@@ -96,7 +98,7 @@ class Recorder:
 
 
 def test_load_scales_a_version_up_and_back_down_without_a_failed_request(slow_app):
-    cluster = slow_app
+    cluster = slow_app[0]
     assert running_replicas() == 1
     recorder = Recorder()
     seen: list[tuple[float, int]] = []
@@ -131,3 +133,37 @@ def test_load_scales_a_version_up_and_back_down_without_a_failed_request(slow_ap
     # Serving still works on the one replica left.
     r = cluster.client.post(f"/v2/models/{APP}/infer", json=BODY)
     assert r.status_code == 200 and r.headers["x-model-version"] == VERSION
+
+
+def test_with_micro_batching_the_requests_a_call_carries_still_scale_the_version_out(slow_app):
+    """Router -> model micro-batching on, one call out per version: the 8 clients' requests
+    leave the Router as one call at a time carrying the rest. Serve counts calls (1 in flight:
+    half of one replica's target, no scale-out; before, the version stayed at 1 replica); the
+    replicas report the requests they hold (`record_autoscaling_stats`) and the version's
+    policy scales on those (deployments/capacity_policy.py)."""
+    cluster, config, tmp = slow_app
+    wait_for_condition(lambda: running_replicas() == 1, 60, message=f"{DEPLOYMENT}: 1 replica")
+    batched = copy.deepcopy(config)
+    router = next(d for d in batched["applications"][0]["deployments"] if d["name"] == "Router")
+    router["user_config"]["microbatch"] = {"enabled": True, "max_batch_size": 32,
+                                           "max_calls_in_flight": 1}  # fmt: skip
+    cluster.serve_deploy(batched, tmp)
+    wait_for_condition(lambda: cluster.router_status()["microbatch"]["enabled"], 60,
+                       message="micro-batching on in the Router")  # fmt: skip
+    onset = time.monotonic()
+    try:
+        with Load(cluster.url, Recorder(), clients=CLIENTS) as load:
+            peak = wait_for_condition(
+                lambda: (n := running_replicas()) >= 2 and n, 60, interval_s=0.25,
+                message=f"{DEPLOYMENT} to scale past 1 replica while its calls are coalesced",
+            )  # fmt: skip
+            scale_up_s = time.monotonic() - onset
+            lanes = cluster.router_status()["microbatch"]["versions"][VERSION]
+        print(f"\nmicro-batching: 1 -> {peak} replicas {scale_up_s:.1f}s after load onset; "
+              f"{load.sent} requests; Router -> {VERSION} {lanes}")  # fmt: skip
+        assert load.errors == [], load.errors[:5]
+        assert lanes["items"] > lanes["calls"]  # calls carried several requests
+        wait_for_condition(lambda: running_replicas() == 1, 60, interval_s=0.25,
+                           message=f"{DEPLOYMENT} to scale back to 1 replica")  # fmt: skip
+    finally:
+        cluster.serve_deploy(config, tmp)  # micro-batching off again

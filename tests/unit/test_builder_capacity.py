@@ -10,7 +10,12 @@ import pytest
 
 from app.config import ModelConfig
 from app.constants import KV_NAMESPACE
-from deployments.builder import CAPACITY_POLICY, _model_server, autoscaling_config
+from deployments.builder import (
+    CAPACITY_POLICY,
+    REQUEST_LOAD_POLICY,
+    _model_server,
+    autoscaling_config,
+)
 
 SHA = "0" * 64
 
@@ -22,10 +27,15 @@ def model_config(**autoscaling) -> ModelConfig:
     )  # fmt: skip
 
 
-def test_a_version_that_does_not_opt_in_keeps_serves_default_policy():
+def test_a_version_that_does_not_opt_in_scales_on_requests_with_its_own_delays():
     config = autoscaling_config(model_config())
-    assert "policy" not in config
+    # Serve's queue-length policy counting a Router's coalesced call as its requests.
+    assert config["policy"] == {"policy_function": REQUEST_LOAD_POLICY}
     assert config["upscale_delay_s"] == 30.0
+    app = _model_server(model_config(), {})
+    scaling = app._bound_deployment._deployment_config.autoscaling_config
+    function = cloudpickle.loads(scaling.policy.get_serialized_policy_def())
+    assert function.__name__ == "request_load_policy" and not inspect.isclass(function)
 
 
 def test_a_version_that_opts_in_gets_the_floor_policy_and_keeps_its_delay_there():

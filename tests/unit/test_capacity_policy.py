@@ -14,8 +14,11 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from deployments.capacity_policy import (
     LOAD_UP_SINCE,
+    REQUESTS_IN_REPLICA,
     CapacityFloorPolicy,
+    counted_in_requests,
     floor_key,
+    request_load_policy,
 )
 
 APP, MODEL, VERSION = "recommender", "recommender", "v2"
@@ -55,6 +58,8 @@ def context(
     requests: float = 0.0,
     state: dict | None = None,
     upscale_delay_s: float = 0.0,
+    queued: float = 0.0,
+    held: dict | None = None,
 ) -> AutoscalingContext:
     config = AutoscalingConfig(
         min_replicas=1, max_replicas=10, target_ongoing_requests=2,
@@ -68,8 +73,8 @@ def context(
         target_num_replicas=running if target is None else target,
         running_replicas=[],
         total_num_requests=requests,
-        total_queued_requests=0.0,
-        aggregated_metrics={},
+        total_queued_requests=queued,
+        aggregated_metrics={} if held is None else {REQUESTS_IN_REPLICA: held},
         raw_metrics={},
         capacity_adjusted_min_replicas=1,
         capacity_adjusted_max_replicas=10,
@@ -242,3 +247,40 @@ def test_the_thread_reads_the_key_without_blocking_a_call():
 def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match=r"upscale_delay_s \(-1"):
         CapacityFloorPolicy(MODEL, VERSION, upscale_delay_s=-1)
+
+
+# -- the load in requests (Router -> model micro-batching) -------------------------------------
+
+
+def test_coalesced_calls_count_each_request_they_carry():
+    # Two routers with two calls out each, carrying 30 requests: Serve counts 4 calls, which at
+    # target 2 on one replica asks for 2 replicas; the 30 requests ask for 15 (capped at 10 by
+    # Serve's bounds, applied by its wrapper, not here).
+    ctx = context(1_000.0, running=1, requests=4.0, held={"r1": 30.0})
+    assert request_load_policy(ctx)[0] == pytest.approx(15.0)
+    assert counted_in_requests(ctx).total_num_requests == 30.0
+    assert ctx.total_num_requests == 4.0  # Serve's context is left as it was
+
+
+def test_calls_queued_in_handles_add_to_the_requests_in_the_replicas():
+    ctx = context(1_000.0, running=2, requests=6.0, queued=4.0, held={"r1": 10.0, "r2": 12.0})
+    assert counted_in_requests(ctx).total_num_requests == 26.0
+    assert request_load_policy(ctx)[0] == pytest.approx(13.0)
+
+
+@pytest.mark.parametrize(
+    "held", [None, {}, {"r1": 1.0}, {"r1": float("nan")}], ids=["no metric", "no replica",
+                                                                "fewer", "nan"],
+)  # fmt: skip
+def test_without_a_larger_request_count_the_answer_is_serves(held):
+    # No replica reported yet, or the requests read below Serve's own count (sampled at another
+    # moment, or micro-batching off): Serve's count stands.
+    ctx = context(1_000.0, running=1, requests=4.0, held=held)
+    assert counted_in_requests(ctx) is ctx
+    assert request_load_policy(ctx)[0] == pytest.approx(2.0)
+
+
+def test_the_floor_policy_counts_requests_too():
+    kv, clock = FakeKv(), Clock()
+    answer, _ = policy(kv, clock)(context(clock.now, running=1, requests=2.0, held={"r1": 12.0}))
+    assert answer == 6  # 12 requests at target 2, no floor published
