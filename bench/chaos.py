@@ -69,10 +69,12 @@ of 0 bytes with a content-length). It is counted as in flight on the killed Rout
 own cause, `body_lost_with_killed_router`.
 
 4. (the ingress's reaction time) a failure that is not the Router's (rule 1), that started within
-   DEAD_ROUTER_WINDOW_S (1 s) after a Router K was dead and that the proxy's log does not tie to
-   another actor is a request the ingress sent to K before it took K out of rotation: Serve's
-   proxy at its first failed call; HAProxy after `observe layer4` errors or a failed health
-   check, and on a keep-alive connection it had open to K. It counts as
+   DEAD_ROUTER_WINDOW_S (0.25 s) after a Router K was dead and that Serve's proxy has no log
+   record for (behind HAProxy it never has: HAProxy's own log is not read) is a request the
+   ingress sent to K before it took K out of rotation: HAProxy after `observe layer4` errors or
+   a failed health check, and on a keep-alive connection it had open to K. It is a time window
+   only. Behind Serve's proxy such a request has a log record and stays outside, as
+   `sent_to_dead_router`. It counts as
    `failed_sent_to_dead_router` (per kill `failed_sent_after_death`), not as in flight and not
    as outside. HAProxy re-sends such a request to the other Router when K closed the connection
    without an answer (RAY_SERVE_HAPROXY_RETRY_ON, app/ops/serving_mode.py); what is left is
@@ -141,7 +143,7 @@ KINDS = ("router", "controller", f"model:{STABLE}", f"model:{CANDIDATE}")
 DEAD_POLL_S = 0.02
 # Rule 4 (module docstring): how long after a Router died a request sent to it counts as the
 # ingress not having taken it out yet. Measured under HAProxy: 0.03-0.05 s after the death.
-DEAD_ROUTER_WINDOW_S = 1.0
+DEAD_ROUTER_WINDOW_S = 0.25
 BODY = {
     "inputs": [
         {"name": "user", "datatype": "BYTES", "shape": [1], "data": ["user loves space opera"]},
@@ -422,7 +424,7 @@ def attribute(records: list[Sent], kills: list[Kill], proxy_logs: dict[str, str]
                 continue
             if names and all(s.start > (k.t_dead or k.t_kill) for k in names):
                 cause = "sent_to_dead_router"
-            if not logged or names:  # rule 4: sent to a Router the ingress had not taken out yet
+            if not logged:  # rule 4: sent to a Router the ingress had not taken out yet
                 after = [
                     k for k in routers
                     if 0 < s.start - (k.t_dead or k.t_kill) <= DEAD_ROUTER_WINDOW_S

@@ -37,8 +37,8 @@ from app.config import (
 from app.constants import KV_NAMESPACE
 
 # `router_main_loop`: the Router's code and its handles' replica choice on the replica's main
-# event loop (what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, for the router replicas only; Serve
-# merges these into the application's runtime_env env_vars). docs/benchmarks.md, tuning record.
+# event loop (what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, for the router replicas only; added to
+# the application's runtime_env by `_router_runtime_env`). docs/benchmarks.md, tuning record.
 MAIN_LOOP_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -68,7 +68,7 @@ def autoscaling_config(config: ModelConfig) -> dict[str, Any]:
     serve_config = scaling.serve_config()
     if not scaling.capacity_aware:
         # Serve's default policy, on the requests the replicas hold (a Router's coalesced call
-        # counts each request it carries): Router -> model micro-batching must not hide load.
+        # counts each request it carries; those still waiting in a Router's coalescer do not).
         serve_config["policy"] = {"policy_function": REQUEST_LOAD_POLICY}
         return serve_config
     serve_config["upscale_delay_s"] = 0.0
@@ -109,6 +109,22 @@ def build_version(args: dict[str, Any]):
     return _model_server(config, {"label_selector": selector} if selector else {})
 
 
+def _router_runtime_env() -> dict[str, Any]:
+    """The application's runtime_env plus MAIN_LOOP_ENV, for the Router deployment.
+
+    A deployment that sets a runtime_env of its own keeps it, and Serve adds only the app's
+    `working_dir` to it unless the serve config lists the deployment (then it merges the app's
+    `env_vars` too): so the app's own (the admin token file, HF_HUB_OFFLINE, pip) are copied
+    here, as Serve gives them to a deployment that sets none. Outside Ray (unit tests): only
+    MAIN_LOOP_ENV."""
+    import ray
+
+    app_env: dict[str, Any] = {}
+    if ray.is_initialized():  # a Serve build task: its runtime_env is the application's
+        app_env = dict(ray.get_runtime_context().runtime_env or {})
+    return {**app_env, "env_vars": {**(app_env.get("env_vars") or {}), **MAIN_LOOP_ENV}}
+
+
 def build_app(args: dict[str, Any]):
     from deployments.controller import RolloutController
     from deployments.router import Router
@@ -139,7 +155,7 @@ def build_app(args: dict[str, Any]):
                 if app_args.router_memory_mb is not None
                 else {}
             ),
-            **({"runtime_env": {"env_vars": MAIN_LOOP_ENV}} if app_args.router_main_loop else {}),
+            **({"runtime_env": _router_runtime_env()} if app_args.router_main_loop else {}),
             **placement,
         },
     )

@@ -85,8 +85,9 @@ def counted_in_requests(ctx: AutoscalingContext) -> AutoscalingContext:
     calls and never scaled out. The replicas report the requests they hold (REQUESTS_IN_REPLICA,
     averaged over the look-back window like Serve's own count); the load is their sum plus the
     calls still queued in handles, or Serve's count when that is larger (the two are sampled at
-    different moments) or when no replica reported yet. Never below Serve's own count, so with
-    micro-batching off the answer is Serve's."""
+    different moments) or when no replica reported yet. Never below Serve's own count (so with
+    micro-batching off it is Serve's count or a little above it, the two being sampled apart).
+    Requests still waiting in a Router's coalescer for the next call are in neither count."""
     per_replica = (ctx.aggregated_metrics or {}).get(REQUESTS_IN_REPLICA)
     if not per_replica:
         return ctx

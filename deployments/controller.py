@@ -1007,8 +1007,9 @@ class ControllerCore:
         (503): this replica was superseded, so the command may not be applied.
 
         `key` (the client's Idempotency-Key): a command this controller already applied under
-        the same key is not applied again (a second `promote` would skip a step); it is answered
-        as the first was, once stored. The same key with another command is refused (400)."""
+        the same key is not applied again (a second `promote` would skip a step); the repeat
+        gets the rollout's current status once it is stored (503 while it is not). The same
+        key with another command is refused (400)."""
         path = command_path(name.replace("-", "_"))
         self._refuse_if_fenced()
         async with self._lock:
@@ -1019,11 +1020,16 @@ class ControllerCore:
                     f"Idempotency-Key {key!r} was used for {applied}; send a new key for {path}"
                 )
             if applied is None:
-                await self._command(name, caller)
-                if key is not None:
-                    self._command_keys[key] = path
-                    while len(self._command_keys) > COMMAND_KEYS:
-                        self._command_keys.popitem(last=False)
+                before = self.state
+                try:
+                    await self._command(name, caller)
+                finally:
+                    # Kept once the command changed the state, even if what follows it failed
+                    # (a store write, a tick): a re-send must not apply it a second time.
+                    if key is not None and self.state is not before:
+                        self._command_keys[key] = path
+                        while len(self._command_keys) > COMMAND_KEYS:
+                            self._command_keys.popitem(last=False)
             else:
                 logger.info("rollout %s with Idempotency-Key %r again: applied once", path, key)
             # Answered as done only once stored *and* this replica still holds the fence after

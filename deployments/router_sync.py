@@ -67,7 +67,13 @@ class RouterSync:
         for version in missing:
             name = version_app_name(router.model, version)
             try:
-                handle = router._transport(serve.get_deployment_handle(name, app_name=name))
+                # In a thread: it asks Serve's controller with a blocking ray.get, and the Router
+                # runs on the replica's main loop (router_main_loop), which also serves HTTP.
+                found = await asyncio.wait_for(
+                    asyncio.to_thread(serve.get_deployment_handle, name, app_name=name),
+                    timeout=DESCRIBE_TIMEOUT_S,
+                )
+                handle = router._transport(found)
                 described = await asyncio.wait_for(
                     handle.describe.remote(), timeout=DESCRIBE_TIMEOUT_S
                 )

@@ -79,8 +79,8 @@ class AppArgs(StrictModel):
         "replica's main event loop (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and "
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, "
         "here for the router replicas only): no hand-off between loops and threads per request. "
-        "The Router never blocks its loop (blocking reads run in threads). false: Serve's "
-        "defaults (a loop of its own for each).",
+        "The Router's blocking calls (Serve's details, looking a version up, large bodies, "
+        "capture writes) run in threads. false: Serve's defaults (a loop of its own for each).",
     )
     region: str | None = Field(
         default=None,

@@ -33,7 +33,8 @@ HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 # some sent just after (bench.chaos, docs/benchmarks.md). A re-sent request may run twice where
 # the Router died after passing it on: inference and feedback (counted once per request id)
 # are safe to repeat; admin commands carry an `Idempotency-Key` (the `rollout` CLI sends one), so
-# the controller applies a repeat once. HAProxy re-sends only a body that fits its buffer (16 KiB).
+# the controller applies a repeat once. HAProxy re-sends only a request that fits its buffer whole
+# (headers and body under about 15 KiB with the default tune.bufsize).
 HAPROXY_RETRY_ON = "conn-failure empty-response"
 # HAProxy refuses a unix socket path over 97 characters, and Serve puts each node's sockets in
 # a folder named by the node id (56 hex characters) under the state directory:

@@ -94,18 +94,37 @@ class Cluster:
             self.wait_traffic_table(timeout_s)
 
     def wait_traffic_table(self, timeout_s: float = 60) -> dict[str, Any]:
-        """The Router's /status once it serves a traffic table and none waits for its versions.
+        """A Router's /status once every Router replica serves a traffic table and none has an
+        update waiting for its versions.
 
         With one application per version, every application can read RUNNING while the Router
         still holds the update that waits for its versions: it retries on its next health poll
         (`health_poll_interval_s`, 1 s), and until then it has no table (503s, empty weights)."""
 
-        def applied():
-            status = self.router_status()
-            pending = (status.get("rejected_update") or {}).get("pending")
-            return status.get("generation", 0) > 0 and not pending and status
+        import httpx
 
-        return wait_for_condition(applied, timeout_s, message="the Router's traffic table")
+        from app import ray_compat
+
+        headers = {"authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
+        def statuses() -> list[dict[str, Any]]:
+            # Each Router replica's own server (HAProxy mode): with two or more, the cluster's
+            # port answers from one of them only. Without direct ingress: the cluster's port.
+            ports = [port for _, port in ray_compat.ingress_targets(APP)]
+            if not ports:
+                return [self.router_status()]
+            return [httpx.get(f"http://127.0.0.1:{port}/status", headers=headers, timeout=10)
+                    .json() for port in ports]  # fmt: skip
+
+        def applied():
+            seen = statuses()
+            for status in seen:
+                pending = (status.get("rejected_update") or {}).get("pending")
+                if status.get("generation", 0) == 0 or pending:
+                    return None
+            return seen[0]
+
+        return wait_for_condition(applied, timeout_s, message="every Router's traffic table")
 
 
 def settled(app: dict[str, Any] | None) -> bool:

@@ -42,3 +42,18 @@ def test_a_bad_router_main_loop_is_refused_naming_the_field(value):
 
     with pytest.raises(ConfigError, match="router_main_loop"):
         build_app({"model": "recommender", "version_apps": True, "router_main_loop": value})
+
+
+def test_the_routers_runtime_env_carries_the_applications_own(monkeypatch):
+    # In a Serve build task the application's runtime_env is the task's. Serve would keep the
+    # Router's own runtime_env and add only the app's working_dir (the Router is not always
+    # listed in the serve config), so the builder copies the app's in: the admin token file.
+    import ray
+
+    app_env = {"env_vars": {"ROLLOUT_ADMIN_TOKEN_FILE": "/secrets/admin"}, "pip": ["x==1"]}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: type("Context", (), {"runtime_env": app_env})())  # fmt: skip
+    env = _router_options()["runtime_env"]
+    assert env["pip"] == ["x==1"]
+    assert env["env_vars"] == {"ROLLOUT_ADMIN_TOKEN_FILE": "/secrets/admin", **MAIN_LOOP_ENV}

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -20,6 +21,7 @@ from app.ops.kuberay import project_version
 from app.ops.overlay import load_overlay, region_overlays, render
 from app.ops.placement import check_fit, launcher_errors, load_launcher, node_types, replica_demands
 from app.ops.serving_mode import HAPROXY_RETRY_ON
+from deployments.builder import REQUEST_LOAD_POLICY
 from tests.support.configs import router_app, version_app
 
 ROOT = project_root()
@@ -445,3 +447,34 @@ def test_version_apps_and_the_router_memory_are_demands():
     )
     assert demands["recommender-v1"].selector == {"region": "us-east-1"}
     assert demands["Router"].resources["memory"] == 1024 * 1024 * 1024
+
+
+def _version_scaling_overrides(document: dict) -> list[tuple[str, dict]]:
+    return [
+        (d["name"], d["autoscaling_config"])
+        for app in document["applications"]
+        for d in app.get("deployments") or []
+        if d["name"].startswith("recommender-") and "autoscaling_config" in d
+    ]
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=ids(OVERLAYS))
+def test_a_region_that_sizes_a_version_keeps_its_request_counting_policy(path):
+    """Serve replaces a deployment's whole `autoscaling_config` with an override, policy
+    included: without it the version falls back to Serve's default policy, which counts calls,
+    and Router -> model micro-batching would hide its load (deployments/capacity_policy.py)."""
+    document = render(load_yaml(ROOT / "serve_config.yaml"), load_overlay(path))
+    for name, scaling in _version_scaling_overrides(document):
+        function = (scaling.get("policy") or {}).get("policy_function")
+        assert function == REQUEST_LOAD_POLICY, (path.name, name, scaling)
+
+
+def test_the_kuberay_manifest_keeps_the_request_counting_policy():
+    manifest, *_policies = yaml.safe_load_all(
+        (ROOT / "cluster/kuberay/rayservice.yaml").read_text()
+    )
+    document = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    overrides = _version_scaling_overrides(document)
+    assert overrides  # the manifest sizes its versions
+    for name, scaling in overrides:
+        assert scaling["policy"]["policy_function"] == REQUEST_LOAD_POLICY, (name, scaling)

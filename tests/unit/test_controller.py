@@ -162,6 +162,29 @@ def test_a_command_re_sent_with_its_idempotency_key_is_applied_once():
     assert core.state.step_index > step
 
 
+def test_a_re_sent_command_whose_first_send_was_not_stored_is_not_applied_again():
+    # The first promote changed the state but its write failed (503): HAProxy or the client
+    # sends it again with the same key. It must not advance a second step.
+    steps = [{"set_weight": 10}, {"pause_s": None}, {"set_weight": 30}, {"pause_s": None},
+             {"set_weight": 50}, {"pause_s": None}]  # fmt: skip
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(
+        declared(
+            controller(store, clock), {**DECLARED, "plan": {**PLAN, "canary": {"steps": steps}}}
+        )
+    )
+    store.fail_puts = True
+    with pytest.raises(Unavailable, match="not stored yet"):
+        run(core.command("promote", key="k-9"))
+    step = core.state.step_index
+    with pytest.raises(Unavailable, match="not stored yet"):
+        run(core.command("promote", key="k-9"))
+    assert core.state.step_index == step
+    store.fail_puts = False
+    run(core.tick())  # the write succeeds
+    assert run(core.command("promote", key="k-9"))["step_index"] == step
+
+
 def test_only_the_newest_idempotency_keys_are_remembered(monkeypatch):
     from deployments import controller as module
 
