@@ -9,6 +9,15 @@ from app.config import ROUTER_DEPLOYMENT
 from deployments.builder import MAIN_LOOP_ENV, build_app
 
 
+@pytest.fixture(autouse=True)
+def outside_ray(monkeypatch):
+    """As in a process with no Ray: the whole suite runs in one process, and the integration
+    tests before these leave Ray initialised in it (with the driver's own runtime_env)."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
 def _router_options(**args) -> dict:
     app = build_app({"model": "recommender", "version_apps": True, **args})
     deployment = app._bound_deployment
