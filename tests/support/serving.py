@@ -26,15 +26,20 @@ class Cluster:
         self.admin_token: str | None = None
         self.haproxy_state: Path | None = None  # this cluster's HAProxy files, when it has HAProxy
 
-    def router_url(self, app: str = APP, timeout_s: float = 60) -> str:
-        """The base URL of one Router replica's own HTTP server (direct ingress: what HAProxy
-        forwards to), once Serve has given the replica its port."""
+    def router_urls(self, app: str = APP) -> list[str]:
+        """The base URL of each Router replica's own HTTP server (direct ingress: what HAProxy
+        forwards to) that Serve has given a port; none without direct ingress."""
         from app import ray_compat
 
-        targets = wait_for_condition(lambda: ray_compat.ingress_targets(app), timeout_s,
-                                     message=f"a direct-ingress port for {app}")  # fmt: skip
         # On one node the replica's server listens on loopback whatever IP it advertises.
-        return f"http://127.0.0.1:{targets[0][1]}"
+        return [f"http://127.0.0.1:{port}" for _, port in ray_compat.ingress_targets(app)]
+
+    def router_url(self, app: str = APP, timeout_s: float = 60) -> str:
+        """The base URL of one Router replica's own HTTP server, once Serve has given the
+        replica its port."""
+        urls = wait_for_condition(lambda: self.router_urls(app), timeout_s,
+                                  message=f"a direct-ingress port for {app}")  # fmt: skip
+        return urls[0]
 
     def serve_deploy(self, config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess:
         """Run the real `serve deploy` CLI on `config` (written as YAML)."""
@@ -64,11 +69,14 @@ class Cluster:
 
         wait_for_condition(running, timeout_s, message=f"app {name} RUNNING, every replica up")
 
+    def _status_headers(self) -> dict[str, str]:
+        """The admin token when a test set `admin_token` (test apps publish /status with
+        `router.public_status` unless they test the default)."""
+        return {"authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
     def router_status(self) -> dict[str, Any]:
-        """The Router's /status, with the admin token when a test set `admin_token` (test apps
-        publish it with `router.public_status` unless they test the default)."""
-        headers = {"authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
-        return self.client.get("/status", headers=headers).json()
+        """The Router's /status, through the cluster's port (one Router replica)."""
+        return self.client.get("/status", headers=self._status_headers()).json()
 
     def replica_info(self, deployment: str) -> dict[str, Any]:
         """`info()` of one replica of `deployment`: in its own application (one application
@@ -101,20 +109,14 @@ class Cluster:
         still holds the update that waits for its versions: it retries on its next health poll
         (`health_poll_interval_s`, 1 s), and until then it has no table (503s, empty weights)."""
 
-        import httpx
-
-        from app import ray_compat
-
-        headers = {"authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
-
         def statuses() -> list[dict[str, Any]]:
             # Each Router replica's own server (HAProxy mode): with two or more, the cluster's
             # port answers from one of them only. Without direct ingress: the cluster's port.
-            ports = [port for _, port in ray_compat.ingress_targets(APP)]
-            if not ports:
+            urls = self.router_urls()
+            if not urls:
                 return [self.router_status()]
-            return [httpx.get(f"http://127.0.0.1:{port}/status", headers=headers, timeout=10)
-                    .json() for port in ports]  # fmt: skip
+            return [httpx.get(f"{url}/status", headers=self._status_headers(), timeout=10)
+                    .json() for url in urls]  # fmt: skip
 
         def applied():
             seen = statuses()
