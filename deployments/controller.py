@@ -66,6 +66,7 @@ from app.rollout import (
     traffic_key,
 )
 from app.rollout.feedback import (
+    MAX_REQUEST_ID_CHARS,
     FeedbackDesk,
 )
 from app.rollout.gates import LIFT_GATES
@@ -108,9 +109,12 @@ MIN_TICK_GAP_S = 0.02
 # A replica with nothing to write still checks the fence this often, so a superseded one stops
 # ticking, answering long-polls and taking commands within about a second.
 FENCE_CHECK_S = 1.0
-# Idempotency-Keys of applied commands remembered (in memory: a re-sent command arrives within
-# HAProxy's retries, seconds after the first).
+# Idempotency-Keys of applied commands remembered in memory (a re-sent command arrives within
+# HAProxy's retries or the client's, seconds after the first), and the newest of them stored
+# with the state, so a replica that takes over (the first one died before it answered) does not
+# apply a re-sent command again. Commands come at an operator's pace: 64 cover minutes of them.
 COMMAND_KEYS = 1024
+STORED_COMMAND_KEYS = 64
 # How often the candidate's replicas are looked up in Serve (for progress_deadline_s), and how
 # old a reading may be before it counts as unknown.
 READINESS_INTERVAL_S = 2.0
@@ -274,6 +278,30 @@ def deployment_ready(deployment: dict[str, Any] | None) -> bool:
     return deployment.get("status") == "HEALTHY"
 
 
+def stored_command_keys(raw: Any) -> OrderedDict[str, str]:
+    """The (Idempotency-Key, command) pairs a stored state carries (`command_keys`), oldest
+    first; a malformed entry is dropped (logged), never the state with it. None: an older
+    state, stored before keys were."""
+    keys: OrderedDict[str, str] = OrderedDict()
+    if raw is None:
+        return keys
+    commands = {command_path(name) for name in OPERATOR_COMMANDS}
+    entries = raw if isinstance(raw, list) else []
+    dropped = 0 if isinstance(raw, list) else 1
+    for entry in entries[-COMMAND_KEYS:]:
+        if (
+            isinstance(entry, list) and len(entry) == 2
+            and isinstance(entry[0], str) and 0 < len(entry[0]) <= MAX_REQUEST_ID_CHARS
+            and isinstance(entry[1], str) and entry[1] in commands
+        ):  # fmt: skip
+            keys[entry[0]] = entry[1]
+        else:
+            dropped += 1
+    if dropped:
+        logger.error("RolloutController: ignoring %d unreadable stored Idempotency-Key(s)", dropped)
+    return keys
+
+
 class ControllerCore:
     """Everything the RolloutController does, with its store, clock and Serve lookups passed in,
     so unit tests drive it without Ray (`tests/unit/test_controller.py`)."""
@@ -388,6 +416,7 @@ class ControllerCore:
                 self._dirty = True  # stored again under this replica's epoch at the first tick
                 self.generation = self.state.generation
                 self.declared = self.state.plan.digest()
+                self._command_keys = stored_command_keys(data.get("command_keys"))
                 logger.info("RolloutController: epoch %d resumed %s at step %d (%s, candidate "
                             "%.1f%%, %.1f s into the step; stored by epoch %s)", self.epoch,
                             self.state.plan.candidate, self.state.step_index,
@@ -754,12 +783,18 @@ class ControllerCore:
                              verdicts=[{"gate": v.gate, "status": v.status.value}
                                        for v in self.verdicts] if live else [])  # fmt: skip
 
-    async def _set(self, state: RolloutState) -> None:
+    async def _set(self, state: RolloutState, key: tuple[str, str] | None = None) -> None:
         """Take `state`: store it, then publish its traffic. Persist before publish: traffic the
         store does not hold could be undone by a restart (a rollback re-run as a canary). If the
-        write fails the state stays dirty, and every tick tries again and publishes then."""
+        write fails the state stays dirty, and every tick tries again and publishes then.
+        `key`: the (Idempotency-Key, command) that made this change, stored with it."""
         before = self.state
         self.state = state
+        if key is not None:
+            self._command_keys[key[0]] = key[1]
+            self._command_keys.move_to_end(key[0])
+            while len(self._command_keys) > COMMAND_KEYS:
+                self._command_keys.popitem(last=False)
         self.generation = max(self.generation, state.generation)
         self._dirty = True
         self._observe_change(before, state)
@@ -843,7 +878,8 @@ class ControllerCore:
             return
         if self._dirty:
             # Tagged with the epoch for people reading the store; the fence is what decides.
-            data = {**state.to_dict(now=now), "epoch": self.epoch}
+            data = {**state.to_dict(now=now), "epoch": self.epoch,
+                    "command_keys": self._stored_command_keys()}  # fmt: skip
             try:
                 await self._put(self.kv_key, json.dumps(data).encode())
                 self._dirty = False
@@ -856,6 +892,11 @@ class ControllerCore:
                 return
         if self._published_key != traffic_key(state) and await self._holds_fence():
             self._publish(state)
+
+    def _stored_command_keys(self) -> list[list[str]]:
+        """The newest STORED_COMMAND_KEYS (Idempotency-Key, command) pairs, oldest first."""
+        pairs = list(self._command_keys.items())[-STORED_COMMAND_KEYS:]
+        return [[key, path] for key, path in pairs]
 
     async def _holds_fence(self) -> bool:
         """Whether this replica still holds the fence (one read, off the loop, bounded). A
@@ -1020,16 +1061,10 @@ class ControllerCore:
                     f"Idempotency-Key {key!r} was used for {applied}; send a new key for {path}"
                 )
             if applied is None:
-                before = self.state
-                try:
-                    await self._command(name, caller)
-                finally:
-                    # Kept once the command changed the state, even if what follows it failed
-                    # (a store write, a tick): a re-send must not apply it a second time.
-                    if key is not None and self.state is not before:
-                        self._command_keys[key] = path
-                        while len(self._command_keys) > COMMAND_KEYS:
-                            self._command_keys.popitem(last=False)
+                # The key is kept with the state it changed (`_set`), and stored in the same
+                # write: kept even if what follows failed (the write, a tick), and read back by
+                # a replica that takes over. A re-send is never applied a second time.
+                await self._command(name, caller, None if key is None else (key, path))
             else:
                 logger.info("rollout %s with Idempotency-Key %r again: applied once", path, key)
             # Answered as done only once stored *and* this replica still holds the fence after
@@ -1059,7 +1094,9 @@ class ControllerCore:
                 )
             return self._status()
 
-    async def _command(self, name: str, caller: str | None = None) -> None:
+    async def _command(
+        self, name: str, caller: str | None = None, key: tuple[str, str] | None = None
+    ) -> None:
         now = self.now()
         reason = f"rollout {command_path(name.replace('-', '_'))}" + (
             f" by {caller}" if caller else ""
@@ -1078,7 +1115,8 @@ class ControllerCore:
             await self._set(
                 RolloutState.start(
                     self.state.plan, now, generation=self.generation + 1, reason=reason
-                )
+                ),
+                key,
             )
         else:
             if self.state is None:
@@ -1087,7 +1125,7 @@ class ControllerCore:
                 changed = apply_command(self.state, Command(name), now, reason=reason)
             except ValueError as exc:  # the state machine's refusal, with its reason
                 raise CommandRefused(str(exc)) from None
-            await self._set(changed)
+            await self._set(changed, key)
         await self._tick(now)
 
     async def publish_waves(self, document: dict[str, Any]) -> dict[str, Any]:

@@ -124,6 +124,7 @@ class FakeRouter:
     def __init__(self, token: str | None = TOKEN) -> None:
         self.token = token
         self.requests: list[tuple[str, str, str | None]] = []
+        self.keys: list[str | None] = []  # each request's Idempotency-Key
         self.script: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         self.release = threading.Event()  # a `hang` answer waits on this
         router = self
@@ -159,6 +160,7 @@ class FakeRouter:
     def _answer(self, handler: BaseHTTPRequestHandler) -> None:
         auth = handler.headers.get("authorization")
         self.requests.append((handler.command, handler.path, auth))
+        self.keys.append(handler.headers.get("idempotency-key"))
         if len(self.requests) > self.MAX_REQUESTS:
             status, body = 500, {"error": "too many requests: the client should have stopped"}
         elif self.token is None and handler.path.startswith("/admin"):
@@ -174,8 +176,13 @@ class FakeRouter:
         if body == "hang":
             self.release.wait(5)
             return
+        if body == "drop":  # the connection closes with no answer (the Router replica died)
+            handler.close_connection = True
+            return
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         handler.send_response(status)
+        if isinstance(body, dict) and "retry_after" in body:
+            handler.send_header("retry-after", str(body["retry_after"]))
         handler.send_header("content-type", "application/json")
         handler.send_header("content-length", str(len(data)))
         handler.end_headers()
@@ -342,6 +349,42 @@ def test_server_error_exits_2_with_its_detail(router, capsys):
     assert main(["status"]) == 2
     err = capsys.readouterr().err
     assert "HTTP 500" in err and "controller unavailable" in err
+    assert len(router.requests) == 1  # the app's own error: not sent again
+
+
+def test_a_command_whose_connection_dropped_is_sent_again_with_the_same_key(router, capsys):
+    # Its Router replica died under it (HAProxy re-sends some of those itself, not all): the
+    # CLI sends it again with the same Idempotency-Key, which the controller applies once.
+    router.on("POST", "/admin/rollout/promote", (200, "drop"), (200, make_status()))
+    assert main(["promote"]) == 0
+    assert [r[1] for r in router.requests] == ["/admin/rollout/promote"] * 2
+    assert router.keys[0] and router.keys[0] == router.keys[1]
+    err = capsys.readouterr().err
+    assert "the connection dropped before an answer" in err
+    assert "sending it again with the same Idempotency-Key" in err
+    router.on("POST", "/admin/rollout/promote", (200, make_status()))
+    assert main(["promote"]) == 0
+    assert router.keys[2] not in (None, router.keys[0])  # a new command, a new key
+
+
+def test_a_503_and_the_ingress_own_500_are_sent_again_until_retry_for_runs_out(router, capsys):
+    unavailable = {"error": "promote is not stored yet", "retry_after": 0}
+    router.on("POST", "/admin/rollout/promote", (503, unavailable),
+              (500, "Internal Server Error"), (200, make_status()))  # fmt: skip
+    assert main(["promote"]) == 0
+    assert len(router.requests) == 3 and len(set(router.keys)) == 1
+    assert "HTTP 503: promote is not stored yet" in capsys.readouterr().err
+
+    router.requests.clear()
+    router.on("GET", "/admin/rollout", (503, {"error": "the controller is restarting"}))
+    assert main(["status", "--retry-for", "0.3"]) == 2
+    assert 2 <= len(router.requests) <= 3  # after 0.25 s, then the next pause would pass 0.3 s
+    err = capsys.readouterr().err
+    assert err.strip().endswith("HTTP 503: the controller is restarting")
+
+    router.requests.clear()
+    assert main(["status", "--retry-for", "0"]) == 2
+    assert len(router.requests) == 1
 
 
 def test_an_answer_that_is_not_json_exits_2(router, capsys):
@@ -357,6 +400,13 @@ def test_interval_and_timeout_must_be_positive(value):
     assert info.value.code == 2
     with pytest.raises(SystemExit):
         main(["status", "--timeout", value])
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_retry_for_must_be_zero_or_positive(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["status", "--retry-for", value])
+    assert info.value.code == 2 and "--retry-for" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- history

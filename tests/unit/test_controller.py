@@ -11,6 +11,8 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app import ray_compat
 from app.constants import GENERATION_EPOCH_STRIDE, OUTCOMES_WRITE_INTERVAL_S
@@ -22,6 +24,7 @@ from deployments.controller import (
     ControllerCore,
     RolloutController,
     deployment_ready,
+    stored_command_keys,
 )
 from deployments.store import InMemoryStore
 from tests.support.fakes import FakeClock
@@ -183,6 +186,64 @@ def test_a_re_sent_command_whose_first_send_was_not_stored_is_not_applied_again(
     store.fail_puts = False
     run(core.tick())  # the write succeeds
     assert run(core.command("promote", key="k-9"))["step_index"] == step
+
+
+def test_a_command_re_sent_to_the_replica_that_took_over_is_not_applied_again():
+    # The controller replica stored a promote and died before it answered: the client sends it
+    # again with the same key, and the replica that takes over reads the key with the state.
+    steps = [{"set_weight": 10}, {"pause_s": None}, {"set_weight": 30}, {"pause_s": None},
+             {"set_weight": 50}, {"pause_s": None}]  # fmt: skip
+    store, clock = InMemoryStore(), FakeClock()
+    first = run(
+        declared(
+            controller(store, clock), {**DECLARED, "plan": {**PLAN, "canary": {"steps": steps}}}
+        )
+    )
+    answered = run(first.command("promote", "alice", key="k-7"))
+    assert json.loads(store.data[KEY])["command_keys"][-1] == ["k-7", "promote"]
+
+    second = controller(store, clock)  # the replica that took over: nothing in memory
+    run(second.tick())  # stores the state under its epoch
+    again = run(second.command("promote", "alice", key="k-7"))
+    assert again["step_index"] == answered["step_index"] == second.state.step_index
+    with pytest.raises(InvalidInput, match="Idempotency-Key 'k-7' was used for promote"):
+        run(second.command("abort", key="k-7"))
+    run(second.command("promote", key="k-8"))  # a new key is a new command
+    assert second.state.step_index > answered["step_index"]
+
+
+def test_the_state_stores_only_the_newest_keys_and_reads_back_what_it_can(monkeypatch):
+    from deployments import controller as module
+
+    monkeypatch.setattr(module, "STORED_COMMAND_KEYS", 2)
+    store, clock = InMemoryStore(), FakeClock()
+    core = run(declared(controller(store, clock)))
+    for key in ("a", "b", "c"):
+        run(core.command("pause", key=key))
+        run(core.command("resume", key=key + "-resume"))
+    stored = json.loads(store.data[KEY])
+    assert stored["command_keys"] == [["c", "pause"], ["c-resume", "resume"]]
+    assert len(core._command_keys) == 6  # memory keeps COMMAND_KEYS
+
+    # A state stored before keys were, or with damaged entries: the state still resumes.
+    del stored["command_keys"]
+    store.data[KEY] = json.dumps(stored).encode()
+    assert controller(store, clock).state is not None
+    stored["command_keys"] = [["ok", "abort"], ["", "abort"], ["x" * 257, "abort"],
+                              ["k", "reboot"], "k", ["k", "abort", 1], [1, "abort"]]  # fmt: skip
+    store.data[KEY] = json.dumps(stored).encode()
+    resumed = controller(store, clock)
+    assert resumed.state is not None and dict(resumed._command_keys) == {"ok": "abort"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=4), inner, max_size=3)))  # fmt: skip
+def test_stored_command_keys_never_raise_on_any_json(raw):
+    keys = stored_command_keys(raw)
+    assert all(isinstance(k, str) and v in ("start", "promote", "promote-full", "pause",
+                                            "resume", "abort") for k, v in keys.items())  # fmt: skip
 
 
 def test_only_the_newest_idempotency_keys_are_remembered(monkeypatch):

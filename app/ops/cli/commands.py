@@ -46,6 +46,7 @@ from app.ops.cli.admin_client import (
     ADMIN_PATH,
     COMMAND_PATHS,
     DEFAULT_URL,
+    RETRY_FOR_S,
     URL_ENV,
     AdminClient,
     AdminError,
@@ -154,7 +155,7 @@ def _client(args: argparse.Namespace) -> AdminClient:
             token = load_admin_token()
         except ConfigError as exc:
             raise AdminError(str(exc), 2) from exc
-    return AdminClient(url, token, args.timeout)
+    return AdminClient(url, token, args.timeout, args.retry_for)
 
 
 def _run_admin(action: Any) -> Any:
@@ -267,6 +268,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, got {text}")
+    return value
+
+
 def _admin_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -284,6 +295,17 @@ def _admin_options() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--timeout", type=_positive_float, default=5.0, help="seconds per HTTP request (default 5)"
+    )
+    common.add_argument(
+        "--retry-for",
+        type=_seconds_or_zero,
+        default=RETRY_FOR_S,
+        metavar="SECONDS",
+        help=(
+            "keep sending a request again for this long while it meets a transient failure: a "
+            "dropped connection, a 503, the ingress's own 5xx page (a command keeps its "
+            f"Idempotency-Key, so it is applied once; 0: never; default {RETRY_FOR_S:g})"
+        ),
     )
     return common
 
