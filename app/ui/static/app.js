@@ -86,31 +86,81 @@
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
-  async function call(method, url) {
+  // A command whose connection dropped before the answer (its Router replica died under it),
+  // or that got a 503 or the ingress's own 5xx page, is sent again with the same
+  // Idempotency-Key for up to RETRY_FOR_MS (the router's Retry-After sets the pause, at most
+  // 5 s): the controller applies it once, as it does for the `rollout` CLI's re-sends.
+  const RETRY_FOR_MS = 10000;
+  const RETRY_PAUSES_MS = [250, 500, 1000, 2000];
+
+  function sleep(ms) {
+    return new Promise((resolve) => setTimeout(resolve, ms));
+  }
+
+  // Why an answer (or a dropped connection: response null) is worth sending again, or null.
+  function transient(response, body) {
+    const jsonError = body !== null && typeof body === "object" && "error" in body;
+    if (response === null) return "the connection dropped before an answer";
+    if (response.status === 503) return "503 " + (jsonError ? body.error : "unavailable");
+    if ([500, 502, 504].includes(response.status) && !jsonError) {
+      return response.status + " from the ingress";
+    }
+    return null;
+  }
+
+  function retryAfterMs(response, pauseMs) {
+    const value = response === null ? NaN : parseFloat(response.headers.get("retry-after"));
+    return Number.isFinite(value) && value >= 0 ? Math.min(value, 5) * 1000 : pauseMs;
+  }
+
+  // `onRetry(reason, pauseMs)`: told before each re-send (commands only; a poll just polls again).
+  async function call(method, url, onRetry) {
     const headers = { Authorization: "Bearer " + token(), "x-rollout-actor": "operator-page" };
     if (method === "POST") {
       headers["Idempotency-Key"] = idempotencyKey();
     }
-    const response = await fetch(url, {
-      method: method,
-      headers: headers,
-      cache: "no-store",
-      credentials: "omit",
-    });
-    let body = null;
-    try {
-      body = await response.json();
-    } catch (e) {
-      body = null;
+    const deadline = Date.now() + RETRY_FOR_MS;
+    for (let sends = 1; ; sends++) {
+      let response = null;
+      let failure = null;
+      let body = null;
+      try {
+        response = await fetch(url, {
+          method: method,
+          headers: headers,
+          cache: "no-store",
+          credentials: "omit",
+        });
+        try {
+          body = JSON.parse(await response.text());
+        } catch (e) {
+          body = null;
+        }
+      } catch (e) {
+        response = null;
+        failure = e;
+      }
+      const reason = method === "POST" ? transient(response, body) : null;
+      if (reason !== null) {
+        const pauseMs = retryAfterMs(response, RETRY_PAUSES_MS[Math.min(sends, RETRY_PAUSES_MS.length) - 1]);
+        if (Date.now() + pauseMs <= deadline) {
+          if (onRetry) onRetry(reason, pauseMs);
+          await sleep(pauseMs);
+          continue;
+        }
+      }
+      if (failure !== null) {
+        throw new Error(method + " " + url.replace("../", "/") + ": " + failure.message);
+      }
+      if (response.status === 401) {
+        throw new Refused(body && body.error ? body.error : "");
+      }
+      if (!response.ok) {
+        const message = body && body.error ? body.error : response.statusText;
+        throw new Error(method + " " + url.replace("../", "/") + ": " + response.status + " " + message);
+      }
+      return body;
     }
-    if (response.status === 401) {
-      throw new Refused(body && body.error ? body.error : "");
-    }
-    if (!response.ok) {
-      const message = body && body.error ? body.error : response.statusText;
-      throw new Error(method + " " + url.replace("../", "/") + ": " + response.status + " " + message);
-    }
-    return body;
   }
 
   // -- polling ----------------------------------------------------------------------------------
@@ -814,7 +864,9 @@
     result.className = "result";
     result.textContent = name + "…";
     try {
-      const body = await call("POST", API + "/" + name);
+      const body = await call("POST", API + "/" + name, (reason, pauseMs) => {
+        result.textContent = name + ": " + reason + "; sending it again in " + pauseMs / 1000 + " s…";
+      });
       result.textContent = name + ": done" + (body && body.phase ? " (phase " + body.phase + ")" : "");
       result.classList.add("ok");
     } catch (e) {
