@@ -94,7 +94,7 @@ from app.serving.auth import check_bearer, load_admin_token, load_feedback_token
 from app.serving.budget import body_limit, check_budget
 from app.serving.cache import CacheSettings, ResponseCache, cache_key
 from app.serving.capture import Capturer
-from app.serving.coalesce import Coalescer
+from app.serving.coalesce import Coalescer, QueueFull
 from app.serving.dispatch import Dispatcher, fallback_is_evidence
 from app.serving.protocol import (
     INFERENCE_HEADER,
@@ -421,8 +421,14 @@ class Router:
                                      on_shadow=self.stats.record)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         # Router -> model micro-batching (off until the traffic table turns it on).
+        # A version scaled out takes more calls at once (its running replicas, from the health
+        # poll); at most its max_queued_requests wait here, as in its Serve handle's queue.
+        self.running: dict[str, int] = {}  # version -> RUNNING replicas (router_sync.py)
         self.microbatch: Coalescer[tuple[dict, dict], dict] = Coalescer(
-            self._send, MicroBatchSettings()
+            self._send,
+            MicroBatchSettings(),
+            replicas=lambda version: self.running.get(version, 1),
+            queue_limit=lambda version: self.configs[version].max_queued_requests,
         )
         self.sync = RouterSync(self)  # the background loops (router_sync.py)
         # Feedback: request ids this replica answered. `served` waits for the next push to the
@@ -1062,6 +1068,12 @@ class Router:
             call = self._send_one(version, inputs, parameters)
         try:
             return await asyncio.wait_for(call, timeout=timeout)
+        except QueueFull as full:
+            raise LoadShed(
+                f"version {version!r} is overloaded: {full.limit} requests already wait for it "
+                "in this router (its max_queued_requests)",
+                retry_after_s=1.0,
+            ) from None
         except asyncio.TimeoutError:
             raise DeadlineExceeded(
                 f"version {version!r} did not answer within {timeout:.3g}s"

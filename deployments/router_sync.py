@@ -291,6 +291,10 @@ class RouterSync:
                     if deployment is not None:
                         found[version] = deployment
                 router.available = frozenset(v for v, d in found.items() if _routable(d))
+                router.running = {
+                    v: sum(r.get("state") == "RUNNING" for r in d.get("replicas") or [])
+                    for v, d in found.items()
+                }
                 # Serve brings these back by itself (it replaces lost replicas): a request
                 # for one waits on its handle rather than failing (DEPLOY_FAILED does not heal).
                 router.waitable = frozenset(

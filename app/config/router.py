@@ -60,10 +60,12 @@ class CacheSettings(StrictModel):
 
 class MicroBatchSettings(StrictModel):
     """Router -> model micro-batching (app/serving/coalesce.py): while a version already has
-    `max_calls_in_flight` calls out from this router, further requests for it wait for one of
-    them to come back and then leave together as one call (`ModelServer.infer_many`), at most
-    `max_batch_size` to a call. Each request keeps its own deadline, breaker verdict, fallback,
-    shadow copy and error; the replica batches them into forward passes as before."""
+    `max_calls_in_flight` calls out from this router per running replica of it, further
+    requests for it wait for one of them to come back and then leave together as one call
+    (`ModelServer.infer_many`), at most `max_batch_size` to a call; at most the version's
+    `max_queued_requests` wait, one more is shed (503). Each request keeps its own deadline,
+    breaker verdict, fallback, shadow copy and error; the replica batches them into forward
+    passes as before."""
 
     enabled: bool = Field(
         default=False, description="Coalesce concurrent requests for one version when it is busy."
@@ -73,8 +75,9 @@ class MicroBatchSettings(StrictModel):
     )
     max_calls_in_flight: int = Field(
         default=2, ge=1, le=1024,
-        description="Calls per version this router keeps out before it holds new requests to "
-        "coalesce them; below it a request leaves at once, alone (no added latency).",
+        description="Calls per running replica of a version this router keeps out before it "
+        "holds new requests to coalesce them; below it a request leaves at once, alone (no "
+        "added latency).",
     )  # fmt: skip
 
 

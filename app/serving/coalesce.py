@@ -8,13 +8,18 @@ serialization, one RPC) whatever the model does. Under load that fixed cost, not
 be what limits a small model. `Coalescer` sends concurrent items for one key (a version) as one
 call (`ModelServer.infer_many`) when the key is busy:
 
-- While a key has fewer than `max_calls_in_flight` calls out, an item leaves at once, alone:
-  at concurrency 1 nothing waits and nothing changes (the single-item call is the plain
-  `infer`).
+- While a key has fewer than `max_calls_in_flight` calls out per replica of it (`replicas(key)`,
+  the version's running replicas: a version scaled out to three takes three times the calls),
+  an item leaves at once, alone: at concurrency 1 nothing waits and nothing changes (the
+  single-item call is the plain `infer`).
 - Once it has that many, items queue; the queue leaves as one call when a call of that key
   comes back (the same rule as the replica's batcher: the batch forms when there is room for
   it), or at once when it holds `max_batch_size` items. A queued item never waits for a timer.
 - A call carries at most `max_batch_size` items.
+- At most `queue_limit(key)` items wait (the version's `max_queued_requests`, as Serve's own
+  handle queue would hold them; -1: no limit): one more is refused at once with `QueueFull`,
+  which the Router answers as load shedding (503 with Retry-After), never left to wait out its
+  deadline.
 
 Per-item semantics are the caller's and the sender's, never the coalescer's: each item has its
 own future, so its own deadline (an item whose caller gave up is dropped from the queue, and a
@@ -36,7 +41,7 @@ from typing import Any, Generic, TypeVar
 
 from app.config.router import MicroBatchSettings
 
-__all__ = ["Coalescer", "LaneStats", "Send"]
+__all__ = ["Coalescer", "LaneStats", "QueueFull", "Send"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -45,18 +50,31 @@ Result = TypeVar("Result")
 Send = Callable[[str, list[Item]], Awaitable[Sequence[Result | BaseException]]]
 
 
+class QueueFull(Exception):
+    """The key already has `limit` items waiting: this one is refused, not queued."""
+
+    def __init__(self, key: str, limit: int) -> None:
+        super().__init__(f"{limit} requests for {key!r} already wait in this router")
+        self.key = key
+        self.limit = limit
+
+
 @dataclass
 class LaneStats:
-    """Per key: calls sent, items they carried, calls with more than one item, the largest."""
+    """Per key: calls sent, items they carried, calls with more than one item, the largest,
+    the most calls out at once, and items refused on a full queue."""
 
     calls: int = 0
     items: int = 0
     coalesced_calls: int = 0
     largest_call: int = 0
+    peak_in_flight: int = 0
+    shed: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return {"calls": self.calls, "items": self.items, "coalesced_calls": self.coalesced_calls,
-                "largest_call": self.largest_call}  # fmt: skip
+                "largest_call": self.largest_call, "peak_in_flight": self.peak_in_flight,
+                "shed": self.shed}  # fmt: skip
 
 
 @dataclass
@@ -69,11 +87,23 @@ class _Lane(Generic[Item, Result]):
 class Coalescer(Generic[Item, Result]):
     """`await coalescer.submit(key, item)` -> the item's result from `send(key, [..., item, ...])`."""
 
-    def __init__(self, send: Send[Item, Result], settings: MicroBatchSettings) -> None:
+    def __init__(
+        self,
+        send: Send[Item, Result],
+        settings: MicroBatchSettings,
+        replicas: Callable[[str], int] = lambda key: 1,
+        queue_limit: Callable[[str], int] = lambda key: -1,
+    ) -> None:
         self._send = send
         self._lanes: dict[str, _Lane[Item, Result]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.settings = settings
+        self._replicas = replicas  # a key's running replicas (fewer than 1 counts as 1)
+        self._queue_limit = queue_limit  # items a key may hold waiting (-1: no limit)
+
+    def _room(self, key: str) -> int:
+        """Calls `key` may have out before items wait."""
+        return self.settings.max_calls_in_flight * max(1, self._replicas(key))
 
     @property
     def enabled(self) -> bool:
@@ -98,13 +128,22 @@ class Coalescer(Generic[Item, Result]):
         """Per key counters, and the totals (for /status)."""
         lanes = {key: lane.stats.snapshot() for key, lane in self._lanes.items()}
         totals = {name: sum(s[name] for s in lanes.values())
-                  for name in ("calls", "items", "coalesced_calls")}  # fmt: skip
+                  for name in ("calls", "items", "coalesced_calls", "shed")}  # fmt: skip
         return {**totals, "versions": lanes}
 
     async def submit(self, key: str, item: Item) -> Result:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
+        limit = self._queue_limit(key)
+        if (
+            self.settings.enabled
+            and limit >= 0
+            and lane.in_flight >= self._room(key)
+            and self.queued(key) >= limit
+        ):
+            lane.stats.shed += 1
+            raise QueueFull(key, limit)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         lane.pending.append((item, future))
         self._pump(key, lane)
@@ -117,12 +156,13 @@ class Coalescer(Generic[Item, Result]):
         to max_batch_size when it has not; a full call always leaves."""
         settings = self.settings
         size = settings.max_batch_size if settings.enabled else 1
+        room = self._room(key)
         while lane.pending:
             live = [entry for entry in lane.pending if not entry[1].done()]
             lane.pending = deque(live)
             if not live:
                 return
-            if settings.enabled and lane.in_flight >= settings.max_calls_in_flight:
+            if settings.enabled and lane.in_flight >= room:
                 if len(live) < size:
                     return  # busy: wait for a call to come back, or for a full call
             batch = [lane.pending.popleft() for _ in range(min(size, len(lane.pending)))]
@@ -132,6 +172,7 @@ class Coalescer(Generic[Item, Result]):
             stats.items += len(batch)
             stats.coalesced_calls += len(batch) > 1
             stats.largest_call = max(stats.largest_call, len(batch))
+            stats.peak_in_flight = max(stats.peak_in_flight, lane.in_flight)
             task = asyncio.get_running_loop().create_task(self._run(key, lane, batch))
             self._tasks.add(task)  # keep a reference until it finishes
             task.add_done_callback(self._tasks.discard)

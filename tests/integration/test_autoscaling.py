@@ -140,7 +140,9 @@ def test_with_micro_batching_the_requests_a_call_carries_still_scale_the_version
     leave the Router as one call at a time carrying the rest. Serve counts calls (1 in flight:
     half of one replica's target, no scale-out; before, the version stayed at 1 replica); the
     replicas report the requests they hold (`record_autoscaling_stats`) and the version's
-    policy scales on those (deployments/capacity_policy.py)."""
+    policy scales on those (deployments/capacity_policy.py). Scaled out, the version takes one
+    call per running replica at once from the Router (before, still one in all: the new
+    replica idled while requests waited in the Router)."""
     cluster, config, tmp = slow_app
     wait_for_condition(lambda: running_replicas() == 1, 60, message=f"{DEPLOYMENT}: 1 replica")
     batched = copy.deepcopy(config)
@@ -158,7 +160,14 @@ def test_with_micro_batching_the_requests_a_call_carries_still_scale_the_version
                 message=f"{DEPLOYMENT} to scale past 1 replica while its calls are coalesced",
             )  # fmt: skip
             scale_up_s = time.monotonic() - onset
-            lanes = cluster.router_status()["microbatch"]["versions"][VERSION]
+
+            def lane() -> dict:
+                return cluster.router_status()["microbatch"]["versions"][VERSION]
+
+            # The Router's health poll (1 s) sees the second replica: two calls out at once.
+            wait_for_condition(lambda: lane()["peak_in_flight"] >= 2, 15, interval_s=0.25,
+                               message="two calls out at once to the scaled-out version")  # fmt: skip
+            lanes = lane()
         print(f"\nmicro-batching: 1 -> {peak} replicas {scale_up_s:.1f}s after load onset; "
               f"{load.sent} requests; Router -> {VERSION} {lanes}")  # fmt: skip
         assert load.errors == [], load.errors[:5]

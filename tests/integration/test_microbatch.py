@@ -1,6 +1,7 @@
 """Router -> model micro-batching on a real Ray cluster: concurrent requests for one version
 leave the Router as fewer `infer_many` calls than requests, yet each keeps its own outcome (a
-bad item fails alone with its own 4xx) and its own fallback."""
+bad item fails alone with its own 4xx) and its own fallback; no more than a version's
+`max_queued_requests` wait for it in the Router, the rest are shed at once (503)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def microbatch_app(cluster, tiny_models, tmp_path_factory):
     versions = [
         model_config(tmp, tmp, "v1", tiny_models["a"], faults=slow, limits={"max_tokens": 64}),
         model_config(tmp, tmp, "v2", tiny_models["a"], faults={**slow, "error_rate": 1.0}),
+        # At most 2 requests may wait for it in the Router (its max_queued_requests).
+        model_config(tmp, tmp, "v3", tiny_models["a"], faults=slow, max_queued_requests=2),
     ]
     config = serve_config(versions, {"v1": 100})
     router = config["applications"][0]["deployments"][0]
@@ -71,7 +74,7 @@ def pinned(version: str, body: dict, **headers: str) -> Callable[[httpx.Client],
 
 
 def lane(cluster, version: str) -> dict[str, int]:
-    zero = {"calls": 0, "items": 0, "coalesced_calls": 0, "largest_call": 0}
+    zero = {"calls": 0, "items": 0, "coalesced_calls": 0, "largest_call": 0, "shed": 0}
     return cluster.router_status()["microbatch"]["versions"].get(version, zero)
 
 
@@ -124,3 +127,23 @@ def test_each_item_of_a_failed_coalesced_call_falls_back_on_its_own(microbatch_a
     tried = delta(lane(cluster, "v2"), before)
     # v2's failures came back from calls that carried several requests; each still fell back.
     assert tried["coalesced_calls"] >= 1 and tried["calls"] < tried["items"], tried
+
+
+def test_past_max_queued_requests_a_request_is_shed_at_once_not_left_waiting(microbatch_app):
+    # v3: one call out at a time, 300 ms each, at most 2 requests waiting. Before, the
+    # coalescer queued all of them, past Serve's own bound on the version's queue, each left
+    # to wait out its deadline under an overload.
+    cluster = microbatch_app
+    before = lane(cluster, "v3")
+    responses = together(cluster.url, [pinned("v3", GOOD)] * 12)
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503} and statuses[503] >= 1, [r.text[:200] for r in responses]
+    assert statuses[200] >= 3  # the one sent and the two that waited
+    for r in (r for r in responses if r.status_code == 503):
+        assert r.headers["retry-after"] == "1"
+        error = r.json()["error"]
+        assert "v3" in error and "max_queued_requests" in error, error
+    shed = lane(cluster, "v3")["shed"] - before["shed"]
+    assert shed == statuses[503], (shed, statuses)
+    # Shedding is not the version's fault: its breaker stays closed.
+    assert cluster.router_status()["versions"]["v3"]["breaker"]["state"] == "closed"

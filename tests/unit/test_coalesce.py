@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from app.config.router import MicroBatchSettings
 from app.config.traffic import TrafficConfig, apply_override
 from app.errors import InvalidInput, ReplicaLost
-from app.serving.coalesce import Coalescer
+from app.serving.coalesce import Coalescer, QueueFull
 
 
 class Replica:
@@ -97,7 +97,7 @@ def test_requests_arriving_while_the_version_is_busy_leave_as_one_call():
     assert [items for _, items in replica.calls] == [[0], list(range(1, 8))]
     assert results == [f"v1:{i}" for i in range(8)]
     assert snapshot["versions"]["v1"] == {"calls": 2, "items": 8, "coalesced_calls": 1,
-                                          "largest_call": 7}  # fmt: skip
+                                          "largest_call": 7, "peak_in_flight": 1, "shed": 0}  # fmt: skip
 
 
 def test_below_max_calls_in_flight_each_request_leaves_alone():
@@ -112,6 +112,66 @@ def test_below_max_calls_in_flight_each_request_leaves_alone():
         return calls
 
     assert run(scenario()) == [[0], [1], [2]]  # the 4th and 5th wait for one of those
+
+
+def test_a_version_scaled_out_takes_max_calls_in_flight_per_replica():
+    # With one call per version, a version Serve scaled out to 3 replicas would still get one
+    # call at a time from this router: two of its replicas idle while requests wait.
+    async def scenario():
+        replica = Replica()
+        replicas = {"v1": 3}
+        coalescer = Coalescer(replica, on(max_calls_in_flight=1), replicas=replicas.__getitem__)
+        tasks = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(5)]
+        await settle()
+        alone = [items for _, items in replica.calls]
+        replicas["v1"] = 0  # none running (a restart): counted as one
+        replica.release(0)
+        await settle()
+        after = [items for _, items in replica.calls]
+        await drain(replica)
+        await asyncio.gather(*tasks)
+        return alone, after, coalescer.snapshot()["versions"]["v1"]
+
+    alone, after, lane = run(scenario())
+    assert alone == [[0], [1], [2]]  # 3 replicas x 1 call; the 4th and 5th wait
+    assert after == [[0], [1], [2]]  # 2 still out >= 1 x max(1, 0): [3, 4] keep waiting
+    assert lane["peak_in_flight"] == 3
+
+
+def test_at_most_max_queued_requests_wait_and_one_more_is_refused_at_once():
+    async def scenario():
+        replica = Replica()
+        coalescer = Coalescer(replica, on(max_calls_in_flight=1), queue_limit=lambda key: 2)
+        first = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(3)]
+        await settle()  # [0] out, [1, 2] wait
+        with pytest.raises(QueueFull, match="2 requests for 'v1' already wait") as full:
+            await coalescer.submit("v1", 3)
+        assert full.value.limit == 2
+        other = asyncio.create_task(coalescer.submit("v2", 9))  # another version has its own
+        await drain(replica)
+        results = await asyncio.gather(*first, other)
+        # Room again once the queue left: a new request is taken.
+        late = asyncio.create_task(coalescer.submit("v1", 4))
+        await settle()
+        replica.release()
+        return results, await late, coalescer.snapshot()
+
+    results, late, snapshot = run(scenario())
+    assert results == ["v1:0", "v1:1", "v1:2", "v2:9"] and late == "v1:4"
+    assert snapshot["shed"] == 1 and snapshot["versions"]["v1"]["shed"] == 1
+
+
+def test_no_queue_limit_when_off_or_unbounded():
+    async def scenario(settings, limit):
+        replica = Replica()
+        coalescer = Coalescer(replica, settings, queue_limit=lambda key: limit)
+        tasks = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(6)]
+        await settle()
+        await drain(replica)
+        return await asyncio.gather(*tasks)
+
+    assert len(run(scenario(on(max_calls_in_flight=1), -1))) == 6
+    assert len(run(scenario(MicroBatchSettings(enabled=False), 0))) == 6  # off: Serve's queue
 
 
 def test_a_full_call_leaves_without_waiting_and_calls_are_capped():
