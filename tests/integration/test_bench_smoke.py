@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
             {
                 "routed_over_plain_proxy",
                 "routed_over_plain_same_ingress",
+                "forward_over_plain_same_ingress",
                 "routed_over_plain_proxy_model",
                 "served_over_offline_single",
                 "served_over_offline_batched",
