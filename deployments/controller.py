@@ -1067,6 +1067,8 @@ class ControllerCore:
                 await self._command(name, caller, None if key is None else (key, path))
             else:
                 logger.info("rollout %s with Idempotency-Key %r again: applied once", path, key)
+                if self._dirty:  # a replica that took over, before its first tick: store now
+                    await self._persist()
             # Answered as done only once stored *and* this replica still holds the fence after
             # the write: then any replica that claims later reads it.
             confirmed = (

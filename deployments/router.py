@@ -422,13 +422,14 @@ class Router:
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         # Router -> model micro-batching (off until the traffic table turns it on).
         # A version scaled out takes more calls at once (its running replicas, from the health
-        # poll); at most its max_queued_requests wait here, as in its Serve handle's queue.
+        # poll), and no more of its requests are out or waiting than Serve would admit from
+        # this router if each were a call of its own (_outstanding_limit).
         self.running: dict[str, int] = {}  # version -> RUNNING replicas (router_sync.py)
         self.microbatch: Coalescer[tuple[dict, dict], dict] = Coalescer(
             self._send,
             MicroBatchSettings(),
             replicas=lambda version: self.running.get(version, 1),
-            queue_limit=lambda version: self.configs[version].max_queued_requests,
+            limit=self._outstanding_limit,
         )
         self.sync = RouterSync(self)  # the background loops (router_sync.py)
         # Feedback: request ids this replica answered. `served` waits for the next push to the
@@ -1050,6 +1051,16 @@ class Router:
         key = cache_key(self.model, version, generation, parsed.inputs, parsed.parameters, outputs)
         return key, generation
 
+    def _outstanding_limit(self, version: str) -> int:
+        """Requests of `version` this router may have out or waiting with micro-batching on:
+        its running replicas (at least 1) x `max_ongoing_requests` + `max_queued_requests`
+        (-1: no limit), what Serve admits from one caller when each request is its own call."""
+        config = self.configs[version]
+        if config.max_queued_requests < 0:
+            return -1
+        running = max(1, self.running.get(version, 1))
+        return running * config.max_ongoing_requests + config.max_queued_requests
+
     def _microbatch(self) -> Coalescer[tuple[dict, dict], dict]:
         """The coalescer, with the current traffic table's `microbatch` settings (applied on
         first use after a table swap: a hot patch reaches the next call)."""
@@ -1070,8 +1081,9 @@ class Router:
             return await asyncio.wait_for(call, timeout=timeout)
         except QueueFull as full:
             raise LoadShed(
-                f"version {version!r} is overloaded: {full.limit} requests already wait for it "
-                "in this router (its max_queued_requests)",
+                f"version {version!r} is overloaded: {full.limit} of its requests are already "
+                "out or waiting in this router (running replicas x max_ongoing_requests + "
+                "max_queued_requests)",
                 retry_after_s=1.0,
             ) from None
         except asyncio.TimeoutError:

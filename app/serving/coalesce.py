@@ -16,10 +16,12 @@ call (`ModelServer.infer_many`) when the key is busy:
   comes back (the same rule as the replica's batcher: the batch forms when there is room for
   it), or at once when it holds `max_batch_size` items. A queued item never waits for a timer.
 - A call carries at most `max_batch_size` items.
-- At most `queue_limit(key)` items wait (the version's `max_queued_requests`, as Serve's own
-  handle queue would hold them; -1: no limit): one more is refused at once with `QueueFull`,
-  which the Router answers as load shedding (503 with Retry-After), never left to wait out its
-  deadline.
+- At most `limit(key)` items of a key are outstanding, in calls out or waiting (-1: no limit):
+  one more is refused at once with `QueueFull`, which the Router answers as load shedding (503
+  with Retry-After) rather than send it on. The Router's limit is what Serve admits from one
+  caller when each request is a call of its own: the version's running replicas times its
+  `max_ongoing_requests`, plus its `max_queued_requests`. Without it the full calls that leave
+  a busy key at once would pile up in Serve's handle queue, which counts calls, not requests.
 
 Per-item semantics are the caller's and the sender's, never the coalescer's: each item has its
 own future, so its own deadline (an item whose caller gave up is dropped from the queue, and a
@@ -51,10 +53,10 @@ Send = Callable[[str, list[Item]], Awaitable[Sequence[Result | BaseException]]]
 
 
 class QueueFull(Exception):
-    """The key already has `limit` items waiting: this one is refused, not queued."""
+    """The key already has `limit` items outstanding: this one is refused, not queued."""
 
     def __init__(self, key: str, limit: int) -> None:
-        super().__init__(f"{limit} requests for {key!r} already wait in this router")
+        super().__init__(f"{limit} requests for {key!r} are already out or waiting")
         self.key = key
         self.limit = limit
 
@@ -81,6 +83,7 @@ class LaneStats:
 class _Lane(Generic[Item, Result]):
     pending: deque[tuple[Item, asyncio.Future[Result]]] = field(default_factory=deque)
     in_flight: int = 0
+    items_out: int = 0  # items in the calls in flight
     stats: LaneStats = field(default_factory=LaneStats)
 
 
@@ -92,14 +95,14 @@ class Coalescer(Generic[Item, Result]):
         send: Send[Item, Result],
         settings: MicroBatchSettings,
         replicas: Callable[[str], int] = lambda key: 1,
-        queue_limit: Callable[[str], int] = lambda key: -1,
+        limit: Callable[[str], int] = lambda key: -1,
     ) -> None:
         self._send = send
         self._lanes: dict[str, _Lane[Item, Result]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.settings = settings
         self._replicas = replicas  # a key's running replicas (fewer than 1 counts as 1)
-        self._queue_limit = queue_limit  # items a key may hold waiting (-1: no limit)
+        self._limit = limit  # items of a key outstanding, out or waiting (-1: no limit)
 
     def _room(self, key: str) -> int:
         """Calls `key` may have out before items wait."""
@@ -135,13 +138,8 @@ class Coalescer(Generic[Item, Result]):
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
-        limit = self._queue_limit(key)
-        if (
-            self.settings.enabled
-            and limit >= 0
-            and lane.in_flight >= self._room(key)
-            and self.queued(key) >= limit
-        ):
+        limit = self._limit(key) if self.settings.enabled else -1
+        if limit >= 0 and lane.items_out + self.queued(key) >= limit:
             lane.stats.shed += 1
             raise QueueFull(key, limit)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -167,6 +165,7 @@ class Coalescer(Generic[Item, Result]):
                     return  # busy: wait for a call to come back, or for a full call
             batch = [lane.pending.popleft() for _ in range(min(size, len(lane.pending)))]
             lane.in_flight += 1
+            lane.items_out += len(batch)
             stats = lane.stats
             stats.calls += 1
             stats.items += len(batch)
@@ -210,6 +209,7 @@ class Coalescer(Generic[Item, Result]):
                     future.set_result(result)
         finally:
             lane.in_flight -= 1
+            lane.items_out -= len(batch)
             self._pump(key, lane)
 
 

@@ -1,7 +1,9 @@
 """Router -> model micro-batching on a real Ray cluster: concurrent requests for one version
 leave the Router as fewer `infer_many` calls than requests, yet each keeps its own outcome (a
-bad item fails alone with its own 4xx) and its own fallback; no more than a version's
-`max_queued_requests` wait for it in the Router, the rest are shed at once (503)."""
+bad item fails alone with its own 4xx) and its own fallback; no more of a version's requests
+are out or waiting in the Router than Serve would admit from it without micro-batching
+(running replicas x `max_ongoing_requests` + `max_queued_requests`), the rest are shed at
+once (503)."""
 
 from __future__ import annotations
 
@@ -35,8 +37,18 @@ def microbatch_app(cluster, tiny_models, tmp_path_factory):
     versions = [
         model_config(tmp, tmp, "v1", tiny_models["a"], faults=slow, limits={"max_tokens": 64}),
         model_config(tmp, tmp, "v2", tiny_models["a"], faults={**slow, "error_rate": 1.0}),
-        # At most 2 requests may wait for it in the Router (its max_queued_requests).
-        model_config(tmp, tmp, "v3", tiny_models["a"], faults=slow, max_queued_requests=2),
+        # At most 1 x 1 + 2 of its requests out or waiting in the Router (its one replica x
+        # max_ongoing_requests + max_queued_requests).
+        model_config(
+            tmp,
+            tmp,
+            "v3",
+            tiny_models["a"],
+            faults=slow,
+            max_ongoing_requests=1,
+            max_queued_requests=2,
+            batching={"max_batch_size": 1},
+        ),
     ]
     config = serve_config(versions, {"v1": 100})
     router = config["applications"][0]["deployments"][0]
@@ -129,10 +141,10 @@ def test_each_item_of_a_failed_coalesced_call_falls_back_on_its_own(microbatch_a
     assert tried["coalesced_calls"] >= 1 and tried["calls"] < tried["items"], tried
 
 
-def test_past_max_queued_requests_a_request_is_shed_at_once_not_left_waiting(microbatch_app):
-    # v3: one call out at a time, 300 ms each, at most 2 requests waiting. Before, the
-    # coalescer queued all of them, past Serve's own bound on the version's queue, each left
-    # to wait out its deadline under an overload.
+def test_past_what_serve_would_admit_a_request_is_shed_at_once(microbatch_app):
+    # v3: one call out at a time, 300 ms each, at most 3 requests out or waiting. Before, the
+    # coalescer took all of them (and full calls past Serve's bound on the version's queue,
+    # which counts calls), each left to wait out its deadline under an overload.
     cluster = microbatch_app
     before = lane(cluster, "v3")
     responses = together(cluster.url, [pinned("v3", GOOD)] * 12)

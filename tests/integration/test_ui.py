@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.support import loadgen
+from tests.support.browser import chromium, wait
 from tests.support.serving import APP, forget_rollouts, infer_body, model_config, serve_config
 from tests.support.waiting import wait_for_condition
 
@@ -83,29 +84,9 @@ def canary(cluster, tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(canary):
-    chromium = shutil.which("chromium")
-    driver_path = shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        pytest.fail("chromium or chromedriver not found: install the Debian packages `chromium` "
-                    "and `chromium-driver` (.ci/run does)")  # fmt: skip
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                "--window-size=1200,1500"):  # fmt: skip
-        options.add_argument(arg)
     # The console (script errors, console.error) is read back by _script_errors.
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    driver.set_page_load_timeout(WAIT_S)
-    driver.set_script_timeout(WAIT_S)
-    try:
+    with chromium(WAIT_S, "--window-size=1200,1500", console=True) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +120,7 @@ def _at_phone_width(browser, artifacts=None, screenshot: str | None = None) -> N
 
 
 def _wait(driver, condition, message: str):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    # The page redraws its rows on every poll: an element found a moment ago may be gone.
-    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.2,
-                         ignored_exceptions=(StaleElementReferenceException,))  # fmt: skip
-    return wait.until(condition, message)
+    return wait(driver, condition, message, WAIT_S)
 
 
 def _attr(driver, selector: str, name: str) -> str | None:

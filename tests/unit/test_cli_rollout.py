@@ -307,6 +307,7 @@ def test_409_prints_the_servers_error_and_exits_1(router, capsys):
     captured = capsys.readouterr()
     assert captured.err.strip() == f"error: {refusal}"
     assert captured.out == ""
+    assert len(router.requests) == 1  # a refusal is not sent again
 
 
 def test_wrong_token_is_unauthorized_exit_2(router, capsys):
@@ -342,6 +343,7 @@ def test_timeout_exits_2(router, capsys):
     router.on("GET", "/admin/rollout", (200, "hang"))
     assert main(["status", "--timeout", "0.2"]) == 2
     assert "no answer within 0.2s" in capsys.readouterr().err
+    assert len(router.requests) == 1  # nor a timeout (the server may still be at it)
 
 
 def test_server_error_exits_2_with_its_detail(router, capsys):
@@ -373,7 +375,10 @@ def test_a_503_and_the_ingress_own_500_are_sent_again_until_retry_for_runs_out(r
               (500, "Internal Server Error"), (200, make_status()))  # fmt: skip
     assert main(["promote"]) == 0
     assert len(router.requests) == 3 and len(set(router.keys)) == 1
-    assert "HTTP 503: promote is not stored yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The Retry-After of 0 set the pause (at its 0.1 s floor); the 500 got the first pause.
+    assert "HTTP 503: promote is not stored yet; sending it again with the same " in err
+    assert "Idempotency-Key in 0.1s" in err and "HTTP 500 from the ingress" in err
 
     router.requests.clear()
     router.on("GET", "/admin/rollout", (503, {"error": "the controller is restarting"}))

@@ -138,19 +138,21 @@ def test_a_version_scaled_out_takes_max_calls_in_flight_per_replica():
     assert lane["peak_in_flight"] == 3
 
 
-def test_at_most_max_queued_requests_wait_and_one_more_is_refused_at_once():
+def test_past_its_limit_of_outstanding_requests_one_more_is_refused_at_once():
     async def scenario():
         replica = Replica()
-        coalescer = Coalescer(replica, on(max_calls_in_flight=1), queue_limit=lambda key: 2)
+        coalescer = Coalescer(replica, on(max_calls_in_flight=1), limit=lambda key: 3)
         first = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(3)]
-        await settle()  # [0] out, [1, 2] wait
-        with pytest.raises(QueueFull, match="2 requests for 'v1' already wait") as full:
+        await settle()  # [0] out, [1, 2] wait: 3 outstanding
+        with pytest.raises(
+            QueueFull, match="3 requests for 'v1' are already out or waiting"
+        ) as full:
             await coalescer.submit("v1", 3)
-        assert full.value.limit == 2
+        assert full.value.limit == 3
         other = asyncio.create_task(coalescer.submit("v2", 9))  # another version has its own
         await drain(replica)
         results = await asyncio.gather(*first, other)
-        # Room again once the queue left: a new request is taken.
+        # Room again once they were answered: a new request is taken.
         late = asyncio.create_task(coalescer.submit("v1", 4))
         await settle()
         replica.release()
@@ -161,10 +163,31 @@ def test_at_most_max_queued_requests_wait_and_one_more_is_refused_at_once():
     assert snapshot["shed"] == 1 and snapshot["versions"]["v1"]["shed"] == 1
 
 
-def test_no_queue_limit_when_off_or_unbounded():
+def test_full_calls_that_leave_a_busy_version_count_against_its_limit():
+    # A full call leaves at once even when the version is busy, so the queue itself never holds
+    # a whole call: the limit counts the requests in calls out too, or the calls would pile up
+    # in Serve's handle queue (which counts calls, not requests).
+    async def scenario():
+        replica = Replica()
+        coalescer = Coalescer(replica, on(max_batch_size=4, max_calls_in_flight=1),
+                              limit=lambda key: 10)  # fmt: skip
+        tasks = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(20)]
+        await settle()
+        out = [items for _, items in replica.calls]
+        refused = sum(1 for t in tasks if t.done() and isinstance(t.exception(), QueueFull))
+        await drain(replica)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return out, refused, coalescer.queued("v1")
+
+    out, refused, queued = run(scenario())
+    assert out == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]  # [9] waits: 1 + 4 + 4 + 1 = 10
+    assert refused == 10 and queued == 0
+
+
+def test_no_limit_when_off_or_unbounded():
     async def scenario(settings, limit):
         replica = Replica()
-        coalescer = Coalescer(replica, settings, queue_limit=lambda key: limit)
+        coalescer = Coalescer(replica, settings, limit=lambda key: limit)
         tasks = [asyncio.create_task(coalescer.submit("v1", i)) for i in range(6)]
         await settle()
         await drain(replica)

@@ -10,7 +10,6 @@ re-sent. Every wait is bounded."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -25,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from app.ui import operator_page
+from tests.support.browser import chromium, wait
 
 TOKEN = "test-admin-token-resend-0123456789"
 WAIT_S = 20
@@ -91,33 +91,12 @@ def page() -> Iterator[tuple[str, AdminScript]]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        pytest.fail("chromium or chromedriver not found: install the Debian packages `chromium` "
-                    "and `chromium-driver` (.ci/run does)")  # fmt: skip
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    driver.set_page_load_timeout(WAIT_S)
-    try:
+    with chromium(WAIT_S) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _wait(driver, condition, message: str) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.05,
-                         ignored_exceptions=(StaleElementReferenceException,))  # fmt: skip
-    return wait.until(condition, message)
+    return wait(driver, condition, message, WAIT_S, poll_s=0.05)
 
 
 def _result(driver) -> str:
@@ -175,3 +154,24 @@ def test_a_refusal_is_not_sent_again_and_a_new_click_sends_a_new_key(page, brows
     _wait(browser, lambda d: len(script.keys["resume"]) == 2, "the second click sent")
     first, second = script.keys["resume"]
     assert first and second and first != second
+
+
+_BUTTONS_DISABLED = """
+return Array.from(document.querySelectorAll("[data-command]")).every((b) => b.disabled);
+"""
+
+
+def test_every_button_waits_while_a_command_is_being_sent_again(page, browser):
+    # A second click while the page re-sends would be a new command with a new key (a second
+    # promote skips a step): the buttons stay disabled until the answer, then follow the phase.
+    url, script = page
+    script.answers["promote"] = [
+        JSONResponse({"error": "the controller is restarting"}, 503, headers={"retry-after": "2"}),
+        JSONResponse({**STATUS, "phase": "progressing"}),
+    ]
+    _send(browser, url, "promote")
+    _wait(browser, lambda d: "sending it again in 2 s" in _result(d), "the re-send announced")
+    assert browser.execute_script(_BUTTONS_DISABLED), "a button was enabled during the re-send"
+    _wait(browser, lambda d: _result(d).startswith("promote: done"), "promote done")
+    _wait(browser, lambda d: not d.execute_script(_BUTTONS_DISABLED), "the buttons back")
+    assert len(script.keys["promote"]) >= 2 and len(set(script.keys["promote"][-2:])) == 1

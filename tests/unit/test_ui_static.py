@@ -181,9 +181,12 @@ def test_every_operator_command_has_a_button_with_a_confirmation():
     assert set(_js_object("CONFIRM_TEXT")) == set(buttons)
     assert set(_js_object("ALLOWED")) == set(buttons)
     js = _read("app.js")
-    # Every click asks first: the click handler's one call goes through the dialog.
+    # Every click asks first (unless a command is still out): the click handler's one call
+    # goes through the dialog.
     assert re.search(
-        r"async function command\(name, label\) \{\n\s+if \(!\(await confirmCommand\(", js
+        r"async function command\(name, label\) \{\n\s+if \(commandInFlight !== null \|\| "
+        r"!\(await confirmCommand\(",
+        js,
     )
     assert 'addEventListener("click", () => command(button.dataset.command' in js
     # A refusal (409) is shown with the API's message.

@@ -39,6 +39,7 @@ COMMAND_PATHS = {name: command_path(name) for name in OPERATOR_COMMANDS}
 # after it restarted (it stores the keys with the rollout state).
 RETRY_FOR_S = 10.0
 RETRY_PAUSES_S = (0.25, 0.5, 1.0, 2.0)
+RETRY_AFTER_FLOOR_S = 0.1  # a Retry-After of 0 must not make a tight loop
 UNAUTHORIZED = f"unauthorized: set {TOKEN_ENV} (or {TOKEN_FILE_ENV}) to the router's admin token"
 ADMIN_OFF = "the admin API is off: the router has no admin token configured"
 
@@ -136,7 +137,9 @@ class AdminClient:
             message = f"{where}: no answer within {self.timeout_s:g}s (--timeout)"
             raise AdminError(message, 2) from exc
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            dropped = AdminError(f"{where}: the connection dropped: {exc or type(exc).__name__}", 2)
+            dropped = AdminError(
+                f"{where}: the connection dropped: {str(exc) or type(exc).__name__}", 2
+            )
             dropped.__cause__ = exc
             return dropped
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -171,7 +174,7 @@ def _transient(outcome: Any) -> str | None:
         return "the connection dropped before an answer"
     code = outcome.status_code
     if code == 503:
-        return "HTTP 503: " + (error_detail(outcome) or "unavailable")
+        return "HTTP 503: " + (error_detail(outcome) if _is_json_error(outcome) else "unavailable")
     if code in (500, 502, 504) and not _is_json_error(outcome):
         return f"HTTP {code} from the ingress"
     return None
@@ -186,13 +189,15 @@ def _is_json_error(response: Any) -> bool:
 
 
 def _retry_after_s(outcome: Any, pause_s: float) -> float:
-    """The server's Retry-After (seconds; capped at 5), else `pause_s`."""
+    """The server's Retry-After (seconds, between RETRY_AFTER_FLOOR_S and 5), else `pause_s`."""
     value = None if isinstance(outcome, AdminError) else outcome.headers.get("retry-after")
     try:
         seconds = float(value) if value is not None else math.nan
     except ValueError:
         seconds = math.nan
-    return min(seconds, 5.0) if math.isfinite(seconds) and seconds >= 0 else pause_s
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return pause_s
+    return min(max(seconds, RETRY_AFTER_FLOOR_S), 5.0)
 
 
 def error_detail(response: Any) -> str:

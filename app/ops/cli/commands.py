@@ -258,24 +258,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str, allow_zero: bool = False) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        what = "0 or a positive" if allow_zero else "a positive"
+        raise argparse.ArgumentTypeError(f"must be {what} number of seconds, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _seconds(text)
 
 
 def _seconds_or_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, got {text}")
-    return value
+    return _seconds(text, allow_zero=True)
 
 
 def _admin_options() -> argparse.ArgumentParser:

@@ -45,6 +45,7 @@
   const $ = (id) => document.getElementById(id);
   let timer = null;
   let inFlight = false;
+  let commandInFlight = null;  // the command whose answer the page waits for (renderCommands)
   let lastOk = null;
   const colorOf = new Map();
 
@@ -110,7 +111,8 @@
 
   function retryAfterMs(response, pauseMs) {
     const value = response === null ? NaN : parseFloat(response.headers.get("retry-after"));
-    return Number.isFinite(value) && value >= 0 ? Math.min(value, 5) * 1000 : pauseMs;
+    // Between 0.1 s (a Retry-After of 0 must not make a tight loop) and 5 s.
+    return Number.isFinite(value) && value >= 0 ? Math.min(Math.max(value, 0.1), 5) * 1000 : pauseMs;
   }
 
   // `onRetry(reason, pauseMs)`: told before each re-send (commands only; a poll just polls again).
@@ -329,8 +331,11 @@
     for (const button of document.querySelectorAll("[data-command]")) {
       const name = button.dataset.command;
       const allowed = declared && (ALLOWED[name] || []).includes(phase);
-      button.disabled = !allowed;
-      button.title = allowed ? ""
+      // While a command is out (re-sent for up to RETRY_FOR_MS), a second click would be a
+      // new command with a new key: every button waits for its answer.
+      button.disabled = !allowed || commandInFlight !== null;
+      button.title = commandInFlight !== null ? "waiting for " + commandInFlight + " to be answered"
+        : allowed ? ""
         : !declared ? name + ": no rollout plan is declared"
         : name + " does not apply to a rollout that is " + phase.replace(/_/g, " ");
     }
@@ -858,11 +863,13 @@
   }
 
   async function command(name, label) {
-    if (!(await confirmCommand(name, label))) return;
+    if (commandInFlight !== null || !(await confirmCommand(name, label))) return;
     const result = $("command-result");
     result.hidden = false;
     result.className = "result";
     result.textContent = name + "…";
+    commandInFlight = name;
+    for (const button of document.querySelectorAll("[data-command]")) button.disabled = true;
     try {
       const body = await call("POST", API + "/" + name, (reason, pauseMs) => {
         result.textContent = name + ": " + reason + "; sending it again in " + pauseMs / 1000 + " s…";
@@ -876,6 +883,8 @@
       }
       result.textContent = name + " refused: " + e.message;
       result.classList.add("bad");
+    } finally {
+      commandInFlight = null;  // the next poll draws the buttons again
     }
     poll();
   }
