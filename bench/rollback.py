@@ -102,6 +102,7 @@ CANDIDATE, STABLE = "v2", "v1"
 CLIENTS = 6
 POLL_S = 0.02
 GOAL_S = 1.0  # issue 18 item 6: median rollback <= 1 s, with and without a feedback flood
+FLOOD_MIN_SHARE = 0.5  # of the flood's rate the Router must accept, or the run fails
 FLOOD_THREADS = 4
 FLOOD_WARMUP_S = 1.0
 GATES = {"min_requests": 10, "fail_fast_min_requests": 5, "max_p99_latency_ratio": None}
@@ -193,6 +194,7 @@ class Flood:
         self.lock = threading.Lock()
         self.next_at = 0.0  # when the next batch is due (time.monotonic)
         self.statuses: Counter[str] = Counter()
+        self.first_error: str | None = None  # the first answer that was not 200, for the report
         self.results: Counter[str] = Counter()
         self.items_sent = self.items_accepted = 0
         self.post_ms: list[float] = []
@@ -268,6 +270,8 @@ class Flood:
                                 else "excluded" if item.get("excluded") else str(item.get("status", "other")))  # fmt: skip
                         results[kind] += 1
                 with self.lock:
+                    if self.first_error is None and status != "200":
+                        self.first_error = f"{status} {r.text[:300] if r is not None else ''}"
                     self.statuses[status] += 1
                     self.items_sent += len(items)
                     self.items_accepted += len(items) if status == "200" else 0
@@ -287,6 +291,7 @@ class Flood:
                 "items_accepted": self.items_accepted,
                 "achieved_items_per_s": round(self.items_accepted / self.active_s, 1) if self.active_s else None,
                 "posts_by_status": dict(self.statuses), "items_by_result": dict(self.results),
+                "first_error": self.first_error,
                 "post_ms": {"median": round(float(np.median(posts)), 2),
                             "p90": round(float(np.percentile(posts, 90)), 2),
                             "max": round(float(posts.max()), 2)},
@@ -701,10 +706,22 @@ def main(argv: list[str] | None = None) -> int:
                 timeline, [(r["t_declared"], r["t_end"]) for r in flooded_trials]
             ),
         }
+        # A flood the Router refused (or whose items the controller failed on) measures nothing:
+        # the run fails rather than report "with a flood" figures taken without one.
+        achieved = result["feedback_flood"]["achieved_items_per_s"] or 0.0
+        flood_reached = achieved >= FLOOD_MIN_SHARE * flood_rate
+        if not flood_reached:
+            failure = failure or (
+                f"the feedback flood did not reach the controller: {achieved:g} of {flood_rate:g} "
+                f"items/s accepted; first answer that was not 200: "
+                f"{result['feedback_flood']['first_error']}"
+            )
         result["goal_s"] = GOAL_S
         result["goal_met"] = {
             "without_flood": bool(times) and percentile(times, 50) <= GOAL_S,
-            "with_flood": bool(flood_times) and percentile(flood_times, 50) <= GOAL_S,
+            "with_flood": flood_reached
+            and bool(flood_times)
+            and percentile(flood_times, 50) <= GOAL_S,
         }
     if load.errors:
         result["client_error_messages"] = load.errors[:20]

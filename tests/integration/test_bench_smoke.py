@@ -42,6 +42,11 @@ pytestmark = pytest.mark.integration
 )
 def test_bench_smoke(module, keys, tiny_models, tmp_path):
     extra = []
+    if module == "bench.rollback":
+        # Paired with a small feedback flood: the flood's path (the Router's feedback endpoint,
+        # the controller's count and the bench's own probe around it) must work; the bench exits
+        # 1 if the flood did not reach the controller.
+        extra = ["--feedback-flood", "200"]
     if module == "bench.throughput":
         # A tiny BERT through --model-config (also checks that option): only the run's shape is
         # checked here; MiniLM is served in test_deploy and measured by the full run.
@@ -55,6 +60,8 @@ def test_bench_smoke(module, keys, tiny_models, tmp_path):
     assert keys <= set(report), report
     if module == "bench.rollback":
         assert report["trials"] == 3 and report["client_errors"] == 0, report
+        flood = report["feedback_flood"]
+        assert flood["trials"] == 3 and flood["achieved_items_per_s"] > 0, flood
     elif module == "bench.throughput":
         assert report["failed_requests"] == 0, report
         assert [p["concurrency"] for p in report["scale"]] == [1, 16, 64], report
