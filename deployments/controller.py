@@ -641,10 +641,13 @@ class ControllerCore:
             await self._tick(self.now() if now is None else now)
 
     async def _tick(self, now: float) -> None:
+        if self.fenced is None:
+            # Before the store's round trips: a slow store must not keep them from Ray's metrics
+            # agent for two export intervals (it drops a gauge then, and the phase alerts blink).
+            self._refresh_gauges(now)
         await self._persist()  # retries a failed write, checkpoints, checks the fence
         if self.fenced is not None:
             return
-        self._refresh_gauges(now)
         if self.state is None or self.state.phase.terminal:
             self._stop_load(self.state.phase.value if self.state else "no plan")
             self._sample(now, force=False)  # the baseline before, and the aftermath after
