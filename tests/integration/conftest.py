@@ -27,6 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray's metrics agents export every second instead of every 10 s, so the observability test's
 # Prometheus sees new series sooner (read by the raylet and workers that ray.init starts).
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# With an export every second Ray drops a gauge not re-sent within 2 s, and the Router's and the
+# controller's gauges came every second plus the time to send them: on a loaded 2-core CI host
+# the stable-version and phase gauges blinked, which resets an alert's `for: 1m` (two CI runs of
+# test_observability failed so). Re-sent every 0.25 s they have 1.75 s of slack.
+os.environ.setdefault("RAY_ROLLOUT_GAUGE_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")
