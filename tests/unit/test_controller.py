@@ -37,6 +37,9 @@ PLAN = {
     "gates": {"min_requests": 5},
 }
 DECLARED = {"plan": PLAN, "tick_interval_s": 0.25}
+# Three steps, each waiting for promote: every applied promote moves the step index on.
+WAITING_STEPS = [{"set_weight": 10}, {"pause_s": None}, {"set_weight": 30}, {"pause_s": None},
+                 {"set_weight": 50}, {"pause_s": None}]  # fmt: skip
 KEY = "recommender/recommender/rollout-state"
 
 
@@ -146,8 +149,7 @@ def test_every_command_records_its_caller_in_the_history():
 def test_a_command_re_sent_with_its_idempotency_key_is_applied_once():
     # HAProxy re-sends a request whose Router died before answering (app/ops/serving_mode.py):
     # the controller may then get the same promote twice, which must not skip a step.
-    steps = [{"set_weight": 10}, {"pause_s": None}, {"set_weight": 30}, {"pause_s": None},
-             {"set_weight": 50}, {"pause_s": None}]  # fmt: skip
+    steps = WAITING_STEPS
     plan = {**PLAN, "canary": {"steps": steps}}
     store, clock = InMemoryStore(), FakeClock()
     core = run(declared(controller(store, clock), {**DECLARED, "plan": plan}))
@@ -168,8 +170,7 @@ def test_a_command_re_sent_with_its_idempotency_key_is_applied_once():
 def test_a_re_sent_command_whose_first_send_was_not_stored_is_not_applied_again():
     # The first promote changed the state but its write failed (503): HAProxy or the client
     # sends it again with the same key. It must not advance a second step.
-    steps = [{"set_weight": 10}, {"pause_s": None}, {"set_weight": 30}, {"pause_s": None},
-             {"set_weight": 50}, {"pause_s": None}]  # fmt: skip
+    steps = WAITING_STEPS
     store, clock = InMemoryStore(), FakeClock()
     core = run(
         declared(
@@ -191,8 +192,7 @@ def test_a_re_sent_command_whose_first_send_was_not_stored_is_not_applied_again(
 def test_a_command_re_sent_to_the_replica_that_took_over_is_not_applied_again():
     # The controller replica stored a promote and died before it answered: the client sends it
     # again with the same key, and the replica that takes over reads the key with the state.
-    steps = [{"set_weight": 10}, {"pause_s": None}, {"set_weight": 30}, {"pause_s": None},
-             {"set_weight": 50}, {"pause_s": None}]  # fmt: skip
+    steps = WAITING_STEPS
     store, clock = InMemoryStore(), FakeClock()
     first = run(
         declared(
