@@ -60,6 +60,12 @@ async def declared(core: ControllerCore, user_config=DECLARED) -> ControllerCore
     return core
 
 
+async def waiting_for_promotes(store: InMemoryStore, clock: FakeClock) -> ControllerCore:
+    """A controller whose declared canary waits for promote at each of its three steps."""
+    plan = {**PLAN, "canary": {"steps": WAITING_STEPS}}
+    return await declared(controller(store, clock), {**DECLARED, "plan": plan})
+
+
 def test_a_declared_plan_starts_publishes_and_persists():
     store, clock = InMemoryStore(), FakeClock()
     core = run(declared(controller(store, clock)))
@@ -149,10 +155,8 @@ def test_every_command_records_its_caller_in_the_history():
 def test_a_command_re_sent_with_its_idempotency_key_is_applied_once():
     # HAProxy re-sends a request whose Router died before answering (app/ops/serving_mode.py):
     # the controller may then get the same promote twice, which must not skip a step.
-    steps = WAITING_STEPS
-    plan = {**PLAN, "canary": {"steps": steps}}
     store, clock = InMemoryStore(), FakeClock()
-    core = run(declared(controller(store, clock), {**DECLARED, "plan": plan}))
+    core = run(waiting_for_promotes(store, clock))
     first = run(core.command("promote", "alice", key="k-1"))
     step, events = core.state.step_index, len(core.state.history)
     again = run(core.command("promote", "alice", key="k-1"))
@@ -170,13 +174,8 @@ def test_a_command_re_sent_with_its_idempotency_key_is_applied_once():
 def test_a_re_sent_command_whose_first_send_was_not_stored_is_not_applied_again():
     # The first promote changed the state but its write failed (503): HAProxy or the client
     # sends it again with the same key. It must not advance a second step.
-    steps = WAITING_STEPS
     store, clock = InMemoryStore(), FakeClock()
-    core = run(
-        declared(
-            controller(store, clock), {**DECLARED, "plan": {**PLAN, "canary": {"steps": steps}}}
-        )
-    )
+    core = run(waiting_for_promotes(store, clock))
     store.fail_puts = True
     with pytest.raises(Unavailable, match="not stored yet"):
         run(core.command("promote", key="k-9"))
@@ -192,13 +191,8 @@ def test_a_re_sent_command_whose_first_send_was_not_stored_is_not_applied_again(
 def test_a_command_re_sent_to_the_replica_that_took_over_is_not_applied_again():
     # The controller replica stored a promote and died before it answered: the client sends it
     # again with the same key, and the replica that takes over reads the key with the state.
-    steps = WAITING_STEPS
     store, clock = InMemoryStore(), FakeClock()
-    first = run(
-        declared(
-            controller(store, clock), {**DECLARED, "plan": {**PLAN, "canary": {"steps": steps}}}
-        )
-    )
+    first = run(waiting_for_promotes(store, clock))
     answered = run(first.command("promote", "alice", key="k-7"))
     assert json.loads(store.data[KEY])["command_keys"][-1] == ["k-7", "promote"]
 
