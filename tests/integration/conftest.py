@@ -28,10 +28,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Prometheus sees new series sooner (read by the raylet and workers that ray.init starts).
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 # With an export every second Ray drops a gauge not re-sent within 2 s, and the Router's and the
-# controller's gauges came every second plus the time to send them: on a loaded 2-core CI host
-# the stable-version and phase gauges blinked, which resets an alert's `for: 1m` (two CI runs of
-# test_observability failed so). Re-sent every 0.25 s they have 1.75 s of slack.
+# controller's gauges come every second plus the time to send them: on a loaded 2-core host a
+# scrape can miss one, its series goes stale and an alert built on it resolves for a moment.
+# Re-sent every 0.25 s they have 1.75 s of slack.
 os.environ.setdefault("RAY_ROLLOUT_GAUGE_INTERVAL_S", "0.25")
+# Serve's controller re-sets an unchanged per-replica health gauge
+# (ray_serve_deployment_replica_healthy) only every 10 s: with 1 s exports it would be visible
+# 2 s in 10, and a Prometheus scraping every 5 s (test_observability) can miss it for minutes.
+os.environ.setdefault("RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ DASHBOARDS = sorted((ROOT / "configs" / "grafana").glob("*.json"))
 RULE_FILES = [PROM / "recording_rules.yml", PROM / "alert_rules.yml"]
 # Serve's own metrics the rules and dashboards use (exported by Ray Serve itself).
 SERVE_METRICS = {"ray_serve_deployment_replica_healthy"}
+PROMETHEUS_METRICS = {"up"}  # Prometheus' own, one per scrape target
 
 
 def _promtool() -> str:
@@ -94,7 +95,7 @@ def test_every_alert_has_a_firing_unit_test():
 
 
 def test_rules_name_only_metrics_we_export_or_record():
-    known = exported_names() | SERVE_METRICS | _recorded()
+    known = exported_names() | SERVE_METRICS | PROMETHEUS_METRICS | _recorded()
     for rule in _rules():
         unknown = names_in_promql(rule["expr"]) - known
         assert not unknown, f"{rule.get('alert') or rule.get('record')}: unknown metrics {unknown}"
@@ -115,7 +116,7 @@ def test_scrape_config_uses_rays_service_discovery_file():
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_panels_query_known_metrics(path):
     dashboard = json.loads(path.read_text())
-    known = exported_names() | SERVE_METRICS | _recorded() | {"ALERTS"}
+    known = exported_names() | SERVE_METRICS | PROMETHEUS_METRICS | _recorded() | {"ALERTS"}
     assert dashboard["panels"], "no panels"
     for panel in dashboard["panels"]:
         targets = panel.get("targets", [])
