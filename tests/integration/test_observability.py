@@ -210,7 +210,11 @@ def prometheus(cluster, alertmanager, tmp_path_factory):
     # ~20,000 samples and takes about a second on two loaded cores. At a 1 s interval the
     # scrape timeout is 1 s too, and CI's run of af05638 timed out every scrape of the agent
     # (up 0 for the whole test, no ray_rollout_ series, no alert). 5 s gives it room.
-    config["global"] = {"scrape_interval": "5s", "scrape_timeout": "5s", "evaluation_interval": "1s"}
+    config["global"] = {
+        "scrape_interval": "5s",
+        "scrape_timeout": "5s",
+        "evaluation_interval": "1s",
+    }
     for job in config["scrape_configs"]:
         job["file_sd_configs"] = [{"files": [str(discovery)], "refresh_interval": "2s"}]
     config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager[0]]}]}]}
