@@ -269,13 +269,15 @@ def exported_names(specs: Iterable[MetricSpec] | None = None) -> set[str]:
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _NAME = re.compile(
-    r"(?<![A-Za-z0-9_:])(ray_[a-z0-9_]+|[a-z_]+:[a-z0-9_:]+|ALERTS)(?![A-Za-z0-9_:(])"
+    r"(?<![A-Za-z0-9_:])(ray_[a-z0-9_]+|[a-z_]+:[a-z0-9_:]+|ALERTS|up|scrape_[a-z_]+)"
+    r"(?![A-Za-z0-9_:(])"
 )
 
 
 def names_in_promql(expr: str) -> set[str]:
     """The metric names a PromQL expression reads: Ray-exported series (`ray_...`), recording
-    rules (`level:metric:operations`) and `ALERTS`. String literals (label values) are skipped."""
+    rules (`level:metric:operations`), `ALERTS`, and Prometheus' own per-target series (`up`,
+    `scrape_...`). String literals (label values) are skipped."""
     return set(_NAME.findall(_STRING.sub('""', expr)))
 
 

@@ -22,7 +22,7 @@ DASHBOARDS = sorted((ROOT / "configs" / "grafana").glob("*.json"))
 RULE_FILES = [PROM / "recording_rules.yml", PROM / "alert_rules.yml"]
 # Serve's own metrics the rules and dashboards use (exported by Ray Serve itself).
 SERVE_METRICS = {"ray_serve_deployment_replica_healthy"}
-PROMETHEUS_METRICS = {"up"}  # Prometheus' own, one per scrape target
+PROMETHEUS_METRICS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}  # per target
 
 
 def _promtool() -> str:
