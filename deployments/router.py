@@ -418,7 +418,8 @@ class Router:
         self.score_outputs = {v: score_output(a.outputs) for v, a in self.adapters.items()}
         self.log_rng = random.Random()
         self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng,
-                                     on_shadow=self.stats.record)  # fmt: skip
+                                     on_shadow=self.stats.record,
+                                     running=lambda version: version in self.available)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         # Router -> model micro-batching (off until the traffic table turns it on).
         # A version scaled out takes more calls at once (its running replicas, from the health

@@ -98,8 +98,13 @@ class Dispatcher:
         rng: random.Random,
         breaker: BreakerSettings | None = None,
         on_shadow: Callable[[str, bool, float], None] | None = None,
+        running: Callable[[str], bool] | None = None,
     ) -> None:
         self._call = call
+        # Whether a version has a running replica now (the router's health poll). A call that
+        # timed out while its version had none waited on Serve replacing a replica: that is not
+        # the version failing, and it must not open a breaker that then refuses the replacement.
+        self._running = running or (lambda version: True)
         # Told of every shadow copy's outcome (version, ok, latency_ms): a blue-green preview
         # is judged on them, since the candidate serves no client yet.
         self._on_shadow = on_shadow
@@ -234,8 +239,8 @@ class Dispatcher:
             breaker.release()  # the request's fault, load shedding or a lost node: not the version's
             raise
         except DeadlineExceeded:
-            if client_deadline:
-                breaker.release()
+            if client_deadline or not self._running(version):
+                breaker.release()  # the client's own deadline, or a wait on a replacement
             else:
                 breaker.record(False)
             raise

@@ -212,6 +212,40 @@ def test_killing_every_replica_of_the_only_version_fails_no_request(router_app):
     )  # fmt: skip
 
 
+def test_timeouts_while_the_only_version_is_replaced_leave_its_breaker_closed(router_app):
+    """The only version loses its replica, and requests wait out a short deadline (504) while
+    Serve replaces it. That wait is not the version failing: once the replacement runs, it
+    serves at once. (Before: those timeouts opened its breaker, and with nowhere to fall back
+    every request got a 503 until the cooldown passed; a CI run of the test above met a breaker
+    the test before it had opened that way.)"""
+    import ray
+
+    cluster = router_app[0]
+    set_traffic(router_app, stable="v3", weights={"v3": 100}, request_timeout_s=2,
+                breaker={"consecutive_failures": 2, "cooldown_s": 600})  # fmt: skip
+    victim = cluster.replica_info(f"{APP}-v3")
+    ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+
+    def v3_running() -> bool:
+        return cluster.router_status()["versions"]["v3"]["available"]
+
+    wait_for_condition(lambda: not v3_running(), timeout_s=30, interval_s=0.1,
+                       message="the router to see v3 with no running replica")  # fmt: skip
+    timed_out = []
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        while len(timed_out) < 4 and not v3_running():
+            r = c.post(f"/v2/models/{APP}/infer", json=BODY)
+            if r.status_code == 504:
+                timed_out.append(r)
+            else:
+                assert r.status_code == 200, r.text  # the replacement came up meanwhile
+        assert len(timed_out) >= 2, "the replacement came up before two requests timed out"
+        wait_for_condition(v3_running, timeout_s=90, message="a running v3 replica again")
+        after = [c.post(f"/v2/models/{APP}/infer", json=BODY) for _ in range(4)]
+    assert [r.status_code for r in after] == [200] * 4, [r.text for r in after]
+    assert cluster.router_status()["versions"]["v3"]["breaker"]["state"] == "closed"
+
+
 def test_sticky_user_keeps_one_version(router_app):
     cluster = router_app[0]
     set_traffic(router_app, weights={"v1": 50, "v3": 50})

@@ -100,6 +100,7 @@ def make(
     breaker: BreakerSettings | None = None,
     rng: Any = None,
     adapters: dict[str, type] | None = None,
+    running: Any = None,
 ) -> tuple[Dispatcher, FakeCall, FakeClock]:
     call, clock = FakeCall(), FakeClock()
     dispatcher = Dispatcher(
@@ -108,6 +109,7 @@ def make(
         clock=clock,
         rng=rng or random.Random(0),
         breaker=breaker,
+        running=running,
     )
     return dispatcher, call, clock
 
@@ -447,6 +449,31 @@ def test_unavailable_and_timeouts_count_as_breaker_failures(error):
     serve(d, t, "v2")
     serve(d, t, "v2")
     assert d.breaker_states()["v2"] is BreakerState.OPEN
+
+
+def test_timeouts_while_the_version_has_no_running_replica_do_not_open_its_breaker():
+    # The stable version (no fallback) lost its only replica: requests wait out their deadline
+    # on Serve replacing it. Once the replacement runs, the version must serve at once, not
+    # answer 503 from a breaker those waits opened (a CI run of test_router saw that).
+    running = {"v1": False}
+    d, call, _ = make(tight_breaker(consecutive_failures=2),
+                      running=lambda version: running.get(version, True))  # fmt: skip
+    call.script["v1"] = [DeadlineExceeded("waited on a replica")] * 3 + [OUTPUTS["v1"]]
+    for _ in range(3):
+        with pytest.raises(DeadlineExceeded):
+            serve(d, table(), "v1")
+    assert d.breakers["v1"].state is BreakerState.CLOSED
+    running["v1"] = True
+    assert serve(d, table(), "v1").version == "v1"
+
+
+def test_timeouts_while_the_version_has_a_running_replica_still_open_its_breaker():
+    d, call, _ = make(tight_breaker(consecutive_failures=2), running=lambda version: True)
+    call.script["v1"] = DeadlineExceeded("a hung model")
+    for _ in range(2):
+        with pytest.raises(DeadlineExceeded):
+            serve(d, table(), "v1")
+    assert d.breakers["v1"].state is BreakerState.OPEN
 
 
 def test_success_resets_consecutive_failures():
