@@ -16,6 +16,7 @@ ServingError
 │   ├── LoadShed          503  the version's queue is full (Serve's max_queued_requests)
 │   └── Fenced            503  a rollout controller replica superseded by a newer one
 └── DeadlineExceeded      504  the request's deadline passed
+    └── ReplicaWaitTimeout 504  ... while its version had no running replica (Serve replacing one)
 
 ConfigError                    a config file or field is wrong (CLI / builder, never HTTP)
 ArtifactError                  a model artifact is missing or fails its checksum
@@ -40,6 +41,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "ReplicaLost",
+    "ReplicaWaitTimeout",
     "RequestTimeout",
     "ServingError",
     "Unauthorized",
@@ -145,6 +147,12 @@ class Fenced(Unavailable):
 
 class DeadlineExceeded(ServingError):
     """504: the request ran past its deadline."""
+
+
+class ReplicaWaitTimeout(DeadlineExceeded):
+    """504: the deadline passed while the version had no running replica: the request waited on
+    Serve replacing one (a plain Serve deployment's clients wait the same way). Not the
+    version's failure: it opens no breaker and counts against no rollout gate."""
 
 
 class ConfigError(ValueError):

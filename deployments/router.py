@@ -95,7 +95,7 @@ from app.serving.budget import body_limit, check_budget
 from app.serving.cache import CacheSettings, ResponseCache, cache_key
 from app.serving.capture import Capturer
 from app.serving.coalesce import Coalescer, QueueFull
-from app.serving.dispatch import Dispatcher, fallback_is_evidence
+from app.serving.dispatch import Dispatcher, failure_is_evidence
 from app.serving.protocol import (
     INFERENCE_HEADER,
     check_request,
@@ -419,7 +419,7 @@ class Router:
         self.log_rng = random.Random()
         self.dispatcher = Dispatcher(self._call, self.adapters, clock=time.monotonic, rng=self.rng,
                                      on_shadow=self.stats.record,
-                                     running=lambda version: version in self.available)  # fmt: skip
+                                     running=lambda version: self.running.get(version, 1) > 0)  # fmt: skip
         self.cache = ResponseCache(CacheSettings(), time.monotonic)
         # Router -> model micro-batching (off until the traffic table turns it on).
         # A version scaled out takes more calls at once (its running replicas, from the health
@@ -903,20 +903,17 @@ class Router:
                 available=self.available, allow_fallback=allow_fallback,
                 client_deadline=client_deadline,
             )  # fmt: skip
-        except (InvalidInput, LoadShed):
+        except InvalidInput:
             raise
-        except DeadlineExceeded:
-            if not client_deadline:  # a client's own short deadline is not the version's fault
+        except ServingError as error:
+            # Not a client's own short deadline, load shedding, a lost replica or a wait on a
+            # replacement: those are not the version's failures (failure_is_evidence).
+            if failure_is_evidence(error, client_deadline=client_deadline):
                 self._evidence(route, route.version, False, (time.monotonic() - started) * 1000)
             raise
-        except ServingError:
-            self._evidence(route, route.version, False, (time.monotonic() - started) * 1000)
-            raise
         elapsed_ms = (time.monotonic() - started) * 1000
-        if served.fell_back_from is not None and fallback_is_evidence(
-            served.fallback_reason, client_deadline=client_deadline,
-            version_available=served.fell_back_from in self.available,
-        ):  # the client saw no error; the rollout must  # fmt: skip
+        if served.fell_back_from is not None and served.fallback_evidence:
+            # The client saw no error; the rollout must.
             self._evidence(route, served.fell_back_from, False, elapsed_ms)
         self._evidence(route, served.version, True, elapsed_ms)
         request.state.version = served.version

@@ -35,13 +35,16 @@ from app.errors import (
     InvalidInput,
     LoadShed,
     ReplicaLost,
+    ReplicaWaitTimeout,
     ServingError,
     Unavailable,
 )
 from app.serving.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from app.serving.traffic import Decision, Route, TrafficTable
 
-__all__ = ["Call", "Dispatcher", "Served", "ShadowStats", "fallback_is_evidence"]
+__all__ = [
+    "Call", "Dispatcher", "Served", "ShadowStats", "failure_is_evidence", "fallback_is_evidence",
+]  # fmt: skip
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,6 +64,9 @@ class Served:
     config: str
     fell_back_from: str | None = None
     fallback_reason: str | None = None
+    # Whether the failure that made it fall back counts against `fell_back_from` in the gates
+    # (fallback_is_evidence, decided when the failure happened).
+    fallback_evidence: bool = False
 
 
 @dataclass
@@ -101,9 +107,10 @@ class Dispatcher:
         running: Callable[[str], bool] | None = None,
     ) -> None:
         self._call = call
-        # Whether a version has a running replica now (the router's health poll). A call that
+        # Whether a version has a RUNNING replica now (the router's health poll). A call that
         # timed out while its version had none waited on Serve replacing a replica: that is not
-        # the version failing, and it must not open a breaker that then refuses the replacement.
+        # the version failing (ReplicaWaitTimeout), and it must not open a breaker that would
+        # then refuse the replacement.
         self._running = running or (lambda version: True)
         # Told of every shadow copy's outcome (version, ok, latency_ms): a blue-green preview
         # is judged on them, since the candidate serves no client yet.
@@ -164,8 +171,9 @@ class Dispatcher:
             # The chosen version has no running replica (a pin to a version that is restarting):
             # the fallback answers now rather than after half the deadline.
             return await self._fall_back(
-                version, fallback, "unavailable", inputs, parameters, deadline, client_deadline
-            )
+                version, fallback, Unavailable(f"version {version!r} has no running replica"),
+                inputs, parameters, deadline, client_deadline,
+            )  # fmt: skip
         try:
             try:
                 outputs, config = await self._attempt(version, inputs, parameters, deadline,
@@ -190,17 +198,18 @@ class Dispatcher:
                 raise
             logger.warning("falling back from %s to %s: %s", version, fallback, error.message)
             return await self._fall_back(
-                version, fallback, _reason(error), inputs, parameters, deadline, client_deadline
+                version, fallback, error, inputs, parameters, deadline, client_deadline
             )
 
     async def _fall_back(
-        self, version: str, fallback: str, reason: str, inputs: Tensors,
+        self, version: str, fallback: str, error: ServingError, inputs: Tensors,
         parameters: dict[str, Any], deadline: float, client_deadline: bool,
     ) -> Served:  # fmt: skip
         self.fallbacks += 1
         outputs, config = await self._attempt(fallback, inputs, parameters, deadline, share=1.0,
                                               client_deadline=client_deadline)  # fmt: skip
-        return Served(fallback, Decision.FALLBACK, outputs, config, version, reason)
+        return Served(fallback, Decision.FALLBACK, outputs, config, version, _reason(error),
+                      failure_is_evidence(error, client_deadline=client_deadline))  # fmt: skip
 
     async def _retry_lost(
         self, version: str, lost: ReplicaLost, inputs: Tensors, parameters: dict[str, Any],
@@ -238,11 +247,14 @@ class Dispatcher:
         except (InvalidInput, LoadShed, ReplicaLost):
             breaker.release()  # the request's fault, load shedding or a lost node: not the version's
             raise
-        except DeadlineExceeded:
-            if client_deadline or not self._running(version):
-                breaker.release()  # the client's own deadline, or a wait on a replacement
-            else:
-                breaker.record(False)
+        except DeadlineExceeded as error:
+            if client_deadline:
+                breaker.release()
+                raise
+            if not self._running(version):
+                breaker.release()
+                raise ReplicaWaitTimeout(error.message) from None
+            breaker.record(False)
             raise
         except ServingError:
             breaker.record(False)
@@ -318,9 +330,9 @@ def fallback_is_evidence(
     rollout's gates (the client saw no error; the rollout must see real ones).
 
     Not evidence: load shedding (a full queue says nothing of the model); a replica lost under
-    the request (its process or node died: the infrastructure's doing, which the breaker
-    ignores too); a client's own short deadline; and a timeout while the version had no
-    running replica (it waited on Serve replacing one). Without these exclusions, killing a
+    the request (its process or node died: the infrastructure's doing); a client's own short
+    deadline; and a timeout while the version had no running replica (it waited on Serve
+    replacing one). The breaker ignores all four too. Without these exclusions, killing a
     healthy candidate's only replica rolled the canary back in 4 of 6 chaos runs
     (`rollout bench chaos`). A version that never comes back is the progress deadline's to
     judge (`progress_deadline_s`), not the error gates'."""
@@ -329,6 +341,15 @@ def fallback_is_evidence(
     if reason == "timeout" and (client_deadline or not version_available):
         return False
     return True
+
+
+def failure_is_evidence(error: ServingError, *, client_deadline: bool) -> bool:
+    """Whether a failed call counts against its version in the rollout's gates, whether the
+    client then got a fallback's answer or the error (fallback_is_evidence, for the error)."""
+    return fallback_is_evidence(
+        _reason(error), client_deadline=client_deadline,
+        version_available=not isinstance(error, ReplicaWaitTimeout),
+    )  # fmt: skip
 
 
 def _reason(error: ServingError) -> str:

@@ -15,14 +15,16 @@ from app.errors import (
     DeadlineExceeded,
     InjectedFault,
     InvalidInput,
+    LoadShed,
     ModelFailure,
     ReplicaLost,
+    ReplicaWaitTimeout,
     ServingError,
     Unavailable,
     http_status,
 )
 from app.serving.breaker import BreakerSettings, BreakerState
-from app.serving.dispatch import Dispatcher, Served, fallback_is_evidence
+from app.serving.dispatch import Dispatcher, Served, failure_is_evidence, fallback_is_evidence
 from app.serving.traffic import Decision, Route, TrafficTable
 from tests.support.fakes import FakeClock
 
@@ -460,11 +462,42 @@ def test_timeouts_while_the_version_has_no_running_replica_do_not_open_its_break
                       running=lambda version: running.get(version, True))  # fmt: skip
     call.script["v1"] = [DeadlineExceeded("waited on a replica")] * 3 + [OUTPUTS["v1"]]
     for _ in range(3):
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(ReplicaWaitTimeout) as info:
             serve(d, table(), "v1")
+        assert http_status(info.value) == 504
+        assert not failure_is_evidence(info.value, client_deadline=False)  # nor a gate's
     assert d.breakers["v1"].state is BreakerState.CLOSED
     running["v1"] = True
     assert serve(d, table(), "v1").version == "v1"
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_a_fallback_from_a_timeout_is_evidence_only_if_the_version_had_a_running_replica(running):
+    d, call, _ = make(running=lambda version: running)
+    call.script["v2"] = DeadlineExceeded("slow")
+    served = serve(d, table(), "v2")
+    assert (served.version, served.fell_back_from, served.fallback_reason) == (
+        "v1",
+        "v2",
+        "timeout",
+    )
+    assert served.fallback_evidence is running
+
+
+@pytest.mark.parametrize(
+    ("error", "client_deadline", "evidence"),
+    [
+        (ModelFailure("boom"), False, True),
+        (Unavailable("down"), False, True),
+        (DeadlineExceeded("slow"), False, True),
+        (DeadlineExceeded("slow"), True, False),  # the client's own short deadline
+        (ReplicaWaitTimeout("slow"), False, False),
+        (ReplicaLost("node gone"), False, False),
+        (LoadShed("full"), False, False),
+    ],
+)
+def test_which_failures_are_evidence_against_the_version(error, client_deadline, evidence):
+    assert failure_is_evidence(error, client_deadline=client_deadline) is evidence
 
 
 def test_timeouts_while_the_version_has_a_running_replica_still_open_its_breaker():
